@@ -1,0 +1,127 @@
+"""The portable SAE file: a directory with `sae.safetensors` and `config.json`.
+
+`config.json` holds the format tag, the architecture (`SAE.to_config()`), whether
+normalisation statistics are present, and free-form training provenance. The tensors are
+`w_enc [D, F]`, `b_enc [F]`, `w_dec [F, D]`, `b_dec [D]`, optional `threshold [F]`, and, when
+the SAE was trained on normalised activations, `norm_mean [D]` and `norm_scalar []`. Any
+safetensors reader (torch, numpy, JAX) can open it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from saejax.checkpoint.errors import CheckpointError
+from saejax.normalization import Normalization
+from saejax.sae import SAE, SAEParams
+
+FORMAT = "saejax-sae"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+TENSORS_FILE = "sae.safetensors"
+_PARAM_FIELDS = ("w_enc", "b_enc", "w_dec", "b_dec", "threshold")
+
+
+def save_sae(path: str | os.PathLike, ae: SAE, params: SAEParams, *, normalization: Normalization | None = None,
+             info: dict[str, Any] | None = None) -> str:
+    """Write `params` of `ae` (one SAE, not a stacked sweep) to the directory `path`.
+
+    The directory is written beside its final place and renamed into it, so a crash never
+    leaves a half-written SAE; an existing SAE at `path` is replaced.
+
+    Args:
+        path: target directory.
+        ae: the architecture.
+        params: its parameters.
+        normalization: statistics the SAE's inputs were normalised with, if any.
+        info: JSON-serialisable provenance (backbone, layer, tokens, steps, metrics...).
+
+    Returns:
+        The directory written.
+    """
+    ae.check_params(params, where=f"save_sae({os.fspath(path)})")
+    tensors = {name: np.asarray(getattr(params, name), np.float32)
+               for name in _PARAM_FIELDS if getattr(params, name) is not None}
+    if normalization is not None:
+        tensors["norm_mean"] = np.asarray(normalization.mean, np.float32)
+        tensors["norm_scalar"] = np.asarray(normalization.scalar, np.float32)
+    config = {"format": FORMAT, "version": FORMAT_VERSION, "sae": ae.to_config(),
+              "normalized_inputs": normalization is not None, "info": info or {}}
+
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".saejax-", dir=parent)
+    try:
+        safetensors.numpy.save_file(tensors, os.path.join(staging, TENSORS_FILE))
+        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def load_sae(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]]:
+    """Read an SAE written by `save_sae`.
+
+    Returns:
+        `(ae, params, info)`; `info` holds the saved provenance plus `"normalization"`: a
+        `Normalization` or None, and `"source"`: the directory.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with it.
+    """
+    path = os.path.abspath(os.fspath(path))
+    config_path, tensors_path = os.path.join(path, CONFIG_FILE), os.path.join(path, TENSORS_FILE)
+    for required in (config_path, tensors_path):
+        if not os.path.isfile(required):
+            raise CheckpointError(f"{required}: missing (expected a saejax SAE directory with "
+                                  f"{CONFIG_FILE} and {TENSORS_FILE})")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT or "sae" not in config:
+        raise CheckpointError(f"{config_path}: not a saejax SAE config (expected format {FORMAT!r} and an 'sae' entry)")
+    try:
+        ae = SAE.from_config(config["sae"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: bad SAE description: {e}") from e
+    try:
+        tensors = safetensors.numpy.load_file(tensors_path)
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{tensors_path}: unreadable safetensors file: {e}") from e
+
+    needed = ["w_enc", "b_enc", "w_dec", "b_dec"] + (["threshold"] if ae.architecture in ("jumprelu", "batchtopk") else [])
+    if config.get("normalized_inputs"):
+        needed += ["norm_mean", "norm_scalar"]
+    missing = [name for name in needed if name not in tensors]
+    if missing:
+        raise CheckpointError(f"{tensors_path}: missing tensor(s) {missing}")
+    params = SAEParams(**{name: jnp.asarray(tensors[name]) for name in _PARAM_FIELDS if name in tensors})
+    try:
+        ae.check_params(params, where=tensors_path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+    normalization = None
+    if config.get("normalized_inputs"):
+        if tensors["norm_mean"].shape != (ae.d_model,) or tensors["norm_scalar"].shape != ():
+            raise CheckpointError(f"{tensors_path}: norm_mean {tensors['norm_mean'].shape} / norm_scalar "
+                                  f"{tensors['norm_scalar'].shape}, expected ({ae.d_model},) / ()")
+        normalization = Normalization(jnp.asarray(tensors["norm_mean"]), jnp.asarray(tensors["norm_scalar"]))
+    info = dict(config.get("info", {}), normalization=normalization, source=path)
+    return ae, params, info

@@ -1,0 +1,386 @@
+"""Sparse autoencoder architectures: ReLU (the paper), TopK, BatchTopK and JumpReLU.
+
+Each constructor closes over static sizes and returns an `SAE`, a frozen (hashable) bundle of
+pure functions over an explicit `SAEParams` pytree:
+
+>>> ae = topk(d_model=768, d_sae=16_384, k=32)
+>>> params = ae.init(jax.random.key(0))
+>>> z = ae.encode(params, x)          # [N, D] -> [N, F]
+>>> x_hat = ae.decode(params, z)      # [N, F] -> [N, D]
+
+Shapes: N inputs, D = `d_model`, F = `d_sae` latents, K = `k` (the static top-k size).
+All architectures share `pre = (x - b_dec) @ w_enc + b_enc` (the reference's forward, bit for
+bit) and `x_hat = z @ w_dec + b_dec`; they differ in how `z` is made from `pre`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+@flax.struct.dataclass
+class SAEParams:
+    """Parameters of one SAE. Row `i` of `w_dec` is latent `i`'s direction.
+
+    Attributes:
+        w_enc: [D, F] encoder weights.
+        b_enc: [F] encoder bias.
+        w_dec: [F, D] decoder weights.
+        b_dec: [D] decoder bias, also subtracted before encoding.
+        threshold: [F] JumpReLU thresholds (trained) or the BatchTopK inference threshold
+            (estimated during training); None for ReLU and TopK.
+    """
+
+    w_enc: jax.Array
+    b_enc: jax.Array
+    w_dec: jax.Array
+    b_dec: jax.Array
+    threshold: jax.Array | None = None
+
+
+class Encoding(NamedTuple):
+    """A training-time forward: dense pre-activations plus the code, dense or sparse.
+
+    Attributes:
+        pre_acts: [N, F] pre-activations.
+        z: [N, F] dense code, or None when the code is only kept sparse.
+        top_idx: [N, K] latent ids of a TopK code (None otherwise).
+        top_vals: [N, K] their values; slots past a member's dynamic k hold 0.
+        batch_threshold: scalar, the smallest kept value of a BatchTopK batch (else None).
+    """
+
+    pre_acts: jax.Array
+    z: jax.Array | None = None
+    top_idx: jax.Array | None = None
+    top_vals: jax.Array | None = None
+    batch_threshold: jax.Array | None = None
+
+    def firing_counts(self) -> jax.Array:
+        """[F] number of inputs on which each latent is non-zero."""
+        if self.z is not None:
+            return jnp.sum(self.z > 0, axis=0, dtype=jnp.int32)
+        d_sae = self.pre_acts.shape[-1]
+        return jnp.zeros((d_sae,), jnp.int32).at[self.top_idx].add((self.top_vals > 0).astype(jnp.int32))
+
+    def l0(self) -> jax.Array:
+        """Mean number of non-zero latents per input."""
+        active = (self.top_vals if self.z is None else self.z) > 0
+        return jnp.sum(active) / self.pre_acts.shape[0]
+
+    def dense(self) -> jax.Array:
+        """[N, F] the code as a dense array."""
+        if self.z is not None:
+            return self.z
+        return _scatter_rows(self.top_idx, self.top_vals, self.pre_acts.shape[-1])
+
+
+def _scatter_rows(idx_NK, vals_NK, d_sae):
+    n = idx_NK.shape[0]
+    return jnp.zeros((n, d_sae), vals_NK.dtype).at[jnp.arange(n)[:, None], idx_NK].set(vals_NK)
+
+
+# (x - b) @ w, with a backward pass that sums the b gradient over the batch *before* the
+# matmul: one [D, F] vector-matrix product instead of a full [N, D] x [D, F] matmul.
+@jax.custom_vjp
+def centered_matmul(x_ND, b_D, w_DF):
+    """`(x - b) @ w` whose gradient for `b` costs a vector-matrix product, not a matmul."""
+    return (x_ND - b_D) @ w_DF
+
+
+def _centered_matmul_fwd(x_ND, b_D, w_DF):
+    centered_ND = x_ND - b_D
+    return centered_ND @ w_DF, (centered_ND, w_DF)
+
+
+def _centered_matmul_bwd(residuals, g_NF):
+    centered_ND, w_DF = residuals
+    g_x_ND = g_NF @ w_DF.T  # dead code (removed by XLA) unless the caller differentiates x
+    g_b_D = -(jnp.sum(g_NF, axis=0) @ w_DF.T)
+    g_w_DF = centered_ND.T @ g_NF
+    return g_x_ND, g_b_D, g_w_DF
+
+
+centered_matmul.defvjp(_centered_matmul_fwd, _centered_matmul_bwd)
+
+
+# JumpReLU with the straight-through estimators of Rajamanoharan et al. (2024): a rectangle
+# kernel of width `bandwidth` gives the threshold a pseudo-gradient.
+def _rectangle(u):
+    return (jnp.abs(u) < 0.5).astype(u.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jump_relu(pre_NF, threshold_F, bandwidth):
+    """`pre * (pre > threshold)`; the threshold gets the kernel pseudo-gradient."""
+    return pre_NF * (pre_NF > threshold_F)
+
+
+def _jump_relu_fwd(pre_NF, threshold_F, bandwidth):
+    return jump_relu(pre_NF, threshold_F, bandwidth), (pre_NF, threshold_F)
+
+
+def _jump_relu_bwd(bandwidth, residuals, g_NF):
+    pre_NF, threshold_F = residuals
+    g_pre = g_NF * (pre_NF > threshold_F)
+    kernel = _rectangle((pre_NF - threshold_F) / bandwidth)
+    g_threshold = jnp.sum(-(threshold_F / bandwidth) * kernel * g_NF, axis=0)
+    return g_pre, g_threshold
+
+
+jump_relu.defvjp(_jump_relu_fwd, _jump_relu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step_function(pre_NF, threshold_F, bandwidth):
+    """Heaviside `pre > threshold` as float; the threshold gets the kernel pseudo-gradient."""
+    return (pre_NF > threshold_F).astype(pre_NF.dtype)
+
+
+def _step_fwd(pre_NF, threshold_F, bandwidth):
+    return step_function(pre_NF, threshold_F, bandwidth), (pre_NF, threshold_F)
+
+
+def _step_bwd(bandwidth, residuals, g_NF):
+    pre_NF, threshold_F = residuals
+    kernel = _rectangle((pre_NF - threshold_F) / bandwidth)
+    g_threshold = jnp.sum(-(1.0 / bandwidth) * kernel * g_NF, axis=0)
+    return jnp.zeros_like(pre_NF), g_threshold
+
+
+step_function.defvjp(_step_fwd, _step_bwd)
+
+
+def _kaiming_uniform(key, shape, fan_in, dtype):
+    # torch.nn.init.kaiming_uniform_ defaults (a=0, fan_in, leaky_relu gain sqrt(2)).
+    bound = (6.0 / fan_in) ** 0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class SAE:
+    """A sparse autoencoder architecture: static configuration plus pure functions.
+
+    Build one with `relu`, `topk`, `batchtopk` or `jumprelu`. Hashable, so it can be a static
+    argument of `jax.jit`. Fields are static; everything numeric lives in `SAEParams`.
+
+    Attributes:
+        architecture: one of `ARCHITECTURES`.
+        d_model: D, the width of the activations.
+        d_sae: F, the number of latents.
+        k: TopK/BatchTopK: latents kept per input (the static maximum; a smaller dynamic k can
+            be passed to `encode`, which is how a `vmap` sweep varies k).
+        tied_init: initialise `w_enc = w_dec.T` (Gao et al.) instead of independent
+            kaiming-uniform matrices (the paper).
+        threshold_init: JumpReLU initial threshold.
+        bandwidth: JumpReLU straight-through kernel width.
+        threshold_decay: BatchTopK: the inference threshold is an exponential moving average
+            of each batch's smallest kept value, with this weight on the old value.
+    """
+
+    architecture: str
+    d_model: int
+    d_sae: int
+    k: int | None = None
+    tied_init: bool = False
+    threshold_init: float = 1e-3
+    bandwidth: float = 1e-3
+    threshold_decay: float = 0.99
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown SAE architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
+        if self.d_model <= 0 or self.d_sae <= 0:
+            raise ValueError(f"d_model and d_sae must be positive, got d_model={self.d_model}, d_sae={self.d_sae}")
+        if self.architecture in ("topk", "batchtopk"):
+            if self.k is None or not 0 < self.k <= self.d_sae:
+                raise ValueError(f"{self.architecture} needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
+
+    # ----------------------------------------------------------------------------- params
+
+    def init(self, key: jax.Array, *, decoder_norm: float | None = 1.0, b_dec: jax.Array | None = None,
+             dtype=jnp.float32) -> SAEParams:
+        """Fresh parameters.
+
+        Args:
+            key: a `jax.random.key`.
+            decoder_norm: rescale every decoder row to this L2 norm (1.0 for the paper's
+                unit-norm decoder); None keeps the raw initialisation.
+            b_dec: [D] initial decoder bias (e.g. `data_mean` or `geometric_median` of a data
+                sample); zeros when None.
+            dtype: parameter dtype.
+
+        Returns:
+            `SAEParams`. Biases are zero (except `b_dec` if given).
+        """
+        d, f = self.d_model, self.d_sae
+        k_enc, k_dec = jax.random.split(key)
+        # Shapes and fan-ins as torch's kaiming_uniform_ sees saev's tensors: fan_in = size(1).
+        w_dec = _kaiming_uniform(k_dec, (f, d), d, dtype)
+        if decoder_norm is not None:
+            w_dec = decoder_norm * w_dec / jnp.linalg.norm(w_dec, axis=1, keepdims=True)
+        w_enc = w_dec.T if self.tied_init else _kaiming_uniform(k_enc, (d, f), f, dtype)
+        threshold = None
+        if self.architecture == "jumprelu":
+            threshold = jnp.full((f,), self.threshold_init, dtype)
+        elif self.architecture == "batchtopk":
+            threshold = jnp.zeros((f,), dtype)
+        return SAEParams(
+            w_enc=w_enc,
+            b_enc=jnp.zeros((f,), dtype),
+            w_dec=w_dec,
+            b_dec=jnp.zeros((d,), dtype) if b_dec is None else jnp.asarray(b_dec, dtype),
+            threshold=threshold,
+        )
+
+    def check_params(self, params: SAEParams, where: str = "params") -> None:
+        """Raises ValueError naming the field when `params` do not fit this architecture."""
+        d, f = self.d_model, self.d_sae
+        expected = {"w_enc": (d, f), "b_enc": (f,), "w_dec": (f, d), "b_dec": (d,)}
+        if self.architecture in ("jumprelu", "batchtopk"):
+            expected["threshold"] = (f,)
+        for name, shape in expected.items():
+            value = getattr(params, name)
+            if value is None:
+                raise ValueError(f"{where}: missing {name!r} (needed by {self.architecture})")
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{where}: {name!r} has shape {tuple(value.shape)}, expected {shape}")
+
+    # ------------------------------------------------------------------------------ forward
+
+    def pre_activations(self, params: SAEParams, x_ND: jax.Array) -> jax.Array:
+        """[N, D] -> [N, F]: `(x - b_dec) @ w_enc + b_enc`."""
+        return centered_matmul(x_ND, params.b_dec, params.w_enc) + params.b_enc
+
+    def encode(self, params: SAEParams, x_ND: jax.Array, *, k: jax.Array | int | None = None) -> jax.Array:
+        """Inference code. [N, D] -> [N, F].
+
+        Args:
+            params: `SAEParams`.
+            x_ND: inputs.
+            k: TopK only: a dynamic k <= `self.k` (may be traced). BatchTopK uses its
+                learned threshold at inference, so one input's code never depends on others.
+        """
+        if self.architecture == "batchtopk":
+            pre = self.pre_activations(params, x_ND)
+            return jnp.where(pre > params.threshold, pre, 0.0)
+        return self.encode_train(params, x_ND, k=k).dense()
+
+    def encode_train(self, params: SAEParams, x_ND: jax.Array, *, k: jax.Array | int | None = None) -> Encoding:
+        """Training code: an `Encoding` with the pre-activations (AuxK needs them).
+
+        TopK keeps its code sparse (`top_idx`, `top_vals`) so the decode can gather rows;
+        BatchTopK keeps the k*N largest activations of the whole batch.
+        """
+        pre = self.pre_activations(params, x_ND)
+        if self.architecture == "relu":
+            return Encoding(pre, z=jax.nn.relu(pre))
+        if self.architecture == "jumprelu":
+            return Encoding(pre, z=jump_relu(pre, params.threshold, self.bandwidth))
+        if self.architecture == "topk":
+            vals, idx = jax.lax.top_k(pre, self.k)
+            vals = jax.nn.relu(vals)
+            if k is not None:
+                vals = jnp.where(jnp.arange(self.k) < k, vals, 0.0)
+            return Encoding(pre, top_idx=idx, top_vals=vals)
+        # batchtopk: the k*N largest (positive) activations over the whole batch.
+        n = x_ND.shape[0]
+        acts = jax.nn.relu(pre)
+        top = jax.lax.top_k(acts.reshape(-1), self.k * n)[0]
+        kth = top[-1] if k is None else top[k * n - 1]
+        keep = (acts >= kth) & (acts > 0)
+        smallest_kept = jnp.min(jnp.where(keep, acts, jnp.inf))
+        return Encoding(pre, z=jnp.where(keep, acts, 0.0), batch_threshold=smallest_kept)
+
+    def decode(self, params: SAEParams, z_NF: jax.Array) -> jax.Array:
+        """[N, F] -> [N, D]: `z @ w_dec + b_dec`."""
+        return z_NF @ params.w_dec + params.b_dec
+
+    def decode_sparse(self, params: SAEParams, idx_NK: jax.Array, vals_NK: jax.Array) -> jax.Array:
+        """Decode a sparse code by gathering K decoder rows per input. -> [N, D]."""
+        return jnp.einsum("nk,nkd->nd", vals_NK, params.w_dec[idx_NK]) + params.b_dec
+
+    def decode_encoding(self, params: SAEParams, enc: Encoding) -> jax.Array:
+        """Decode an `Encoding`, sparsely when it is sparse."""
+        if enc.z is None:
+            return self.decode_sparse(params, enc.top_idx, enc.top_vals)
+        return self.decode(params, enc.z)
+
+    def __call__(self, params: SAEParams, x_ND: jax.Array) -> jax.Array:
+        """Reconstruction `decode(encode(x))`."""
+        return self.decode(params, self.encode(params, x_ND))
+
+    def after_update(self, params: SAEParams, enc: Encoding, step: jax.Array) -> SAEParams:
+        """What a training step does to `params` after the optimizer update.
+
+        JumpReLU: thresholds are kept non-negative. BatchTopK: this batch's smallest kept value
+        is folded into the inference threshold (the first batch sets it).
+        """
+        if self.architecture == "jumprelu":
+            return params.replace(threshold=jnp.maximum(params.threshold, 0.0))
+        if self.architecture != "batchtopk":
+            return params
+        batch = jnp.broadcast_to(enc.batch_threshold, params.threshold.shape)
+        ema = self.threshold_decay * params.threshold + (1 - self.threshold_decay) * batch
+        return params.replace(threshold=jnp.where(step == 0, batch, ema))
+
+    # ---------------------------------------------------------------------- serialisation
+
+    def to_config(self) -> dict[str, Any]:
+        """JSON-ready description; `from_config` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SAE:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(config) - fields
+        if unknown:
+            raise ValueError(f"unknown SAE config keys {sorted(unknown)}; expected a subset of {sorted(fields)}")
+        return cls(**config)
+
+
+def relu(d_model: int, d_sae: int, *, tied_init: bool = False) -> SAE:
+    """The paper's SAE: `z = relu((x - b_dec) @ w_enc + b_enc)`, trained with an L1 penalty."""
+    return SAE("relu", d_model, d_sae, tied_init=tied_init)
+
+
+def topk(d_model: int, d_sae: int, k: int, *, tied_init: bool = True) -> SAE:
+    """TopK SAE (Gao et al. 2024): keep the k largest pre-activations (then ReLU)."""
+    return SAE("topk", d_model, d_sae, k=k, tied_init=tied_init)
+
+
+def batchtopk(d_model: int, d_sae: int, k: int, *, tied_init: bool = True, threshold_decay: float = 0.99) -> SAE:
+    """BatchTopK SAE (Bussmann et al. 2024): top k*N activations over the batch in training;
+    at inference a threshold estimated during training (`SAEParams.threshold`)."""
+    return SAE("batchtopk", d_model, d_sae, k=k, tied_init=tied_init, threshold_decay=threshold_decay)
+
+
+def jumprelu(d_model: int, d_sae: int, *, threshold_init: float = 1e-3, bandwidth: float = 1e-3,
+             tied_init: bool = True) -> SAE:
+    """JumpReLU SAE (Rajamanoharan et al. 2024): `z = pre * (pre > threshold)` with a trained,
+    directly stored threshold and straight-through gradients; pair with the L0 penalty."""
+    return SAE("jumprelu", d_model, d_sae, tied_init=tied_init, threshold_init=threshold_init, bandwidth=bandwidth)
+
+
+# ------------------------------------------------------------------------ b_dec initialisers
+
+def data_mean(x_ND: jax.Array) -> jax.Array:
+    """[N, D] -> [D] mean, the reference's `b_dec` initialisation."""
+    return jnp.mean(x_ND, axis=0)
+
+
+def geometric_median(x_ND: jax.Array, *, iters: int = 100, eps: float = 1e-8) -> jax.Array:
+    """[N, D] -> [D] geometric median by Weiszfeld iterations (Anthropic's `b_dec` init)."""
+
+    def body(_, m):
+        w = 1.0 / jnp.maximum(jnp.linalg.norm(x_ND - m, axis=1), eps)
+        return (w @ x_ND) / jnp.sum(w)
+
+    return jax.lax.fori_loop(0, iters, body, jnp.mean(x_ND, axis=0))
