@@ -25,6 +25,29 @@ class RestoredRun(NamedTuple):
     extra: dict
 
 
+def _leaf_shapes(tree) -> dict[str, tuple]:
+    """'params/w_enc' -> shape; PRNG keys by the shape of their raw data (as orbax stores them)."""
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+        shape = tuple(leaf.shape)
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            shape = jax.eval_shape(jax.random.key_data, leaf).shape
+        shapes[name] = shape
+    return shapes
+
+
+def _check_fits(saved_metadata, target, where: str) -> None:
+    saved, wanted = _leaf_shapes(saved_metadata), _leaf_shapes(target)
+    problems = [f"{name}: saved {saved[name]}, target {shape}" for name, shape in wanted.items()
+                if name in saved and saved[name] != shape]
+    problems += [f"{name}: not in the checkpoint" for name in wanted if name not in saved]
+    problems += [f"{name}: in the checkpoint, not in the target" for name in saved if name not in wanted]
+    if problems:
+        raise CheckpointError(f"{where} does not restore into the given target: " + "; ".join(problems[:5])
+                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+
 class TrainCheckpointer:
     """Saves and restores training runs in `directory` (one sub-directory per step).
 
@@ -39,6 +62,8 @@ class TrainCheckpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                           "extra": ocp.JsonCheckpointHandler()},
         )
 
     def save(self, step: int, state: Any, *, config: dict | None = None, extra: dict | None = None) -> None:
@@ -68,6 +93,7 @@ class TrainCheckpointer:
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        _check_fits(self._manager.item_metadata(step)["state"], abstract, f"{self.directory} step {step}")
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract),

@@ -1,0 +1,146 @@
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saejax import resample, sae, train
+from saejax.checkpoint import CheckpointError, TrainCheckpointer, load_sae, save_sae
+from saejax.losses import Objective
+from saejax.normalization import estimate_normalization
+from saejax.train import Hparams
+
+from conftest import sparse_data
+
+ARCHITECTURES = [sae.relu(8, 32), sae.topk(8, 32, k=4), sae.batchtopk(8, 32, k=4), sae.jumprelu(8, 32)]
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("ae", ARCHITECTURES, ids=lambda ae: ae.architecture)
+def test_portable_round_trip(tmp_path, ae):
+    params = ae.init(jax.random.key(0))
+    norm = estimate_normalization(jax.random.normal(jax.random.key(1), (64, 8)) + 2.0)
+    save_sae(tmp_path / "sae", ae, params, normalization=norm, info={"layer": 10, "backbone": "tiny"})
+    ae2, params2, info = load_sae(tmp_path / "sae")
+    assert ae2 == ae
+    assert_trees_equal(params2, params)
+    assert info["layer"] == 10 and info["backbone"] == "tiny"
+    np.testing.assert_array_equal(info["normalization"].mean, norm.mean)
+    np.testing.assert_array_equal(info["normalization"].scalar, norm.scalar)
+    assert sorted(os.listdir(tmp_path)) == ["sae"]  # no staging directory left behind
+
+
+def test_portable_without_normalization_and_overwrite(tmp_path):
+    ae = sae.relu(8, 32)
+    save_sae(tmp_path / "sae", ae, ae.init(jax.random.key(0)))
+    params = ae.init(jax.random.key(1))
+    save_sae(tmp_path / "sae", ae, params)
+    _, loaded, info = load_sae(tmp_path / "sae")
+    assert info["normalization"] is None
+    assert_trees_equal(loaded, params)
+
+
+def test_portable_errors_name_the_file_and_problem(tmp_path):
+    ae = sae.relu(8, 32)
+    with pytest.raises(CheckpointError, match=r"config.json: missing"):
+        load_sae(tmp_path / "nothing")
+    path = save_sae(tmp_path / "sae", ae, ae.init(jax.random.key(0)))
+    tensors = os.path.join(path, "sae.safetensors")
+    config = os.path.join(path, "config.json")
+
+    data = open(tensors, "rb").read()
+    open(tensors, "wb").write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"sae.safetensors: unreadable safetensors file"):
+        load_sae(path)
+
+    save_sae(path, ae, ae.init(jax.random.key(0)))
+    open(config, "w").write("{not json")
+    with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
+        load_sae(path)
+
+    save_sae(path, ae, ae.init(jax.random.key(0)))
+    cfg = json.load(open(config))
+    cfg["sae"]["d_sae"] = 16
+    json.dump(cfg, open(config, "w"))
+    with pytest.raises(CheckpointError, match=r"'w_enc' has shape \(8, 32\), expected \(8, 16\)"):
+        load_sae(path)
+
+    cfg["sae"] = sae.jumprelu(8, 32).to_config()
+    json.dump(cfg, open(config, "w"))
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) \['threshold'\]"):
+        load_sae(path)
+
+    with pytest.raises(ValueError, match=r"'b_dec' has shape \(3,\)"):
+        save_sae(tmp_path / "bad", ae, ae.init(jax.random.key(0)).replace(b_dec=jnp.zeros(3)))
+    assert not (tmp_path / "bad").exists()
+
+
+def _trainer():
+    ae = sae.topk(16, 48, k=4)
+    return train.make_trainer(ae, objective=Objective(sparsity="none", auxk_coeff=1 / 32), warmup_steps=3,
+                              dead_after_tokens=32)
+
+
+def _train(trainer, state, batches, start, stop):
+    step = jax.jit(trainer.step)
+    for i in range(start, stop):
+        state, _ = step(state, batches[i])
+        if i == 3:  # resampling is part of the run being resumed
+            state, _ = resample.resample_dead(trainer, state, batches[i], jax.random.fold_in(state.key, i))
+    return state
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_crash_and_resume_is_bitwise_identical(tmp_path, sweep):
+    x, _ = sparse_data(jax.random.key(0), 8 * 32)
+    batches = x.reshape(8, 32, 16)
+    trainer = _trainer()
+    key, hparams = jax.random.key(1), Hparams.of(3e-3, 0.0, 4)
+
+    def fresh():
+        if sweep:
+            return trainer.init_sweep(key, Hparams.grid([1e-3, 3e-3], k=[2, 4]))
+        return trainer.init(key, hparams)
+
+    def train_range(state, start, stop):
+        if not sweep:
+            return _train(trainer, state, batches, start, stop)
+        step = jax.jit(trainer.sweep_step)
+        for i in range(start, stop):
+            state, _ = step(state, batches[i])
+        return state
+
+    straight = train_range(fresh(), 0, 8)
+
+    ckpt = TrainCheckpointer(tmp_path / "ckpt")
+    partial = train_range(fresh(), 0, 5)
+    ckpt.save(5, partial, config={"lr": 3e-3}, extra={"data_position": 5})
+    ckpt.close()
+    del partial, ckpt  # "crash"
+
+    restored = TrainCheckpointer(tmp_path / "ckpt").restore(jax.eval_shape(fresh))
+    assert restored.step == 5 and restored.config == {"lr": 3e-3} and restored.extra == {"data_position": 5}
+    resumed = train_range(restored.state, restored.extra["data_position"], 8)
+    assert_trees_equal(resumed, straight)
+
+
+def test_restore_errors(tmp_path):
+    trainer = _trainer()
+    with pytest.raises(CheckpointError, match="no checkpoint to restore"):
+        TrainCheckpointer(tmp_path / "empty").restore(trainer.init(jax.random.key(0), Hparams.of(1e-3)))
+    ckpt = TrainCheckpointer(tmp_path / "ckpt", max_to_keep=2)
+    state = trainer.init(jax.random.key(0), Hparams.of(1e-3))
+    for step in (1, 2, 3):
+        ckpt.save(step, state)
+    assert ckpt.all_steps() == [2, 3] and ckpt.latest_step() == 3
+    other = train.make_trainer(sae.topk(16, 64, k=4), objective=Objective(sparsity="none"))
+    with pytest.raises(CheckpointError, match=r"step 3 does not restore into the given target: .*params/w_dec: saved \(48, 16\), target \(64, 16\)"):
+        ckpt.restore(other.init(jax.random.key(0), Hparams.of(1e-3)))
