@@ -1,0 +1,256 @@
+"""Throughput of one SAE training step against the matmul floor measured in the same process.
+
+    python -m benchmarks.sae_step            # D=768, F=12288, B=4096, float32 (about 2 min on 2 cores)
+    python -m benchmarks.sae_step --small    # D=256, F=2048, B=1024 (seconds)
+    python -m benchmarks.sae_step --d_sae=24576 --batch=8192 --iters=5 --noinfo
+
+What is timed (each case jitted once, warmed up, then timed `--iters` times with
+`block_until_ready`; the cases are interleaved round by round so that drift of a shared machine
+hits them alike; the median is reported):
+
+* `relu step`: the paper recipe, `jax.jit(trainer.step, donate_argnums=0)` with
+  `trainer = make_trainer(sae.relu(D, F))`, `Hparams.of(1e-3, 4e-4)`.
+* `matmul floor`: the five bare matmuls of that step in one jitted function
+  (x@W_enc, z@W_dec, g@W_dec^T, z^T@g, x^T@g_pre), 5 * 2*B*D*F flops.
+* `topk step`: `sae.topk(D, F, k)` with `Objective(sparsity="none")` (sparse gathered decode).
+* info (fewer iterations; `--noinfo` skips): TopK with AuxK (`auxk_coeff=1/32`, k_aux=512) and
+  BatchTopK.
+* breakdown (`--nobreakdown` skips): `jax.lax.top_k` alone on [B, F], the encoder matmul
+  alone, the encoder-weight gradient matmul alone, the optimizer update alone, value-and-grad
+  without the optimizer (ReLU and TopK), and the TopK step with `top_k` replaced by fixed
+  indices (everything else identical), so we know where the time goes.
+
+Measured on the 2-core dev box (Intel Xeon with AVX-512/AMX, no accelerator, jax 0.10.2,
+XLA:CPU), default sizes D=768 F=12288 B=4096 float32, `--iters=5`:
+
+    case                              s/step  vs floor  vs relu    act/s  GFLOP/s
+    matmul floor (5 matmuls)           1.512     1.00x    0.97x     2709      256
+    relu step                          1.559     1.03x    1.00x     2627      248
+    topk step (k=32)                   1.071     0.71x    0.69x     3824        -
+    topk+auxk step (k_aux=512)        13.2       8.7x     8.5x       310        -
+    batchtopk step                     4.26      2.8x     2.7x       962        -
+
+(see the report that came with this file for the breakdown, and for the per-op profile that
+explains the AuxK and BatchTopK costs). Timings on this shared box drift by up to 2x from run
+to run; trust the ratios within one run more than absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import app, flags, logging
+
+from saejax import sae as sae_lib
+from saejax import train
+from saejax.losses import Objective
+
+_D = flags.DEFINE_integer("d_model", 768, "D, the activation width.")
+_F = flags.DEFINE_integer("d_sae", 12288, "F, the number of latents.")
+_B = flags.DEFINE_integer("batch", 4096, "B, activations per step.")
+_K = flags.DEFINE_integer("k", 32, "TopK / BatchTopK k.")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls per case after compilation.")
+_ITERS = flags.DEFINE_integer("iters", 5, "Timed calls per main case (median reported).")
+_INFO_ITERS = flags.DEFINE_integer("info_iters", 2, "Timed calls for the slow informational cases.")
+_INFO = flags.DEFINE_boolean("info", True, "Also time TopK+AuxK and BatchTopK.")
+_BREAKDOWN = flags.DEFINE_boolean("breakdown", True, "Also time the TopK breakdown.")
+_SMALL = flags.DEFINE_boolean("small", False, "Quick run: D=256, F=2048, B=1024, iters=3.")
+
+
+@dataclasses.dataclass
+class Case:
+    """One timed thing: `fn(carry, *args) -> (carry, out)`, called repeatedly."""
+
+    name: str
+    fn: Callable[..., Any]
+    carry: Any
+    args: tuple
+    flops: float | None = None  # dense flops per call, for GFLOP/s
+    per_step: bool = False  # a full training step: report activations/s
+    info: bool = False  # slow informational case: fewer timed iterations
+    times: list = dataclasses.field(default_factory=list)
+    compile_s: float = 0.0
+
+    def __call__(self):
+        self.carry, out = self.fn(self.carry, *self.args)
+        jax.block_until_ready((self.carry, out))
+
+    def compile(self):
+        t0 = time.perf_counter()
+        self.fn = self.fn.lower(self.carry, *self.args).compile()
+        self.compile_s = time.perf_counter() - t0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def _stateless(f, static_argnums=()):
+    """A jitted `f(*args)` in the `(carry, *args) -> (carry, out)` form of a Case."""
+    jf = jax.jit(f, static_argnums=static_argnums)
+    return jax.jit(lambda carry, *args: (carry, jf(*args)))
+
+
+def matmul_floor(x_BD, w_enc_DF, w_dec_FD):
+    """The five matmuls of a ReLU SAE step, with just enough glue to keep them all live."""
+    pre_BF = x_BD @ w_enc_DF                    # encoder          [B,D]x[D,F]
+    x_hat_BD = pre_BF @ w_dec_FD                # decoder          [B,F]x[F,D]
+    g_BD = x_hat_BD - x_BD
+    g_pre_BF = g_BD @ w_dec_FD.T                # grad of the code [B,D]x[D,F]
+    g_dec_FD = pre_BF.T @ g_BD                  # decoder grad     [F,B]x[B,D]
+    g_enc_DF = x_BD.T @ g_pre_BF                # encoder grad     [D,B]x[B,F]
+    return g_enc_DF, g_dec_FD
+
+
+@dataclasses.dataclass(frozen=True)
+class _FixedIndexTopK(sae_lib.SAE):
+    """TopK SAE whose 'top k' are fixed, input-dependent-free indices: the TopK step minus top_k."""
+
+    def encode_train(self, params, x_ND, *, k=None):
+        pre = self.pre_activations(params, x_ND)
+        n = x_ND.shape[0]
+        stride = max(self.d_sae // self.k, 1)
+        idx = (jnp.arange(n)[:, None] + stride * jnp.arange(self.k)[None, :]) % self.d_sae
+        vals = jax.nn.relu(jnp.take_along_axis(pre, idx, axis=1))
+        if k is not None:
+            vals = jnp.where(jnp.arange(self.k) < k, vals, 0.0)
+        return sae_lib.Encoding(pre, top_idx=idx.astype(jnp.int32), top_vals=vals)
+
+
+def _fresh_state(trainer, hparams):
+    # Private copies of every leaf: donating one case's state must not delete arrays another
+    # case shares (e.g. the Hparams leaves).
+    return jax.tree.map(jnp.copy, trainer.init(jax.random.key(0), hparams))
+
+
+def _step_case(name, trainer, hparams, x, **kw):
+    state = _fresh_state(trainer, hparams)
+    return Case(name, jax.jit(trainer.step, donate_argnums=0), state, (x,), per_step=True, **kw)
+
+
+def _grad_case(name, trainer, hparams, x):
+    """value_and_grad of the trainer's objective, no optimizer, no state update."""
+    state = _fresh_state(trainer, hparams)
+    k = state.hparams.k if trainer.ae.k is not None else None
+    dead_F = trainer.dead_latents(state)
+
+    def grads(params, x_ND):
+        loss_fn = lambda p: trainer.objective(trainer.ae, p, x_ND, sparsity_coeff=state.hparams.sparsity_coeff,
+                                              k=k, dead_F=dead_F)
+        (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, g
+
+    return Case(name, _stateless(grads), None, (state.params, x))
+
+
+def _optimizer_case(trainer, hparams):
+    state = _fresh_state(trainer, hparams)
+    tx = trainer.optimizer(float(hparams.learning_rate))
+    grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), state.params)
+
+    def update(carry, g):
+        params, opt_state = carry
+        updates, opt_state = tx.update(g, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), None
+
+    return Case("  optimizer update alone (adam + unit-norm dec)", jax.jit(update, donate_argnums=0),
+                (state.params, state.opt_state), (grads,))
+
+
+def build_cases(d, f, b, k, info, breakdown):
+    keys = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(keys[0], (b, d), jnp.float32)
+    mm = 2.0 * b * d * f
+    relu_trainer = train.make_trainer(sae_lib.relu(d, f))
+    topk_obj = Objective(sparsity="none")
+    topk_trainer = train.make_trainer(sae_lib.topk(d, f, k=k), objective=topk_obj)
+    relu_hp, topk_hp = train.Hparams.of(1e-3, 4e-4), train.Hparams.of(1e-3)
+    relu_params = relu_trainer.init(jax.random.key(0), relu_hp).params
+
+    cases = [
+        Case("matmul floor (5 matmuls)", _stateless(matmul_floor), None,
+             (x, relu_params.w_enc, relu_params.w_dec), flops=5 * mm),
+        _step_case("relu step", relu_trainer, relu_hp, x, flops=5 * mm),
+        _step_case(f"topk step (k={k})", topk_trainer, topk_hp, x),
+    ]
+    if info:
+        auxk_trainer = train.make_trainer(sae_lib.topk(d, f, k=k),
+                                          objective=Objective(sparsity="none", auxk_coeff=1 / 32))
+        cases.append(_step_case(f"topk+auxk step (k_aux={auxk_trainer.objective.k_aux})", auxk_trainer, topk_hp, x,
+                                info=True))
+        btopk_trainer = train.make_trainer(sae_lib.batchtopk(d, f, k=k), objective=topk_obj)
+        cases.append(_step_case(f"batchtopk step (k={k})", btopk_trainer, topk_hp, x, info=True))
+    if breakdown:
+        pre = x @ relu_params.w_enc
+        g_pre = jnp.where(pre > 2.0, pre, 0.0)
+        fixed = _FixedIndexTopK("topk", d, f, k=k, tied_init=True)
+        cases += [
+            Case(f"  lax.top_k [B,F] k={k}", _stateless(lambda p: jax.lax.top_k(p, k)), None, (pre,)),
+            Case("  encoder matmul (x-b)@W_enc+b", _stateless(sae_lib.relu(d, f).pre_activations), None,
+                 (relu_params, x), flops=mm),
+            Case("  encoder grad matmul x^T@g_pre", _stateless(lambda a, g: a.T @ g), None, (x, g_pre), flops=mm),
+            _optimizer_case(relu_trainer, relu_hp),
+            _grad_case("  relu value_and_grad (no optimizer)", relu_trainer, relu_hp, x),
+            _grad_case("  topk value_and_grad (no optimizer)", topk_trainer, topk_hp, x),
+            _step_case("  topk step with fixed indices (no top_k)", train.make_trainer(fixed, objective=topk_obj),
+                       topk_hp, x),
+        ]
+    return cases
+
+
+def run(cases, warmup, iters, info_iters):
+    for c in cases:
+        c.compile()
+        for _ in range(warmup):
+            c()
+    for r in range(max(iters, info_iters)):
+        for c in cases:
+            if r < (info_iters if c.info else iters):
+                t0 = time.perf_counter()
+                c()
+                c.times.append(time.perf_counter() - t0)
+
+
+def report(cases, b):
+    by_name = {c.name: c for c in cases}
+    floor = by_name["matmul floor (5 matmuls)"].median
+    relu = by_name["relu step"].median
+    print(f"{'case':46s} {'s/step':>8s} {'vs floor':>9s} {'vs relu':>8s} {'act/s':>9s} {'GFLOP/s':>8s} "
+          f"{'n':>2s} {'compile s':>9s}")
+    for c in cases:
+        t = c.median
+        acts = f"{b / t:9.0f}" if c.per_step else f"{'-':>9s}"
+        gflops = f"{c.flops / t / 1e9:8.0f}" if c.flops else f"{'-':>8s}"
+        print(f"{c.name[:46]:46s} {t:8.4f} {t / floor:8.2f}x {t / relu:7.2f}x {acts} {gflops} {len(c.times):2d} "
+              f"{c.compile_s:9.2f}")
+    topk = next(c for c in cases if c.name.startswith("topk step")).median
+    print()
+    print(f"relu step / matmul floor = {relu / floor:.3f}  (target <= 1.15: {'OK' if relu / floor <= 1.15 else 'MISSED'})")
+    print(f"topk step / relu step    = {topk / relu:.3f}  (target < 1: {'OK' if topk < relu else 'MISSED'})")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    d, f, b, k, iters = _D.value, _F.value, _B.value, _K.value, _ITERS.value
+    if _SMALL.value:
+        d, f, b, iters = 256, 2048, 1024, min(iters, 3)
+    dev = jax.devices()[0]
+    print(f"saejax SAE step benchmark: D={d} F={f} B={b} k={k} float32 | jax {jax.__version__} | "
+          f"{dev.platform} {dev.device_kind} x{jax.device_count()} | warmup={_WARMUP.value} iters={iters} "
+          f"(info {_INFO_ITERS.value})")
+    t0 = time.perf_counter()
+    cases = build_cases(d, f, b, k, _INFO.value, _BREAKDOWN.value)
+    run(cases, _WARMUP.value, iters, _INFO_ITERS.value)
+    report(cases, b)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)

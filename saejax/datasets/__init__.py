@@ -1,0 +1,1 @@
+"""Datasets with known ground truth, for checking that SAEs find what is there."""

@@ -1,0 +1,42 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from saejax.checkpoint import load_sae
+from saejax.datasets import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_binary(workdir, steps):
+    cmd = [sys.executable, "-m", "experiments.synthetic", f"--workdir={workdir}", f"--config.steps={steps}",
+           "--config.batch_size=256", "--config.checkpoint_every=10", "--config.log_every=5",
+           "--config.resample_every=10", "--config.eval_batches=2", "--config.sae.d_sae=128",
+           "--config.world.n_features=64", "--config.world.d_model=16", "--config.normalization_samples=1024"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_synthetic_binary_trains_exports_and_resumes(tmp_path):
+    first = run_binary(tmp_path, 20)
+    assert "step 20/20" in first
+    second = run_binary(tmp_path, 30)
+    assert "resumed from step 20" in second and "step 30/30" in second
+
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["steps"] == 30 and len(summary["members"]) == 2
+    member = summary["members"][1]
+    assert {"nmse", "l0", "dead_fraction", "dense_fraction", "features_recovered", "explained_variance"} <= set(member)
+    ae, params, info = load_sae(member["path"])
+    assert (ae.d_model, ae.d_sae) == (16, 128) and info["normalization"] is not None
+    world = synthetic.make_world(jax.random.split(jax.random.key(0), 5)[0], d_model=16, n_features=64,
+                                 mean_active=2.0, noise=0.01)
+    recovered, _ = synthetic.feature_recovery(world.features, params.w_dec)
+    np.testing.assert_allclose(recovered, member["features_recovered"])
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in logged if r["member"] == 0] == [4, 9, 14, 19, 24, 29]
