@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from saejax import metrics as sae_metrics
-from saejax import resample, sae, train
+from saejax import sae, train
 from saejax.checkpoint import TrainCheckpointer, save_sae
 from saejax.datasets import synthetic
 from saejax.losses import Objective
@@ -37,6 +37,7 @@ def build(config):
     else:
         ae = getattr(sae, s.architecture)(config.world.d_model, s.d_sae, k=s.k)
     trainer = train.make_trainer(ae, objective=Objective(**config.objective), dead_after_tokens=config.dead_after_tokens,
+                                 resample_every=config.resample_every, resample_until=config.resample_until,
                                  **config.optimizer)
     hparams = train.Hparams.grid(**config.sweep)
     return ae, trainer, hparams
@@ -61,7 +62,7 @@ def main(argv):
         return trainer.init_sweep(init_key, hparams, b_dec=sae.data_mean(batch_at(-1)))
 
     step_fn = jax.jit(trainer.sweep_step, donate_argnums=0)
-    resample_fn = jax.jit(jax.vmap(lambda s, x, k: resample.resample_dead(trainer, s, x, k), in_axes=(0, None, 0)))
+    resample_fn = jax.jit(trainer.sweep_resample, donate_argnums=0)
 
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"))
     start = 0
@@ -95,9 +96,8 @@ def main(argv):
             pending = None
         if (step + 1) % config.log_every == 0:
             pending = (step, step_metrics)
-        if config.resample_every and (step + 1) % config.resample_every == 0 and step + 1 <= config.resample_until:
-            keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(states.key)
-            states, n_resampled = resample_fn(states, x, keys)
+        if trainer.resample_due(step + 1):
+            states, n_resampled = resample_fn(states, x)
             print(f"step {step + 1}: resampled {np.asarray(n_resampled).tolist()} dead latents")
         if (step + 1) % config.checkpoint_every == 0:
             ckpt.save(step + 1, states, config=config.to_dict())

@@ -11,12 +11,16 @@ Live latents, their parameters and their optimizer state are left bit for bit.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from saejax.sae import SAEParams
-from saejax.train import Trainer, TrainState
+
+if TYPE_CHECKING:
+    from saejax.train import Trainer, TrainState
 
 
 def resample_dead(trainer: Trainer, state: TrainState, x_ND: jax.Array, key: jax.Array) -> tuple[TrainState, jax.Array]:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from saejax.losses import Objective
+from saejax.resample import resample_dead
 from saejax.optim import learning_rate_schedule, make_optimizer
 from saejax.sae import SAE, SAEParams
 
@@ -94,6 +95,10 @@ class Trainer:
         warmup_steps, decay_steps, final_fraction, b1, b2, eps: see `saejax.optim.make_optimizer`.
         unit_norm_decoder: keep decoder rows at unit norm (paper recipe).
         dead_after_tokens: a latent is dead once it has not fired for this many inputs.
+        resample_every: resample dead latents after every this many steps (0: never); the
+            training loop asks `resample_due(step)` and calls `resample` / `sweep_resample`.
+        resample_until: no resampling after this step (None: no limit), so the last
+            resampled latents have time to settle.
         resample_encoder_scale: resampled encoder directions get this times the mean norm of
             the live encoder directions (Anthropic: 0.2).
     """
@@ -108,6 +113,8 @@ class Trainer:
     eps: float = 1e-8
     unit_norm_decoder: bool = True
     dead_after_tokens: int = 10_000_000
+    resample_every: int = 0
+    resample_until: int | None = None
     resample_encoder_scale: float = 0.2
 
     def __post_init__(self):
@@ -186,6 +193,22 @@ class Trainer:
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   tokens_since_fired=tokens_since_fired)
         return new_state, metrics
+
+    def resample_due(self, steps_done: int) -> bool:
+        """Host-side schedule: whether to resample once `steps_done` steps are finished."""
+        return (self.resample_every > 0 and steps_done % self.resample_every == 0
+                and (self.resample_until is None or steps_done <= self.resample_until))
+
+    def resample(self, state: TrainState, x_ND: jax.Array) -> tuple[TrainState, jax.Array]:
+        """`saejax.resample.resample_dead` with a key derived from the state's key and step.
+
+        Returns `(state, number of latents resampled)`.
+        """
+        return resample_dead(self, state, x_ND, jax.random.fold_in(state.key, state.step))
+
+    def sweep_resample(self, states: TrainState, x_ND: jax.Array) -> tuple[TrainState, jax.Array]:
+        """`resample` for every member of a stacked sweep."""
+        return jax.vmap(self.resample, in_axes=(0, None))(states, x_ND)
 
     def sweep_step(self, states: TrainState, x_ND: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         """`step` for every member of a stacked sweep, all on the same batch."""

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saejax import resample, sae, train
+from saejax import sae, train
 from saejax.checkpoint import CheckpointError, TrainCheckpointer, load_sae, save_sae
 from saejax.losses import Objective
 from saejax.normalization import estimate_normalization
@@ -86,16 +86,7 @@ def test_portable_errors_name_the_file_and_problem(tmp_path):
 def _trainer():
     ae = sae.topk(16, 48, k=4)
     return train.make_trainer(ae, objective=Objective(sparsity="none", auxk_coeff=1 / 32), warmup_steps=3,
-                              dead_after_tokens=32)
-
-
-def _train(trainer, state, batches, start, stop):
-    step = jax.jit(trainer.step)
-    for i in range(start, stop):
-        state, _ = step(state, batches[i])
-        if i == 3:  # resampling is part of the run being resumed
-            state, _ = resample.resample_dead(trainer, state, batches[i], jax.random.fold_in(state.key, i))
-    return state
+                              dead_after_tokens=32, resample_every=4)
 
 
 @pytest.mark.parametrize("sweep", [False, True])
@@ -111,11 +102,12 @@ def test_crash_and_resume_is_bitwise_identical(tmp_path, sweep):
         return trainer.init(key, hparams)
 
     def train_range(state, start, stop):
-        if not sweep:
-            return _train(trainer, state, batches, start, stop)
-        step = jax.jit(trainer.sweep_step)
+        step = jax.jit(trainer.sweep_step if sweep else trainer.step)
+        resample = jax.jit(trainer.sweep_resample if sweep else trainer.resample)
         for i in range(start, stop):
             state, _ = step(state, batches[i])
+            if trainer.resample_due(i + 1):  # resampling is part of the run being resumed
+                state, _ = resample(state, batches[i])
         return state
 
     straight = train_range(fresh(), 0, 8)

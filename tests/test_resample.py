@@ -75,8 +75,13 @@ def test_resampling_a_sweep_with_vmap():
     states = trainer.init_sweep(jax.random.key(0), Hparams.grid([1e-3, 2e-3], k=[4]))
     states = states.replace(tokens_since_fired=states.tokens_since_fired.at[0, :5].set(10))
     x = jax.random.normal(jax.random.key(1), (64, 16))
-    keys = jax.random.split(jax.random.key(2), 2)
-    new_states, n = jax.vmap(lambda s, k: resample.resample_dead(trainer, s, x, k))(states, keys)
+    new_states, n = jax.jit(trainer.sweep_resample)(states, x)
     np.testing.assert_array_equal(n, [5, 0])
     np.testing.assert_array_equal(new_states.params.w_dec[1], states.params.w_dec[1])
     assert not np.array_equal(new_states.params.w_dec[0, :5], states.params.w_dec[0, :5])
+
+
+def test_resample_schedule():
+    trainer = train.make_trainer(sae.relu(4, 8), resample_every=100, resample_until=250)
+    assert [s for s in range(1, 400) if trainer.resample_due(s)] == [100, 200]
+    assert not any(train.make_trainer(sae.relu(4, 8)).resample_due(s) for s in range(1, 400))
