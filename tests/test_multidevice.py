@@ -1,0 +1,18 @@
+"""Multi-device behaviour on 8 fake CPU devices, each check in its own process (XLA_FLAGS must
+be set before jax is imported)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("name", ["buffer_sharded_equals_unsharded", "mesh_shapes"])
+def test_on_eight_devices(name):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_checks.py"), name], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-4000:]
