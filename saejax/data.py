@@ -1,0 +1,699 @@
+"""Host-side image pipelines: sources of uint8 RGB images and a seeded, resumable batch iterator.
+
+A *source* is a random-access sequence of examples (`len(source)`, `source[i]`), which makes it a
+grain `RandomAccessDataSource` too. Three kinds:
+
+- `ArraySource`: in-memory arrays.
+- `ImageFolderSource`: a local folder of image files, read with PIL (class subfolders -> labels).
+- `TfdsSource`: a tensorflow-datasets split through its random-access `data_source` (ArrayRecord);
+  TensorFlow is not needed.
+
+`batches` turns a source into an iterator of `Batch`es (numpy, on the host), in an order fixed
+by a seed, resumable from any `Batch.position`, and split across processes for multi-host
+training.
+
+>>> source = ImageFolderSource("/data/flowers", image_size=224)
+>>> for batch in batches(source, 64, seed=0, epochs=1):
+...     batch.images   # uint8 [64, 224, 224, 3]
+...     batch.ids      # int64 [64]: indices into the source (source.paths[i])
+...     batch.labels   # int64 [64]: indices into source.classes
+...     batch.position # save it; batches(source, 64, seed=0, start=position) resumes after it
+
+Order and resumption. The source is read in a stream of epochs; epoch `e` visits every example
+once, in the order `permutation(len(source), seed=seed, epoch=e)` (or `0..N-1` without
+shuffling). A position is a count of examples into that stream: `epoch = position // N`, offset
+`position % N`. Each global batch takes the next `batch_size * process_count` examples of the
+current epoch. With `drop_remainder=True` an epoch's last, incomplete global batch is dropped and
+the position jumps to the start of the next epoch; without it the last batch is smaller.
+Starting from the `position` of any batch yields exactly the batches that followed it. Because
+positions count examples, a run can also be resumed with another batch size.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import threading
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+__all__ = [
+    "ArraySource",
+    "Batch",
+    "Example",
+    "ImageFolderSource",
+    "Source",
+    "TfdsSource",
+    "UnreadableImageError",
+    "batches",
+    "permutation",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff",
+                    ".webp")
+_RESIZE_MODES = ("crop", "stretch")
+
+
+class UnreadableImageError(OSError):
+    """An image that cannot be read or decoded; the message names the file or record."""
+
+
+class Example(NamedTuple):
+    """One example of a source.
+
+    Attributes:
+        image: uint8 [H, W, 3] RGB.
+        label: the class index, or None when the source has no labels.
+        mask: [H, W] per-pixel labels, or None when the source has no masks.
+    """
+
+    image: np.ndarray
+    label: Any = None
+    mask: np.ndarray | None = None
+
+
+class Batch(NamedTuple):
+    """One process's share of a global batch (numpy arrays on the host).
+
+    Attributes:
+        images: uint8 [B, H, W, 3] RGB.
+        ids: int64 [B] indices of the examples in the source.
+        labels: [B] labels (int64 for folders and tfds), or None.
+        masks: [B, H, W] per-pixel labels, or None.
+        position: the stream position after this global batch (the same on every process):
+            pass it as `batches(..., start=position)` to continue after this batch.
+    """
+
+    images: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray | None
+    masks: np.ndarray | None
+    position: int
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+
+
+class Source:
+    """Base class of image sources: a random-access sequence of `Example`s.
+
+    Subclasses implement `__len__`, `_load(i)` and optionally `describe(i)`.
+
+    Attributes:
+        classes: class names (label `i` is `classes[i]`), or None.
+        has_labels: whether examples carry labels.
+        has_masks: whether examples carry per-pixel masks.
+        skip_unreadable: whether `batches` skips unreadable images (else it raises).
+        skipped: image id -> error message, for every image skipped so far.
+    """
+
+    classes: tuple[str, ...] | None = None
+    has_labels: bool = False
+    has_masks: bool = False
+    skip_unreadable: bool = False
+
+    def __init__(self) -> None:
+        self.skipped: dict[int, str] = {}
+        self._skip_lock = threading.Lock()
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _load(self, index: int) -> Example:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """A human-readable name for example `index` (a path, or dataset/split[index])."""
+        return f"{type(self).__name__}[{index}]"
+
+    def __getitem__(self, index: int) -> Example:
+        """Example `index` (0 <= index < len).
+
+        Raises:
+            IndexError: index out of range.
+            UnreadableImageError: the image cannot be read or decoded (names the file).
+        """
+        index = _check_index(index, len(self))
+        return self._load(index)
+
+    def _record_skip(self, index: int, error: Exception) -> None:
+        with self._skip_lock:
+            self.skipped[index] = str(error)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={len(self)}, labels={self.has_labels}, masks={self.has_masks})"
+
+
+class ArraySource(Source):
+    """Images held in memory.
+
+    Args:
+        images: uint8 [N, H, W, 3]; grayscale [N, H, W] or [N, H, W, 1] and RGBA [N, H, W, 4]
+            are converted to RGB when read.
+        labels: optional [N] labels (any dtype; kept as given).
+        masks: optional [N, H, W] (or [N, H, W, 1]) per-pixel labels.
+        classes: optional class names.
+
+    Raises:
+        ValueError: empty, non-uint8 or wrongly shaped images, or labels/masks that do not
+            match the images.
+
+    >>> source = ArraySource(np.zeros((10, 32, 32, 3), np.uint8), labels=np.arange(10) % 2)
+    """
+
+    def __init__(self, images, labels=None, masks=None, *, classes: Sequence[str] | None = None):
+        super().__init__()
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8, got dtype {images.dtype}")
+        if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3, 4))):
+            raise ValueError("images must be [N, H, W, 3] (or [N, H, W], [N, H, W, 1], [N, H, W, 4]), "
+                             f"got shape {images.shape}")
+        if images.shape[0] == 0:
+            raise ValueError("images is empty")
+        if images.ndim == 3:
+            images = images[..., None]
+        n, h, w = images.shape[:3]
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != (n,):
+                raise ValueError(f"labels must have shape [N] = ({n},), got {labels.shape}")
+        if masks is not None:
+            masks = np.asarray(masks)
+            if masks.ndim == 4 and masks.shape[-1] == 1:
+                masks = masks[..., 0]
+            if masks.shape != (n, h, w):
+                raise ValueError(f"masks must have shape [N, H, W] = {(n, h, w)} to match images "
+                                 f"{images.shape}, got {masks.shape}")
+        self.images, self.labels, self.masks = images, labels, masks
+        self.classes = tuple(classes) if classes is not None else None
+        self.has_labels, self.has_masks = labels is not None, masks is not None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def _load(self, index: int) -> Example:
+        return Example(_rgb(self.images[index]),
+                       None if self.labels is None else self.labels[index],
+                       None if self.masks is None else self.masks[index])
+
+    def _take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Vectorised read of many examples: (images [B, H, W, 3], labels, masks)."""
+        return (_rgb(self.images[indices]),
+                None if self.labels is None else self.labels[indices],
+                None if self.masks is None else self.masks[indices])
+
+
+class ImageFolderSource(Source):
+    """Image files in a local folder, decoded with PIL when read.
+
+    Two layouts: `root/<class name>/**/<image>` (labels are indices into the sorted class
+    names, `classes`), or a flat `root/<image>` folder (no labels). Files are found by extension
+    (`IMAGE_EXTENSIONS`, any case) and sorted, so image id `i` is `paths[i]`; hidden files and
+    folders are ignored. Grayscale, palette, CMYK and RGBA images are converted to RGB (alpha is
+    dropped).
+
+    Images of different sizes only batch when `image_size` is given: each image is then resized
+    with PIL at load time, either `resize="crop"` (scale so the image covers `image_size`, keeping
+    its aspect ratio, then take the centre; the default) or `resize="stretch"` (plain resize to
+    `image_size`). Both use bicubic filtering with antialiasing.
+
+    Args:
+        root: the folder.
+        image_size: None (keep each image's size), an int (square) or (height, width).
+        resize: "crop" or "stretch", see above.
+        skip_unreadable: if False (default) an unreadable image raises `UnreadableImageError`
+            naming the file; if True `batches` skips it (see `batches`) and records it in
+            `skipped` (image id -> error).
+
+    Attributes:
+        paths: sorted image paths; image id `i` is `paths[i]`.
+        labels: int64 [N] class indices, or None for a flat folder.
+        classes: sorted class folder names, or None for a flat folder.
+
+    Raises:
+        FileNotFoundError: `root` is not a folder, or holds no images (or a class folder is
+            empty).
+        ValueError: image files next to class folders, or a bad `image_size`/`resize`.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
+                 resize: str = "crop", skip_unreadable: bool = False):
+        super().__init__()
+        self.root = os.fspath(root)
+        self.image_size = _check_image_size(image_size, resize)
+        self.resize = resize
+        self.skip_unreadable = bool(skip_unreadable)
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"image folder {self.root!r} does not exist or is not a folder")
+        entries = sorted(e for e in os.listdir(self.root) if not e.startswith("."))
+        class_dirs = [e for e in entries if os.path.isdir(os.path.join(self.root, e))]
+        top_images = [e for e in entries if _is_image(e) and os.path.isfile(os.path.join(self.root, e))]
+        if class_dirs:
+            if top_images:
+                raise ValueError(f"{self.root!r} holds both class folders ({class_dirs[:3]}...) and image "
+                                 f"files ({top_images[:3]}...); use one layout")
+            paths, labels = [], []
+            for label, name in enumerate(class_dirs):
+                found = _find_images(os.path.join(self.root, name))
+                if not found:
+                    raise FileNotFoundError(f"class folder {os.path.join(self.root, name)!r} holds no "
+                                            f"images (extensions {IMAGE_EXTENSIONS})")
+                paths += found
+                labels += [label] * len(found)
+            self.classes = tuple(class_dirs)
+            self.labels = np.asarray(labels, np.int64)
+            self.has_labels = True
+        else:
+            paths = [os.path.join(self.root, e) for e in top_images]
+            self.labels = None
+            if not paths:
+                raise FileNotFoundError(f"image folder {self.root!r} holds no images "
+                                        f"(extensions {IMAGE_EXTENSIONS}) and no class folders")
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+    def _load(self, index: int) -> Example:
+        path = self.paths[index]
+        image = _read_image(path)
+        if self.image_size is not None:
+            image = _resize_pil(image, self.image_size, self.resize, _pil().Image.BICUBIC)
+        return Example(np.asarray(image), None if self.labels is None else int(self.labels[index]), None)
+
+
+class TfdsSource(Source):
+    """A tensorflow-datasets split read through its random-access `data_source` (no TensorFlow).
+
+    The split must be prepared as ArrayRecord (`file_format="array_record"`). Preparing needs no
+    TensorFlow when the builder yields images as files, bytes or PIL images; builders that yield
+    numpy images need TensorFlow to encode them.
+
+    Args:
+        name_or_builder: a registered dataset name (`"oxford_iiit_pet:4.0.0"`) or a
+            `tfds.core.DatasetBuilder`.
+        split: a split, with slicing (`"train[:10%]"`).
+        data_dir: where the prepared data lives (names only; a builder knows its own).
+        image_key: feature holding the image ([H, W, C] uint8, C in 1, 3, 4; made RGB).
+        label_key: feature holding the label, or None for no labels.
+        mask_key: feature holding a per-pixel mask ([H, W] or [H, W, 1]), or None.
+        image_size: None, an int or (height, width); as in `ImageFolderSource`. Masks are
+            resized with the same geometry and nearest-neighbour sampling.
+        resize: "crop" or "stretch", as in `ImageFolderSource`.
+        skip_unreadable: as in `ImageFolderSource`.
+        download: let tfds download and prepare the dataset when it is missing (most builders
+            need TensorFlow to prepare).
+
+    Attributes:
+        data_source: the underlying tfds data source.
+        classes: the label feature's class names when it is a `ClassLabel`, else None.
+
+    Raises:
+        FileNotFoundError: the dataset is not prepared as ArrayRecord in `data_dir`.
+        KeyError: a key is not a feature of the dataset (the message lists the features).
+    """
+
+    def __init__(self, name_or_builder, split: str, *, data_dir: str | os.PathLike | None = None,
+                 image_key: str = "image", label_key: str | None = "label", mask_key: str | None = None,
+                 image_size: int | tuple[int, int] | None = None, resize: str = "crop",
+                 skip_unreadable: bool = False, download: bool = False):
+        super().__init__()
+        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+        self.image_size = _check_image_size(image_size, resize)
+        self.resize = resize
+        self.skip_unreadable = bool(skip_unreadable)
+        self.split = split
+        if isinstance(name_or_builder, str):
+            self.name = name_or_builder
+            data_dir = None if data_dir is None else os.fspath(data_dir)
+            try:
+                # tfds only defaults to ArrayRecord when data_dir is None: ask for it when preparing.
+                self.data_source = tfds.data_source(
+                    name_or_builder, split=split, data_dir=data_dir, download=download,
+                    builder_kwargs={"file_format": "array_record"} if download else None)
+            except NotImplementedError as e:  # what tfds raises for a missing/TFRecord dataset
+                raise FileNotFoundError(
+                    f"tfds dataset {name_or_builder!r} is not prepared as ArrayRecord in data_dir="
+                    f"{data_dir!r}: prepare it with download_and_prepare(file_format='array_record') "
+                    f"(builders that yield numpy images need TensorFlow for that) or pass "
+                    f"download=True") from e
+        elif hasattr(name_or_builder, "as_data_source"):
+            if data_dir is not None:
+                raise ValueError("data_dir is given by the builder; pass it to the builder instead")
+            self.name = name_or_builder.name
+            if download:
+                name_or_builder.download_and_prepare(file_format="array_record")
+            self.data_source = name_or_builder.as_data_source(split=split)
+        else:
+            raise TypeError(f"name_or_builder must be a dataset name or a tfds DatasetBuilder, got "
+                            f"{type(name_or_builder).__name__}")
+        features = self.data_source.dataset_info.features
+        for role, key in (("image_key", image_key), ("label_key", label_key), ("mask_key", mask_key)):
+            if key is not None and key not in features:
+                hint = " (pass label_key=None for a dataset without labels)" if role == "label_key" else ""
+                raise KeyError(f"{role}={key!r} is not a feature of {self.name!r}; features: "
+                               f"{sorted(features.keys())}{hint}")
+        self.image_key, self.label_key, self.mask_key = image_key, label_key, mask_key
+        self.has_labels, self.has_masks = label_key is not None, mask_key is not None
+        names = getattr(features[label_key], "names", None) if label_key is not None else None
+        self.classes = tuple(names) if names else None
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}/{self.split}[{index}]"
+
+    def _load(self, index: int) -> Example:
+        try:
+            record = self.data_source[index]
+        except Exception as e:  # decoding errors come from PIL/cv2/protobuf; name the record
+            raise UnreadableImageError(f"cannot read {self.describe(index)}: {e}") from e
+        image = np.asarray(record[self.image_key])
+        image = _rgb(image[..., None] if image.ndim == 2 else image, what=self.describe(index))
+        label = int(np.asarray(record[self.label_key])) if self.label_key is not None else None
+        mask = None
+        if self.mask_key is not None:
+            mask = np.asarray(record[self.mask_key])
+            if mask.ndim == 3 and mask.shape[-1] == 1:
+                mask = mask[..., 0]
+            if mask.ndim != 2:
+                raise ValueError(f"mask {self.mask_key!r} of {self.describe(index)} must be [H, W] or "
+                                 f"[H, W, 1], got {mask.shape}")
+        if self.image_size is not None:
+            pil = _pil().Image
+            box = _crop_box(image.shape[1], image.shape[0], self.image_size, self.resize)
+            if mask is not None:  # same relative geometry, even at another resolution
+                sx, sy = mask.shape[1] / image.shape[1], mask.shape[0] / image.shape[0]
+                mbox = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+                mask = _resize_array(mask, self.image_size, mbox, pil.NEAREST)
+            image = _resize_array(image, self.image_size, box, pil.BICUBIC)
+        elif mask is not None and mask.shape != image.shape[:2]:
+            raise ValueError(f"mask {self.mask_key!r} of {self.describe(index)} has shape {mask.shape}, "
+                             f"image {image.shape[:2]}; pass image_size= to resize both")
+        return Example(image, label, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Iteration
+
+
+def permutation(n: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The order of epoch `epoch`: a permutation of `0..n-1` (int64 [n]) fixed by `(seed, epoch)`.
+
+    Built from the raw output of numpy's PCG64 bit generator seeded with `SeedSequence([seed,
+    epoch])`, which numpy keeps stable across versions, so a checkpointed position stays valid.
+    """
+    bits = np.random.PCG64(np.random.SeedSequence([seed, epoch])).random_raw(n)
+    return np.argsort(bits, kind="stable").astype(np.int64)
+
+
+def batches(source: Source, batch_size: int, *, seed: int | None = None, start: int = 0,
+            shuffle: bool = True, drop_remainder: bool = True, process_index: int = 0,
+            process_count: int = 1, epochs: int | None = None, num_threads: int | None = None,
+            prefetch: int = 2) -> Iterator[Batch]:
+    """Iterate over `source` in seeded, resumable, per-process batches.
+
+    Every process runs the same stream (see the module docstring): global batch `g` is the next
+    `batch_size * process_count` examples of the epoch's order, and process `i` gets rows
+    `[i * batch_size, (i + 1) * batch_size)` of it, so the processes' batches are disjoint and
+    together make the single-process batch of size `batch_size * process_count`. An incomplete
+    last global batch (`drop_remainder=False`) is split as evenly as possible; a process may then
+    get fewer rows (or none) but every process yields the same number of batches. Multi-host
+    `jit` needs equal shapes, so train with `drop_remainder=True`.
+
+    Unreadable images raise `UnreadableImageError`, unless the source was made with
+    `skip_unreadable=True`: then the image is recorded in `source.skipped` and its slot is
+    filled by the next readable example of the epoch's order (wrapping around), so batches keep
+    their size and stay deterministic; that example then appears twice in the epoch.
+
+    Args:
+        source: an `ArraySource`, `ImageFolderSource`, `TfdsSource` or other `Source`.
+        batch_size: examples per batch on this process.
+        seed: non-negative int fixing the order; required when `shuffle` is True.
+        start: stream position to start from: 0, or the `position` of the last batch consumed.
+        shuffle: visit each epoch in the order `permutation(N, seed=seed, epoch=e)`; else in
+            index order.
+        drop_remainder: drop each epoch's incomplete last global batch.
+        process_index: this process's index, `jax.process_index()`.
+        process_count: the number of processes, `jax.process_count()`.
+        epochs: stop after this many epochs of the stream (counted from position 0, not from
+            `start`); None: never stop.
+        num_threads: threads decoding images (default: the CPUs this process may use).
+        prefetch: batches decoded ahead of the consumer (in the thread pool).
+
+    Returns:
+        An iterator of `Batch`; arguments are checked when `batches` is called.
+
+    Raises:
+        ValueError: bad arguments, or a global batch larger than the source with
+            `drop_remainder=True` (no batch could be made).
+
+    >>> it = batches(ArraySource(images), 32, seed=0)
+    >>> first = next(it)
+    >>> resumed = batches(ArraySource(images), 32, seed=0, start=first.position)  # continues
+    """
+    n = len(source)
+    if n == 0:
+        raise ValueError("source is empty")
+    for name, value in (("batch_size", batch_size), ("process_count", process_count)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    if not isinstance(start, (int, np.integer)) or start < 0:
+        raise ValueError(f"start must be a non-negative int (a Batch.position), got {start!r}")
+    if epochs is not None and (not isinstance(epochs, (int, np.integer)) or epochs < 0):
+        raise ValueError(f"epochs must be a non-negative int or None, got {epochs!r}")
+    if shuffle and (seed is None or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"shuffle=True needs seed= a non-negative int, got {seed!r}")
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+    global_batch = batch_size * process_count
+    if drop_remainder and global_batch > n:
+        raise ValueError(f"global batch batch_size * process_count = {batch_size} * {process_count} = "
+                         f"{global_batch} is larger than the source ({n} examples): with "
+                         f"drop_remainder=True no batch can be made")
+    return _iterate(source, n, int(batch_size), int(process_index), int(process_count),
+                    None if seed is None else int(seed), int(start), shuffle, drop_remainder,
+                    epochs, num_threads, prefetch)
+
+
+def _plan(n: int, global_batch: int, start: int, drop_remainder: bool, epochs: int | None):
+    """Yields (epoch, offset in epoch, examples taken, position after) for each global batch."""
+    position = start
+    while epochs is None or position < epochs * n:
+        epoch, offset = divmod(position, n)
+        take = min(global_batch, n - offset)
+        if take < global_batch and drop_remainder:
+            position = (epoch + 1) * n
+            continue
+        after = position + take
+        if n - (offset + take) < (global_batch if drop_remainder else 1):
+            after = (epoch + 1) * n  # the epoch is over: position = epochs completed * n
+        yield epoch, offset, take, after
+        position = after
+
+
+def _process_rows(take: int, global_batch: int, batch_size: int, index: int, count: int) -> tuple[int, int]:
+    """[lo, hi) rows of a global batch of `take` examples that belong to process `index`."""
+    if take == global_batch:
+        return index * batch_size, (index + 1) * batch_size
+    sizes = [take // count + (1 if j < take % count else 0) for j in range(count)]
+    lo = sum(sizes[:index])
+    return lo, lo + sizes[index]
+
+
+def _fetch(source: Source, order: np.ndarray, slot: int) -> tuple[int, Example]:
+    """The example in `slot` of an epoch's order, skipping unreadable ones if the source allows."""
+    n = len(order)
+    for t in range(n):
+        index = int(order[(slot + t) % n])
+        if index in source.skipped:
+            continue
+        try:
+            return index, source[index]
+        except UnreadableImageError as e:
+            if not source.skip_unreadable:
+                raise
+            source._record_skip(index, e)  # pylint: disable=protected-access
+    raise UnreadableImageError(f"no readable image in {source!r}: all {n} were skipped")
+
+
+def _assemble(source: Source, loaded: list[tuple[int, Example]], position: int) -> Batch:
+    if not loaded:  # this process's share of a small last batch
+        h, w = getattr(source, "image_size", None) or (0, 0)
+        return Batch(np.zeros((0, h, w, 3), np.uint8), np.zeros((0,), np.int64),
+                     np.zeros((0,), np.int64) if source.has_labels else None,
+                     np.zeros((0, h, w), np.uint8) if source.has_masks else None, position)
+    ids = np.asarray([i for i, _ in loaded], np.int64)
+    shapes = {ex.image.shape for _, ex in loaded}
+    if len(shapes) > 1:
+        (i0, e0), (i1, e1) = loaded[0], next((i, e) for i, e in loaded if e.image.shape != loaded[0][1].image.shape)
+        raise ValueError(f"images of different sizes cannot be batched: {source.describe(i0)} is "
+                         f"{e0.image.shape}, {source.describe(i1)} is {e1.image.shape}; give the source "
+                         f"image_size=(H, W) to resize them")
+    images = np.stack([ex.image for _, ex in loaded])
+    labels = None
+    if source.has_labels:
+        labels = np.asarray([ex.label for _, ex in loaded])
+        labels = labels.astype(np.int64) if labels.dtype.kind in "iub" else labels
+    masks = np.stack([ex.mask for _, ex in loaded]) if source.has_masks else None
+    return Batch(images, ids, labels, masks, position)
+
+
+def _iterate(source, n, batch_size, process_index, process_count, seed, start, shuffle,
+             drop_remainder, epochs, num_threads, prefetch) -> Iterator[Batch]:
+    global_batch = batch_size * process_count
+    orders: dict[int, np.ndarray] = {}
+
+    def order_of(epoch: int) -> np.ndarray:
+        if epoch not in orders:
+            if len(orders) > 2:
+                orders.pop(min(orders))
+            orders[epoch] = permutation(n, seed=seed, epoch=epoch) if shuffle else np.arange(n, dtype=np.int64)
+        return orders[epoch]
+
+    def slots():
+        for epoch, offset, take, after in _plan(n, global_batch, start, drop_remainder, epochs):
+            lo, hi = _process_rows(take, global_batch, batch_size, process_index, process_count)
+            yield order_of(epoch), offset + lo, offset + hi, after
+
+    if isinstance(source, ArraySource):  # in memory: vectorised, nothing to decode
+        for order, lo, hi, after in slots():
+            ids = order[lo:hi].copy()
+            images, labels, masks = source._take(ids)  # pylint: disable=protected-access
+            yield Batch(images, ids, labels, masks, after)
+        return
+
+    if num_threads is None:
+        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="saejax-data")
+    pending: collections.deque = collections.deque()
+    try:
+        for order, lo, hi, after in slots():
+            pending.append(([pool.submit(_fetch, source, order, slot) for slot in range(lo, hi)], after))
+            if len(pending) > prefetch:
+                futures, position = pending.popleft()
+                yield _assemble(source, [f.result() for f in futures], position)
+        while pending:
+            futures, position = pending.popleft()
+            yield _assemble(source, [f.result() for f in futures], position)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def _pil():
+    try:
+        import PIL.Image  # pylint: disable=import-outside-toplevel
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("reading image files needs Pillow: pip install pillow") from e
+    return PIL
+
+
+def _check_index(index, n: int) -> int:
+    index = int(index)
+    if not -n <= index < n:
+        raise IndexError(f"index {index} out of range for a source of {n} examples")
+    return index % n
+
+
+def _check_image_size(image_size, resize: str) -> tuple[int, int] | None:
+    if resize not in _RESIZE_MODES:
+        raise ValueError(f"resize must be one of {_RESIZE_MODES}, got {resize!r}")
+    if image_size is None:
+        return None
+    if isinstance(image_size, (int, np.integer)):
+        image_size = (image_size, image_size)
+    image_size = tuple(int(s) for s in image_size)
+    if len(image_size) != 2 or min(image_size) < 1:
+        raise ValueError(f"image_size must be None, a positive int or (height, width), got {image_size}")
+    return image_size
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _find_images(folder: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f) and not f.startswith(".")]
+    return found
+
+
+def _read_image(path: str):
+    """The PIL RGB image at `path`, fully decoded, or `UnreadableImageError` naming it."""
+    pil = _pil()
+    try:
+        with pil.Image.open(path) as image:
+            image.load()
+            return _pil_rgb(image)
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... on bad files
+        raise UnreadableImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def _pil_rgb(image):
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte
+        high = (np.asarray(image, np.uint16) >> 8).astype(np.uint8)
+        return _pil().Image.fromarray(high, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _rgb(images: np.ndarray, what: str = "images") -> np.ndarray:
+    """uint8 [..., H, W, 3] from [..., H, W, C] with C = 1 (grayscale), 3 (RGB) or 4 (RGBA)."""
+    if images.dtype != np.uint8:
+        raise ValueError(f"{what}: expected uint8 pixels, got {images.dtype}")
+    if images.ndim < 3 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{what}: expected [H, W, C] with C in (1, 3, 4), got shape {images.shape}")
+    if images.shape[-1] == 1:
+        return np.repeat(images, 3, axis=-1)
+    return images[..., :3]
+
+
+def _crop_box(width: int, height: int, size: tuple[int, int], resize: str) -> tuple[float, float, float, float]:
+    """The region (left, top, right, bottom) of a width x height image that maps onto `size`."""
+    if resize == "stretch":
+        return (0.0, 0.0, float(width), float(height))
+    target_h, target_w = size
+    scale = max(target_w / width, target_h / height)
+    box_w, box_h = target_w / scale, target_h / scale
+    left, top = (width - box_w) / 2, (height - box_h) / 2
+    return (left, top, left + box_w, top + box_h)
+
+
+def _resize_pil(image, size: tuple[int, int], resize: str, resample):
+    box = _crop_box(image.width, image.height, size, resize)
+    if image.size == (size[1], size[0]) and box == (0.0, 0.0, float(image.width), float(image.height)):
+        return image
+    return image.resize((size[1], size[0]), resample, box=box)
+
+
+def _resize_array(array: np.ndarray, size: tuple[int, int], box, resample) -> np.ndarray:
+    """Resize an [H, W] or [H, W, 3] array (uint8, or a mask of any integer dtype) with PIL."""
+    if array.shape[:2] == size and box == (0.0, 0.0, float(array.shape[1]), float(array.shape[0])):
+        return array
+    pil = _pil().Image
+    if array.ndim == 2 and array.dtype != np.uint8:  # masks with labels > 255: resize as int32
+        if resample != pil.NEAREST:
+            raise ValueError("only nearest-neighbour resizing for non-uint8 arrays")
+        out = pil.fromarray(array.astype(np.int32), "I").resize((size[1], size[0]), resample, box=box)
+        return np.asarray(out).astype(array.dtype)
+    return np.asarray(pil.fromarray(array).resize((size[1], size[0]), resample, box=box))
