@@ -1,0 +1,34 @@
+"""Vision transformer backbones as pure JAX functions, with residual capture and edits.
+
+The only place in saejax that imports `transformers` (4.x, for its Flax modules; lazily).
+
+>>> bb, params = saejax.backbones.load("openai/clip-vit-base-patch16")      # doctest: +SKIP
+>>> x = bb.preprocess(images_uint8)                   # [N, H, W, 3] uint8 -> [N, 224, 224, 3]
+>>> out = bb.forward(params, x, capture=(10,), edits={10: edit})
+>>> out.captured[10]                                  # [N, 197, 768], residual after block 10
+
+Hook `i` is the residual stream after transformer block `i` (HF `hidden_states[i + 1]`).
+Families: "clip" (CLIPVisionModel / CLIPModel checkpoints), "dinov2", "dinov2_registers"
+(Dinov2WithRegistersModel: Flax DINOv2 blocks + register tokens), "vit"
+(ViTForImageClassification with its head, or ViTModel).
+"""
+
+from saejax.backbones.loading import KNOWN_MODELS, MODEL_TYPES, default_processing, find_weights, load, resolve
+from saejax.backbones.model import FAMILIES, Backbone, ForwardOutput, LoadInfo, TokenLayout, make_backbone
+from saejax.backbones.preprocess import ImageProcessing
+
+__all__ = [
+    "FAMILIES",
+    "KNOWN_MODELS",
+    "MODEL_TYPES",
+    "Backbone",
+    "ForwardOutput",
+    "ImageProcessing",
+    "LoadInfo",
+    "TokenLayout",
+    "default_processing",
+    "find_weights",
+    "load",
+    "make_backbone",
+    "resolve",
+]

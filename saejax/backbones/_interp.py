@@ -1,0 +1,70 @@
+"""Resampling matrices that reproduce PyTorch's bicubic `F.interpolate` exactly.
+
+DINOv2 resizes its learned position-embedding grid (e.g. 37x37 for the 518 px pre-training
+resolution) to the patch grid of the input (16x16 at 224 px). The PyTorch `transformers` models
+do this with `torch.nn.functional.interpolate(..., mode="bicubic", align_corners=False)`:
+
+* `Dinov2Model`: no antialiasing (Keys cubic, a = -0.75, clamped borders);
+* `Dinov2WithRegistersModel`: `antialias=True` (PIL-style separable filter, a = -0.5, support
+  stretched by the downscale factor, weights renormalised at the borders).
+
+`transformers`' Flax DINOv2 uses `jax.image.scale_and_translate` with a = -0.5 and an
+off-by-0.1 scale instead, so its outputs differ from PyTorch whenever the grid is resized.
+Here the 1-D resampling weights are computed once in numpy (they depend only on the static
+sizes) and applied as two small matrix products, which is exact up to float rounding and
+cheap under `jit`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _cubic(x: float, a: float) -> float:
+    x = abs(x)
+    if x <= 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    if x < 2.0:
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return 0.0
+
+
+def bicubic_matrix(in_size: int, out_size: int, *, antialias: bool) -> np.ndarray:
+    """1-D weights of torch's bicubic resize, `align_corners=False`, output size given.
+
+    Args:
+        in_size: Length of the input axis.
+        out_size: Length of the output axis.
+        antialias: Reproduce `antialias=True` (PIL-style filter) instead of the plain kernel.
+
+    Returns:
+        float64 array [out_size, in_size]: `y = W @ x` resizes `x` along that axis.
+    """
+    w = np.zeros((out_size, in_size), np.float64)
+    scale = in_size / out_size
+    if not antialias:
+        a = -0.75
+        for i in range(out_size):
+            real = scale * (i + 0.5) - 0.5
+            base = math.floor(real)
+            t = real - base
+            coeffs = (_cubic(t + 1.0, a), _cubic(t, a), _cubic(1.0 - t, a), _cubic(2.0 - t, a))
+            for k, c in enumerate(coeffs):
+                j = min(max(base - 1 + k, 0), in_size - 1)
+                w[i, j] += c
+        return w
+    a = -0.5
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size)
+        weights = np.array([_cubic((j - center + 0.5) * invscale, a) for j in range(xmin, xmax)])
+        total = weights.sum()
+        if total != 0.0:
+            weights = weights / total
+        w[i, xmin:xmax] = weights
+    return w

@@ -1,0 +1,469 @@
+"""`load`: hub id or local directory -> (`Backbone`, params), converting PyTorch weights without torch.
+
+Weights are read from, in this order of preference, `model.safetensors`, sharded
+`model.safetensors.index.json` + `model-0000x-of-0000y.safetensors` (merged here: `transformers`
+4.x Flax cannot load sharded safetensors), or `flax_model.msgpack`. PyTorch safetensors are
+renamed / transposed to the Flax layout with `transformers`' own rule
+(`rename_key_and_reshape_tensor`), checked against the parameter shapes of the HF Flax model
+(obtained with `jax.eval_shape`, so no ~10 s eager init), and cached as a flat safetensors file
+under `cache_dir` (default `~/.cache/saejax`, or `$SAEJAX_CACHE`) keyed by a hash of the
+source files' names, sizes and modification times plus `config.json`, so the second load
+skips the conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from saejax.backbones import _hf
+from saejax.backbones.model import FAMILIES, Backbone, LoadInfo, make_backbone
+from saejax.backbones.preprocess import (
+    BICUBIC,
+    BILINEAR,
+    HALF,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImageProcessing,
+)
+
+log = logging.getLogger(__name__)
+
+# Hub ids saejax knows, and their family. Other hub models: download them yourself
+# (huggingface_hub.snapshot_download) and pass the directory.
+KNOWN_MODELS = {
+    "openai/clip-vit-base-patch16": "clip",
+    "openai/clip-vit-base-patch32": "clip",
+    "openai/clip-vit-large-patch14": "clip",
+    "openai/clip-vit-large-patch14-336": "clip",
+    "facebook/dinov2-small": "dinov2",
+    "facebook/dinov2-base": "dinov2",
+    "facebook/dinov2-large": "dinov2",
+    "facebook/dinov2-giant": "dinov2",
+    "facebook/dinov2-with-registers-small": "dinov2_registers",
+    "facebook/dinov2-with-registers-base": "dinov2_registers",
+    "facebook/dinov2-with-registers-large": "dinov2_registers",
+    "facebook/dinov2-with-registers-giant": "dinov2_registers",
+    "google/vit-base-patch16-224": "vit",
+    "google/vit-large-patch16-224": "vit",
+    "google/vit-base-patch16-224-in21k": "vit",
+}
+
+# config.json `model_type` -> family.
+MODEL_TYPES = {
+    "clip": "clip",
+    "clip_vision_model": "clip",
+    "dinov2": "dinov2",
+    "dinov2_with_registers": "dinov2_registers",
+    "vit": "vit",
+}
+ROOTS = {"clip": "vision_model", "dinov2": "dinov2", "dinov2_registers": "dinov2_with_registers", "vit": "vit"}
+
+SAFETENSORS, SAFETENSORS_INDEX, FLAX_MSGPACK = "model.safetensors", "model.safetensors.index.json", "flax_model.msgpack"
+WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, FLAX_MSGPACK)
+CACHE_FORMAT = "saejax-backbone-params-v1"
+
+
+def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None) -> tuple[Backbone, dict]:
+    """Loads a vision transformer as a `Backbone` and its params pytree.
+
+    Args:
+        name_or_dir: A known hub id (see `KNOWN_MODELS`, e.g. "openai/clip-vit-base-patch16",
+            "facebook/dinov2-with-registers-base") or a local directory with `config.json` and
+            weights: `model.safetensors`, sharded `model-0000x-of-0000y.safetensors` +
+            `model.safetensors.index.json`, or `flax_model.msgpack`. A `preprocessor_config.json`
+            there defines `preprocess`; without one the family's standard processor is used.
+        dtype: Computation dtype of the Flax modules (`dtype=` of HF's Flax modules: matmuls run in
+            it; params are kept float32, and the residual stream may stay float32 where float32
+            params or residuals are added, as in HF Flax).
+        cache_dir: Where converted params are cached (default `$SAEJAX_CACHE` or
+            `~/.cache/saejax`); `False` disables the cache.
+
+    Returns:
+        `(bb, params)`: the `Backbone` and a nested dict of float32 jax arrays laid out as the
+        HF Flax model's params (see `saejax.backbones.model`).
+
+    Raises:
+        ValueError: Unknown name, unsupported `model_type`, or weights that do not fit the config.
+        FileNotFoundError: A directory without `config.json` or without weights.
+        OSError: A known hub id that could not be fetched (e.g. no network).
+
+    >>> bb, params = load("openai/clip-vit-base-patch16")             # doctest: +SKIP
+    >>> bb.family, bb.d_model, bb.n_layers, bb.grid                   # doctest: +SKIP
+    ('clip', 768, 12, (14, 14))
+    """
+    path = resolve(name_or_dir)
+    cfg_json = _read_json(os.path.join(path, "config.json"), what="config.json")
+    family, vision_cfg, full_cfg = _configs(cfg_json, path)
+    processing = _processing(path, family, vision_cfg)
+    kind, files = find_weights(path)
+
+    root = ROOTS[family]
+    if kind == FLAX_MSGPACK:
+        flat = _read_msgpack(files[0], root)
+        heads = _heads_from_flax(flat, root)
+        target = _target_shapes(family, vision_cfg, full_cfg, heads)
+        flat = _check(flat, target, files[0], family)
+        info = LoadInfo(path=path, weight_files=tuple(files), cache_file=None, from_cache=False)
+    else:
+        heads = _heads_from_torch(_safetensors_shapes(files), root)
+        target = _target_shapes(family, vision_cfg, full_cfg, heads)
+        cache_file = None if cache_dir is False else _cache_file(cache_dir, family, path, files)
+        flat = _read_cache(cache_file, target)
+        from_cache = flat is not None
+        if flat is None:
+            state = _read_safetensors(files, kind)
+            flat = _check(_convert(state, target, root), target, path, family)
+            _write_cache(cache_file, flat, path)
+        info = LoadInfo(path=path, weight_files=tuple(files), cache_file=cache_file, from_cache=from_cache)
+
+    bb = make_backbone(family, vision_cfg, dtype=dtype, n_classes=heads.n_classes, processing=processing,
+                       load_info=info)
+    params = unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+    return bb, params
+
+
+# ---------------------------------------------------------------------- resolving names
+def resolve(name_or_dir) -> str:
+    """Returns the local model directory for a directory path or a known hub id (downloading it)."""
+    name = os.fspath(name_or_dir)
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{name!r} is a file; pass the model directory that holds config.json and the weights")
+    if name in KNOWN_MODELS:
+        return _download(name)
+    raise ValueError(
+        f"unknown backbone {name!r}: not a local directory and not a known hub id. Known families: "
+        f"{', '.join(FAMILIES)}. Known hub ids: {', '.join(KNOWN_MODELS)}. For another checkpoint of these "
+        "families, pass a local directory with config.json + weights (e.g. from save_pretrained or "
+        "huggingface_hub.snapshot_download).")
+
+
+def _download(repo_id: str) -> str:
+    """Fetches config, preprocessor config and weights of a hub model (HF cache); clear error offline."""
+    import huggingface_hub as hub  # noqa: PLC0415
+
+    base = ["config.json", "preprocessor_config.json"]
+    errors = []
+    try:
+        available = set(hub.list_repo_files(repo_id))
+        if SAFETENSORS in available:
+            weights = [SAFETENSORS]
+        elif SAFETENSORS_INDEX in available:
+            weights = [SAFETENSORS_INDEX, "model-*-of-*.safetensors"]
+        elif FLAX_MSGPACK in available:
+            weights = [FLAX_MSGPACK]
+        else:
+            raise FileNotFoundError(f"hub repo {repo_id!r} has none of {', '.join(WEIGHT_FILES)}")
+        return hub.snapshot_download(repo_id, allow_patterns=base + weights)
+    except Exception as e:  # noqa: BLE001  (network errors come in many types)
+        errors.append(e)
+    try:  # a snapshot already in the local HF cache works offline
+        return hub.snapshot_download(repo_id, local_files_only=True,
+                                     allow_patterns=base + [SAFETENSORS, SAFETENSORS_INDEX, "model-*-of-*.safetensors",
+                                                            FLAX_MSGPACK])
+    except Exception as e:  # noqa: BLE001
+        errors.append(e)
+    first = errors[0]
+    raise OSError(
+        f"could not fetch {repo_id!r} from the Hugging Face hub ({type(first).__name__}: {str(first)[:200]}). "
+        "Without network access, pass a local directory with config.json and weights instead "
+        f"({SAFETENSORS}, or {SAFETENSORS_INDEX} + its shards, or {FLAX_MSGPACK}).") from first
+
+
+# ---------------------------------------------------------------------- configs
+def _read_json(file, *, what):
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no {what} in {os.path.dirname(file)!r}: a model directory needs config.json "
+                                f"(from save_pretrained) and weights ({', '.join(WEIGHT_FILES)})")
+    with open(file) as f:
+        return json.load(f)
+
+
+def _configs(cfg_json: Mapping, path: str):
+    """Returns `(family, vision config, full CLIPConfig or None)` as `transformers` config objects."""
+    model_type = cfg_json.get("model_type")
+    family = MODEL_TYPES.get(model_type)
+    if family is None:
+        raise ValueError(f"{path}/config.json has model_type {model_type!r}; supported model types: "
+                         f"{', '.join(MODEL_TYPES)} (families {', '.join(FAMILIES)})")
+    t = _hf.hf()
+    with _hf.quiet():
+        if model_type == "clip":
+            full = t.CLIPConfig.from_dict(dict(cfg_json))
+            return family, full.vision_config, full
+        if model_type == "clip_vision_model":
+            return family, t.CLIPVisionConfig.from_dict(dict(cfg_json)), None
+        if model_type == "dinov2":
+            return family, t.Dinov2Config.from_dict(dict(cfg_json)), None
+        if model_type == "vit":
+            return family, t.ViTConfig.from_dict(dict(cfg_json)), None
+        reg = t.Dinov2WithRegistersConfig.from_dict(dict(cfg_json))
+        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio", "hidden_act",
+                "initializer_range", "layer_norm_eps", "image_size", "patch_size", "num_channels", "qkv_bias",
+                "layerscale_value", "use_swiglu_ffn")
+        cfg = t.Dinov2Config(**{k: getattr(reg, k) for k in keys})
+        cfg.num_register_tokens = int(reg.num_register_tokens)
+        return family, cfg, None
+
+
+def _processing(path, family, cfg) -> ImageProcessing:
+    file = os.path.join(path, "preprocessor_config.json")
+    if os.path.isfile(file):
+        return ImageProcessing.from_hf(_read_json(file, what="preprocessor_config.json"), square_size=family == "vit")
+    return default_processing(family, int(cfg.image_size))
+
+
+def default_processing(family: str, image_size: int) -> ImageProcessing:
+    """The family's standard HF image processor, used when a directory has no preprocessor_config.json.
+
+    CLIP: short side -> `image_size` (bicubic), center crop, OpenAI mean/std. DINOv2 (both):
+    short side -> 256 (bicubic), center crop 224, ImageNet mean/std (the hub processors; the
+    DINOv2 config's own image_size, 518, is only the position-embedding grid). ViT: resize to
+    `image_size` x `image_size` (bilinear), mean = std = 0.5.
+    """
+    s = image_size
+    if family == "clip":
+        return ImageProcessing(resize_shortest=s, crop=(s, s), resample=BICUBIC, mean=OPENAI_CLIP_MEAN,
+                               std=OPENAI_CLIP_STD)
+    if family == "vit":
+        return ImageProcessing(resize_to=(s, s), resample=BILINEAR, mean=HALF, std=HALF)
+    if family in ("dinov2", "dinov2_registers"):
+        return ImageProcessing(resize_shortest=256, crop=(224, 224), resample=BICUBIC, mean=IMAGENET_MEAN,
+                               std=IMAGENET_STD)
+    raise ValueError(f"unknown family {family!r}; known families: {', '.join(FAMILIES)}")
+
+
+# ---------------------------------------------------------------------- weights on disk
+def find_weights(path: str) -> tuple[str, list[str]]:
+    """Returns `(kind, files)`: kind is one of WEIGHT_FILES; files are the paths to read."""
+    names = set(os.listdir(path))
+    if SAFETENSORS in names:
+        return SAFETENSORS, [os.path.join(path, SAFETENSORS)]
+    if SAFETENSORS_INDEX in names:
+        index = _read_json(os.path.join(path, SAFETENSORS_INDEX), what=SAFETENSORS_INDEX)
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        missing = [s for s in shards if s not in names]
+        if not shards or missing:
+            raise FileNotFoundError(f"{path}/{SAFETENSORS_INDEX} lists shards that are missing: "
+                                    f"{missing or '(empty weight_map)'}")
+        return SAFETENSORS_INDEX, [os.path.join(path, s) for s in shards]
+    if FLAX_MSGPACK in names:
+        return FLAX_MSGPACK, [os.path.join(path, FLAX_MSGPACK)]
+    hint = ""
+    if names & {"pytorch_model.bin", "pytorch_model.bin.index.json"}:
+        hint = (" Found pytorch_model.bin: torch-free loading needs safetensors; convert it once with torch, e.g. "
+                "Model.from_pretrained(dir).save_pretrained(dir, safe_serialization=True).")
+    elif names & {"flax_model.msgpack.index.json"}:
+        hint = " Sharded Flax msgpack checkpoints are not supported; save as safetensors."
+    raise FileNotFoundError(f"no weights in {path!r}: looked for {SAFETENSORS}, {SAFETENSORS_INDEX} (+ shards "
+                            f"model-0000x-of-0000y.safetensors) and {FLAX_MSGPACK}; found {sorted(names)}.{hint}")
+
+
+def _safetensors_shapes(files) -> dict[str, tuple]:
+    """`{name: shape}` of every tensor in the files, read from the headers only."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    shapes = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            for k in f.keys():
+                shapes[k] = tuple(f.get_slice(k).get_shape())
+    return shapes
+
+
+def _read_safetensors(files, kind) -> dict[str, np.ndarray]:
+    """Reads (and for shards, merges) PyTorch safetensors into float32 numpy arrays, without torch."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    state = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            for k in f.keys():
+                if k in state:
+                    raise ValueError(f"weight {k!r} appears in more than one shard ({file})")
+                state[k] = _as_float32(f.get_tensor(k))
+    if kind == SAFETENSORS_INDEX:
+        index = _read_json(os.path.join(os.path.dirname(files[0]), SAFETENSORS_INDEX), what=SAFETENSORS_INDEX)
+        lost = sorted(set(index["weight_map"]) - set(state))
+        if lost:
+            raise ValueError(f"shards are missing weights listed in {SAFETENSORS_INDEX}: {lost[:10]}")
+    return state
+
+
+def _contiguous(x: np.ndarray) -> np.ndarray:
+    # (np.ascontiguousarray would turn a 0-d array such as CLIP's logit_scale into shape (1,).)
+    return x if x.flags.c_contiguous else np.array(x, order="C")
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    if x.dtype.name in ("float16", "bfloat16", "float64"):
+        return x.astype(np.float32)
+    return x
+
+
+def _read_msgpack(file, root) -> dict[tuple, np.ndarray]:
+    from flax import serialization  # noqa: PLC0415
+
+    with open(file, "rb") as f:
+        tree = serialization.msgpack_restore(f.read())
+    if "params" in tree and isinstance(tree["params"], Mapping) and root not in tree:
+        tree = tree["params"]
+    if root not in tree and "embeddings" in tree:  # a base model (e.g. FlaxDinov2Model) saved without prefix
+        tree = {root: {k: v for k, v in tree.items()}}
+    return {k: _as_float32(np.asarray(v)) for k, v in flatten_dict(tree).items()}
+
+
+# ---------------------------------------------------------------------- heads and target shapes
+@dataclasses.dataclass(frozen=True)
+class _Heads:
+    n_classes: int = 0
+    classifier_in: int = 0
+    projection: int = 0  # CLIP visual_projection output size (0: absent)
+    has_text: bool = False  # CLIP text tower present
+    has_pooler: bool = False  # ViT tanh pooler saved
+
+
+def _heads_from_torch(shapes: Mapping[str, tuple], root) -> _Heads:
+    """Heads present in a PyTorch state dict (`{name: shape}`; Linear weights are [out, in])."""
+    return _heads(shapes, root, weight="weight", out_axis=0)
+
+
+def _heads_from_flax(flat: Mapping[tuple, np.ndarray], root) -> _Heads:
+    """Heads present in flat Flax params (Dense kernels are [in, out])."""
+    return _heads({".".join(k): v.shape for k, v in flat.items()}, root, weight="kernel", out_axis=1)
+
+
+def _heads(shapes, root, *, weight, out_axis) -> _Heads:
+    n_classes = classifier_in = projection = 0
+    if f"classifier.{weight}" in shapes:
+        s = shapes[f"classifier.{weight}"]
+        n_classes, classifier_in = s[out_axis], s[1 - out_axis]
+    if f"visual_projection.{weight}" in shapes:
+        projection = shapes[f"visual_projection.{weight}"][out_axis]
+    has_text = any(k.startswith("text_model.") for k in shapes)
+    has_pooler = any(k.startswith(("pooler.", f"{root}.pooler.")) for k in shapes)
+    return _Heads(n_classes, classifier_in, projection, has_text, has_pooler)
+
+
+def _target_shapes(family, cfg, full_cfg, heads: _Heads) -> dict[tuple, tuple]:
+    """Flat `{flax key: shape}` of the params the model needs, from `jax.eval_shape` of HF's Flax modules."""
+    key = jax.random.key(0)
+    pixels = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
+    root = ROOTS[family]
+    if family == "clip":
+        m = _hf.flax_module("clip.modeling_flax_clip")
+        if heads.has_text and full_cfg is not None:
+            ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+            tree = jax.eval_shape(m.FlaxCLIPModule(full_cfg).init, key, ids, pixels, ids, ids)["params"]
+        else:
+            tree = jax.eval_shape(m.FlaxCLIPVisionModule(cfg).init, key, pixels)["params"]
+        shapes = {k: tuple(v.shape) for k, v in flatten_dict(tree).items()}
+        if heads.projection and ("visual_projection", "kernel") not in shapes:
+            shapes[("visual_projection", "kernel")] = (cfg.hidden_size, heads.projection)
+        return shapes
+    if family == "vit":
+        m = _hf.flax_module("vit.modeling_flax_vit")
+        tree = jax.eval_shape(m.FlaxViTModule(cfg, add_pooling_layer=heads.has_pooler).init, key, pixels)["params"]
+    else:
+        m = _hf.flax_module("dinov2.modeling_flax_dinov2")
+        tree = jax.eval_shape(m.FlaxDinov2Module(cfg).init, key, pixels)["params"]
+    shapes = {(root,) + k: tuple(v.shape) for k, v in flatten_dict(tree).items()}
+    if family == "dinov2_registers":
+        shapes[(root, "embeddings", "register_tokens")] = (1, cfg.num_register_tokens, cfg.hidden_size)
+    if heads.n_classes:
+        shapes[("classifier", "kernel")] = (heads.classifier_in, heads.n_classes)
+        shapes[("classifier", "bias")] = (heads.n_classes,)
+    return shapes
+
+
+# ---------------------------------------------------------------------- conversion
+def _convert(state: Mapping[str, np.ndarray], target: Mapping[tuple, tuple], root: str) -> dict[tuple, np.ndarray]:
+    """PyTorch state dict -> flat Flax params, with HF's renaming rule (Linear transposed, conv to HWIO...)."""
+    rename = _hf.rename_key_and_reshape_tensor()
+    prefixed = any(k.split(".", 1)[0] == root for k in state)
+    out, unexpected = {}, []
+    for name, value in state.items():
+        parts = tuple(name.split("."))
+        if not prefixed and parts[0] not in ("classifier",):
+            parts = (root,) + parts  # a base-model checkpoint (e.g. Dinov2Model) has no prefix
+        flax_key, value = rename(parts, value, target, root)
+        if flax_key in target:
+            out[flax_key] = _contiguous(value)
+        else:
+            unexpected.append(name)
+    if unexpected:
+        log.debug("ignoring %d checkpoint weights the model does not use: %s", len(unexpected), unexpected[:10])
+    return out
+
+
+def _check(flat, target, source, family) -> dict[tuple, np.ndarray]:
+    """Keeps the target's params and raises a clear error if any is missing or mis-shaped."""
+    missing = [".".join(k) for k in target if k not in flat]
+    wrong = [f"{'.'.join(k)}: {flat[k].shape} (expected {target[k]})" for k in target
+             if k in flat and tuple(flat[k].shape) != target[k]]
+    if missing or wrong:
+        raise ValueError(f"weights in {source} do not match the {family} config.json: "
+                         f"{len(missing)} missing (e.g. {missing[:5]}), {len(wrong)} mis-shaped (e.g. {wrong[:3]})")
+    return {k: flat[k] for k in target}
+
+
+# ---------------------------------------------------------------------- cache
+def _cache_file(cache_dir, family, path, files) -> str:
+    cache_dir = cache_dir or os.environ.get("SAEJAX_CACHE") or os.path.join("~", ".cache", "saejax")
+    h = hashlib.sha256(CACHE_FORMAT.encode())
+    h.update(family.encode())
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        h.update(f.read())
+    for file in files:
+        st = os.stat(file)
+        h.update(f"{os.path.basename(file)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(path)))[:60]
+    return os.path.join(os.path.expanduser(os.fspath(cache_dir)), "backbones", f"{family}-{slug}-{h.hexdigest()[:20]}.safetensors")
+
+
+def _read_cache(cache_file, target):
+    if cache_file is None or not os.path.isfile(cache_file):
+        return None
+    from safetensors.numpy import load_file  # noqa: PLC0415
+
+    try:
+        flat = {tuple(k.split("/")): v for k, v in load_file(cache_file).items()}
+    except Exception as e:  # noqa: BLE001  (a truncated / corrupt cache file is re-made)
+        log.warning("ignoring unreadable backbone cache %s: %s", cache_file, e)
+        return None
+    if set(flat) != set(target) or any(tuple(flat[k].shape) != target[k] for k in target):
+        log.warning("ignoring stale backbone cache %s", cache_file)
+        return None
+    return flat
+
+
+def _write_cache(cache_file, flat, source):
+    if cache_file is None:
+        return
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    tmp = f"{cache_file}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        save_file({"/".join(k): _contiguous(v) for k, v in flat.items()}, tmp,
+                  metadata={"format": CACHE_FORMAT, "source": str(source)})
+        os.replace(tmp, cache_file)
+    except OSError as e:
+        log.warning("could not write backbone cache %s: %s", cache_file, e)
+        if os.path.exists(tmp):
+            os.remove(tmp)

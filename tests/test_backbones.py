@@ -1,0 +1,450 @@
+"""saejax.backbones: golden parity with PyTorch `transformers`, capture / edit semantics, loading, errors.
+
+The golden fixtures under tests/fixtures/backbones/ were made by
+tests/fixtures/make_backbone_fixtures.py with the PyTorch models (tiny random weights); this
+suite reads them through the torch-free conversion path of `saejax.backbones.load`.
+"""
+
+import functools
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import saejax.backbones as backbones
+from saejax.backbones import loading
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "backbones")
+CASES = {  # case -> (family, n_classes)
+    "clip_vision": ("clip", 0),
+    "clip_full": ("clip", 0),
+    "dinov2": ("dinov2", 5),
+    "dinov2_registers": ("dinov2_registers", 0),
+    "vit": ("vit", 7),
+}
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("saejax_cache"))
+
+
+@pytest.fixture(scope="module")
+def loaded(cache_dir):
+    """`case -> (bb, params, golden)`, each case loaded once."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            bb, params = backbones.load(os.path.join(FIXTURES, case), cache_dir=cache_dir)
+            cache[case] = (bb, params, dict(np.load(os.path.join(FIXTURES, f"{case}.npz"))))
+        return cache[case]
+
+    return get
+
+
+# ---------------------------------------------------------------------- golden parity
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_pytorch_golden(loaded, case):
+    bb, params, g = loaded(case)
+    family, n_classes = CASES[case]
+    assert bb.family == family and bb.n_classes == n_classes
+    assert (bb.d_model, bb.n_layers) == (32, 3)
+    x = g["pixel_values"]
+    np.testing.assert_allclose(bb.embed(params, x), g["hidden_states"][0], atol=ATOL)
+    out = bb.forward(params, x, capture=tuple(range(bb.n_layers)))
+    assert sorted(out.captured) == [0, 1, 2]
+    for i in range(bb.n_layers):  # hook i == HF hidden_states[i + 1]
+        np.testing.assert_allclose(out.captured[i], g["hidden_states"][i + 1], atol=ATOL, err_msg=f"block {i}")
+    np.testing.assert_allclose(out.tokens, g["last_hidden_state"], atol=ATOL)
+    np.testing.assert_allclose(out.pooled, g["pooler_output"], atol=ATOL)
+    if n_classes:
+        assert out.logits.shape == (2, n_classes)
+        np.testing.assert_allclose(out.logits, g["logits"], atol=ATOL)
+    else:
+        assert out.logits is None
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_preprocess_matches_fixture_processor(loaded, case):
+    bb, _, g = loaded(case)
+    x = bb.preprocess(g["images_uint8"])
+    assert x.dtype == np.float32 and x.shape == g["pixel_values"].shape
+    np.testing.assert_allclose(x, g["pixel_values"], atol=1e-6)
+
+
+@pytest.mark.parametrize("case, grid, layout", [
+    ("clip_vision", (4, 4), backbones.TokenLayout(0, (1, 1), (1, 17), 17)),
+    ("dinov2", (3, 3), backbones.TokenLayout(0, (1, 1), (1, 10), 10)),
+    ("dinov2_registers", (3, 3), backbones.TokenLayout(0, (1, 5), (5, 14), 14)),
+    ("vit", (4, 4), backbones.TokenLayout(0, (1, 1), (1, 17), 17)),
+])
+def test_geometry(loaded, case, grid, layout):
+    bb, _, g = loaded(case)
+    assert bb.grid == grid and bb.layout == layout
+    assert bb.image_size == g["pixel_values"].shape[1] and bb.patch_size == bb.image_size // grid[0]
+    assert bb.layout.n_patches == grid[0] * grid[1]
+
+
+def test_full_clip_keeps_text_tower_and_projection(loaded):
+    bb, params, g = loaded("clip_full")
+    assert {"vision_model", "text_model", "visual_projection", "text_projection", "logit_scale"} <= set(params)
+    assert params["logit_scale"].shape == ()
+    assert len(bb.load_info.weight_files) == 5  # sharded safetensors, merged
+    out = bb.forward(params, g["pixel_values"])
+    np.testing.assert_allclose(out.pooled @ params["visual_projection"]["kernel"], g["image_embeds"], atol=ATOL)
+
+
+# ---------------------------------------------------------------------- edits and capture
+@pytest.mark.parametrize("case", ["vit", "dinov2_registers"])
+def test_identity_edit_is_exactly_the_plain_forward(loaded, case):
+    bb, params, g = loaded(case)
+    x = g["pixel_values"]
+    plain = bb.forward(params, x, capture=(0, 2))
+    edited = bb.forward(params, x, capture=(0, 2), edits={0: lambda r: r, 1: lambda r: r})
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(edited)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["vit", "clip_vision", "dinov2"])
+def test_edit_equals_running_the_remaining_blocks_by_hand(loaded, case):
+    bb, params, g = loaded(case)
+    x = g["pixel_values"]
+    shift = jnp.linspace(-1.0, 1.0, bb.d_model)
+
+    def edit(r):
+        return r.at[:, bb.layout.patches[0]:].add(shift)
+
+    out = bb.forward(params, x, capture=(1, 2), edits={1: edit})
+    resid = bb.run_blocks(params, bb.embed(params, x), 0, 2)
+    np.testing.assert_allclose(out.captured[1], resid, atol=1e-6)  # captured[i] is before the edit at i
+    resid = bb.run_blocks(params, edit(resid), 2, bb.n_layers)
+    np.testing.assert_allclose(out.captured[2], resid, atol=1e-6)
+    tokens, pooled, logits = bb.readout(params, resid)
+    np.testing.assert_allclose(out.tokens, tokens, atol=1e-6)
+    np.testing.assert_allclose(out.pooled, pooled, atol=1e-6)
+    if logits is not None:
+        np.testing.assert_allclose(out.logits, logits, atol=1e-6)
+    plain = bb.forward(params, x)
+    assert not np.allclose(plain.tokens, out.tokens, atol=1e-3)  # the edit did something
+
+
+def test_forward_jits_with_edits_and_matches_eager(loaded):
+    bb, params, g = loaded("dinov2_registers")
+    x = g["pixel_values"]
+
+    def edit(r):
+        return r * 0.5
+
+    fwd = jax.jit(functools.partial(bb.forward, capture=(0, 2), edits={1: edit}))
+    a, b = fwd(params, x), bb.forward(params, x, capture=(0, 2), edits={1: edit})
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(u, v, atol=1e-5)
+
+
+def test_grad_flows_through_an_edit(loaded):
+    bb, params, g = loaded("vit")
+    x = g["pixel_values"]
+    direction = jax.random.normal(jax.random.key(0), (bb.d_model,))
+
+    @jax.jit
+    def loss(alpha):
+        out = bb.forward(params, x, edits={1: lambda r: r + alpha * direction})
+        return jnp.sum(out.logits[:, 3]) + jnp.sum(out.tokens ** 2) * 1e-2
+
+    grad = jax.grad(loss)(0.3)
+    eps = 1e-2
+    fd = (loss(0.3 + eps) - loss(0.3 - eps)) / (2 * eps)
+    assert abs(float(grad)) > 1e-3
+    np.testing.assert_allclose(float(grad), float(fd), rtol=2e-2, atol=1e-3)
+    # A per-token additive edit after the last block: the head reads CLS only.
+    delta = jnp.zeros((2, bb.layout.n_tokens, bb.d_model))
+    gd = jax.jit(jax.grad(lambda d: jnp.sum(bb.forward(params, x, edits={2: lambda r: r + d}).logits)))(delta)
+    assert float(jnp.abs(gd[:, 0]).sum()) > 0
+    np.testing.assert_array_equal(gd[:, 1:], 0.0)
+
+
+def _count_dots(fn, *args):
+    jaxpr = jax.make_jaxpr(fn)(*args)
+
+    def count(jp):
+        n = 0
+        for eqn in jp.eqns:
+            n += eqn.primitive.name == "dot_general"
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                n += count(sub)
+        return n
+
+    return count(jaxpr.jaxpr)
+
+
+def test_full_false_skips_later_blocks(loaded):
+    bb, params, g = loaded("vit")
+    x = g["pixel_values"]
+    short = bb.forward(params, x, capture=(0,), full=False)
+    assert short.tokens is None and short.pooled is None and short.logits is None
+    np.testing.assert_allclose(short.captured[0], bb.forward(params, x, capture=(0,)).captured[0], atol=1e-6)
+    n_short = _count_dots(lambda p, im: bb.forward(p, im, capture=(0,), full=False), params, x)
+    n_mid = _count_dots(lambda p, im: bb.forward(p, im, capture=(1,), full=False), params, x)
+    n_full = _count_dots(lambda p, im: bb.forward(p, im, capture=(0,)), params, x)
+    per_block = n_mid - n_short
+    assert per_block > 0 and n_full == n_short + 2 * per_block + 1  # + 1: the classifier
+
+
+def test_single_int_capture_and_bfloat16(loaded, cache_dir):
+    bb, params, g = loaded("vit")
+    out = bb.forward(params, g["pixel_values"], capture=1, full=False)
+    assert list(out.captured) == [1]
+    bb16, params16 = backbones.load(os.path.join(FIXTURES, "vit"), dtype=jnp.bfloat16, cache_dir=cache_dir)
+    out16 = bb16.forward(params16, g["pixel_values"], capture=(2,))
+    # dtype is the modules' computation dtype (HF Flax semantics); the residual adds float32
+    # params, so it may stay float32. The result is bf16-close but not equal to float32.
+    np.testing.assert_allclose(out16.logits.astype(np.float32), g["logits"], atol=0.1, rtol=0.05)
+    assert not np.array_equal(np.asarray(out16.logits, np.float32), g["logits"])
+
+
+# ---------------------------------------------------------------------- loading and caching
+def test_second_load_uses_the_cache(tmp_path, monkeypatch):
+    src = os.path.join(FIXTURES, "dinov2")
+    bb1, p1 = backbones.load(src, cache_dir=tmp_path)
+    info = bb1.load_info
+    assert not info.from_cache and os.path.isfile(info.cache_file) and info.cache_file.startswith(str(tmp_path))
+
+    def no_reads(*a, **k):
+        raise AssertionError("the source weights were converted again")
+
+    monkeypatch.setattr(loading, "_read_safetensors", no_reads)
+    bb2, p2 = backbones.load(src, cache_dir=tmp_path)
+    assert bb2.load_info.from_cache and bb2.load_info.cache_file == info.cache_file
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(p1) == jax.tree.structure(p2)
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path):
+    src = os.path.join(FIXTURES, "clip_vision")
+    bb, p = backbones.load(src, cache_dir=tmp_path)
+    with open(bb.load_info.cache_file, "wb") as f:
+        f.write(b"not a safetensors file")
+    bb2, p2 = backbones.load(src, cache_dir=tmp_path)
+    assert not bb2.load_info.from_cache
+    np.testing.assert_array_equal(p["vision_model"]["post_layernorm"]["scale"],
+                                  p2["vision_model"]["post_layernorm"]["scale"])
+    assert backbones.load(src, cache_dir=tmp_path)[0].load_info.from_cache
+
+
+def test_dinov2_layerscale_value_is_not_applied_twice(tmp_path):
+    """Flax DINOv2 multiplies by config.layerscale_value twice; PyTorch only uses the learned lambda.
+
+    PyTorch reads `layerscale_value` only at init, so changing it in config.json must not change
+    the outputs of a trained checkpoint.
+    """
+    import json
+
+    src = os.path.join(FIXTURES, "dinov2_registers")
+    for name in os.listdir(src):
+        shutil.copy(os.path.join(src, name), tmp_path / name)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["layerscale_value"] = 0.25
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    bb, params = backbones.load(tmp_path, cache_dir=False)
+    g = np.load(os.path.join(FIXTURES, "dinov2_registers.npz"))
+    np.testing.assert_allclose(bb.forward(params, g["pixel_values"]).tokens, g["last_hidden_state"], atol=ATOL)
+
+
+def test_flax_msgpack_checkpoint_without_prefix(loaded, tmp_path):
+    from flax import serialization
+
+    bb, params, g = loaded("dinov2_registers")
+    d = tmp_path / "flax_ckpt"
+    d.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(os.path.join(FIXTURES, "dinov2_registers", name), d / name)
+    base = jax.tree.map(np.asarray, params["dinov2_with_registers"])  # as a Flax base model saves it
+    (d / "flax_model.msgpack").write_bytes(serialization.to_bytes(base))
+    bb2, params2 = backbones.load(d, cache_dir=False)
+    assert bb2.load_info.cache_file is None
+    out = bb2.forward(params2, g["pixel_values"], capture=(2,))
+    np.testing.assert_allclose(out.captured[2], g["hidden_states"][3], atol=ATOL)
+
+
+def test_hub_id_goes_through_snapshot_download(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: ["config.json", "model.safetensors"])
+
+    def fake_snapshot(repo, **kw):
+        calls.append((repo, kw))
+        return os.path.join(FIXTURES, "vit")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    bb, _ = backbones.load("google/vit-base-patch16-224", cache_dir=tmp_path)
+    assert bb.family == "vit"
+    assert calls[0][0] == "google/vit-base-patch16-224"
+    assert "model.safetensors" in calls[0][1]["allow_patterns"]
+
+
+def test_hub_id_offline_gives_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match=r"could not fetch 'facebook/dinov2-base'.*local directory"):
+        backbones.load("facebook/dinov2-base", cache_dir=False)
+
+
+def test_known_models_table():
+    assert backbones.KNOWN_MODELS["openai/clip-vit-base-patch16"] == "clip"
+    assert backbones.KNOWN_MODELS["facebook/dinov2-base"] == "dinov2"
+    assert backbones.KNOWN_MODELS["facebook/dinov2-with-registers-base"] == "dinov2_registers"
+    assert backbones.KNOWN_MODELS["google/vit-base-patch16-224"] == "vit"
+    assert set(backbones.KNOWN_MODELS.values()) == set(backbones.FAMILIES)
+
+
+# ---------------------------------------------------------------------- preprocessing vs HF processors
+def _random_images(seed, sizes):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+ODD_SIZES = [(231, 301), (300, 187), (97, 113), (225, 224), (61, 400)]
+
+
+@pytest.mark.parametrize("family", ["clip", "dinov2", "vit"])
+def test_preprocess_matches_hf_image_processors(family):
+    import transformers
+
+    if family == "clip":
+        hf = transformers.CLIPImageProcessor()  # == openai/clip-vit-base-patch16's
+    elif family == "dinov2":  # == facebook/dinov2-base's preprocessor_config.json
+        hf = transformers.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                            resample=3, image_mean=[0.485, 0.456, 0.406],
+                                            image_std=[0.229, 0.224, 0.225])
+    else:
+        hf = transformers.ViTImageProcessor()  # == google/vit-base-patch16-224's
+    images = _random_images(1, ODD_SIZES)
+    expected = np.stack([
+        np.transpose(hf(im, return_tensors="np", input_data_format="channels_last")["pixel_values"][0], (1, 2, 0))
+        for im in images])
+    ours = backbones.default_processing(family, 224)(images)  # list of different sizes
+    np.testing.assert_allclose(ours, expected, atol=1e-6)
+    parsed = backbones.ImageProcessing.from_hf(hf.to_dict(), square_size=family == "vit")
+    np.testing.assert_allclose(parsed(images), expected, atol=1e-6)
+    same_size = _random_images(2, [(199, 257)] * 3)
+    np.testing.assert_allclose(parsed(np.stack(same_size)), parsed(same_size), atol=0)
+
+
+def test_old_style_preprocessor_config_with_int_sizes():
+    import transformers
+
+    old_clip = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                "feature_extractor_type": "CLIPFeatureExtractor", "resample": 3, "size": 224,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    spec = backbones.ImageProcessing.from_hf(old_clip, square_size=False)
+    assert spec == backbones.default_processing("clip", 224)
+    old_vit = {"do_normalize": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+               "resample": 2, "size": 224}
+    assert backbones.ImageProcessing.from_hf(old_vit, square_size=True) == backbones.default_processing("vit", 224)
+    images = _random_images(3, [(260, 230)])
+    hf = transformers.CLIPImageProcessor(**{k: v for k, v in old_clip.items() if k != "feature_extractor_type"})
+    expected = np.transpose(hf(images[0], return_tensors="np", input_data_format="channels_last")["pixel_values"],
+                            (0, 2, 3, 1))
+    np.testing.assert_allclose(spec(images), expected, atol=1e-6)
+
+
+def test_preprocess_grayscale_is_repeated(loaded):
+    bb, _, _ = loaded("clip_vision")
+    gray = np.random.default_rng(0).integers(0, 256, size=(2, 40, 50, 1), dtype=np.uint8)
+    np.testing.assert_array_equal(bb.preprocess(gray), bb.preprocess(np.repeat(gray, 3, axis=-1)))
+
+
+# ---------------------------------------------------------------------- errors
+def test_bad_images_to_forward(loaded):
+    bb, params, g = loaded("vit")
+    x = g["pixel_values"]
+    with pytest.raises(ValueError, match=r"channels-first.*\[B, 32, 32, 3\]"):
+        bb.forward(params, np.transpose(x, (0, 3, 1, 2)))
+    with pytest.raises(ValueError, match=r"shape \(2, 40, 40, 3\).*expects \[B, 32, 32, 3\]"):
+        bb.forward(params, np.zeros((2, 40, 40, 3), np.float32))
+    with pytest.raises(ValueError, match=r"dtype uint8.*preprocess"):
+        bb.forward(params, np.zeros((2, 32, 32, 3), np.uint8))
+
+
+def test_bad_images_to_preprocess(loaded):
+    bb, _, _ = loaded("dinov2")
+    with pytest.raises(ValueError, match=r"channels-first.*NHWC"):
+        bb.preprocess(np.zeros((2, 3, 50, 60), np.uint8))
+    with pytest.raises(ValueError, match=r"uint8"):
+        bb.preprocess(np.zeros((2, 50, 60, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\[N, H, W, 3\].*batch axis"):
+        bb.preprocess(np.zeros((50, 60, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"4 channels"):
+        bb.preprocess(np.zeros((2, 50, 60, 4), np.uint8))
+
+
+def test_bad_layer_indices_and_edits(loaded):
+    bb, params, g = loaded("clip_vision")
+    x = g["pixel_values"]
+    for bad in (3, -1, 1.0):
+        with pytest.raises(ValueError, match=r"valid hook indices are 0 \.\. 2"):
+            bb.forward(params, x, capture=(bad,))
+    with pytest.raises(ValueError, match=r"edits: block index 7.*0 \.\. 2"):
+        bb.forward(params, x, edits={7: lambda r: r})
+    with pytest.raises(ValueError, match=r"edits\[1\] returned shape \(2, 17\)"):
+        bb.forward(params, x, edits={1: lambda r: r[..., 0]})
+    with pytest.raises(ValueError, match=r"callable"):
+        bb.forward(params, x, edits={1: 3.0})
+    with pytest.raises(ValueError, match=r"after the last captured block 0"):
+        bb.forward(params, x, capture=(0,), edits={2: lambda r: r}, full=False)
+    with pytest.raises(ValueError, match=r"at least one capture"):
+        bb.forward(params, x, full=False)
+    with pytest.raises(ValueError, match=r"0 <= start <= stop <= n_layers=3"):
+        bb.run_blocks(params, bb.embed(params, x), 2, 4)
+    with pytest.raises(ValueError, match=r"expected \[B, 17, 32\]"):
+        bb.run_blocks(params, jnp.zeros((2, 16, 32)), 0, 1)
+
+
+def test_unknown_name_lists_families():
+    with pytest.raises(ValueError, match=r"unknown backbone 'not/a-model'.*clip, dinov2, dinov2_registers, vit"):
+        backbones.load("not/a-model")
+
+
+def test_directory_without_weights(tmp_path):
+    shutil.copy(os.path.join(FIXTURES, "vit", "config.json"), tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match=r"no weights.*model\.safetensors.*model\.safetensors\.index\.json"
+                                                r".*flax_model\.msgpack"):
+        backbones.load(tmp_path, cache_dir=False)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"pytorch_model\.bin: torch-free loading needs safetensors"):
+        backbones.load(tmp_path, cache_dir=False)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        backbones.load(tmp_path, cache_dir=False)
+
+
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match=r"model_type 'bert'.*clip_vision_model.*dinov2_with_registers"):
+        backbones.load(tmp_path, cache_dir=False)
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    shutil.copy(os.path.join(FIXTURES, "clip_vision", "config.json"), tmp_path / "config.json")
+    shutil.copy(os.path.join(FIXTURES, "vit", "model.safetensors"), tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"do not match the clip config\.json: \d+ missing"):
+        backbones.load(tmp_path, cache_dir=False)
+
+
+def test_missing_shard(tmp_path):
+    src = os.path.join(FIXTURES, "clip_full")
+    for name in os.listdir(src):
+        if name != "model-00003-of-00005.safetensors":
+            shutil.copy(os.path.join(src, name), tmp_path / name)
+    with pytest.raises(FileNotFoundError, match=r"model-00003-of-00005\.safetensors"):
+        backbones.load(tmp_path, cache_dir=False)
