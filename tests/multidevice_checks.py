@@ -51,6 +51,25 @@ def check_mesh_shapes():
         raise AssertionError("expected an error")
 
 
+def check_harvest_sharded_equals_unsharded():
+    from saejax import backbones
+
+    bb, params = backbones.load(os.path.join(os.path.dirname(__file__), "fixtures", "backbones", "clip_vision"),
+                                cache_dir=False)
+    images = jax.random.normal(jax.random.key(0), (8, bb.image_size, bb.image_size, 3))
+    ids = jnp.arange(8, dtype=jnp.int32) + 100
+    plain = acts.make_harvest(bb, (0, 2), tokens="patches")(params, images, ids)
+    for data in (1, 2, 8):
+        mesh = shd.make_mesh(data=data)
+        out = acts.make_harvest(bb, (0, 2), tokens="patches", mesh=mesh)(params, images, ids)
+        assert len(out.acts[2].sharding.device_set) == data and out.acts[2].sharding.spec == shd.spec("batch", None)
+        for layer in (0, 2):
+            np.testing.assert_allclose(out.acts[layer], plain.acts[layer], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out.image_ids, plain.image_ids)
+        np.testing.assert_array_equal(out.token_ids, plain.token_ids)
+
+
 if __name__ == "__main__":
     globals()[f"check_{sys.argv[1]}"]()
     print("ok")
+

@@ -1,9 +1,12 @@
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from saejax import activations as acts
+from saejax import backbones
 from saejax.activations import ShuffleBuffer
 
 
@@ -68,3 +71,39 @@ def test_streaming_normalisation_estimate():
     np.testing.assert_allclose(norm.mean, 3.0, atol=0.3)
     with pytest.raises(ValueError, match="ended after 320 rows; 1000 were asked for"):
         acts.estimate_normalization_from(iter(batches[:10]), 1000, jax.random.key(0))
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "backbones")
+
+
+@pytest.fixture(scope="module")
+def dinov2_registers():
+    return backbones.load(FIXTURES + "/dinov2_registers", cache_dir=False)
+
+
+@pytest.mark.parametrize("tokens", ["patches", "cls", "registers", "all"])
+def test_harvest_selects_tokens_and_records_provenance(dinov2_registers, tokens):
+    bb, params = dinov2_registers
+    images = jax.random.normal(jax.random.key(0), (3, bb.image_size, bb.image_size, 3))
+    ids = jnp.array([10, 11, 12])
+    out = acts.make_harvest(bb, (1, 2), tokens=tokens)(params, images, ids)
+    full = bb.forward(params, images, capture=(1, 2))
+    selected = {"patches": np.arange(5, 14), "cls": np.array([0]), "registers": np.arange(1, 5),
+                "all": np.arange(14)}[tokens]
+    for layer in (1, 2):
+        assert out.acts[layer].shape == (3 * len(selected), bb.d_model)
+        expected = full.captured[layer][np.asarray(out.image_ids) - 10, np.asarray(out.token_ids)]
+        np.testing.assert_allclose(out.acts[layer], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.image_ids, np.repeat([10, 11, 12], len(selected)))
+    np.testing.assert_array_equal(out.token_ids, np.tile(selected, 3))
+
+
+def test_harvest_errors(dinov2_registers):
+    bb, _ = dinov2_registers
+    with pytest.raises(ValueError, match=r"layer 3 out of range: this backbone has blocks 0..2"):
+        acts.make_harvest(bb, (3,))
+    with pytest.raises(ValueError, match="unknown token set 'patch'"):
+        acts.make_harvest(bb, (1,), tokens="patch")
+    clip, _ = backbones.load(FIXTURES + "/clip_vision", cache_dir=False)
+    with pytest.raises(ValueError, match="no register tokens"):
+        acts.make_harvest(clip, (1,), tokens="registers")

@@ -95,3 +95,35 @@ def test_direction_edit():
     # Gradients flow into the edit's numbers.
     g = jax.grad(lambda s: jnp.sum(iv.direction_edit(direction, s)(resid)))(1.0)
     assert float(g) == 6.0
+
+
+def test_edits_compose_with_the_backbone_forward_under_jit():
+    import os
+
+    from saejax import backbones
+
+    bb, bb_params = backbones.load(os.path.join(os.path.dirname(__file__), "fixtures", "backbones", "vit"), cache_dir=False)
+    ae = sae.topk(bb.d_model, 4 * bb.d_model, k=8)
+    params = ae.init(jax.random.key(0))
+    images = jax.random.normal(jax.random.key(1), (2, bb.image_size, bb.image_size, 3))
+    patches = jnp.zeros(bb.layout.n_tokens, bool).at[bb.layout.patches[0]:bb.layout.patches[1]].set(True)
+
+    @jax.jit
+    def logits_with(edit, images):
+        return bb.forward(bb_params, images, edits={1: edit}).logits
+
+    plain = bb.forward(bb_params, images)
+    np.testing.assert_array_equal(logits_with(iv.sae_edit(ae, params, iv.scale(3, 1.0)), images),
+                                  jax.jit(lambda x: bb.forward(bb_params, x).logits)(images))
+    edit = iv.sae_edit(ae, params, iv.set(3, 5.0, mask=patches))
+    resid = bb.forward(bb_params, images, capture=(1,)).captured[1]
+    by_hand = bb.readout(bb_params, bb.run_blocks(bb_params, edit(resid), 2, bb.n_layers))[2]
+    np.testing.assert_allclose(logits_with(edit, images), by_hand, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(by_hand, plain.logits)
+    logits_with(iv.sae_edit(ae, params, iv.set(9, -2.0, mask=patches)), images)
+    assert logits_with._cache_size() == 2  # one per mask structure, none per value
+
+    # A dose-response curve in one call: vmap over the value.
+    curve = jax.jit(jax.vmap(lambda v: logits_with(iv.sae_edit(ae, params, iv.set(3, v, mask=patches)), images)))(
+        jnp.array([0.0, 5.0]))
+    np.testing.assert_allclose(curve[1], by_hand, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("name", ["buffer_sharded_equals_unsharded", "mesh_shapes"])
+@pytest.mark.parametrize("name", ["buffer_sharded_equals_unsharded", "mesh_shapes", "harvest_sharded_equals_unsharded"])
 def test_on_eight_devices(name):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_checks.py"), name], env=env,
