@@ -23,7 +23,7 @@ def get_config(variant: str = "relu") -> ml_collections.ConfigDict:
     c.sae = dict(architecture="relu", d_sae=512, k=None)
     c.objective = dict(sparsity="l1", sparsity_warmup_steps=200, auxk_coeff=0.0, k_aux=64)
     c.optimizer = dict(warmup_steps=100)
-    c.sweep = dict(learning_rate=[3e-3, 1e-2], sparsity_coeff=[3e-2], k=[0])
+    c.sweep = dict(learning_rate=(3e-3, 1e-2), sparsity_coeff=(3e-2,), k=(0,))
     c.dead_after_tokens = 200_000
     c.resample_every = 1000  # steps; 0 disables
     c.resample_until = 2000  # no resampling after this step, so resampled latents can settle
@@ -34,7 +34,7 @@ def get_config(variant: str = "relu") -> ml_collections.ConfigDict:
     if variant == "topk":
         c.sae = dict(architecture="topk", d_sae=512, k=4)
         c.objective = dict(sparsity="none", sparsity_warmup_steps=0, auxk_coeff=1 / 32, k_aux=64)
-        c.sweep = dict(learning_rate=[3e-3], sparsity_coeff=[0.0], k=[4])
+        c.sweep = dict(learning_rate=(3e-3,), sparsity_coeff=(0.0,), k=(4,))
         c.resample_every = 0
     elif variant != "relu":
         raise ValueError(f"unknown variant {variant!r}; expected relu or topk")

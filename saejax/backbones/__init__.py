@@ -16,6 +16,7 @@ Families: "clip" (CLIPVisionModel / CLIPModel checkpoints), "dinov2", "dinov2_re
 from saejax.backbones.loading import KNOWN_MODELS, MODEL_TYPES, default_processing, find_weights, load, resolve
 from saejax.backbones.model import FAMILIES, Backbone, ForwardOutput, LoadInfo, TokenLayout, make_backbone
 from saejax.backbones.preprocess import ImageProcessing
+from saejax.backbones.random import create_random
 
 __all__ = [
     "FAMILIES",
@@ -26,6 +27,7 @@ __all__ = [
     "ImageProcessing",
     "LoadInfo",
     "TokenLayout",
+    "create_random",
     "default_processing",
     "find_weights",
     "load",

@@ -1,0 +1,104 @@
+"""Tiny randomly initialised backbones, written as ordinary HF checkpoint directories.
+
+For smoke runs and tests that need a backbone but no hub: the directory holds `config.json`,
+`preprocessor_config.json` and `flax_model.msgpack`, and `load` reads it like any checkpoint.
+
+>>> path = create_random("clip", "/tmp/tiny-clip", hidden_size=32, num_hidden_layers=3,
+...                      num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+>>> bb, params = load(path)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from flax import serialization
+from flax.traverse_util import unflatten_dict
+
+from saejax.backbones import _hf
+from saejax.backbones.loading import FLAX_MSGPACK, _configs, _Heads, _target_shapes
+from saejax.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+_CONFIG_CLASSES = {"clip": "CLIPVisionConfig", "dinov2": "Dinov2Config", "dinov2_registers": "Dinov2WithRegistersConfig",
+                   "vit": "ViTConfig"}
+
+
+def _random_params(shapes, seed: int, std: float = 0.02) -> dict[tuple, np.ndarray]:
+    """Layer norms at identity, biases at zero, layer scales at one, the rest N(0, std)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for key, shape in sorted(shapes.items()):
+        name = key[-1]
+        if name == "bias":
+            value = np.zeros(shape, np.float32)
+        elif name in ("scale", "lambda1") or (name == "weight" and "layer_scale" in "/".join(key)):
+            value = np.ones(shape, np.float32)
+        else:
+            value = (std * rng.standard_normal(shape)).astype(np.float32)
+        params[key] = value
+    return params
+
+
+def create_random(family: str, directory: str, *, seed: int = 0, n_classes: int = 0, **sizes) -> str:
+    """Write a randomly initialised `family` model to `directory` (reused if already there).
+
+    Args:
+        family: "clip", "dinov2", "dinov2_registers" or "vit".
+        directory: where to write the checkpoint.
+        seed: seed of the random weights.
+        n_classes: a classification head of this size (ViT, DINOv2), 0 for none.
+        **sizes: `transformers` config fields (hidden_size, num_hidden_layers, image_size, ...).
+            `image_size` is also the size `preprocess` produces (resize short side + crop).
+
+    Returns:
+        `directory`.
+    """
+    if family not in _CONFIG_CLASSES:
+        raise ValueError(f"unknown family {family!r}; expected one of {sorted(_CONFIG_CLASSES)}")
+    with _hf.quiet():
+        cfg = getattr(_hf.hf(), _CONFIG_CLASSES[family])(**sizes)
+    config_json = cfg.to_dict()
+    if n_classes:
+        config_json["id2label"] = {str(i): f"class_{i}" for i in range(n_classes)}
+        config_json["label2id"] = {f"class_{i}": i for i in range(n_classes)}
+    config_json["saejax_random_seed"] = seed
+    size = int(cfg.image_size)
+    mean, std = {"clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), "vit": ((0.5,) * 3, (0.5,) * 3)}.get(
+        family, (IMAGENET_MEAN, IMAGENET_STD))
+    processor = {"do_resize": True, "size": {"shortest_edge": size}, "do_center_crop": True,
+                 "crop_size": {"height": size, "width": size}, "resample": 3, "do_rescale": True,
+                 "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean), "image_std": list(std)}
+
+    config_file = os.path.join(directory, "config.json")
+    if os.path.isfile(config_file) and os.path.isfile(os.path.join(directory, FLAX_MSGPACK)):
+        with open(config_file) as f:
+            if json.load(f) == json.loads(json.dumps(config_json)):
+                return directory
+
+    loading_cfg = cfg
+    if family == "dinov2_registers":  # the loader builds registers on top of a DINOv2 config
+        _, loading_cfg, _ = _configs(config_json, directory)
+    heads = _Heads(n_classes=n_classes, classifier_in=cfg.hidden_size * (2 if family.startswith("dinov2") else 1))
+    flat = _random_params(_target_shapes(family, loading_cfg, None, heads), seed)
+
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".saejax-random-", dir=parent)
+    try:
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(config_json, f, indent=2)
+        with open(os.path.join(staging, "preprocessor_config.json"), "w") as f:
+            json.dump(processor, f, indent=2)
+        with open(os.path.join(staging, FLAX_MSGPACK), "wb") as f:
+            f.write(serialization.msgpack_serialize(unflatten_dict(flat)))
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
