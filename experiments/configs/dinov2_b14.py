@@ -9,8 +9,9 @@ Needs ImageNet-1K for tfds (ArrayRecord) and facebook/dinov2-with-registers-base
 resized (short side 256) and centre-cropped on the host, then the backbone crops 224, as the
 reference does. Not run here (no ImageNet, no accelerator).
 
-`:small`: a tiny random DINOv2-with-registers, noise images, about a minute on 2 CPU cores;
-expect L0 between 5 and 60 and NMSE below 1.
+`:small`: a tiny random DINOv2 with 4 registers (registers dropped from the harvest), noise
+images, about 15 s on 2 CPU cores. Measured: lr 1e-3 -> L0 62.7 of 128, NMSE 0.60; lr 3e-3 ->
+L0 63.0, NMSE 0.17 (a plumbing check; see clip_vit_b16.py).
 """
 
 from experiments.configs.paper import paper_config, small_config
