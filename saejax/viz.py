@@ -1,0 +1,123 @@
+"""Pictures for people: exemplar images with activating patches highlighted, line charts, and a
+self-contained HTML page (PNG and SVG inlined, no external files).
+
+Side effects live here (PIL encoding); inputs are numpy arrays.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Sequence
+
+import numpy as np
+
+# A perceptually ordered dark-to-bright ramp (inferno-like), interpolated linearly.
+_RAMP = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
+                  [250, 193, 39], [252, 255, 164]], np.float32)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """[...] in [0, 1] -> [..., 3] uint8 RGB."""
+    x = np.clip(np.asarray(values, np.float32), 0, 1) * (len(_RAMP) - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, len(_RAMP) - 1)
+    t = (x - lo)[..., None]
+    return ((1 - t) * _RAMP[lo] + t * _RAMP[hi]).astype(np.uint8)
+
+
+def highlight_patches(image_HW3: np.ndarray, patch_acts: np.ndarray, vmax: float, *, scale: int = 4,
+                      alpha: float = 0.6) -> np.ndarray:
+    """The image (upscaled `scale` times) with each patch where the latent fires tinted by the
+    colour map at `activation / vmax`; silent patches are left as they are.
+
+    Args:
+        image_HW3: uint8 image.
+        patch_acts: [gh, gw] the latent's activation per patch.
+        vmax: the value mapped to the top of the colour map (the latent's maximum).
+    """
+    image = np.asarray(image_HW3, np.uint8)
+    h, w, _ = image.shape
+    gh, gw = patch_acts.shape
+    big = np.repeat(np.repeat(image, scale, 0), scale, 1).astype(np.float32)
+    per_pixel = np.repeat(np.repeat(np.asarray(patch_acts, np.float32), h * scale // gh, 0), w * scale // gw, 1)
+    tint = colormap(per_pixel / max(float(vmax), 1e-12)).astype(np.float32)
+    fired = (per_pixel > 0)[..., None]
+    return np.where(fired, (1 - alpha) * big + alpha * tint, big).astype(np.uint8)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image  # noqa: PLC0415
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tile(images: Sequence[np.ndarray], columns: int, pad: int = 2, background: int = 255) -> np.ndarray:
+    """Images of one size in a grid, `pad` pixels apart."""
+    h, w, c = images[0].shape
+    rows = -(-len(images) // columns)
+    grid = np.full((rows * (h + pad) - pad, columns * (w + pad) - pad, c), background, np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * (h + pad):r * (h + pad) + h, col * (w + pad):col * (w + pad) + w] = img
+    return grid
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def line_chart_svg(series: dict[str, Sequence[tuple[float, float]]], *, title: str, width: int = 420,
+                   height: int = 220, log_y: bool = False) -> str:
+    """A small inline SVG line chart of named (x, y) series."""
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    points = [(x, y) for s in series.values() for x, y in s if np.isfinite(y) and (y > 0 or not log_y)]
+    if not points:
+        return f"<svg width='{width}' height='{height}'><text x='10' y='20'>{html.escape(title)}: no data</text></svg>"
+    tf = (lambda v: np.log10(v)) if log_y else (lambda v: v)
+    xs = [p[0] for p in points]
+    ys = [tf(p[1]) for p in points]
+    x0, x1 = min(xs), max(xs) or 1
+    y0, y1 = min(ys), max(ys)
+    if y1 == y0:
+        y1 = y0 + 1
+    left, right, top, bottom = 48, 10, 24, 28
+
+    def sx(x):
+        return left + (x - x0) / max(x1 - x0, 1e-12) * (width - left - right)
+
+    def sy(y):
+        return height - bottom - (tf(y) - y0) / (y1 - y0) * (height - top - bottom)
+
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-family='sans-serif' "
+             f"font-size='11'><text x='{left}' y='14' font-weight='bold'>{html.escape(title)}</text>",
+             f"<line x1='{left}' y1='{height - bottom}' x2='{width - right}' y2='{height - bottom}' stroke='#888'/>",
+             f"<line x1='{left}' y1='{top}' x2='{left}' y2='{height - bottom}' stroke='#888'/>"]
+    for value in (y0, y1):
+        label = f"{10 ** value:.3g}" if log_y else f"{value:.3g}"
+        y = height - bottom - (value - y0) / (y1 - y0) * (height - top - bottom)
+        parts.append(f"<text x='{left - 4}' y='{y + 4:.1f}' text-anchor='end'>{label}</text>")
+    parts.append(f"<text x='{left}' y='{height - 8}'>{x0:g}</text>"
+                 f"<text x='{width - right}' y='{height - 8}' text-anchor='end'>{x1:g}</text>")
+    for i, (name, s) in enumerate(series.items()):
+        pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s if np.isfinite(y) and (y > 0 or not log_y))
+        colour = colours[i % len(colours)]
+        parts.append(f"<polyline fill='none' stroke='{colour}' stroke-width='1.5' points='{pts}'/>")
+        parts.append(f"<text x='{width - right}' y='{top + 12 * (i + 1)}' text-anchor='end' fill='{colour}'>"
+                     f"{html.escape(name)}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def html_page(title: str, body: str) -> str:
+    """A complete HTML document with a small built-in style sheet."""
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "th{background:#f3f3f3}td.l,th.l{text-align:left}img{image-rendering:pixelated}"
+             ".row{display:flex;gap:1.5em;flex-wrap:wrap}.card{margin:0.5em 0 1.5em}.good{color:#186a3b}"
+             ".bad{color:#a93226}code{background:#f3f3f3;padding:0 3px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
