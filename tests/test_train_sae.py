@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import clip_vit_b16
-from experiments.train_sae import build_trainer
+from experiments.sae_training import build_trainer
 from saejax.checkpoint import TrainCheckpointer, load_sae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
