@@ -1,7 +1,7 @@
 """Throughput of one SAE training step against the matmul floor measured in the same process.
 
     python -m benchmarks.sae_step            # D=768, F=12288, B=4096, float32 (about 2 min on 2 cores)
-    python -m benchmarks.sae_step --small    # D=256, F=2048, B=1024 (seconds)
+    python -m benchmarks.sae_step --small    # D=256, F=2048, B=1024 (under 20 s)
     python -m benchmarks.sae_step --d_sae=24576 --batch=8192 --iters=5 --noinfo
 
 What is timed (each case jitted once, warmed up, then timed `--iters` times with
@@ -13,26 +13,43 @@ hits them alike; the median is reported):
 * `matmul floor`: the five bare matmuls of that step in one jitted function
   (x@W_enc, z@W_dec, g@W_dec^T, z^T@g, x^T@g_pre), 5 * 2*B*D*F flops.
 * `topk step`: `sae.topk(D, F, k)` with `Objective(sparsity="none")` (sparse gathered decode).
-* info (fewer iterations; `--noinfo` skips): TopK with AuxK (`auxk_coeff=1/32`, k_aux=512) and
-  BatchTopK.
+* info (`--info_iters`, default 1; timed after the rest, since their multi-GB temporaries
+  disturb the other timings; `--noinfo` skips): TopK with AuxK (`auxk_coeff=1/32`,
+  k_aux=512; no latent is dead yet, which does not change the cost) and BatchTopK.
 * breakdown (`--nobreakdown` skips): `jax.lax.top_k` alone on [B, F], the encoder matmul
   alone, the encoder-weight gradient matmul alone, the optimizer update alone, value-and-grad
   without the optimizer (ReLU and TopK), and the TopK step with `top_k` replaced by fixed
   indices (everything else identical), so we know where the time goes.
 
-Measured on the 2-core dev box (Intel Xeon with AVX-512/AMX, no accelerator, jax 0.10.2,
-XLA:CPU), default sizes D=768 F=12288 B=4096 float32, `--iters=5`:
+Measured on the 2-core dev box (Intel Xeon, AVX-512/AMX, no accelerator; jax/jaxlib 0.10.2,
+XLA:CPU), D=768 F=12288 B=4096 float32, saejax as of commit adff7ef. Main cases and
+breakdown from `python -m benchmarks.sae_step --noinfo` on a quiet box; the two info rows from
+a full run (their absolute time swings 13-22 s for AuxK, 2.3-4.3 s for BatchTopK run to run):
 
-    case                              s/step  vs floor  vs relu    act/s  GFLOP/s
-    matmul floor (5 matmuls)           1.512     1.00x    0.97x     2709      256
-    relu step                          1.559     1.03x    1.00x     2627      248
-    topk step (k=32)                   1.071     0.71x    0.69x     3824        -
-    topk+auxk step (k_aux=512)        13.2       8.7x     8.5x       310        -
-    batchtopk step                     4.26      2.8x     2.7x       962        -
+    case                                    s/step  vs floor  vs relu  act/s  GFLOP/s
+    matmul floor (5 matmuls)                1.318     1.00x    0.88x      -     293
+    relu step                               1.501     1.14x    1.00x   2728     257
+    topk step (k=32)                        1.069     0.81x    0.71x   3833       -
+    topk+auxk step (k_aux=512)             15.7      ~12x     ~10x      261       -
+    batchtopk step (k=32)                   2.43      ~1.8x    ~1.6x   1685       -
+      lax.top_k [B,F] k=32                  0.097     0.07x    0.06x      -       -
+      encoder matmul (x-b)@W_enc+b          0.293     0.22x    0.20x      -     264
+      encoder grad matmul x^T@g_pre         0.303     0.23x    0.20x      -     255
+      optimizer update alone                0.039     0.03x    0.03x      -       -
+      relu value_and_grad (no optimizer)    1.426     1.08x    0.95x      -       -
+      topk value_and_grad (no optimizer)    1.055     0.80x    0.70x      -       -
+      topk step, top_k -> fixed indices     0.956     0.73x    0.64x   4285       -
 
-(see the report that came with this file for the breakdown, and for the per-op profile that
-explains the AuxK and BatchTopK costs). Timings on this shared box drift by up to 2x from run
-to run; trust the ratios within one run more than absolute numbers across runs.
+    relu step / matmul floor = 1.14 (target <= 1.15), topk step / relu step = 0.71 (target < 1)
+
+The TopK step still pays a dense [D,B]x[B,F] encoder-gradient matmul (x^T @ g_pre, with g_pre
+only K/F non-zero), and the AuxK loss gathers an [N, 512, D] block of decoder rows (6.4 GB) in
+the forward pass and transposes and scatter-adds one as large in the backward pass. `--small` (D=256, F=2048) has TopK *slower*
+than ReLU: with F/K = 64 the sparse gathers and scatters cost about as much as the dense matmuls.
+
+Absolute times on this shared 2-core box drift by up to 3x with other processes' load (the
+default run takes ~2 min quiet, ~4 min loaded); compare ratios within one run, and check the
+`min s` column too.
 """
 
 from __future__ import annotations
@@ -119,9 +136,10 @@ def _top_k_replaced_by_fixed_indices():
     real = jax.lax.top_k
 
     def fixed(operand, k, **unused):
-        n, f = operand.shape[-2], operand.shape[-1]
+        n, f = (operand.shape[-2] if operand.ndim > 1 else 1), operand.shape[-1]
         idx = (jnp.arange(n)[:, None] + max(f // k, 1) * jnp.arange(k)[None, :]) % f
-        idx = jnp.broadcast_to(idx, operand.shape[:-1] + (k,)).astype(jnp.int32)
+        idx = jnp.broadcast_to(idx.reshape((n, k)[2 - min(operand.ndim, 2):]),
+                               operand.shape[:-1] + (k,)).astype(jnp.int32)
         return jnp.take_along_axis(operand, idx, axis=-1), idx
 
     jax.lax.top_k = fixed

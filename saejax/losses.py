@@ -82,9 +82,16 @@ def auxk_loss(ae: SAE, params: SAEParams, enc: Encoding, x_ND: jax.Array, x_hat_
     """
     error_ND = jax.lax.stop_gradient(x_ND - x_hat_ND)
     k_aux = min(k_aux, ae.d_sae)
-    vals, idx = jax.lax.top_k(jnp.where(dead_F, enc.pre_acts, -jnp.inf), k_aux)
-    vals = jnp.where(dead_F[idx], jax.nn.relu(vals), 0.0)
-    error_hat_ND = jnp.einsum("nk,nkd->nd", vals, params.w_dec[idx])
+    # A dense [N, F] aux code decoded by one matmul: gathering k_aux decoder rows per input
+    # would materialise an [N, k_aux, D] array (6 GB at N=4096, k_aux=512, D=768).
+    dead_pre_NF = jnp.where(dead_F, enc.pre_acts, -jnp.inf)
+    chosen = jax.lax.stop_gradient(dead_pre_NF)
+    _, idx = jax.lax.top_k(chosen, k_aux)
+    # The row's k_aux-th largest, read through all the indices: XLA:CPU rewrites a top_k whose
+    # indices are partly unused into a full sort of every row.
+    kth_N1 = jnp.min(jnp.take_along_axis(chosen, idx, axis=1), axis=1, keepdims=True)
+    z_aux_NF = jnp.where(dead_F & (dead_pre_NF >= kth_N1) & (enc.pre_acts > 0), enc.pre_acts, 0.0)
+    error_hat_ND = z_aux_NF @ params.w_dec
     baseline = jnp.mean((error_ND - jnp.mean(error_ND, axis=0)) ** 2)
     loss = jnp.mean((error_hat_ND - error_ND) ** 2) / jnp.maximum(baseline, 1e-12)
     return jnp.where(jnp.any(dead_F), loss, 0.0)

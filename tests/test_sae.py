@@ -149,3 +149,23 @@ def test_sae_is_a_static_jit_argument_and_params_a_pytree():
     assert out.shape == (3, 8)
     assert len(jax.tree.leaves(params)) == 4
     assert isinstance(jax.tree.map(lambda a: a * 2, params), SAEParams)
+
+
+def test_topk_sparse_gradient_matches_dense_autodiff():
+    ae = sae.topk(8, 64, k=4)
+    params = ae.init(jax.random.key(0))
+    params = params.replace(b_dec=jnp.linspace(-0.1, 0.1, 8), b_enc=jnp.linspace(0.0, 0.05, 64))
+    x = jax.random.normal(jax.random.key(1), (32, 8))
+    cot = jax.random.normal(jax.random.key(2), (32, 4))
+
+    def dense_reference(p, x):  # top_k through plain autodiff
+        pre = (x - p.b_dec) @ p.w_enc + p.b_enc
+        return jax.nn.relu(jax.lax.top_k(pre, ae.k)[0])
+
+    def sparse(p, x):
+        return ae.encode_train(p, x).top_vals
+
+    g_ref = jax.grad(lambda p, x: jnp.sum(dense_reference(p, x) * cot), argnums=(0, 1))(params, x)
+    g_new = jax.grad(lambda p, x: jnp.sum(sparse(p, x) * cot), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_new)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
