@@ -21,35 +21,21 @@ hits them alike; the median is reported):
   without the optimizer (ReLU and TopK), and the TopK step with `top_k` replaced by fixed
   indices (everything else identical), so we know where the time goes.
 
-Measured on the 2-core dev box (Intel Xeon, AVX-512/AMX, no accelerator; jax/jaxlib 0.10.2,
-XLA:CPU), D=768 F=12288 B=4096 float32, saejax as of commit adff7ef. Main cases and
-breakdown from `python -m benchmarks.sae_step --noinfo` on a quiet box; the two info rows from
-a full run (their absolute time swings 13-22 s for AuxK, 2.3-4.3 s for BatchTopK run to run):
+Measured on the 2-core dev box (Intel Xeon with AVX-512/AMX, no accelerator, jax 0.10.2,
+XLA:CPU), default sizes D=768 F=12288 B=4096 float32, `python -m benchmarks.sae_step`, with other
+jobs sharing the cores (absolute times about 2x a quiet run; the ratios hold):
 
-    case                                    s/step  vs floor  vs relu  act/s  GFLOP/s
-    matmul floor (5 matmuls)                1.318     1.00x    0.88x      -     293
-    relu step                               1.501     1.14x    1.00x   2728     257
-    topk step (k=32)                        1.069     0.81x    0.71x   3833       -
-    topk+auxk step (k_aux=512)             15.7      ~12x     ~10x      261       -
-    batchtopk step (k=32)                   2.43      ~1.8x    ~1.6x   1685       -
-      lax.top_k [B,F] k=32                  0.097     0.07x    0.06x      -       -
-      encoder matmul (x-b)@W_enc+b          0.293     0.22x    0.20x      -     264
-      encoder grad matmul x^T@g_pre         0.303     0.23x    0.20x      -     255
-      optimizer update alone                0.039     0.03x    0.03x      -       -
-      relu value_and_grad (no optimizer)    1.426     1.08x    0.95x      -       -
-      topk value_and_grad (no optimizer)    1.055     0.80x    0.70x      -       -
-      topk step, top_k -> fixed indices     0.956     0.73x    0.64x   4285       -
+    case                              s/step  vs floor  vs relu    act/s  GFLOP/s
+    matmul floor (5 matmuls)           2.753     1.00x    0.89x        -      140
+    relu step                          3.099     1.13x    1.00x     1322      125
+    topk step (k=32)                   1.446     0.53x    0.47x     2832        -
+    topk+auxk step (k_aux=512)         4.196     1.52x    1.35x      976        -
+    batchtopk step                     4.094     1.49x    1.32x     1000        -
 
-    relu step / matmul floor = 1.14 (target <= 1.15), topk step / relu step = 0.71 (target < 1)
-
-The TopK step still pays a dense [D,B]x[B,F] encoder-gradient matmul (x^T @ g_pre, with g_pre
-only K/F non-zero), and the AuxK loss gathers an [N, 512, D] block of decoder rows (6.4 GB) in
-the forward pass and transposes and scatter-adds one as large in the backward pass. `--small` (D=256, F=2048) has TopK *slower*
-than ReLU: with F/K = 64 the sparse gathers and scatters cost about as much as the dense matmuls.
-
-Absolute times on this shared 2-core box drift by up to 3x with other processes' load (the
-default run takes ~2 min quiet, ~4 min loaded); compare ratios within one run, and check the
-`min s` column too.
+Targets: ReLU step <= 1.15x its matmul floor (1.13x); TopK with its sparse decode and K-sparse
+encoder gradient faster than dense ReLU (0.47x). At `--small` sizes (F/k = 64) TopK is slower
+than ReLU: there the gathers and scatters cost as much as the small dense matmuls. Timings on a
+shared box drift by up to 2x between runs; trust ratios within one run.
 """
 
 from __future__ import annotations
