@@ -44,6 +44,19 @@ def token_indices(layout, tokens: str) -> np.ndarray:
     raise ValueError(f"unknown token set {tokens!r}; expected one of {TOKEN_SETS}")
 
 
+def cpu_compiler_options(dtype, mesh: Mesh | None = None) -> dict:
+    """XLA options for jitting a ViT forward: on CPU in float32, YNNPACK fusions off.
+
+    XLA:CPU (jax 0.10) hands dots to YNNPACK, whose float32 GEMM ran the ViT-B harvest 45%
+    slower than XLA's own dot on this project's 2-core AVX-512 box (benchmarks/harvest.py).
+    Empty (no options) on GPU / TPU and for other dtypes.
+    """
+    devices = mesh.devices.flat if mesh is not None else jax.devices()
+    if next(iter(devices)).platform != "cpu" or jnp.dtype(dtype) != jnp.float32:
+        return {}
+    return {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 class Harvest(NamedTuple):
     """Flattened activations: row `r` is token `token_ids[r]` of image `image_ids[r]`.
 
@@ -86,11 +99,13 @@ def make_harvest(bb, layers: Sequence[int], *, tokens: str = "patches", mesh: Me
         token_ids = jnp.tile(jnp.asarray(selected, jnp.int32), b)
         return Harvest(acts, image_ids, token_ids)
 
+    options = cpu_compiler_options(bb.dtype, mesh)
     if mesh is None:
-        return jax.jit(harvest)
+        return jax.jit(harvest, compiler_options=options)
     rows = shd.batch_sharding(mesh, 1)
     return jax.jit(
         harvest,
+        compiler_options=options,
         in_shardings=(shd.replicated(mesh), shd.batch_sharding(mesh, 4), rows),
         out_shardings=Harvest({i: shd.batch_sharding(mesh, 2) for i in layers}, rows, rows),
     )
