@@ -1,0 +1,253 @@
+"""The whole loop of the paper on one machine, offline: a ViT, an SAE trained on its residual
+stream on the fly, features matched to ground-truth concepts, and interventions measured.
+
+    python -m experiments.demo --workdir=/tmp/saejax-demo          # < 10 min on 2 CPU cores
+    python -m experiments.demo --workdir=/tmp/saejax-demo --quick  # reduced, for tests
+
+Steps:
+1. The shapes world (`saejax.datasets.shapes`) and a small ViT trained on it
+   (`saejax.vit_training.train_shapes_vit`; reused when `<workdir>/vit` matches).
+2. A TopK SAE on block 2 of 4 (`experiments/configs/shapes_demo.py`) via
+   `experiments.train_sae` in `<workdir>/sae_run` (resumable like any run).
+3. On validation images: per latent, the top exemplars and patch-level F1 against each
+   concept's masks; the best latent per concept.
+4. Linear probes on the final patch tokens (colour: background + 4 colours; shape: background +
+   4 shapes). For each concept, its latent is set to -2 x its max on all tokens at block 2, the
+   ViT finishes its forward pass, and we count the patches whose probe prediction changes:
+   target change rate (patches of that concept) and other change rate (all other patches).
+   Baselines: a random live latent (same protocol) and a random unit direction added with the
+   same mean norm as the concept edit.
+5. `<workdir>/report/index.html` (self-contained) and `<workdir>/report/summary.json`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from experiments.configs import shapes_demo
+from experiments.sae_training import train_sae
+from saejax import backbones, features, interventions, probes, viz
+from saejax import metrics as sae_metrics
+from saejax.checkpoint import load_sae
+from saejax.datasets import shapes
+from saejax.vit_training import train_shapes_vit
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the ViT, the SAE run and the report go.")
+_QUICK = flags.DEFINE_bool("quick", False, "A reduced run (seconds of training) to check the pipeline.")
+
+COLOUR_FAMILY = ("background",) + shapes.COLOURS
+SHAPE_FAMILY = ("background",) + shapes.SHAPES
+
+
+def family_labels(patch_class: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-patch majority pixel class -> colour and shape labels (0 = background)."""
+    obj = patch_class > 0
+    return {"colour": np.where(obj, 1 + (patch_class - 1) % len(shapes.COLOURS), 0),
+            "shape": np.where(obj, 1 + (patch_class - 1) // len(shapes.COLOURS), 0)}
+
+
+def concept_family(concept: str) -> tuple[str, int]:
+    """Which probe reads a concept out, and the concept's class in that probe."""
+    if concept in shapes.SHAPES:
+        return "shape", SHAPE_FAMILY.index(concept)
+    return "colour", COLOUR_FAMILY.index(concept)
+
+
+class Analysis:
+    """Everything computed on the validation images, in batches, with jitted pieces."""
+
+    def __init__(self, bb, bb_params, ae, sae_params, norm, layer, batch_size=128):
+        self.bb, self.bb_params, self.ae, self.params, self.norm, self.layer = bb, bb_params, ae, sae_params, norm, layer
+        self.patches = slice(*bb.layout.patches)
+        self.batch_size = batch_size
+
+        @jax.jit
+        def base(images):
+            out = bb.forward(bb_params, images, capture=(layer,))
+            resid = out.captured[layer][:, self.patches]
+            z = ae.encode(sae_params, norm.apply(resid.reshape(-1, bb.d_model)))
+            return z.reshape(resid.shape[0], resid.shape[1], -1), out.tokens[:, self.patches]
+
+        @jax.jit
+        def edited_tokens(edit, images):
+            return bb.forward(bb_params, images, edits={layer: edit}).tokens[:, self.patches]
+
+        self.base, self.edited_tokens = base, edited_tokens
+
+    def batches(self, images):
+        for start in range(0, len(images), self.batch_size):
+            yield start, jnp.asarray(self.bb.preprocess(images[start:start + self.batch_size]))
+
+
+def run_demo(workdir: str, quick: bool = False) -> dict:
+    start_time = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    report_dir = os.path.join(workdir, "report")
+    os.makedirs(report_dir, exist_ok=True)
+
+    # 1. The world and the ViT.
+    vit_kwargs = dict(n_train=2_000, n_val=200, steps=60) if quick else {}
+    vit = train_shapes_vit(workdir, seed=0, **vit_kwargs)
+    print(f"ViT: validation accuracy {vit.val_accuracy:.4f} ({'reused' if vit.reused else f'{vit.seconds:.0f} s'})",
+          flush=True)
+
+    # 2. The SAE, trained on the ViT's residual stream on the fly.
+    config = shapes_demo.get_config("quick" if quick else "")
+    config.backbone.name = vit.path
+    sae_dir = os.path.join(workdir, "sae_run")
+    evaluation = train_sae(config, sae_dir)
+    ae, sae_params, info = load_sae(os.path.join(sae_dir, "sae", "member_0"))
+    norm = info["normalization"]
+    bb, bb_params = backbones.load(vit.path)
+
+    # 3. Features on validation images.
+    n_val = 200 if quick else 1_000
+    val = shapes.source("validation", n_val, seed=1)
+    images, pixel_labels = val.world.images, val.world.pixel_labels
+    analysis = Analysis(bb, bb_params, ae, sae_params, norm, config.layer)
+    p = bb.patch_size
+    concepts_N = shapes.patch_concepts(pixel_labels, p).reshape(n_val, -1, len(shapes.CONCEPTS))
+    labels = family_labels(shapes.patch_labels(pixel_labels, p).reshape(n_val, -1))
+    exemplars = features.TopExemplars.empty(ae.d_sae, k=8, n_patches=bb.layout.n_patches)
+    f1_counts = features.ConceptF1.zeros(ae.d_sae, len(shapes.CONCEPTS))
+    firing = sae_metrics.FiringStats.zeros(ae.d_sae)
+    tokens_before = []
+    for s, x in analysis.batches(images):
+        z, tokens = analysis.base(x)
+        b = z.shape[0]
+        exemplars = exemplars.update(z, jnp.arange(s, s + b))
+        flat = z.reshape(-1, ae.d_sae)
+        f1_counts = f1_counts.update(flat, jnp.asarray(concepts_N[s:s + b].reshape(-1, len(shapes.CONCEPTS))))
+        firing = firing.update(flat)
+        tokens_before.append(tokens)
+    tokens_before = jnp.concatenate(tokens_before)
+    best_latent, best_f1 = jax.device_get(f1_counts.best())
+    max_act = np.asarray(exemplars.max_activation())
+    frequency = np.asarray(firing.frequency())
+
+    # 4. Probes on final patch tokens (trained on other images), then interventions.
+    probe_images = shapes.source("test", 400 if quick else 2_000, seed=1).world
+    probe_feats, probe_labels = [], family_labels(shapes.patch_labels(probe_images.pixel_labels, p).reshape(
+        len(probe_images.images), -1))
+    for _, x in analysis.batches(probe_images.images):
+        probe_feats.append(analysis.base(x)[1])
+    probe_feats = jnp.concatenate(probe_feats).reshape(-1, bb.d_model)
+    probe = {fam: probes.train_linear_probe(jax.random.key(i), probe_feats, jnp.asarray(probe_labels[fam].reshape(-1)),
+                                            n, epochs=10 if quick else 30, batch_size=2048, learning_rate=1e-2)
+             for i, (fam, n) in enumerate((("colour", len(COLOUR_FAMILY)), ("shape", len(SHAPE_FAMILY))))}
+    flat_before = tokens_before.reshape(-1, bb.d_model)
+    pred_before = {fam: np.asarray(probes.predict(probe[fam], flat_before)) for fam in probe}
+    probe_accuracy = {fam: float(np.mean(pred_before[fam] == labels[fam].reshape(-1))) for fam in probe}
+
+    def change_rates(edit, family, target_class):
+        tokens = jnp.concatenate([analysis.edited_tokens(edit, x) for _, x in analysis.batches(images)])
+        after = np.asarray(probes.predict(probe[family], tokens.reshape(-1, bb.d_model)))
+        changed = after != pred_before[family]
+        target = labels[family].reshape(-1) == target_class
+        return {"target_change_rate": float(changed[target].mean()) if target.any() else float("nan"),
+                "other_change_rate": float(changed[~target].mean())}
+
+    rng = np.random.default_rng(0)
+    alive = np.flatnonzero(frequency > 0)
+    concept_results = []
+    for c, name in enumerate(shapes.CONCEPTS):
+        family, cls = concept_family(name)
+        latent = int(best_latent[c])
+        value = -2.0 * float(max_act[latent])
+        edit = interventions.sae_edit(ae, sae_params, interventions.set(latent, value), norm=norm)
+        result = {"name": name, "latent": latent, "f1": float(best_f1[c]), "max_activation": float(max_act[latent]),
+                  "frequency": float(frequency[latent]), "probe": family, **change_rates(edit, family, cls)}
+        other = int(rng.choice(alive[alive != latent]))
+        random_latent = interventions.sae_edit(ae, sae_params, interventions.set(other, -2.0 * float(max_act[other])),
+                                               norm=norm)
+        result["random_latent"] = {"latent": other, **change_rates(random_latent, family, cls)}
+        # The concept edit moves a token by |v - f| * ||w_dec|| * scalar; match its mean norm.
+        f_latent = np.asarray(jnp.concatenate([analysis.base(x)[0][..., latent].reshape(-1)
+                                               for _, x in analysis.batches(images)]))
+        mean_norm = float(np.mean(np.abs(value - f_latent)) * np.linalg.norm(np.asarray(sae_params.w_dec[latent]))
+                          * float(norm.scalar))
+        direction = rng.standard_normal(bb.d_model)
+        direction /= np.linalg.norm(direction)
+        result["random_direction"] = change_rates(interventions.direction_edit(direction, mean_norm), family, cls)
+        concept_results.append(result)
+        print(f"{name:>10}: latent {latent:4d} F1 {result['f1']:.2f}  target {result['target_change_rate']:.2f} "
+              f"other {result['other_change_rate']:.3f}  | random latent {result['random_latent']['target_change_rate']:.2f}"
+              f"/{result['random_latent']['other_change_rate']:.3f}  random direction "
+              f"{result['random_direction']['target_change_rate']:.2f}/{result['random_direction']['other_change_rate']:.3f}",
+              flush=True)
+
+    member = evaluation["members"][0]
+    summary = {
+        "seconds": time.time() - start_time,
+        "vit": {"val_accuracy": vit.val_accuracy, "path": vit.path},
+        "sae": {"l0": member["l0"], "nmse": member["nmse"], "explained_variance": member["explained_variance"],
+                "dead_fraction": member["dead_fraction"], "dense_fraction": member["dense_fraction"],
+                "d_sae": ae.d_sae, "architecture": ae.architecture, "layer": config.layer, "path": member["path"]},
+        "probes": {"colour_accuracy": probe_accuracy["colour"], "shape_accuracy": probe_accuracy["shape"]},
+        "concepts": concept_results,
+    }
+    with open(os.path.join(report_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    write_report(report_dir, summary, sae_dir, images, exemplars, bb.grid)
+    print(f"wrote {os.path.join(report_dir, 'index.html')} ({summary['seconds']:.0f} s)", flush=True)
+    return summary
+
+
+def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
+    rows = [json.loads(line) for line in open(os.path.join(sae_dir, "metrics.jsonl")) if '"member": 0' in line]
+    curves = "".join(viz.line_chart_svg({key: [(r["step"], r[key]) for r in rows]}, title=key, log_y=key == "loss")
+                     for key in ("loss", "l0", "nmse"))
+    sae = summary["sae"]
+    body = [f"<p>Finished in {summary['seconds']:.0f} s. ViT validation accuracy "
+            f"<b>{summary['vit']['val_accuracy']:.4f}</b>; probes on final patch tokens: colour "
+            f"{summary['probes']['colour_accuracy']:.3f}, shape {summary['probes']['shape_accuracy']:.3f}.</p>",
+            "<h2>SAE training</h2><div class='row'>", curves, "</div>",
+            f"<p>{sae['architecture']} SAE, {sae['d_sae']} latents, block {sae['layer']}: L0 {sae['l0']:.2f}, "
+            f"NMSE {sae['nmse']:.4f}, explained variance {sae['explained_variance']:.4f}, dead fraction "
+            f"{sae['dead_fraction']:.3f}, dense fraction {sae['dense_fraction']:.3f}.</p>",
+            "<h2>Concepts</h2><p>Best latent per concept by patch-level F1; intervention: that latent set to "
+            "-2 x its max on all tokens; rates are fractions of patches whose probe prediction changes.</p>",
+            "<table><tr><th class='l'>concept</th><th>latent</th><th>F1</th><th>target change</th>"
+            "<th>other change</th><th>random latent (target / other)</th><th>random direction (target / other)</th></tr>"]
+    for c in summary["concepts"]:
+        good = c["f1"] >= 0.8 and c["target_change_rate"] >= 0.8 and c["other_change_rate"] <= 0.05
+        body.append(f"<tr><td class='l {'good' if good else 'bad'}'>{html.escape(c['name'])}</td><td>{c['latent']}</td>"
+                    f"<td>{c['f1']:.3f}</td><td>{c['target_change_rate']:.3f}</td><td>{c['other_change_rate']:.3f}</td>"
+                    f"<td>{c['random_latent']['target_change_rate']:.3f} / {c['random_latent']['other_change_rate']:.3f}</td>"
+                    f"<td>{c['random_direction']['target_change_rate']:.3f} / "
+                    f"{c['random_direction']['other_change_rate']:.3f}</td></tr>")
+    body.append("</table><h2>Top exemplars</h2><p>Each concept's latent on its 8 most activating validation images; "
+                "patches where it fires are tinted by activation / max.</p>")
+    values, ids, maps = jax.device_get((exemplars.values, exemplars.image_ids, exemplars.maps))
+    for c in summary["concepts"]:
+        latent, vmax = c["latent"], max(c["max_activation"], 1e-12)
+        tiles = [viz.highlight_patches(images[i], maps[latent, j].reshape(grid), vmax)
+                 for j, i in enumerate(ids[latent]) if i >= 0]
+        png = viz.png_bytes(viz.tile(tiles, columns=8))
+        with open(os.path.join(report_dir, f"exemplars_{c['name']}.png"), "wb") as f:
+            f.write(png)
+        body.append(f"<div class='card'><b>{html.escape(c['name'])}</b> latent {latent} (F1 {c['f1']:.2f}, "
+                    f"max {c['max_activation']:.2f}, frequency {c['frequency']:.4f})<br>"
+                    f"<img src='{viz.data_uri(png)}' alt='exemplars of latent {latent}'></div>")
+    with open(os.path.join(report_dir, "index.html"), "w") as f:
+        f.write(viz.html_page("saejax demo: the shapes world", "".join(body)))
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    run_demo(_WORKDIR.value, quick=_QUICK.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

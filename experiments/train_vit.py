@@ -1,0 +1,66 @@
+"""Train the shapes world's ViT and save it as an HF checkpoint directory.
+
+    python -m experiments.train_vit --workdir=/tmp/saejax-shapes [--config=experiments/configs/shapes_vit.py]
+
+Writes `<workdir>/vit/` (`config.json`, `flax_model.msgpack`, `preprocessor_config.json` and
+`training.json` with the settings, validation accuracy and loss history). Rerunning with the
+same config reuses the checkpoint. At the end the checkpoint is loaded back with
+`saejax.backbones.load` and its validation accuracy through `Backbone.forward` is printed next
+to the one measured at training time (they must agree).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import saejax
+from saejax.datasets import shapes
+from saejax.vit_training import train_shapes_vit
+
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "shapes_vit.py"))
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the ViT checkpoint (<workdir>/vit).", required=True)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    os.makedirs(workdir, exist_ok=True)
+    start = time.time()
+    first = {}
+
+    def progress(entry):
+        now = time.time()
+        if not first:
+            first.update(step=entry["step"], time=now)
+        rate = (entry["step"] - first["step"]) * config.batch_size / max(now - first["time"], 1e-9)
+        patch = f"  patch accuracy {entry['patch_accuracy']:.3f}" if "patch_accuracy" in entry else ""
+        speed = f"  {rate:,.0f} images/s" if rate else ""
+        print(f"step {entry['step']}/{config.steps}  loss {entry['loss']:.4f}  batch accuracy {entry['accuracy']:.3f}"
+              f"{patch}  lr {entry['lr']:.2e}{speed}  {now - start:.0f} s", flush=True)
+
+    result = train_shapes_vit(workdir, callback=progress, **config.to_dict())
+    if result.reused:
+        print(f"reusing {result.path} (trained in {result.seconds:.0f} s)")
+    else:
+        print(f"trained in {result.seconds:.1f} s; saved {result.path}")
+    print(f"validation accuracy (training module): {result.val_accuracy:.4f}")
+
+    bb, params = saejax.backbones.load(result.path)
+    val = shapes.source("validation", config.n_val, seed=config.seed, image_size=config.image_size)
+    forward = jax.jit(lambda p, x: bb.forward(p, x).logits.argmax(-1))
+    preds = np.concatenate([np.asarray(forward(params, bb.preprocess(val.images[i:i + 500])))
+                            for i in range(0, len(val), 500)])
+    accuracy = float(np.mean(preds == val.labels))
+    print(f"validation accuracy (saejax.backbones.load + forward): {accuracy:.4f}")
+    print(f"total {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)

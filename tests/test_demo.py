@@ -1,0 +1,29 @@
+"""The demo end to end in its reduced mode: the world, the ViT, the SAE, features, interventions
+and the report. (The full demo's numbers are in README; they take minutes.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_demo_writes_the_report_and_summary(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "experiments.demo", f"--workdir={tmp_path}", "--quick"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = json.load(open(tmp_path / "report" / "summary.json"))
+    assert isinstance(summary["seconds"], float)
+    assert 0.0 <= summary["vit"]["val_accuracy"] <= 1.0
+    assert set(summary["sae"]) >= {"l0", "nmse", "dead_fraction", "dense_fraction"}
+    names = [c["name"] for c in summary["concepts"]]
+    assert names == ["circle", "square", "triangle", "cross", "red", "green", "blue", "yellow", "background"]
+    for concept in summary["concepts"]:
+        assert isinstance(concept["latent"], int) and 0 <= concept["f1"] <= 1
+        for result in (concept, concept["random_latent"], concept["random_direction"]):
+            assert 0 <= result["target_change_rate"] <= 1 and 0 <= result["other_change_rate"] <= 1
+        assert os.path.getsize(tmp_path / "report" / f"exemplars_{concept['name']}.png") > 100
+    page = open(tmp_path / "report" / "index.html").read()
+    assert page.count("data:image/png;base64,") == 9 and page.count("<svg") == 3
+    assert "src='http" not in page and 'src="http' not in page  # self-contained

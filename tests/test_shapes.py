@@ -1,0 +1,241 @@
+"""The shapes world (saejax.datasets.shapes) and its ViT (saejax.vit_training, saejax.backbones.create)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+import saejax
+from saejax import data, vit_training
+from saejax.backbones.create import create_vit_classifier
+from saejax.datasets import shapes
+
+N_SHAPES, N_COLOURS = len(shapes.SHAPES), len(shapes.COLOURS)
+BG = shapes.CONCEPTS.index("background")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return shapes.generate(400, seed=7)  # 40 x 40 px
+
+
+def _fields(w):
+    return {k: getattr(w, k) for k in ("images", "labels", "pixel_labels", "object_ids", "n_objects", "shapes",
+                                       "colours", "rgb", "sizes", "box_sizes", "boxes", "areas", "textures",
+                                       "concepts")}
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+
+
+def test_deterministic_from_the_seed_and_prefix_stable(world):
+    again = shapes.generate(400, seed=7)
+    for name, value in _fields(world).items():
+        np.testing.assert_array_equal(value, getattr(again, name), err_msg=name)
+    # Images come in seeded chunks: a shorter run is a prefix, a longer one extends it.
+    longer = shapes.generate(shapes.CHUNK + 5, seed=7)
+    for name, value in _fields(world).items():
+        np.testing.assert_array_equal(value, getattr(longer, name)[:400], err_msg=name)
+    assert not np.array_equal(world.images, shapes.generate(400, seed=8).images)
+    train, val = shapes.source("train", 50, seed=7), shapes.source("validation", 50, seed=7)
+    assert not np.array_equal(train.images, val.images)
+    np.testing.assert_array_equal(train.images, shapes.source("train", 50, seed=7).images)
+
+
+def test_shapes_dtypes_and_ranges(world):
+    n, s = 400, 40
+    assert world.images.shape == (n, s, s, 3) and world.images.dtype == np.uint8
+    assert world.pixel_labels.shape == (n, s, s) and world.pixel_labels.dtype == np.uint8
+    assert world.labels.dtype == np.int64 and set(np.unique(world.labels)) <= set(range(len(shapes.CLASSES)))
+    assert world.concepts.shape == (n, len(shapes.CONCEPTS)) and world.concepts.dtype == bool
+    assert set(np.unique(world.n_objects)) == {1, 2, 3}
+    assert set(np.unique(world.textures)) == set(range(len(shapes.TEXTURES)))
+    present = np.arange(shapes.MAX_OBJECTS)[None] < world.n_objects[:, None]
+    assert (world.shapes >= 0).tolist() == present.tolist() and (world.colours >= 0).tolist() == present.tolist()
+    # The task: shape and colour of the target in slot 0, the largest object by far (in area).
+    np.testing.assert_array_equal(world.labels, world.shapes[:, 0] * N_COLOURS + world.colours[:, 0])
+    assert np.all(world.sizes[:, 0][:, None] > np.where(present[:, 1:], world.sizes[:, 1:], 0))
+    assert np.all(world.areas[:, :1] >= 1.5 * np.where(present[:, 1:], world.areas[:, 1:], 0))
+    assert np.all((world.areas > 0) == present)
+    assert shapes.CLASSES[5] == "green square" and shapes.PIXEL_CLASSES[0] == "background"
+
+
+def test_other_image_sizes_and_options():
+    w = shapes.generate(64, seed=0, image_size=32, textures=("stripes",), max_objects=2)
+    assert w.images.shape == (64, 32, 32, 3) and np.all(w.sizes[:, 0] >= 11)
+    assert np.all(w.textures == shapes.TEXTURES.index("stripes")) and w.n_objects.max() <= 2
+    with pytest.raises(ValueError, match="textures"):
+        shapes.generate(4, seed=0, textures=("plaid",))
+    with pytest.raises(ValueError, match="target_sizes"):
+        shapes.generate(4, seed=0, target_sizes=(5, 6), distractor_sizes=(6, 9))
+    with pytest.raises(ValueError, match="split"):
+        shapes.source("val", 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Ground truth agrees with the pixels
+
+
+def test_object_pixels_have_the_objects_colour_and_background_is_grey(world):
+    images = world.images.astype(np.int32)
+    for k in range(shapes.MAX_OBJECTS):
+        for n in range(len(world)):
+            inside = world.object_ids[n] == k + 1
+            if k >= world.n_objects[n]:
+                assert not inside.any()
+                continue
+            assert inside.any(), (n, k)
+            np.testing.assert_array_equal(images[n][inside], np.broadcast_to(world.rgb[n, k], (inside.sum(), 3)))
+            assert np.all(world.pixel_labels[n][inside] == 1 + world.shapes[n, k] * N_COLOURS + world.colours[n, k])
+            # The object's pixels lie in its bounding box; the box is in the image.
+            top, left = world.boxes[n, k]
+            size = world.box_sizes[n, k]
+            rows, cols = np.nonzero(inside)
+            assert top <= rows.min() and rows.max() < top + size and left <= cols.min() and cols.max() < left + size
+            assert top >= 0 and left >= 0 and top + size <= 40 and left + size <= 40
+            assert world.areas[n, k] == inside.sum()
+            # Each object's colour is near its named colour, far from grey.
+            base = shapes.COLOUR_RGB[world.colours[n, k]]
+            assert np.all(np.abs(world.rgb[n, k].astype(int) - base) <= shapes.COLOUR_JITTER)
+    background = world.pixel_labels == 0
+    np.testing.assert_array_equal(background, world.object_ids == 0)
+    spread = images.max(-1) - images.min(-1)  # 0 for pure grey
+    assert spread[background].max() <= 16
+    assert spread[~background].min() >= 80  # saturated: far from any background pixel
+    assert images[background].min() >= 45 - 6 and images[background].max() <= 205 + 6
+
+
+def test_masks_have_the_right_shapes(world):
+    """Each shape's pixel count relative to its box matches its geometry; its area is about size**2."""
+    for k in range(shapes.MAX_OBJECTS):
+        for n in range(len(world)):
+            if k < world.n_objects[n]:
+                name = shapes.SHAPES[world.shapes[n, k]]
+                area = np.count_nonzero(world.object_ids[n] == k + 1)
+                assert abs(area / world.box_sizes[n, k] ** 2 - shapes.FILL[name]) < 0.1, (n, k, name)
+                assert abs(area / world.sizes[n, k] ** 2 - 1) < 0.25, (n, k, name)
+                assert world.box_sizes[n, k] == round(world.sizes[n, k] / np.sqrt(shapes.FILL[name]))
+    # Spot checks of the geometry: a square fills its box; a triangle's apex row is its narrowest.
+    for n in range(len(world)):
+        if shapes.SHAPES[world.shapes[n, 0]] == "triangle":
+            rows = (world.object_ids[n] == 1).sum(axis=1)
+            rows = rows[rows > 0]
+            assert rows[0] <= rows[-1] and np.all(np.diff(rows) >= 0)
+
+
+def test_concept_masks_agree_with_image_level_labels(world):
+    masks = shapes.concept_masks(world.pixel_labels)
+    assert masks.shape == (400, 40, 40, len(shapes.CONCEPTS)) and masks.dtype == bool
+    np.testing.assert_array_equal(masks.any(axis=(1, 2)), world.concepts)
+    np.testing.assert_array_equal(world.concept_masks([3, 5]), masks[[3, 5]])
+    assert world.concepts[:, BG].all()
+    # Every pixel is exactly one shape and one colour, or background.
+    np.testing.assert_array_equal(masks[..., :N_SHAPES].sum(-1), ~masks[..., BG])
+    np.testing.assert_array_equal(masks[..., N_SHAPES:N_SHAPES + N_COLOURS].sum(-1), ~masks[..., BG])
+    for n in range(len(world)):  # the image-level labels list exactly the objects' shapes and colours
+        k = world.n_objects[n]
+        expected = np.zeros(len(shapes.CONCEPTS), bool)
+        expected[world.shapes[n, :k]] = True
+        expected[N_SHAPES + world.colours[n, :k]] = True
+        expected[BG] = True
+        np.testing.assert_array_equal(world.concepts[n], expected)
+
+
+def test_patch_concepts_and_patch_labels_match_a_direct_count(world):
+    labels = world.pixel_labels[:20]
+    masks = shapes.concept_masks(labels)
+    for p in (5, 8):
+        got = shapes.patch_concepts(labels, p)
+        majority = shapes.patch_labels(labels, p)
+        g = 40 // p
+        assert got.shape == (20, g, g, len(shapes.CONCEPTS)) and majority.shape == (20, g, g)
+        for n in range(20):
+            for i in range(g):
+                for j in range(g):
+                    block = masks[n, i * p:(i + 1) * p, j * p:(j + 1) * p]
+                    np.testing.assert_array_equal(got[n, i, j], block.mean(axis=(0, 1)) >= 0.5)
+                    counts = np.bincount(labels[n, i * p:(i + 1) * p, j * p:(j + 1) * p].ravel(),
+                                         minlength=len(shapes.PIXEL_CLASSES))
+                    assert majority[n, i, j] == np.argmax(counts)
+    # A patch concept implies the concept is in the image; any-pixel rule via a tiny threshold.
+    assert not np.any(shapes.patch_concepts(labels, 8) & ~world.concepts[:20, None, None, :])
+    np.testing.assert_array_equal(shapes.patch_concepts(labels, 8, min_fraction=1 / 64).any(axis=(1, 2)),
+                                  world.concepts[:20])
+    with pytest.raises(ValueError, match="divide"):
+        shapes.patch_concepts(labels, 6)
+
+
+def test_source_goes_through_the_data_api():
+    source = shapes.source("train", 100, seed=3)
+    assert isinstance(source, data.ArraySource) and source.classes == shapes.CLASSES
+    assert source.has_labels and source.has_masks and len(source) == 100
+    batch = next(data.batches(source, 16, seed=0))
+    np.testing.assert_array_equal(batch.images, source.world.images[batch.ids])
+    np.testing.assert_array_equal(batch.labels, source.world.labels[batch.ids])
+    np.testing.assert_array_equal(batch.masks, source.world.pixel_labels[batch.ids])
+    assert shapes.patch_concepts(batch.masks, 8).shape == (16, 5, 5, len(shapes.CONCEPTS))
+
+
+def test_generation_is_fast():
+    import time
+
+    start = time.perf_counter()
+    shapes.generate(2000, seed=0)
+    assert time.perf_counter() - start < 5.0
+
+
+# --------------------------------------------------------------------------------------------
+# The ViT
+
+
+TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=40,
+                patch_size=8)
+
+
+def test_pixel_table_equals_backbone_preprocessing():
+    from saejax.backbones.preprocess import HALF, BILINEAR, ImageProcessing
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    expected = ImageProcessing(resize_to=(40, 40), resample=BILINEAR, mean=HALF, std=HALF)(images)
+    got = np.asarray(vit_training.normalize(vit_training.pixel_table(), images))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_short_training_run_gives_a_checkpoint_that_load_reads(tmp_path):
+    kwargs = dict(seed=0, n_train=256, n_val=100, vit=TINY_VIT, steps=3, batch_size=32, warmup_steps=1)
+    result = vit_training.train_shapes_vit(tmp_path, **kwargs)
+    assert not result.reused and result.path == os.path.join(tmp_path, "vit")
+    names = set(os.listdir(result.path))
+    assert {"config.json", "flax_model.msgpack", "preprocessor_config.json", "training.json"} <= names
+    assert not any(n.startswith("vit.tmp") for n in os.listdir(tmp_path))
+    with open(os.path.join(result.path, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == "vit" and cfg["id2label"]["5"] == "green square"
+
+    bb, params = saejax.backbones.load(result.path, cache_dir=False)
+    assert (bb.family, bb.n_classes, bb.image_size, bb.grid, bb.n_layers) == ("vit", 16, 40, (5, 5), 2)
+
+    # The training module on the saved params and the backbone give the same logits...
+    val = shapes.source("validation", 100, seed=0)
+    with open(os.path.join(result.path, "flax_model.msgpack"), "rb") as f:
+        saved = serialization.msgpack_restore(f.read())
+    apply_fn, _ = create_vit_classifier(dict(TINY_VIT, num_labels=16), jax.random.key(1))
+    table = vit_training.pixel_table()
+    train_logits = np.asarray(jax.jit(apply_fn)(saved, vit_training.normalize(table, val.images)))
+    out = jax.jit(lambda p, x: bb.forward(p, x))(params, bb.preprocess(val.images))
+    np.testing.assert_allclose(np.asarray(out.logits), train_logits, atol=1e-5, rtol=1e-5)
+    # ... and the accuracy recorded at training time is the backbone's.
+    accuracy = float(np.mean(np.argmax(np.asarray(out.logits), -1) == val.labels))
+    assert accuracy == pytest.approx(result.val_accuracy)
+
+    # The same call reuses the checkpoint; other settings retrain.
+    again = vit_training.train_shapes_vit(tmp_path, **kwargs)
+    assert again.reused and again.val_accuracy == result.val_accuracy
+    mtime = os.path.getmtime(os.path.join(result.path, "flax_model.msgpack"))
+    other = vit_training.train_shapes_vit(tmp_path, **dict(kwargs, steps=2))
+    assert not other.reused and other.info["settings"]["steps"] == 2
+    assert os.path.getmtime(os.path.join(result.path, "flax_model.msgpack")) >= mtime
