@@ -62,8 +62,8 @@ above: about 1.0x PyTorch on the same blocks in float32, short of the 1.2x targe
 on CPU needs bf16 matmuls with float32 accumulation (measured 2.7x in a prototype that
 intercepts the Flax Dense layers); that is not in saejax yet.
 
-This file imports `transformers` (the PyTorch reference model) outside `saejax/backbones/`,
-as the fixture scripts do: it is the reference being measured against, not library code.
+`transformers` (for the PyTorch reference model) is reached through `saejax.backbones._hf`,
+so every `transformers` import stays inside `saejax/backbones/`.
 """
 
 from __future__ import annotations
@@ -124,11 +124,13 @@ def _torch():
 
 @contextlib.contextmanager
 def _quiet():
-    """`transformers`, with its deprecation warnings and info logs silenced inside the block."""
+    """`transformers` (through saejax.backbones' lazy gate), with its deprecation warnings and
+    info logs silenced inside the block."""
+    from saejax.backbones import _hf  # noqa: PLC0415
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import transformers  # noqa: PLC0415
-
+        transformers = _hf.hf()
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
         try:

@@ -5,11 +5,10 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from saejax import data
-
-tfds = pytest.importorskip("tensorflow_datasets")
 
 
 def _id_images(n, h=4, w=5):
