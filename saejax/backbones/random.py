@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from flax import serialization
@@ -22,6 +20,7 @@ from flax.traverse_util import unflatten_dict
 from saejax.backbones import _hf
 from saejax.backbones.loading import FLAX_MSGPACK, _configs, _Heads, _target_shapes
 from saejax.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from saejax.checkpoint.staging import staged_directory
 
 _CONFIG_CLASSES = {"clip": "CLIPVisionConfig", "dinov2": "Dinov2Config", "dinov2_registers": "Dinov2WithRegistersConfig",
                    "vit": "ViTConfig"}
@@ -85,20 +84,11 @@ def create_random(family: str, directory: str, *, seed: int = 0, n_classes: int 
     heads = _Heads(n_classes=n_classes, classifier_in=cfg.hidden_size * (2 if family.startswith("dinov2") else 1))
     flat = _random_params(_target_shapes(family, loading_cfg, None, heads), seed)
 
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".saejax-random-", dir=parent)
-    try:
+    with staged_directory(directory) as staging:
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(config_json, f, indent=2)
         with open(os.path.join(staging, "preprocessor_config.json"), "w") as f:
             json.dump(processor, f, indent=2)
         with open(os.path.join(staging, FLAX_MSGPACK), "wb") as f:
             f.write(serialization.msgpack_serialize(unflatten_dict(flat)))
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax.numpy as jnp
@@ -20,6 +18,7 @@ import numpy as np
 import safetensors.numpy
 
 from saejax.checkpoint.errors import CheckpointError
+from saejax.checkpoint.staging import staged_directory
 from saejax.normalization import Normalization
 from saejax.sae import SAE, SAEParams
 
@@ -57,19 +56,10 @@ def save_sae(path: str | os.PathLike, ae: SAE, params: SAEParams, *, normalizati
               "normalized_inputs": normalization is not None, "info": info or {}}
 
     path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".saejax-", dir=parent)
-    try:
+    with staged_directory(path) as staging:
         safetensors.numpy.save_file(tensors, os.path.join(staging, TENSORS_FILE))
         with open(os.path.join(staging, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 
