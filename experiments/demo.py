@@ -119,7 +119,7 @@ def run_demo(workdir: str, quick: bool = False) -> dict:
     exemplars = features.TopExemplars.empty(ae.d_sae, k=8, n_patches=bb.layout.n_patches)
     f1_counts = features.ConceptF1.zeros(ae.d_sae, len(shapes.CONCEPTS))
     firing = sae_metrics.FiringStats.zeros(ae.d_sae)
-    tokens_before = []
+    tokens_before, codes = [], []
     for s, x in analysis.batches(images):
         z, tokens = analysis.base(x)
         b = z.shape[0]
@@ -128,7 +128,8 @@ def run_demo(workdir: str, quick: bool = False) -> dict:
         f1_counts = f1_counts.update(flat, jnp.asarray(concepts_N[s:s + b].reshape(-1, len(shapes.CONCEPTS))))
         firing = firing.update(flat)
         tokens_before.append(tokens)
-    tokens_before = jnp.concatenate(tokens_before)
+        codes.append(z)
+    tokens_before, codes = jnp.concatenate(tokens_before), jnp.concatenate(codes)
     best_latent, best_f1 = jax.device_get(f1_counts.best())
     max_act = np.asarray(exemplars.max_activation())
     frequency = np.asarray(firing.frequency())
@@ -170,8 +171,7 @@ def run_demo(workdir: str, quick: bool = False) -> dict:
                                                norm=norm)
         result["random_latent"] = {"latent": other, **change_rates(random_latent, family, cls)}
         # The concept edit moves a token by |v - f| * ||w_dec|| * scalar; match its mean norm.
-        f_latent = np.asarray(jnp.concatenate([analysis.base(x)[0][..., latent].reshape(-1)
-                                               for _, x in analysis.batches(images)]))
+        f_latent = np.asarray(codes[..., latent]).reshape(-1)
         mean_norm = float(np.mean(np.abs(value - f_latent)) * np.linalg.norm(np.asarray(sae_params.w_dec[latent]))
                           * float(norm.scalar))
         direction = rng.standard_normal(bb.d_model)
