@@ -37,7 +37,7 @@ def build_source(cfg: ml_collections.ConfigDict, split: str) -> data.Source:
         return data.ImageFolderSource(cfg.get(f"{split}_dir"), image_size=cfg.get("image_size"))
     if cfg.kind == "shapes":
         from saejax.datasets import shapes
-        return shapes.source(split, cfg.get(f"{split}_images"), seed=cfg.seed)
+        return shapes.source(split, cfg.get(f"{split}_images"), seed=cfg.seed, image_size=cfg.get("image_size", 40))
     if cfg.kind == "random":  # uint8 noise; for smoke tests of the plumbing
         rng = np.random.default_rng(cfg.seed + (split == "validation"))
         n = cfg.get(f"{split}_images")

@@ -10,7 +10,9 @@ batches under `jit`:
 
 The paper's semantic probing (REFERENCE.md section 4) predicts "present" where a latent is
 non-zero and scores F1 against concept labels; `ConceptF1` does it at whatever granularity
-the labels have (per image after summing over patches, or per patch).
+the labels have (per image after summing over patches, or per patch). When one concept is
+split across several latents (feature splitting), `greedy_latent_union` scores the best
+"any of these latents fired" detector of up to m latents.
 """
 
 from __future__ import annotations
@@ -98,6 +100,39 @@ class ConceptF1:
         f1 = self.f1()
         best = jnp.argmax(f1, axis=0)
         return best, jnp.take_along_axis(f1, best[None], axis=0)[0]
+
+
+def greedy_latent_union(acts_NF: jax.Array, present_N: jax.Array, max_latents: int) -> tuple[jax.Array, jax.Array]:
+    """Greedy forward selection of latents whose union ("any of them fired") detects a concept.
+
+    Step s adds the latent that most raises the F1 of the union against `present_N`, so
+    `f1[0]` is the best single latent's F1 (as `ConceptF1.best`) and `f1` tells how much a
+    concept gains from being read out of several latents. Holds all N items in memory.
+
+    Args:
+        acts_NF: [N, F] latent values per item (fired = > 0).
+        present_N: [N] bool, where the concept is present.
+        max_latents: m, the number of selection steps (static).
+
+    Returns:
+        `(latents [m] int32, f1 [m])`: the latents in the order chosen, and the union's F1
+        after each step (non-decreasing only when adding a latent helps; take `argmax(f1)`
+        for the best union size).
+    """
+    fired = (acts_NF > 0).astype(jnp.float32)
+    present = present_N.astype(jnp.float32)
+    actual = jnp.sum(present)
+
+    def step(carry, _):
+        union_N, chosen_F = carry
+        candidates = jnp.maximum(fired, union_N[:, None])
+        f1 = 2 * (present @ candidates) / jnp.maximum(jnp.sum(candidates, 0) + actual, 1)
+        best = jnp.argmax(jnp.where(chosen_F, -1.0, f1))
+        return (candidates[:, best], chosen_F.at[best].set(True)), (best.astype(jnp.int32), f1[best])
+
+    init = (jnp.zeros(fired.shape[0]), jnp.zeros(fired.shape[1], bool))
+    _, (latents, f1) = jax.lax.scan(step, init, None, length=max_latents)
+    return latents, f1
 
 
 def propose_latents(acts_PF: jax.Array, selected_P: jax.Array, frequency_F: jax.Array, *, n: int = 3,

@@ -36,14 +36,20 @@ def _masked(z, edited, mask):
 
 @flax.struct.dataclass
 class SetLatents:
-    """Set `z[..., latents[j]] = values[j]` on the masked tokens (the paper's edit)."""
+    """Set `z[..., latents[j]] = values[j]` on the masked tokens (the paper's edit); with
+    `where_active`, only on the tokens where latent `latents[j]` is non-zero."""
 
     latents: jax.Array
     values: jax.Array
     mask: jax.Array | None = None
+    where_active: bool = flax.struct.field(pytree_node=False, default=False)
 
     def __call__(self, z: jax.Array) -> jax.Array:
-        return _masked(z, z.at[..., self.latents].set(self.values.astype(z.dtype)), self.mask)
+        values = self.values.astype(z.dtype)
+        if self.where_active:
+            current = z[..., self.latents]
+            values = jnp.where(current != 0, values, current)
+        return _masked(z, z.at[..., self.latents].set(values), self.mask)
 
 
 @flax.struct.dataclass
@@ -90,10 +96,15 @@ def _numbers(values, latents) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(values, jnp.float32), latents.shape)
 
 
-def set(latents, values, mask=None) -> SetLatents:  # noqa: A001 - the paper's name for the edit
-    """Set each latent in `latents` to the matching value of `values` (a scalar broadcasts)."""
+def set(latents, values, mask=None, *, where_active: bool = False) -> SetLatents:  # noqa: A001 - the paper's name
+    """Set each latent in `latents` to the matching value of `values` (a scalar broadcasts).
+
+    `where_active=True` edits a latent only on the tokens where it fires, so tokens where it
+    is silent are not pushed along its decoder direction (the paper's quantitative protocol
+    edits every token; this is the "edit the patches where the feature is" variant).
+    """
     latents = _ids(latents)
-    return SetLatents(latents, _numbers(values, latents), mask)
+    return SetLatents(latents, _numbers(values, latents), mask, where_active)
 
 
 def scale(latents, factors, mask=None) -> ScaleLatents:

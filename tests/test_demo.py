@@ -20,8 +20,11 @@ def test_quick_demo_writes_the_report_and_summary(tmp_path):
     names = [c["name"] for c in summary["concepts"]]
     assert names == ["circle", "square", "triangle", "cross", "red", "green", "blue", "yellow", "background"]
     for concept in summary["concepts"]:
-        assert isinstance(concept["latent"], int) and 0 <= concept["f1"] <= 1
-        for result in (concept, concept["random_latent"], concept["random_direction"]):
+        assert isinstance(concept["latent"], int) and 0 <= concept["f1"] <= 1 and 0 <= concept["probe_f1"] <= 1
+        union = concept["union"]
+        assert union["latents"][0] == concept["latent"] and 1 <= len(union["latents"]) <= 3
+        assert concept["f1"] - 1e-6 <= union["f1"] <= 1  # the best union starts from the best latent
+        for result in (concept, concept["where_active"], concept["random_latent"], concept["random_direction"]):
             assert 0 <= result["target_change_rate"] <= 1 and 0 <= result["other_change_rate"] <= 1
         assert os.path.getsize(tmp_path / "report" / f"exemplars_{concept['name']}.png") > 100
     page = open(tmp_path / "report" / "index.html").read()

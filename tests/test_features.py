@@ -39,6 +39,25 @@ def test_concept_f1_matches_a_direct_count():
     np.testing.assert_allclose(counts.precision()[4, 2], 1.0)
 
 
+def test_greedy_latent_union_recovers_a_concept_split_over_latents():
+    rng = np.random.default_rng(2)
+    acts = rng.exponential(size=(400, 6)) * (rng.random((400, 6)) < 0.2)
+    part = rng.integers(0, 3, 400)  # the concept is "latent 1 or latent 4 fired"; latent 4 covers more of it
+    present = rng.random(400) < 0.5
+    acts[:, [1, 4]] = 0.0
+    acts[present & (part == 0), 1] = 1.0
+    acts[present & (part > 0), 4] = 2.0
+    latents, f1 = features.greedy_latent_union(jnp.asarray(acts), jnp.asarray(present), 3)
+    assert latents[:2].tolist() == [4, 1]
+    single = np.asarray(features.ConceptF1.zeros(6, 1).update(acts, present[:, None]).f1())[:, 0]
+    np.testing.assert_allclose(f1[0], single.max(), rtol=1e-6)
+    np.testing.assert_allclose(f1[1], 1.0)
+    # A third latent only adds false positives: its F1 is the exact count for the union of three.
+    union = (acts[:, [4, 1, int(latents[2])]] > 0).any(1)
+    np.testing.assert_allclose(f1[2], 2 * np.sum(union & present) / (union.sum() + present.sum()), rtol=1e-6)
+    assert len(set(latents.tolist())) == 3
+
+
 def test_propose_latents_skips_dense_ones():
     acts = jnp.array([[5.0, 1.0, 0.0, 9.0], [4.0, 2.0, 4.0, 9.0], [0.0, 0.0, 8.0, 9.0]])
     selected = jnp.array([True, True, False])

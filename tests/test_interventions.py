@@ -40,6 +40,21 @@ def test_set_changes_masked_tokens_by_exactly_v_minus_f_times_the_decoder_row():
     np.testing.assert_allclose(edited_all, resid + expected_change - f3[..., None] * params.w_dec[3], rtol=1e-5, atol=1e-5)
 
 
+def test_set_where_active_leaves_silent_tokens_alone():
+    z = jnp.array([[0.0, 2.0, 0.0], [1.5, 0.0, 3.0], [0.0, 0.0, 0.0]])
+    edited = iv.set([0, 2], -4.0, where_active=True)(z)
+    np.testing.assert_array_equal(edited, [[0.0, 2.0, 0.0], [-4.0, 0.0, -4.0], [0.0, 0.0, 0.0]])
+    masked = iv.set(0, -4.0, mask=jnp.array([True, False, True]), where_active=True)(z)
+    np.testing.assert_array_equal(masked, z)  # the only active token is masked out
+    ae, params, resid = setup(sae.topk(16, 64, k=8))
+    latent = int(jnp.argmax(jnp.sum(ae.encode(params, resid.reshape(-1, 16)) > 0, axis=0)))
+    f = ae.encode(params, resid.reshape(-1, 16)).reshape(2, 5, -1)[..., latent]
+    edited = iv.sae_edit(ae, params, iv.set(latent, -1.0, where_active=True))(resid)
+    expected = jnp.where((f > 0)[..., None], (-1.0 - f)[..., None] * params.w_dec[latent], 0.0)
+    assert 0 < int(jnp.sum(f > 0)) < f.size
+    np.testing.assert_allclose(edited - resid, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_edit_kinds_and_chain():
     z = jnp.arange(12.0).reshape(2, 6)
     np.testing.assert_array_equal(iv.scale([1, 2], [2.0, 0.5])(z)[0, :3], [0.0, 2.0, 1.0])

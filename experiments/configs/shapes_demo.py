@@ -2,7 +2,9 @@
 the shapes world's ViT (patch tokens), activations generated on the fly.
 
 The demo fills in `backbone.name` (the ViT it trains) and runs `experiments.train_sae` with
-this config; `:quick` is the reduced version the tests run.
+this config and sets `data.image_size` to its `--image_size` (64 by default); `:quick` is the
+reduced version the tests run. Expected (full demo, 64 px): L0 8, NMSE about 0.09, dead
+fraction about 0.002; README lists the concept numbers.
 """
 
 import ml_collections
@@ -14,7 +16,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.backbone = dict(name="", dtype="float32")
     c.layer = 2  # residual after block 2 of 4 (the paper's "second to last")
     c.tokens = "patches"
-    c.data = dict(kind="shapes", train_images=20_000, validation_images=1_000, seed=0)
+    c.data = dict(kind="shapes", train_images=20_000, validation_images=1_000, seed=0, image_size=64)
     c.image_batch_size = 64
     c.buffer_tokens = 2**15
     c.normalization_samples = 2**14
