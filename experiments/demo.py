@@ -110,6 +110,16 @@ def concept_probe_f1(train_x, train_present, eval_x, eval_present, *, epochs: in
     return np.asarray(f1)
 
 
+def firing_breakdown(fired, present, coverage, majority) -> dict[str, int]:
+    """Where a latent fires: patches where the concept is present (covers >= half), partly
+    covered ones, and ones without it (split by the patch's majority label: another object, or
+    background)."""
+    fired, present, coverage, majority = (np.asarray(a) for a in (fired, present, coverage, majority))
+    absent = fired & (coverage == 0)
+    return {"covered": int(np.sum(fired & present)), "partly_covered": int(np.sum(fired & ~present & (coverage > 0))),
+            "other_objects": int(np.sum(absent & (majority > 0))), "background": int(np.sum(absent & (majority == 0)))}
+
+
 def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
     start_time = time.time()
     os.makedirs(workdir, exist_ok=True)
@@ -139,7 +149,10 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
     analysis = Analysis(bb, bb_params, ae, sae_params, norm, config.layer)
     p = bb.patch_size
     concepts_N = shapes.patch_concepts(pixel_labels, p).reshape(n_val, -1, len(shapes.CONCEPTS))
-    labels = family_labels(shapes.patch_labels(pixel_labels, p).reshape(n_val, -1))
+    majority = shapes.patch_labels(pixel_labels, p).reshape(n_val, -1)
+    labels = family_labels(majority)
+    coverage = (shapes.patch_fractions(pixel_labels, p).reshape(-1, len(shapes.PIXEL_CLASSES))
+                @ shapes.PIXEL_CONCEPTS.astype(np.float32))
     exemplars = features.TopExemplars.empty(ae.d_sae, k=8, n_patches=bb.layout.n_patches)
     f1_counts = features.ConceptF1.zeros(ae.d_sae, len(shapes.CONCEPTS))
     firing = sae_metrics.FiringStats.zeros(ae.d_sae)
@@ -185,8 +198,10 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
         after = np.asarray(probes.predict(probe[family], tokens.reshape(-1, bb.d_model)))
         changed = after != pred_before[family]
         target = labels[family].reshape(-1) == target_class
+        other_changed = changed & ~target
         return {"target_change_rate": float(changed[target].mean()) if target.any() else float("nan"),
-                "other_change_rate": float(changed[~target].mean())}
+                "other_change_rate": float(changed[~target].mean()),
+                "other_to_background": float(np.mean(after[other_changed] == 0)) if other_changed.any() else 0.0}
 
     rng = np.random.default_rng(0)
     alive = np.flatnonzero(frequency > 0)
@@ -199,12 +214,15 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
         value = -2.0 * float(max_act[latent])
         union_latents, union_f1 = jax.device_get(union(flat_codes, jnp.asarray(concepts_N[..., c].reshape(-1)), 3))
         size = int(np.argmax(union_f1)) + 1
+        fired_where = firing_breakdown(flat_codes[:, latent] > 0, concepts_N[..., c].reshape(-1), coverage[:, c],
+                                       majority.reshape(-1))
         edit = interventions.sae_edit(ae, sae_params, interventions.set(latent, value), norm=norm)
         active_edit = interventions.sae_edit(ae, sae_params, interventions.set(latent, value, where_active=True),
                                              norm=norm)
         result = {"name": name, "latent": latent, "f1": float(best_f1[c]), "max_activation": float(max_act[latent]),
                   "frequency": float(frequency[latent]), "probe": family, "probe_f1": float(ceiling_f1[c]),
                   "union": {"latents": union_latents[:size].tolist(), "f1": float(union_f1[size - 1])},
+                  "firing_patches": fired_where,
                   **change_rates(edit, family, cls), "where_active": change_rates(active_edit, family, cls)}
         other = int(rng.choice(alive[alive != latent]))
         random_latent = interventions.sae_edit(ae, sae_params, interventions.set(other, -2.0 * float(max_act[other])),
@@ -260,13 +278,15 @@ def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
             "per patch, a bound on any latent). Intervention: the latent set to -2 x its max on all tokens (or only "
             "where it fires); rates are fractions of patches whose probe prediction changes, target / other.</p>",
             "<table><tr><th class='l'>concept</th><th>latent</th><th>F1</th><th>union F1 (latents)</th>"
-            "<th>probe F1</th><th>target change</th><th>other change</th><th>where active</th>"
+            "<th>probe F1</th><th>fires on: concept / partly / other objects / background</th>"
+            "<th>target change</th><th>other change</th><th>where active</th>"
             "<th>random latent</th><th>random direction</th></tr>"]
     for c in summary["concepts"]:
         good = c["f1"] >= 0.8 and c["target_change_rate"] >= 0.8 and c["other_change_rate"] <= 0.05
         body.append(f"<tr><td class='l {'good' if good else 'bad'}'>{html.escape(c['name'])}</td><td>{c['latent']}</td>"
                     f"<td>{c['f1']:.3f}</td><td>{c['union']['f1']:.3f} ({', '.join(map(str, c['union']['latents']))})</td>"
-                    f"<td>{c['probe_f1']:.3f}</td><td>{c['target_change_rate']:.3f}</td><td>{c['other_change_rate']:.3f}</td>"
+                    f"<td>{c['probe_f1']:.3f}</td><td>{' / '.join(str(n) for n in c['firing_patches'].values())}</td>"
+                    f"<td>{c['target_change_rate']:.3f}</td><td>{c['other_change_rate']:.3f}</td>"
                     + "".join(f"<td>{c[k]['target_change_rate']:.3f} / {c[k]['other_change_rate']:.3f}</td>"
                               for k in ("where_active", "random_latent", "random_direction")) + "</tr>")
     body.append("</table><h2>Top exemplars</h2><p>Each concept's latent on its 8 most activating validation images; "

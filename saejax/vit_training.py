@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -33,6 +32,7 @@ import optax
 from saejax import data
 from saejax.backbones.create import create_vit_classifier, save_hf_checkpoint
 from saejax.backbones.preprocess import HALF
+from saejax.checkpoint.staging import staged_directory
 from saejax.datasets import shapes
 
 __all__ = [
@@ -381,15 +381,10 @@ def train_shapes_vit(workdir: str | os.PathLike, *, seed: int = 0, n_train: int 
     seconds = time.time() - start
     info = dict(settings=settings, val_accuracy=result.val_accuracy, seconds=seconds, history=result.history,
                 classes=list(shapes.CLASSES))
-    tmp = f"{path}.tmp{os.getpid()}"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    save_hf_checkpoint(tmp, vit, result.params)
-    with open(os.path.join(tmp, _INFO), "w") as f:
-        json.dump(info, f, indent=2)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with staged_directory(path) as staging:
+        save_hf_checkpoint(staging, vit, result.params)
+        with open(os.path.join(staging, _INFO), "w") as f:
+            json.dump(info, f, indent=2)
     return TrainedVit(path, result.val_accuracy, seconds, False, info)
 
 

@@ -24,8 +24,12 @@ def test_quick_demo_writes_the_report_and_summary(tmp_path):
         union = concept["union"]
         assert union["latents"][0] == concept["latent"] and 1 <= len(union["latents"]) <= 3
         assert concept["f1"] - 1e-6 <= union["f1"] <= 1  # the best union starts from the best latent
+        # Every patch where the latent fired is counted once: covered, partly covered, or neither.
+        n_patches = 200 * 64  # --quick: 200 validation images of 64 px, 8 px patches
+        assert sum(concept["firing_patches"].values()) == round(concept["frequency"] * n_patches)
         for result in (concept, concept["where_active"], concept["random_latent"], concept["random_direction"]):
             assert 0 <= result["target_change_rate"] <= 1 and 0 <= result["other_change_rate"] <= 1
+            assert 0 <= result["other_to_background"] <= 1
         assert os.path.getsize(tmp_path / "report" / f"exemplars_{concept['name']}.png") > 100
     page = open(tmp_path / "report" / "index.html").read()
     assert page.count("data:image/png;base64,") == 9 and page.count("<svg") == 3
