@@ -151,10 +151,13 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
     concepts_N = shapes.patch_concepts(pixel_labels, p).reshape(n_val, -1, len(shapes.CONCEPTS))
     majority = shapes.patch_labels(pixel_labels, p).reshape(n_val, -1)
     labels = family_labels(majority)
-    coverage = (shapes.patch_fractions(pixel_labels, p).reshape(-1, len(shapes.PIXEL_CLASSES))
-                @ shapes.PIXEL_CONCEPTS.astype(np.float32))
+    class_fractions = shapes.patch_fractions(pixel_labels, p).reshape(-1, len(shapes.PIXEL_CLASSES))
+    coverage = class_fractions @ shapes.PIXEL_CONCEPTS.astype(np.float32)
+    # Colour-shape conjunctions ("red circle"), present like concepts: covering at least half the patch.
+    conjunctions_N = (class_fractions[:, 1:] >= 0.5).reshape(n_val, -1, len(shapes.CLASSES))
     exemplars = features.TopExemplars.empty(ae.d_sae, k=8, n_patches=bb.layout.n_patches)
     f1_counts = features.ConceptF1.zeros(ae.d_sae, len(shapes.CONCEPTS))
+    conjunction_counts = features.ConceptF1.zeros(ae.d_sae, len(shapes.CLASSES))
     firing = sae_metrics.FiringStats.zeros(ae.d_sae)
     tokens_before, codes, resids = [], [], []
     for s, x in analysis.batches(images):
@@ -163,12 +166,15 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
         exemplars = exemplars.update(z, jnp.arange(s, s + b))
         flat = z.reshape(-1, ae.d_sae)
         f1_counts = f1_counts.update(flat, jnp.asarray(concepts_N[s:s + b].reshape(-1, len(shapes.CONCEPTS))))
+        conjunction_counts = conjunction_counts.update(flat, jnp.asarray(conjunctions_N[s:s + b].reshape(
+            -1, len(shapes.CLASSES))))
         firing = firing.update(flat)
         tokens_before.append(tokens)
         codes.append(z)
         resids.append(resid)
     tokens_before, codes, resids = map(jnp.concatenate, (tokens_before, codes, resids))
     best_latent, best_f1 = jax.device_get(f1_counts.best())
+    conjunction_latent, conjunction_f1 = jax.device_get(conjunction_counts.best())
     max_act = np.asarray(exemplars.max_activation())
     frequency = np.asarray(firing.frequency())
 
@@ -236,14 +242,14 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
         direction /= np.linalg.norm(direction)
         result["random_direction"] = change_rates(interventions.direction_edit(direction, mean_norm), family, cls)
         concept_results.append(result)
+        rates = "  ".join(f"{key} {r['target_change_rate']:.2f}/{r['other_change_rate']:.3f}" for key, r in (
+            ("edit", result), ("where active", result["where_active"]), ("random latent", result["random_latent"]),
+            ("random direction", result["random_direction"])))
         print(f"{name:>10}: latent {latent:4d} F1 {result['f1']:.2f} (union {result['union']['f1']:.2f}, probe "
-              f"{result['probe_f1']:.2f})  target {result['target_change_rate']:.2f} "
-              f"other {result['other_change_rate']:.3f} (where active {result['where_active']['target_change_rate']:.2f}/"
-              f"{result['where_active']['other_change_rate']:.3f})  | random latent {result['random_latent']['target_change_rate']:.2f}"
-              f"/{result['random_latent']['other_change_rate']:.3f}  random direction "
-              f"{result['random_direction']['target_change_rate']:.2f}/{result['random_direction']['other_change_rate']:.3f}",
-              flush=True)
+              f"{result['probe_f1']:.2f})  {rates}", flush=True)
 
+    print("best latent per conjunction (F1): " + ", ".join(
+        f"{name} {f:.2f}" for name, f in zip(shapes.CLASSES, conjunction_f1)), flush=True)
     member = evaluation["members"][0]
     summary = {
         "seconds": time.time() - start_time,
@@ -253,6 +259,8 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
                 "d_sae": ae.d_sae, "architecture": ae.architecture, "layer": config.layer, "path": member["path"]},
         "probes": {"colour_accuracy": probe_accuracy["colour"], "shape_accuracy": probe_accuracy["shape"]},
         "concepts": concept_results,
+        "conjunctions": [{"name": name, "latent": int(j), "f1": float(f)}
+                         for name, j, f in zip(shapes.CLASSES, conjunction_latent, conjunction_f1)],
     }
     with open(os.path.join(report_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -289,7 +297,9 @@ def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
                     f"<td>{c['target_change_rate']:.3f}</td><td>{c['other_change_rate']:.3f}</td>"
                     + "".join(f"<td>{c[k]['target_change_rate']:.3f} / {c[k]['other_change_rate']:.3f}</td>"
                               for k in ("where_active", "random_latent", "random_direction")) + "</tr>")
-    body.append("</table><h2>Top exemplars</h2><p>Each concept's latent on its 8 most activating validation images; "
+    body.append("</table><p>Best latent per colour-shape conjunction (F1): " + ", ".join(
+        f"{html.escape(c['name'])} {c['latent']} ({c['f1']:.2f})" for c in summary["conjunctions"]) + ".</p>")
+    body.append("<h2>Top exemplars</h2><p>Each concept's latent on its 8 most activating validation images; "
                 "patches where it fires are tinted by activation / max.</p>")
     values, ids, maps = jax.device_get((exemplars.values, exemplars.image_ids, exemplars.maps))
     for c in summary["concepts"]:

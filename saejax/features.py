@@ -116,8 +116,8 @@ def greedy_latent_union(acts_NF: jax.Array, present_N: jax.Array, max_latents: i
 
     Returns:
         `(latents [m] int32, f1 [m])`: the latents in the order chosen, and the union's F1
-        after each step (non-decreasing only when adding a latent helps; take `argmax(f1)`
-        for the best union size).
+        after each step. F1 falls once no remaining latent helps; `argmax(f1) + 1` is the best
+        union size.
     """
     fired = (acts_NF > 0).astype(jnp.float32)
     present = present_N.astype(jnp.float32)

@@ -31,6 +31,9 @@ def test_quick_demo_writes_the_report_and_summary(tmp_path):
             assert 0 <= result["target_change_rate"] <= 1 and 0 <= result["other_change_rate"] <= 1
             assert 0 <= result["other_to_background"] <= 1
         assert os.path.getsize(tmp_path / "report" / f"exemplars_{concept['name']}.png") > 100
+    assert [c["name"] for c in summary["conjunctions"]] == [f"{colour} {shape}" for shape in names[:4]
+                                                             for colour in names[4:8]]
+    assert all(0 <= c["f1"] <= 1 for c in summary["conjunctions"])
     page = open(tmp_path / "report" / "index.html").read()
     assert page.count("data:image/png;base64,") == 9 and page.count("<svg") == 3
     assert "src='http" not in page and 'src="http' not in page  # self-contained
