@@ -13,7 +13,7 @@ Steps:
    `experiments.train_sae` in `<workdir>/sae_run` (resumable like any run).
 3. On validation images: per latent, the top exemplars and patch-level F1 against each
    concept's masks; the best latent per concept.
-   Two bounds explain a low F1: the best union of up to 3 latents (`features.
+   Two bounds explain a low F1: the best union of up to 4 latents (`features.
    greedy_latent_union`; a concept split over several latents scores higher here) and a
    supervised linear probe per concept on the same normalised residual (if the model does not
    encode a concept per patch, no latent can).
@@ -21,8 +21,8 @@ Steps:
    4 shapes). For each concept, its latent is set to -2 x its max on all tokens at block 2, the
    ViT finishes its forward pass, and we count the patches whose probe prediction changes:
    target change rate (patches of that concept) and other change rate (all other patches).
-   Baselines: a random live latent (same protocol) and a random unit direction added with the
-   same mean norm as the concept edit. Also measured: the same edit only where the latent
+   Baselines, each the mean of 3 draws: a random live latent (same protocol) and a random unit
+   direction added with the same mean norm as the concept edit. Also measured: the same edit only where the latent
    fires (`interventions.set(..., where_active=True)`).
 5. `<workdir>/report/index.html` (self-contained) and `<workdir>/report/summary.json`.
 """
@@ -51,6 +51,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where the ViT, the SAE run and 
 _QUICK = flags.DEFINE_bool("quick", False, "A reduced run (seconds of training) to check the pipeline.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Image side in px (8 px patches; objects scale with it).")
 
+BASELINE_DRAWS = 3
+UNION_SIZE = 4  # enough for a shape stored as one latent per colour
 COLOUR_FAMILY = ("background",) + shapes.COLOURS
 SHAPE_FAMILY = ("background",) + shapes.SHAPES
 
@@ -108,6 +110,11 @@ def concept_probe_f1(train_x, train_present, eval_x, eval_present, *, epochs: in
         present = np.asarray(eval_present[:, c])
         f1.append(2 * np.sum(predicted & present) / max(predicted.sum() + present.sum(), 1))
     return np.asarray(f1)
+
+
+def mean_rates(results: list[dict]) -> dict[str, float]:
+    """The mean of each rate over several baseline draws."""
+    return {key: float(np.mean([r[key] for r in results])) for key in results[0]}
 
 
 def firing_breakdown(fired, present, coverage, majority) -> dict[str, int]:
@@ -218,7 +225,8 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
         family, cls = concept_family(name)
         latent = int(best_latent[c])
         value = -2.0 * float(max_act[latent])
-        union_latents, union_f1 = jax.device_get(union(flat_codes, jnp.asarray(concepts_N[..., c].reshape(-1)), 3))
+        union_latents, union_f1 = jax.device_get(union(flat_codes, jnp.asarray(concepts_N[..., c].reshape(-1)),
+                                                        UNION_SIZE))
         size = int(np.argmax(union_f1)) + 1
         fired_where = firing_breakdown(flat_codes[:, latent] > 0, concepts_N[..., c].reshape(-1), coverage[:, c],
                                        majority.reshape(-1))
@@ -230,17 +238,18 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
                   "union": {"latents": union_latents[:size].tolist(), "f1": float(union_f1[size - 1])},
                   "firing_patches": fired_where,
                   **change_rates(edit, family, cls), "where_active": change_rates(active_edit, family, cls)}
-        other = int(rng.choice(alive[alive != latent]))
-        random_latent = interventions.sae_edit(ae, sae_params, interventions.set(other, -2.0 * float(max_act[other])),
-                                               norm=norm)
-        result["random_latent"] = {"latent": other, **change_rates(random_latent, family, cls)}
+        # Baselines, averaged over BASELINE_DRAWS draws (one random latent may be a near-duplicate of the concept's).
+        others = rng.choice(alive[alive != latent], BASELINE_DRAWS, replace=False)
+        result["random_latent"] = {"latents": others.tolist(), **mean_rates([change_rates(interventions.sae_edit(
+            ae, sae_params, interventions.set(o, -2.0 * float(max_act[o])), norm=norm), family, cls) for o in others])}
         # The concept edit moves a token by |v - f| * ||w_dec|| * scalar; match its mean norm.
         f_latent = np.asarray(codes[..., latent]).reshape(-1)
         mean_norm = float(np.mean(np.abs(value - f_latent)) * np.linalg.norm(np.asarray(sae_params.w_dec[latent]))
                           * float(norm.scalar))
-        direction = rng.standard_normal(bb.d_model)
-        direction /= np.linalg.norm(direction)
-        result["random_direction"] = change_rates(interventions.direction_edit(direction, mean_norm), family, cls)
+        directions = rng.standard_normal((BASELINE_DRAWS, bb.d_model))
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        result["random_direction"] = mean_rates([change_rates(interventions.direction_edit(d, mean_norm), family, cls)
+                                                 for d in directions])
         concept_results.append(result)
         rates = "  ".join(f"{key} {r['target_change_rate']:.2f}/{r['other_change_rate']:.3f}" for key, r in (
             ("edit", result), ("where active", result["where_active"]), ("random latent", result["random_latent"]),
@@ -282,7 +291,7 @@ def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
             f"NMSE {sae['nmse']:.4f}, explained variance {sae['explained_variance']:.4f}, dead fraction "
             f"{sae['dead_fraction']:.3f}, dense fraction {sae['dense_fraction']:.3f}.</p>",
             "<h2>Concepts</h2><p>Best latent per concept by patch-level F1; union: the best detector made of up "
-            "to 3 latents (greedy); probe: a supervised linear probe on the same residual (what the model encodes "
+            "to 4 latents (greedy); probe: a supervised linear probe on the same residual (what the model encodes "
             "per patch, a bound on any latent). Intervention: the latent set to -2 x its max on all tokens (or only "
             "where it fires); rates are fractions of patches whose probe prediction changes, target / other.</p>",
             "<table><tr><th class='l'>concept</th><th>latent</th><th>F1</th><th>union F1 (latents)</th>"
@@ -290,7 +299,9 @@ def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
             "<th>target change</th><th>other change</th><th>where active</th>"
             "<th>random latent</th><th>random direction</th></tr>"]
     for c in summary["concepts"]:
-        good = c["f1"] >= 0.8 and c["target_change_rate"] >= 0.8 and c["other_change_rate"] <= 0.05
+        # The aim: F1 >= 0.8 and an edit (on all tokens, or where the latent fires) with target >= 0.8, other <= 0.05.
+        good = c["f1"] >= 0.8 and any(r["target_change_rate"] >= 0.8 and r["other_change_rate"] <= 0.05
+                                      for r in (c, c["where_active"]))
         body.append(f"<tr><td class='l {'good' if good else 'bad'}'>{html.escape(c['name'])}</td><td>{c['latent']}</td>"
                     f"<td>{c['f1']:.3f}</td><td>{c['union']['f1']:.3f} ({', '.join(map(str, c['union']['latents']))})</td>"
                     f"<td>{c['probe_f1']:.3f}</td><td>{' / '.join(str(n) for n in c['firing_patches'].values())}</td>"

@@ -22,8 +22,10 @@ def test_quick_demo_writes_the_report_and_summary(tmp_path):
     for concept in summary["concepts"]:
         assert isinstance(concept["latent"], int) and 0 <= concept["f1"] <= 1 and 0 <= concept["probe_f1"] <= 1
         union = concept["union"]
-        assert union["latents"][0] == concept["latent"] and 1 <= len(union["latents"]) <= 3
+        assert union["latents"][0] == concept["latent"] and 1 <= len(union["latents"]) <= 4
         assert concept["f1"] - 1e-6 <= union["f1"] <= 1  # the best union starts from the best latent
+        others = concept["random_latent"]["latents"]
+        assert len(set(others)) == 3 and concept["latent"] not in others
         # Every patch where the latent fired is counted once: covered, partly covered, or neither.
         n_patches = 200 * 64  # --quick: 200 validation images of 64 px, 8 px patches
         assert sum(concept["firing_patches"].values()) == round(concept["frequency"] * n_patches)
