@@ -22,8 +22,8 @@ Steps:
    ViT finishes its forward pass, and we count the patches whose probe prediction changes:
    target change rate (patches of that concept) and other change rate (all other patches).
    Baselines, each the mean of 3 draws: a random live latent (same protocol) and a random unit
-   direction added with the same mean norm as the concept edit. Also measured: the same edit only where the latent
-   fires (`interventions.set(..., where_active=True)`).
+   direction added with the same mean norm as the concept edit. Also measured: the same edit
+   only where the latent fires (`interventions.set(..., where_active=True)`).
 5. `<workdir>/report/index.html` (self-contained) and `<workdir>/report/summary.json`.
 """
 

@@ -29,7 +29,12 @@ class NonFiniteLossError(RuntimeError):
 # ------------------------------------------------------------------------------------ setup
 
 def build_source(cfg: ml_collections.ConfigDict, split: str) -> data.Source:
-    """The image source a config names. `cfg.kind`: tfds, folder, shapes or random."""
+    """The image source a config names (`split`: "train" or "validation").
+
+    `cfg.kind` and its keys: "tfds" (`name`, `<split>_split`, `data_dir`, `image_size`,
+    `label_key`), "folder" (`<split>_dir`, `image_size`), "shapes" (`<split>_images`, `seed`,
+    `image_size`, 40 by default) or "random" (`<split>_images`, `seed`, `image_size`).
+    """
     if cfg.kind == "tfds":
         return data.TfdsSource(cfg.name, cfg.get(f"{split}_split"), data_dir=cfg.get("data_dir"),
                                image_size=cfg.get("image_size"), label_key=cfg.get("label_key", "label"))
