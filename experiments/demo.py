@@ -34,6 +34,7 @@ import json
 import os
 import time
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +70,24 @@ def concept_family(concept: str) -> tuple[str, int]:
     if concept in shapes.SHAPES:
         return "shape", SHAPE_FAMILY.index(concept)
     return "colour", COLOUR_FAMILY.index(concept)
+
+
+@flax.struct.dataclass
+class DirectionWhereFiring:
+    """`resid + scale * direction` on the tokens where an SAE latent fires: the random-direction
+    baseline matched to a where-active edit (same tokens, same mean norm)."""
+
+    edit: interventions.SAEEdit  # supplies the SAE, its params and normalisation
+    latent: jax.Array
+    direction: jax.Array
+    scale: jax.Array
+
+    def __call__(self, resid: jax.Array) -> jax.Array:
+        e = self.edit
+        x = resid.reshape(-1, resid.shape[-1])
+        z = e.ae.encode(e.params, e.norm.apply(x) if e.norm is not None else x)[:, self.latent]
+        fires = (z > 0).reshape(resid.shape[:-1] + (1,))
+        return jnp.where(fires, resid + (self.scale * self.direction).astype(resid.dtype), resid)
 
 
 class Analysis:
@@ -250,10 +269,17 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
         directions /= np.linalg.norm(directions, axis=1, keepdims=True)
         result["random_direction"] = mean_rates([change_rates(interventions.direction_edit(d, mean_norm), family, cls)
                                                  for d in directions])
+        # Matched to the where-active edit: the same tokens, the mean norm of its change there.
+        fires = f_latent > 0
+        active_norm = float(np.mean(np.abs(value - f_latent[fires])) * np.linalg.norm(np.asarray(
+            sae_params.w_dec[latent])) * float(norm.scalar)) if fires.any() else 0.0
+        result["where_active"]["random_direction"] = mean_rates([change_rates(DirectionWhereFiring(
+            active_edit, jnp.asarray(latent), jnp.asarray(d, jnp.float32), jnp.asarray(active_norm, jnp.float32)),
+            family, cls) for d in directions])
         concept_results.append(result)
         rates = "  ".join(f"{key} {r['target_change_rate']:.2f}/{r['other_change_rate']:.3f}" for key, r in (
-            ("edit", result), ("where active", result["where_active"]), ("random latent", result["random_latent"]),
-            ("random direction", result["random_direction"])))
+            ("edit", result), ("random latent", result["random_latent"]), ("random direction", result["random_direction"]),
+            ("where active", result["where_active"]), ("its random direction", result["where_active"]["random_direction"])))
         print(f"{name:>10}: latent {latent:4d} F1 {result['f1']:.2f} (union {result['union']['f1']:.2f}, probe "
               f"{result['probe_f1']:.2f})  {rates}", flush=True)
 

@@ -119,6 +119,8 @@ def greedy_latent_union(acts_NF: jax.Array, present_N: jax.Array, max_latents: i
         after each step. F1 falls once no remaining latent helps; `argmax(f1) + 1` is the best
         union size.
     """
+    if not 1 <= max_latents <= acts_NF.shape[1]:
+        raise ValueError(f"max_latents must be in 1..{acts_NF.shape[1]} (the number of latents), got {max_latents}")
     fired = (acts_NF > 0).astype(jnp.float32)
     present = present_N.astype(jnp.float32)
     actual = jnp.sum(present)

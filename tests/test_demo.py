@@ -29,13 +29,15 @@ def test_quick_demo_writes_the_report_and_summary(tmp_path):
         # Every patch where the latent fired is counted once: covered, partly covered, or neither.
         n_patches = 200 * 64  # --quick: 200 validation images of 64 px, 8 px patches
         assert sum(concept["firing_patches"].values()) == round(concept["frequency"] * n_patches)
-        for result in (concept, concept["where_active"], concept["random_latent"], concept["random_direction"]):
+        for result in (concept, concept["where_active"], concept["where_active"]["random_direction"],
+                       concept["random_latent"], concept["random_direction"]):
             assert 0 <= result["target_change_rate"] <= 1 and 0 <= result["other_change_rate"] <= 1
-            assert 0 <= result["other_to_background"] <= 1
+            if result["other_change_rate"] == 0:
+                assert result["other_to_background"] == 0
         assert os.path.getsize(tmp_path / "report" / f"exemplars_{concept['name']}.png") > 100
     assert [c["name"] for c in summary["conjunctions"]] == [f"{colour} {shape}" for shape in names[:4]
                                                              for colour in names[4:8]]
-    assert all(0 <= c["f1"] <= 1 for c in summary["conjunctions"])
+    assert all(0 <= c["latent"] < summary["sae"]["d_sae"] and 0 <= c["f1"] <= 1 for c in summary["conjunctions"])
     page = open(tmp_path / "report" / "index.html").read()
     assert page.count("data:image/png;base64,") == 9 and page.count("<svg") == 3
     assert "src='http" not in page and 'src="http' not in page  # self-contained

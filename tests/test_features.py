@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from saejax import features, probes
 
@@ -56,6 +57,8 @@ def test_greedy_latent_union_recovers_a_concept_split_over_latents():
     union = (acts[:, [4, 1, int(latents[2])]] > 0).any(1)
     np.testing.assert_allclose(f1[2], 2 * np.sum(union & present) / (union.sum() + present.sum()), rtol=1e-6)
     assert len(set(latents.tolist())) == 3
+    with pytest.raises(ValueError, match="max_latents must be in 1..6"):
+        features.greedy_latent_union(jnp.asarray(acts), jnp.asarray(present), 7)
 
 
 def test_propose_latents_skips_dense_ones():
