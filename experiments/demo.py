@@ -322,18 +322,21 @@ def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
             "where it fires); rates are fractions of patches whose probe prediction changes, target / other.</p>",
             "<table><tr><th class='l'>concept</th><th>latent</th><th>F1</th><th>union F1 (latents)</th>"
             "<th>probe F1</th><th>fires on: concept / partly / other objects / background</th>"
-            "<th>target change</th><th>other change</th><th>where active</th>"
+            "<th>target change</th><th>other change</th><th>where active (its random direction)</th>"
             "<th>random latent</th><th>random direction</th></tr>"]
     for c in summary["concepts"]:
         # The aim: F1 >= 0.8 and an edit (on all tokens, or where the latent fires) with target >= 0.8, other <= 0.05.
+        matched = c["where_active"]["random_direction"]
         good = c["f1"] >= 0.8 and any(r["target_change_rate"] >= 0.8 and r["other_change_rate"] <= 0.05
                                       for r in (c, c["where_active"]))
         body.append(f"<tr><td class='l {'good' if good else 'bad'}'>{html.escape(c['name'])}</td><td>{c['latent']}</td>"
                     f"<td>{c['f1']:.3f}</td><td>{c['union']['f1']:.3f} ({', '.join(map(str, c['union']['latents']))})</td>"
                     f"<td>{c['probe_f1']:.3f}</td><td>{' / '.join(str(n) for n in c['firing_patches'].values())}</td>"
                     f"<td>{c['target_change_rate']:.3f}</td><td>{c['other_change_rate']:.3f}</td>"
-                    + "".join(f"<td>{c[k]['target_change_rate']:.3f} / {c[k]['other_change_rate']:.3f}</td>"
-                              for k in ("where_active", "random_latent", "random_direction")) + "</tr>")
+                    + "".join(f"<td>{r['target_change_rate']:.3f} / {r['other_change_rate']:.3f}{extra}</td>"
+                              for r, extra in ((c["where_active"], f" ({matched['target_change_rate']:.2f} / "
+                                                f"{matched['other_change_rate']:.3f})"),
+                                               (c["random_latent"], ""), (c["random_direction"], ""))) + "</tr>")
     body.append("</table><p>Best latent per colour-shape conjunction (F1): " + ", ".join(
         f"{html.escape(c['name'])} {c['latent']} ({c['f1']:.2f})" for c in summary["conjunctions"]) + ".</p>")
     body.append("<h2>Top exemplars</h2><p>Each concept's latent on its 8 most activating validation images; "
