@@ -77,16 +77,13 @@ class DirectionWhereFiring:
     """`resid + scale * direction` on the tokens where an SAE latent fires: the random-direction
     baseline matched to a where-active edit (same tokens, same mean norm)."""
 
-    edit: interventions.SAEEdit  # supplies the SAE, its params and normalisation
+    edit: interventions.SAEEdit  # supplies the SAE codes
     latent: jax.Array
     direction: jax.Array
     scale: jax.Array
 
     def __call__(self, resid: jax.Array) -> jax.Array:
-        e = self.edit
-        x = resid.reshape(-1, resid.shape[-1])
-        z = e.ae.encode(e.params, e.norm.apply(x) if e.norm is not None else x)[:, self.latent]
-        fires = (z > 0).reshape(resid.shape[:-1] + (1,))
+        fires = self.edit.codes(resid)[..., self.latent, None] > 0
         return jnp.where(fires, resid + (self.scale * self.direction).astype(resid.dtype), resid)
 
 

@@ -138,12 +138,15 @@ class SAEEdit:
     latent_edit: Any
     norm: Normalization | None = None
 
-    def __call__(self, resid: jax.Array) -> jax.Array:
-        lead, d = resid.shape[:-1], resid.shape[-1]
-        x_ND = resid.reshape(-1, d)
+    def codes(self, resid: jax.Array) -> jax.Array:
+        """`[..., D]` residuals -> `[..., F]` SAE codes (normalised first when `norm` is set)."""
+        x_ND = resid.reshape(-1, resid.shape[-1])
         if self.norm is not None:
             x_ND = self.norm.apply(x_ND)
-        z = self.ae.encode(self.params, x_ND).reshape(*lead, -1)
+        return self.ae.encode(self.params, x_ND).reshape(*resid.shape[:-1], -1)
+
+    def __call__(self, resid: jax.Array) -> jax.Array:
+        z = self.codes(resid)
         change = (self.latent_edit(z) - z).reshape(-1, self.ae.d_sae)
         delta_ND = change @ self.params.w_dec
         if self.norm is not None:
