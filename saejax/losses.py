@@ -86,7 +86,7 @@ def auxk_loss(ae: SAE, params: SAEParams, enc: Encoding, x_ND: jax.Array, x_hat_
     # would materialise an [N, k_aux, D] array (6 GB at N=4096, k_aux=512, D=768).
     dead_pre_NF = jnp.where(dead_F, enc.pre_acts, -jnp.inf)
     chosen = jax.lax.stop_gradient(dead_pre_NF)
-    _, idx = jax.lax.top_k(chosen, k_aux)
+    _, idx = ae.top_k(chosen, k_aux)
     # The row's k_aux-th largest, read through all the indices: XLA:CPU rewrites a top_k whose
     # indices are partly unused into a full sort of every row.
     kth_N1 = jnp.min(jnp.take_along_axis(chosen, idx, axis=1), axis=1, keepdims=True)

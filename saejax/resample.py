@@ -1,44 +1,48 @@
-"""Dead-latent resampling (Anthropic, "Towards Monosemanticity", 2023), as a pure state -> state map.
+"""Dead-latent resampling (Anthropic, "Towards Monosemanticity", 2023), as a pure function of
+explicit pieces, so a user with their own training loop can resample too.
 
-A latent is dead when it has not fired for `Trainer.dead_after_tokens` inputs. Each dead latent
-gets a new direction toward an input the SAE reconstructs badly (drawn with probability
-proportional to its squared reconstruction loss):
+Each dead latent gets a new direction toward an input the SAE reconstructs badly (drawn with
+probability proportional to its squared reconstruction loss):
 - decoder row: that input, centred by `b_dec`, at unit norm;
 - encoder column: the same direction at `encoder_scale` x the mean live encoder norm;
-- encoder bias 0, and Adam moments of all those entries 0; its dead counter restarts.
+- encoder bias 0, and the optimizer moments of all those entries 0.
 Live latents, their parameters and their optimizer state are left bit for bit.
+
+>>> params, opt_state, n = resample_dead(ae, tx, params, opt_state, dead_F, x_ND, key)
+
+`saejax.train.Trainer.resample` applies it to a `TrainState` (and restarts the dead counters).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from saejax.sae import SAEParams
-
-if TYPE_CHECKING:
-    from saejax.train import Trainer, TrainState
+from saejax.sae import SAE, SAEParams
 
 
-def resample_dead(trainer: Trainer, state: TrainState, x_ND: jax.Array, key: jax.Array) -> tuple[TrainState, jax.Array]:
-    """Reinitialise the dead latents of `state` from inputs `x_ND`. Jittable.
+def resample_dead(ae: SAE, optimizer: optax.GradientTransformation, params: SAEParams, opt_state: optax.OptState,
+                  dead_F: jax.Array, x_ND: jax.Array, key: jax.Array, *,
+                  encoder_scale: float = 0.2) -> tuple[SAEParams, optax.OptState, jax.Array]:
+    """Reinitialise the `dead_F` latents of one SAE from inputs `x_ND`. Jittable; `vmap` it
+    over a sweep.
 
     Args:
-        trainer: the `Trainer` that made `state` (its SAE, optimizer and dead threshold).
-        state: a single member's `TrainState` (`vmap` this over a sweep).
+        ae: the architecture.
+        optimizer: the optax transformation that made `opt_state` (its params-shaped leaves,
+            e.g. Adam's moments, are zeroed for the resampled latents).
+        params: the SAE's parameters.
+        opt_state: `optimizer`'s state for `params`.
+        dead_F: [F] bool, the latents to resample.
         x_ND: candidate inputs (normalised like the training data); the more, the better the
             choice of badly reconstructed inputs.
         key: `jax.random.key`.
+        encoder_scale: resampled encoder columns get this times the mean live encoder norm.
 
     Returns:
-        `(new_state, n_resampled)`.
+        `(params, opt_state, number of latents resampled)`.
     """
-    ae, params = trainer.ae, state.params
-    dead_F = trainer.dead_latents(state)
-
     x_hat = ae(params, x_ND)
     loss_N = jnp.sum((x_ND - x_hat) ** 2, axis=1)
     # Probability ~ loss**2; the floor keeps a perfectly reconstructed batch samplable.
@@ -50,24 +54,17 @@ def resample_dead(trainer: Trainer, state: TrainState, x_ND: jax.Array, key: jax
     enc_norms_F = jnp.linalg.norm(params.w_enc, axis=0)
     n_live = jnp.maximum(jnp.sum(~dead_F), 1)
     live_norm = jnp.where(jnp.any(~dead_F), jnp.sum(jnp.where(dead_F, 0.0, enc_norms_F)) / n_live, 1.0)
-    enc_scale = trainer.resample_encoder_scale * live_norm
+    enc_scale = encoder_scale * live_norm
 
     new_params = params.replace(
         w_enc=jnp.where(dead_F[None, :], enc_scale * directions_FD.T, params.w_enc),
         b_enc=jnp.where(dead_F, 0.0, params.b_enc),
         w_dec=jnp.where(dead_F[:, None], directions_FD, params.w_dec),
     )
-
     reset = _latent_mask(params, dead_F)
-    tx = trainer.optimizer(state.hparams.learning_rate)
     opt_state = optax.tree_map_params(
-        tx, lambda leaf, mask: jnp.where(mask, jnp.zeros_like(leaf), leaf), state.opt_state, reset)
-    new_state = state.replace(
-        params=new_params,
-        opt_state=opt_state,
-        tokens_since_fired=jnp.where(dead_F, 0, state.tokens_since_fired),
-    )
-    return new_state, jnp.sum(dead_F)
+        optimizer, lambda leaf, mask: jnp.where(mask, jnp.zeros_like(leaf), leaf), opt_state, reset)
+    return new_params, opt_state, jnp.sum(dead_F)
 
 
 def _latent_mask(params: SAEParams, dead_F: jax.Array) -> SAEParams:

@@ -22,6 +22,9 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from saejax.sharding import DATA, MODEL
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 
@@ -115,17 +118,18 @@ centered_matmul.defvjp(_centered_matmul_fwd, _centered_matmul_bwd)
 # into a dense [N, F] array and pays a full [D, N] x [N, F] matmul plus an [N, F] column sum
 # for the encoder gradients, though only N*K of those entries are non-zero.
 @jax.custom_vjp
-def take_topk(pre_NF, idx_NK, x_ND, b_dec_D, w_DF, b_enc_F):
-    """`take_along_axis(pre, idx, axis=1)` where `pre = (x - b_dec) @ w + b_enc`.
+def take_topk(vals_NK, idx_NK, x_ND, b_dec_D, w_DF, b_enc_F):
+    """The selected pre-activations `vals = pre[n, idx]` (returned as they are), where
+    `pre = (x - b_dec) @ w + b_enc`.
 
     Differentiable in `x`, `b_dec`, `w` and `b_enc` through the K selected entries only
-    (scatter-adds of N*K rows); `pre` and `idx` get no gradient (pass `stop_gradient(pre)`).
+    (scatter-adds of N*K rows); `vals` and `idx` get no gradient (pass stopped values).
     """
-    return jnp.take_along_axis(pre_NF, idx_NK, axis=1)
+    return vals_NK
 
 
-def _take_topk_fwd(pre_NF, idx_NK, x_ND, b_dec_D, w_DF, b_enc_F):
-    return take_topk(pre_NF, idx_NK, x_ND, b_dec_D, w_DF, b_enc_F), (idx_NK, x_ND - b_dec_D, w_DF)
+def _take_topk_fwd(vals_NK, idx_NK, x_ND, b_dec_D, w_DF, b_enc_F):
+    return vals_NK, (idx_NK, x_ND - b_dec_D, w_DF)
 
 
 def _take_topk_bwd(residuals, g_NK):
@@ -139,6 +143,41 @@ def _take_topk_bwd(residuals, g_NK):
     g_b_enc_F = jnp.zeros((f,), g_NK.dtype).at[flat_idx].add(g_NK.reshape(-1))
     g_x_ND = jnp.einsum("nk,nkd->nd", g_NK, w_DF.T[idx_NK])  # dead code unless x is differentiated
     return None, None, g_x_ND, -(w_DF @ g_b_enc_F), g_w_DF, g_b_enc_F
+
+
+def distributed_top_k(x_NF: jax.Array, k: int, mesh: Mesh | None = None, *,
+                      shard_latents: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k(x, k)` over latents (the same values and indices, ties to the lower
+    index), computed on each device's own rows.
+
+    XLA does not partition a top-k: left to itself it gathers the whole [N, F] array onto every
+    device. Under `mesh` the top-k runs in a `shard_map` over the rows' `data` split instead;
+    with `shard_latents`, each device also takes the top-k of its own slice of latents, and a
+    top-k of the `model * k` candidates merges them, so only the candidates cross devices.
+    """
+    n, f = x_NF.shape
+    if mesh is None or n % mesh.shape[DATA] or (mesh.shape[DATA] == 1 and not shard_latents):
+        return jax.lax.top_k(x_NF, k)
+    slices = mesh.shape[MODEL] if shard_latents and f % mesh.shape[MODEL] == 0 else 1
+    width = f // slices
+
+    def local(x):
+        vals, idx = jax.lax.top_k(x, min(k, width))
+        if slices == 1:
+            return vals, idx
+        return vals, idx + jax.lax.axis_index(MODEL) * width
+
+    spec = PartitionSpec(DATA, MODEL if slices > 1 else None)
+    vals, idx = jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=(spec, spec))(x_NF)
+    if slices == 1:
+        return vals, idx
+
+    def merge(vals, idx):
+        top_vals, pos = jax.lax.top_k(vals, k)
+        return top_vals, jnp.take_along_axis(idx, pos, axis=-1)
+
+    rows = PartitionSpec(DATA, None)
+    return jax.shard_map(merge, mesh=mesh, in_specs=rows, out_specs=(rows, rows))(vals, idx)
 
 
 take_topk.defvjp(_take_topk_fwd, _take_topk_bwd)
@@ -216,6 +255,10 @@ class SAE:
         bandwidth: JumpReLU straight-through kernel width.
         threshold_decay: BatchTopK: the inference threshold is an exponential moving average
             of each batch's smallest kept value, with this weight on the old value.
+        mesh: the mesh a jitted training step runs on, with inputs split over its `data` axis:
+            top-k selections then run per device (`distributed_top_k`, the same results).
+        shard_latents: the latents are split over the mesh's `model` axis.
+            `Trainer.jit_sweep` sets both; they are layout, so `to_config` leaves them out.
     """
 
     architecture: str
@@ -226,6 +269,8 @@ class SAE:
     threshold_init: float = 1e-3
     bandwidth: float = 1e-3
     threshold_decay: float = 0.99
+    mesh: Mesh | None = None
+    shard_latents: bool = False
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -321,8 +366,8 @@ class SAE:
             # The dense `pre` only chooses the latents; the chosen values carry a K-sparse
             # gradient (`take_topk`). `pre_acts` stays differentiable for AuxK.
             chosen = jax.lax.stop_gradient(pre)
-            _, idx = jax.lax.top_k(chosen, self.k)
-            vals = jax.nn.relu(take_topk(chosen, idx, x_ND, params.b_dec, params.w_enc, params.b_enc))
+            vals, idx = self.top_k(chosen, self.k)
+            vals = jax.nn.relu(take_topk(vals, idx, x_ND, params.b_dec, params.w_enc, params.b_enc))
             if k is not None:
                 vals = jnp.where(jnp.arange(self.k) < k, vals, 0.0)
             return Encoding(pre, top_idx=idx, top_vals=vals)
@@ -334,6 +379,10 @@ class SAE:
         keep = (acts >= kth) & (acts > 0)
         smallest_kept = jnp.min(jnp.where(keep, acts, jnp.inf))
         return Encoding(pre, z=jnp.where(keep, acts, 0.0), batch_threshold=smallest_kept)
+
+    def top_k(self, x_NF: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+        """`jax.lax.top_k` over latents, per device under `mesh` (`distributed_top_k`)."""
+        return distributed_top_k(x_NF, k, self.mesh, shard_latents=self.shard_latents)
 
     def decode(self, params: SAEParams, z_NF: jax.Array) -> jax.Array:
         """[N, F] -> [N, D]: `z @ w_dec + b_dec`."""
@@ -371,7 +420,9 @@ class SAE:
 
     def to_config(self) -> dict[str, Any]:
         """JSON-ready description; `from_config` inverts it."""
-        return dataclasses.asdict(self)
+        config = dataclasses.asdict(self)
+        del config["mesh"], config["shard_latents"]
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SAE:

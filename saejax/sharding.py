@@ -1,16 +1,23 @@
 """The device mesh and the logical-axis rules, stated once.
 
 Two mesh axes: `data` (batches of images and of activations are split over it) and `model`
-(reserved for splitting SAE latents; size 1 unless asked for). Arrays name their axes
-logically (`batch`, `latent`, ...) and `RULES` maps those names to mesh axes.
+(independent sweep members, or the latents of one large SAE, are split over it). Arrays name
+their axes logically (`batch`, `member`, `latent`, ...) and `RULES` maps those names to mesh
+axes. `resolve` turns logical names into a `PartitionSpec` for a concrete shape: a mesh axis
+is used once per array (first come, first served) and only for a dimension it divides, so a
+sweep of 4 members on a 4-way `model` axis splits its members, while a single SAE splits its
+latents over the same axis.
 
 >>> mesh = make_mesh()                       # every device on `data`
 >>> images = jax.device_put(images, sharding(mesh, "batch", None, None, None))
+>>> resolve(mesh, (4, 768, 16384), ("member", "embed", "latent"))   # on a (2, 4) mesh
+PartitionSpec('model', None, None)
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -20,13 +27,28 @@ DATA, MODEL = "data", "model"
 # Logical axis -> mesh axis (None: replicated).
 RULES: dict[str, str | None] = {
     "batch": DATA,  # images, or rows of activations
-    "latent": MODEL,  # SAE latents
+    "member": MODEL,  # members of an SAE sweep (independent of each other)
+    "latent": MODEL,  # SAE latents (when the members do not already use `model`)
     "embed": None,  # d_model
+    "layer": None,
     "tokens": None,
     "height": None,
     "width": None,
     "channels": None,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Logical:
+    """The logical axis names of one array (a pytree leaf, so trees of them mirror state trees).
+
+    >>> Logical("member", "embed", "latent")
+    """
+
+    axes: tuple[str | None, ...]
+
+    def __init__(self, *axes: str | None):
+        object.__setattr__(self, "axes", tuple(axes))
 
 
 def make_mesh(data: int | None = None, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -35,7 +57,7 @@ def make_mesh(data: int | None = None, model: int = 1, devices: Sequence[jax.Dev
     Args:
         data: devices on the data axis; default all devices / `model`.
         model: devices on the model axis.
-        devices: the devices to use; default `jax.devices()`.
+        devices: the devices to use; default `jax.devices()` (all processes' devices).
     """
     devices = list(jax.devices() if devices is None else devices)
     data = len(devices) // model if data is None else data
@@ -47,10 +69,36 @@ def make_mesh(data: int | None = None, model: int = 1, devices: Sequence[jax.Dev
 
 def spec(*logical_axes: str | None) -> PartitionSpec:
     """PartitionSpec for an array whose axes have these logical names (None: replicated)."""
-    unknown = [a for a in logical_axes if a is not None and a not in RULES]
-    if unknown:
-        raise ValueError(f"unknown logical axes {unknown}; known: {sorted(RULES)}")
+    _check_names(logical_axes)
     return PartitionSpec(*(None if a is None else RULES[a] for a in logical_axes))
+
+
+def resolve(mesh: Mesh, shape: Sequence[int], logical_axes: Sequence[str | None]) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` on `mesh`, following `RULES`.
+
+    A mesh axis shards the first dimension that names it and that it divides evenly; other
+    dimensions naming it stay replicated. Mesh axes of size 1 are left out.
+    """
+    _check_names(logical_axes)
+    if len(shape) != len(logical_axes):
+        raise ValueError(f"shape {tuple(shape)} has {len(shape)} axes, logical axes {tuple(logical_axes)} name "
+                         f"{len(logical_axes)}")
+    used, out = set(), []
+    for size, name in zip(shape, logical_axes):
+        axis = None if name is None else RULES[name]
+        if axis is None or axis in used or mesh.shape[axis] == 1 or size % mesh.shape[axis]:
+            out.append(None)
+        else:
+            used.add(axis)
+            out.append(axis)
+    return PartitionSpec(*out)
+
+
+def tree_shardings(mesh: Mesh, abstract_tree: Any, logical_tree: Any) -> Any:
+    """NamedShardings for every leaf of `abstract_tree` (arrays or `jax.ShapeDtypeStruct`s),
+    from a tree of the same structure whose leaves are `Logical` axis names."""
+    return jax.tree.map(lambda x, logical: NamedSharding(mesh, resolve(mesh, x.shape, logical.axes)),
+                        abstract_tree, logical_tree)
 
 
 def sharding(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:
@@ -65,3 +113,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading axis split over `data`, the rest replicated."""
     return sharding(mesh, "batch", *([None] * (ndim - 1)))
+
+
+def data_size(mesh: Mesh | None) -> int:
+    """Devices on the `data` axis (1 without a mesh)."""
+    return 1 if mesh is None else int(mesh.shape[DATA])
+
+
+def _check_names(logical_axes) -> None:
+    unknown = [a for a in logical_axes if a is not None and a not in RULES]
+    if unknown:
+        raise ValueError(f"unknown logical axes {unknown}; known: {sorted(RULES)}")

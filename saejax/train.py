@@ -16,17 +16,21 @@ A sweep stacks members on a leading axis and trains them on the same batch:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import Mesh, NamedSharding
+
+from saejax import sharding as shd
 from saejax.losses import Objective
-from saejax.resample import resample_dead
 from saejax.optim import learning_rate_schedule, make_optimizer
+from saejax.resample import resample_dead
 from saejax.sae import SAE, SAEParams
 
 # Counters saturate here instead of overflowing int32 (about 10^9 tokens).
@@ -200,11 +204,17 @@ class Trainer:
                 and (self.resample_until is None or steps_done <= self.resample_until))
 
     def resample(self, state: TrainState, x_ND: jax.Array) -> tuple[TrainState, jax.Array]:
-        """`saejax.resample.resample_dead` with a key derived from the state's key and step.
+        """`saejax.resample.resample_dead` of the state's dead latents, with a key derived from
+        the state's key and step; their dead counters restart.
 
         Returns `(state, number of latents resampled)`.
         """
-        return resample_dead(self, state, x_ND, jax.random.fold_in(state.key, state.step))
+        dead_F = self.dead_latents(state)
+        params, opt_state, n = resample_dead(
+            self.ae, self.optimizer(state.hparams.learning_rate), state.params, state.opt_state, dead_F, x_ND,
+            jax.random.fold_in(state.key, state.step), encoder_scale=self.resample_encoder_scale)
+        tokens_since_fired = jnp.where(dead_F, 0, state.tokens_since_fired)
+        return state.replace(params=params, opt_state=opt_state, tokens_since_fired=tokens_since_fired), n
 
     def sweep_resample(self, states: TrainState, x_ND: jax.Array) -> tuple[TrainState, jax.Array]:
         """`resample` for every member of a stacked sweep."""
@@ -213,6 +223,57 @@ class Trainer:
     def sweep_step(self, states: TrainState, x_ND: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         """`step` for every member of a stacked sweep, all on the same batch."""
         return jax.vmap(self.step, in_axes=(0, None))(states, x_ND)
+
+    # --------------------------------------------------------------------------- sharding
+
+    def logical_axes(self, state: TrainState) -> TrainState:
+        """The logical axis names (`saejax.sharding.Logical`) of every leaf of `state`, a single
+        state or a stacked sweep (leading `member` axis); `jax.eval_shape` output works."""
+        lead = ("member",) if state.step.ndim == 1 else ()
+
+        def axes(*names):
+            return shd.Logical(*lead, *names)
+
+        params = SAEParams(w_enc=axes("embed", "latent"), b_enc=axes("latent"), w_dec=axes("latent", "embed"),
+                           b_dec=axes("embed"), threshold=None if state.params.threshold is None else axes("latent"))
+        opt_state = optax.tree_map_params(
+            self.optimizer(1.0), lambda _, names: names, state.opt_state, params,
+            transform_non_params=lambda leaf: axes(*([None] * (leaf.ndim - len(lead)))),
+            is_leaf=lambda x: isinstance(x, shd.Logical))
+        return TrainState(step=axes(), params=params, opt_state=opt_state,
+                          hparams=Hparams(axes(), axes(), axes()), tokens_since_fired=axes("latent"), key=axes())
+
+    def shardings(self, state: TrainState, mesh: Mesh) -> TrainState:
+        """NamedShardings of every leaf of `state` on `mesh`, by `saejax.sharding.RULES`: sweep
+        members over `model` when their number divides it, else a single SAE's latents
+        (encoder columns, decoder rows) over `model`; replicated over `data`."""
+        return shd.tree_shardings(mesh, state, self.logical_axes(state))
+
+    def init_sweep_sharded(self, key: jax.Array, hparams: Hparams, mesh: Mesh, *,
+                           b_dec: jax.Array | None = None) -> TrainState:
+        """`init_sweep`, with every array born in its place on `mesh` (`shardings`): the state
+        is never materialised on one device first."""
+        init = lambda: self.init_sweep(key, hparams, b_dec=b_dec)  # noqa: E731
+        return jax.jit(init, out_shardings=self.shardings(jax.eval_shape(init), mesh))()
+
+    def jit_sweep(self, states: TrainState, mesh: Mesh) -> tuple[Callable, Callable]:
+        """`(sweep_step, sweep_resample)` jitted for `mesh`: states (donated) in and out with
+        `shardings`, the batch `[B, D]` split over `data`, so each device computes on B / n
+        rows and the gradients are all-reduced over `data`. `states` may be abstract."""
+        state_sh = self.shardings(states, mesh)
+        members = states.step.shape[0]
+        members_split = state_sh.step.spec[0] == shd.MODEL
+        latents_split = state_sh.params.w_dec.spec[1] == shd.MODEL
+        trainer = dataclasses.replace(self, ae=dataclasses.replace(self.ae, mesh=mesh, shard_latents=latents_split))
+        # Members split over `model`: tell the per-device pieces (shard_map) that the vmapped axis is split too.
+        vmap = functools.partial(jax.vmap, in_axes=(0, None), spmd_axis_name=shd.MODEL if members_split else None)
+        per_member = NamedSharding(mesh, shd.resolve(mesh, (members,), ("member",)))
+        batch = shd.batch_sharding(mesh, 2)
+        step = jax.jit(vmap(trainer.step), in_shardings=(state_sh, batch), out_shardings=(state_sh, per_member),
+                       donate_argnums=0)
+        resample = jax.jit(vmap(trainer.resample), in_shardings=(state_sh, batch),
+                           out_shardings=(state_sh, per_member), donate_argnums=0)
+        return step, resample
 
 
 def make_trainer(ae: SAE, **kwargs) -> Trainer:

@@ -29,7 +29,7 @@ def test_dead_latents_fire_again_and_live_ones_are_untouched():
     assert set(np.flatnonzero(dead)) >= {0, 7, 30}
     live = ~dead
 
-    new_state, n = jax.jit(lambda s, x, k: resample.resample_dead(trainer, s, x, k))(state, x, jax.random.key(3))
+    new_state, n = jax.jit(trainer.resample)(state, x)
     assert int(n) == int(jnp.sum(dead))
 
     # Dead latents fire again on the probe inputs.
@@ -62,7 +62,7 @@ def test_dead_latents_fire_again_and_live_ones_are_untouched():
 def test_nothing_dead_changes_nothing():
     trainer, state, x = trained_state_with_dead_latents(jnp.array([], jnp.int32))
     state = state.replace(tokens_since_fired=jnp.zeros_like(state.tokens_since_fired))
-    new_state, n = resample.resample_dead(trainer, state, x, jax.random.key(0))
+    new_state, n = trainer.resample(state, x)
     assert int(n) == 0
     for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
         if not jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
@@ -85,3 +85,23 @@ def test_resample_schedule():
     trainer = train.make_trainer(sae.relu(4, 8), resample_every=100, resample_until=250)
     assert [s for s in range(1, 400) if trainer.resample_due(s)] == [100, 200]
     assert not any(train.make_trainer(sae.relu(4, 8)).resample_due(s) for s in range(1, 400))
+
+
+def test_resample_dead_takes_explicit_pieces_from_a_users_own_loop():
+    # No Trainer: plain params, a plain optax.adam state, a user-made dead mask.
+    ae = sae.relu(8, 16)
+    params = ae.init(jax.random.key(0))
+    tx = optax.adam(1e-3)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, opt_state = tx.update(grads, tx.init(params), params)  # non-zero moments everywhere
+    dead = jnp.arange(16) % 5 == 0
+    x = jax.random.normal(jax.random.key(1), (32, 8))
+    new_params, new_opt, n = jax.jit(resample.resample_dead, static_argnums=(0, 1))(
+        ae, tx, params, opt_state, dead, x, jax.random.key(2))
+    assert int(n) == 4
+    np.testing.assert_allclose(jnp.linalg.norm(new_params.w_dec[dead], axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(new_params.w_dec[~dead], params.w_dec[~dead])
+    mu = new_opt[0].mu
+    np.testing.assert_array_equal(mu.w_enc[:, dead], 0.0)
+    np.testing.assert_array_equal(mu.w_enc[:, ~dead], opt_state[0].mu.w_enc[:, ~dead])
+    np.testing.assert_array_equal(mu.b_dec, opt_state[0].mu.b_dec)
