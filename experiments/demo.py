@@ -7,10 +7,11 @@ stream on the fly, features matched to ground-truth concepts, and interventions 
 Steps:
 1. The shapes world (`saejax.datasets.shapes`, 64 px images by default: an 8 x 8 grid of 8 px
    patches; `--image_size=40` gives a 5 x 5 grid, faster but with more partly covered
-   patches) and a small ViT trained on it (`saejax.vit_training.train_shapes_vit`; reused when
+   patches) and a small ViT trained on it (`saejax.datasets.shapes_vit.train_shapes_vit`; reused when
    `<workdir>/vit` matches).
 2. A TopK SAE on block 2 of 4 (`experiments/configs/shapes_demo.py`) via
-   `experiments.train_sae` in `<workdir>/sae_run` (resumable like any run).
+   `experiments.train_sae` in `<workdir>/sae_run` (resumable like any run); the trained
+   states come back in memory.
 3. On validation images: per latent, the top exemplars and patch-level F1 against each
    concept's masks; the best latent per concept.
    Two bounds explain a low F1: the best union of up to 4 latents (`features.
@@ -42,11 +43,10 @@ from absl import app, flags, logging
 
 from experiments.configs import shapes_demo
 from experiments.sae_training import train_sae
-from saejax import backbones, features, interventions, probes, viz
+from saejax import features, interventions, probes, train, viz
 from saejax import metrics as sae_metrics
-from saejax.checkpoint import load_sae
 from saejax.datasets import shapes
-from saejax.vit_training import train_shapes_vit
+from saejax.datasets.shapes_vit import train_shapes_vit
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the ViT, the SAE run and the report go.")
 _QUICK = flags.DEFINE_bool("quick", False, "A reduced run (seconds of training) to check the pipeline.")
@@ -160,16 +160,17 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
     config.backbone.name = vit.path
     config.data.image_size = image_size
     sae_dir = os.path.join(workdir, "sae_run")
-    evaluation = train_sae(config, sae_dir)
-    ae, sae_params, info = load_sae(os.path.join(sae_dir, "sae", "member_0"))
-    norm = info["normalization"]
-    bb, bb_params = backbones.load(vit.path)
+    run = train_sae(config, sae_dir)  # the trained states come back in memory
+    layer = config.layers[0]
+    ae, norm, bb, bb_params = run.trainer.ae, run.normalization[layer], run.bb, run.bb_params
+    sae_params = jax.device_get(train.member(run.states[layer], 0).params)
+    evaluation = run.evaluation
 
     # 3. Features on validation images.
     n_val = 200 if quick else 1_000
     val = shapes.source("validation", n_val, seed=1, image_size=image_size)
     images, pixel_labels = val.world.images, val.world.pixel_labels
-    analysis = Analysis(bb, bb_params, ae, sae_params, norm, config.layer)
+    analysis = Analysis(bb, bb_params, ae, sae_params, norm, layer)
     p = bb.patch_size
     concepts_N = shapes.patch_concepts(pixel_labels, p).reshape(n_val, -1, len(shapes.CONCEPTS))
     majority = shapes.patch_labels(pixel_labels, p).reshape(n_val, -1)
@@ -288,7 +289,7 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
         "vit": {"val_accuracy": vit.val_accuracy, "path": vit.path},
         "sae": {"l0": member["l0"], "nmse": member["nmse"], "explained_variance": member["explained_variance"],
                 "dead_fraction": member["dead_fraction"], "dense_fraction": member["dense_fraction"],
-                "d_sae": ae.d_sae, "architecture": ae.architecture, "layer": config.layer, "path": member["path"]},
+                "d_sae": ae.d_sae, "architecture": ae.architecture, "layer": layer, "path": member["path"]},
         "probes": {"colour_accuracy": probe_accuracy["colour"], "shape_accuracy": probe_accuracy["shape"]},
         "concepts": concept_results,
         "conjunctions": [{"name": name, "latent": int(j), "f1": float(f)}

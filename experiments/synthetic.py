@@ -21,9 +21,9 @@ from ml_collections import config_flags
 
 from saejax import metrics as sae_metrics
 from saejax import sae, train
+from experiments.sae_training import build_trainer
 from saejax.checkpoint import TrainCheckpointer, save_sae
 from saejax.datasets import synthetic
-from saejax.losses import Objective
 from saejax.normalization import estimate_normalization
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "synthetic.py"))
@@ -31,16 +31,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 
 
 def build(config):
-    s = config.sae
-    if s.architecture == "relu":
-        ae = sae.relu(config.world.d_model, s.d_sae)
-    else:
-        ae = getattr(sae, s.architecture)(config.world.d_model, s.d_sae, k=s.k)
-    trainer = train.make_trainer(ae, objective=Objective(**config.objective), dead_after_tokens=config.dead_after_tokens,
-                                 resample_every=config.resample_every, resample_until=config.resample_until,
-                                 **config.optimizer)
-    hparams = train.Hparams.grid(**config.sweep)
-    return ae, trainer, hparams
+    trainer, hparams = build_trainer(config, config.world.d_model)
+    return trainer.ae, trainer, hparams
 
 
 def main(argv):

@@ -3,34 +3,55 @@
     python -m experiments.train_sae --config=experiments/configs/clip_vit_b16.py --workdir=DIR
     python -m experiments.train_sae --config=experiments/configs/clip_vit_b16.py:small --workdir=DIR
 
-The loop: backbone -> mesh -> sharded jitted harvest of one layer's tokens -> device shuffle
-buffer -> jitted SAE step (one SAE or a `vmap` sweep) -> dead-latent resampling on schedule ->
-metrics (`metrics.jsonl`, TensorBoard event files in `tensorboard/`, a progress bar).
+The loop (all of it `saejax`): backbone -> mesh -> sharded jitted harvest of the config's
+layers -> double-buffered device shuffle buffer (`saejax.stream.ActivationStream`) -> one
+jitted, data-parallel step of each layer's sweep (`saejax.loop.fit`) -> dead-latent
+resampling on schedule -> metrics (`metrics.jsonl`, TensorBoard event files in
+`tensorboard/`, a progress bar).
 
 Workdir layout:
-    normalization.npz       activation mean and scalar (estimated once, reused on resume)
-    checkpoints/<step>/     orbax: the stacked TrainState, the config, the data position
-    metrics.jsonl           one line per logged step and sweep member
-    tensorboard/            event files (tensorboard --logdir DIR/tensorboard)
-    eval.json               final evaluation per member (L0, MSE, NMSE, explained variance,
-                            dead/dense fraction, per-latent frequency and mean value)
-    sae/member_<i>/         portable SAEs (saejax.checkpoint.load_sae)
+    normalization.npz             activation mean and scalar per layer (estimated once, reused on resume)
+    checkpoints/<step>/           orbax: the stacked TrainState per layer, the config, the stream position
+    metrics.jsonl                 one line per logged step, layer and sweep member
+    tensorboard/                  event files (tensorboard --logdir DIR/tensorboard)
+    eval.json                     final evaluation per layer and member (L0, MSE, NMSE, explained
+                                  variance, dead/dense fraction, per-latent frequency and mean value)
+    sae/layer_<L>/member_<i>/     portable SAEs (saejax.checkpoint.load_sae)
 
 Resuming: rerunning the same command continues from the latest checkpoint and ends with the same
 parameters as an uninterrupted run. Checkpoints are written every `checkpoint_every` steps and
-on SIGTERM/SIGINT (preemption). The activation buffer is not saved: a resumed run refills it
-from the data position where its fill began, reshuffles it with the same key and skips the
-batches already taken. A NaN or Inf loss stops the run with an error; the last checkpoint
-written before it stays the newest.
+on SIGTERM/SIGINT (preemption; exit code 128 + the signal). The activation buffer is not saved:
+a resumed run refills it from the data position where its fill began and reshuffles it with
+the same key. A NaN or Inf loss stops the run with an error; the last checkpoint written
+before it stays the newest.
+
+Several hosts (a TPU pod slice, several GPU nodes): run the same command on every host.
+`--distributed` calls `jax.distributed.initialize()`, which finds its peers by itself on Cloud
+TPU and under SLURM; elsewhere give `--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`. Each process reads its own share of the images; checkpoints and the mesh span
+all processes.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.sae_training import train_sae
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An experiments/configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the trained SAEs.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (peers found automatically "
+                                 "on Cloud TPU, SLURM, ...).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (implies --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize` from the flags, before anything touches the devices."""
+    if _COORDINATOR.value is None and not _DISTRIBUTED.value:
+        return
+    import jax
+
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
 
 
 def main(argv):
@@ -38,7 +59,15 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
-    train_sae(_CONFIG.value, _WORKDIR.value)
+    initialize_distributed()
+    from experiments.sae_training import train_sae
+    from saejax.loop import Preempted
+
+    try:
+        train_sae(_CONFIG.value, _WORKDIR.value)
+    except Preempted as e:
+        print(f"\n{e}: saved a checkpoint; rerun the same command to resume.", flush=True)
+        raise SystemExit(128 + e.signum) from None
 
 
 if __name__ == "__main__":

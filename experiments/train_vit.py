@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 import saejax
 from saejax.datasets import shapes
-from saejax.vit_training import train_shapes_vit
+from saejax.datasets.shapes_vit import train_shapes_vit
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "shapes_vit.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the ViT checkpoint (<workdir>/vit).", required=True)

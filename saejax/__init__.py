@@ -2,12 +2,13 @@
 
 Modules: `sae` (architectures), `losses`, `optim` (optax pieces), `train` (state + step),
 `resample` (dead latents), `normalization`, `metrics`, `checkpoint`, `backbones` (Flax ViTs),
-`data` (host-side images), `activations` (sharded harvest + shuffle buffer), `interventions`,
-`sharding` (mesh + logical axes), `features`, `probes`, `viz`, `datasets` (synthetic and shapes
-worlds), `vit_training` (the shapes world's ViT).
+`data` (host-side images), `activations` (sharded harvest + shuffle buffer), `stream`
+(activation streams), `loop` (fit, evaluate), `interventions`, `sharding` (mesh + logical
+axes), `features`, `probes`, `viz`, `datasets` (synthetic and shapes worlds, and the shapes
+world's ViT in `datasets.shapes_vit`).
 """
 
-from saejax import (activations, backbones, checkpoint, data, features, interventions, losses, metrics, normalization,
-                    optim, probes, resample, sae, sharding, train, viz)
+from saejax import (activations, backbones, checkpoint, data, features, interventions, loop, losses, metrics,
+                    normalization, optim, probes, resample, sae, sharding, stream, train, viz)
 
 __version__ = "0.1.0"

@@ -12,16 +12,15 @@ shuffle buffer that mixes tokens from many images into SAE batches.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from saejax import sharding as shd
-from saejax.normalization import Normalization, estimate_normalization
 
 TOKEN_SETS = ("cls", "patches", "registers", "all")
 
@@ -113,18 +112,28 @@ def make_harvest(bb, layers: Sequence[int], *, tokens: str = "patches", mesh: Me
 
 @flax.struct.dataclass
 class ShuffleBuffer:
-    """A fill of activation rows on device, emptied in a random order.
+    """A fill of activation rows on device, emptied in a random order, in `groups` that never mix.
 
     Use: `push` rows until `full()`, `shuffle`, then `take` batches while `remaining()` covers
     a batch, then `clear` and fill again. Every row pushed in a fill comes out exactly once,
     in an order fixed by the shuffle key.
 
+    The rows live in `groups` equal groups: pushed rows are dealt to them in contiguous runs
+    (row r of a push of N goes to group r // (N / groups)), each group is shuffled on its own
+    (see `shuffle`) and a batch takes B / groups rows from each group, in
+    group order. Under a mesh the groups are split over `data` and every operation runs per
+    device (`jax.shard_map`): a device shuffles and reads only its own rows, and batches come
+    out split over `data` with no gather. The stream depends on `groups` only, not on the
+    mesh: any mesh whose `data` size divides `groups` gives the same batches.
+
     Attributes:
-        rows: [C, D] activations.
-        image_ids, token_ids: [C] int32 provenance of each row.
-        order: [C] int32 reading order set by `shuffle` (filled slots first).
-        size: rows written in this fill.
-        read: rows taken since the shuffle.
+        rows: [G, R, ...] activations (R rows per group; trailing axes as pushed, e.g. [D] or
+            [layers, D]).
+        image_ids, token_ids: [G, R] int32 provenance of each row.
+        order: [G, R] int32 reading order of each group, set by `shuffle` (filled slots first).
+        size: rows written per group in this fill.
+        read: rows taken per group since the shuffle.
+        mesh: the mesh the groups are split over (static), or None.
     """
 
     rows: jax.Array
@@ -133,84 +142,127 @@ class ShuffleBuffer:
     order: jax.Array
     size: jax.Array
     read: jax.Array
+    mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def create(cls, capacity: int, d_model: int, *, dtype=jnp.float32, mesh: Mesh | None = None) -> ShuffleBuffer:
-        """An empty buffer; with a mesh, its rows are split over the `data` axis."""
+    def create(cls, capacity: int, row_shape: int | Sequence[int], *, groups: int | None = None, dtype=jnp.float32,
+               mesh: Mesh | None = None) -> ShuffleBuffer:
+        """An empty buffer of `capacity` rows of shape `row_shape` (`d_model`, or `(layers,
+        d_model)`), in `groups` groups (default: the mesh's `data` size, or 1)."""
+        groups = shd.data_size(mesh) if groups is None else int(groups)
+        if groups < 1 or capacity % groups:
+            raise ValueError(f"capacity {capacity} is not a multiple of groups={groups}")
+        if groups % shd.data_size(mesh):
+            raise ValueError(f"groups={groups} must be a multiple of the mesh's data axis ({shd.data_size(mesh)} "
+                             f"devices): each device holds whole groups")
+        row_shape = (row_shape,) if isinstance(row_shape, (int, np.integer)) else tuple(row_shape)
+        per_group = capacity // groups
 
         def make():
-            ids = jnp.zeros((capacity,), jnp.int32)
-            return cls(jnp.zeros((capacity, d_model), dtype), ids, ids, jnp.arange(capacity, dtype=jnp.int32),
-                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+            ids = jnp.zeros((groups, per_group), jnp.int32)
+            order = jnp.broadcast_to(jnp.arange(per_group, dtype=jnp.int32), (groups, per_group))
+            return cls(jnp.zeros((groups, per_group, *row_shape), dtype), ids, ids, order,
+                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), mesh)
 
         if mesh is None:
             return make()
-        rows, scalar = shd.batch_sharding(mesh, 1), shd.replicated(mesh)
-        return jax.jit(make, out_shardings=cls(shd.batch_sharding(mesh, 2), rows, rows, scalar, scalar, scalar))()
+        grouped, scalar = shd.batch_sharding(mesh, 2), shd.replicated(mesh)
+        return jax.jit(make, out_shardings=cls(shd.batch_sharding(mesh, 2 + len(row_shape)), grouped, grouped,
+                                               grouped, scalar, scalar, mesh))()
+
+    @property
+    def groups(self) -> int:
+        return self.rows.shape[0]
 
     @property
     def capacity(self) -> int:
-        return self.rows.shape[0]
+        return self.rows.shape[0] * self.rows.shape[1]
 
     def full(self) -> jax.Array:
-        return self.size >= self.capacity
+        return self.size >= self.rows.shape[1]
 
     def remaining(self) -> jax.Array:
-        """Rows not yet taken since the shuffle."""
-        return self.size - self.read
+        """Rows not yet taken since the shuffle (all groups)."""
+        return (self.size - self.read) * self.groups
 
     def clear(self) -> ShuffleBuffer:
         """Start a new fill (contents are overwritten by the next pushes)."""
         return self.replace(size=jnp.zeros_like(self.size), read=jnp.zeros_like(self.read))
 
 
-def push(buf: ShuffleBuffer, rows_ND: jax.Array, image_ids_N: jax.Array, token_ids_N: jax.Array) -> ShuffleBuffer:
-    """Append rows to the fill. Rows that do not fit are dropped, never written over others:
-    make the capacity a multiple of the rows pushed at a time."""
-    n = rows_ND.shape[0]
+def _per_group(mesh: Mesh | None, fn: Callable, grouped: tuple, shared: tuple = ()):
+    """`vmap(fn)` over the leading (group) axis of `grouped`, with `shared` broadcast; under a
+    mesh, inside a `shard_map` so that each device runs it on its own groups only."""
+    mapped = jax.vmap(fn, in_axes=(0,) * len(grouped) + (None,) * len(shared))
+    if mesh is None:
+        return mapped(*grouped, *shared)
+    split, whole = PartitionSpec(shd.DATA), PartitionSpec()
+    return jax.shard_map(mapped, mesh=mesh, in_specs=(split,) * len(grouped) + (whole,) * len(shared),
+                         out_specs=split)(*grouped, *shared)
+
+
+def push(buf: ShuffleBuffer, rows_N: jax.Array, image_ids_N: jax.Array, token_ids_N: jax.Array) -> ShuffleBuffer:
+    """Append rows to the fill, `N / groups` contiguous rows to each group. Rows that do not
+    fit are dropped, never written over others: make each group's capacity a multiple of
+    `N / groups`."""
+    n, g = rows_N.shape[0], buf.groups
+    if n % g:
+        raise ValueError(f"pushing {n} rows into {g} groups: the rows must split evenly")
     if n > buf.capacity:
         raise ValueError(f"pushing {n} rows into a buffer of capacity {buf.capacity}")
-    start = jnp.minimum(buf.size, buf.capacity - n)
-    already_filled = jnp.arange(n) < buf.size - start  # slots of this window holding this fill's rows
+    m, per_group = n // g, buf.rows.shape[1]
+    start = jnp.minimum(buf.size, per_group - m)
+    already_filled = jnp.arange(m) < buf.size - start  # slots of this window holding this fill's rows
 
-    def write(stored, new):
-        old = jax.lax.dynamic_slice_in_dim(stored, start, n)
-        mask = already_filled.reshape((n,) + (1,) * (stored.ndim - 1))
+    def write(stored, new, start, already_filled):
+        old = jax.lax.dynamic_slice_in_dim(stored, start, m)
+        mask = already_filled.reshape((m,) + (1,) * (stored.ndim - 1))
         return jax.lax.dynamic_update_slice_in_dim(stored, jnp.where(mask, old, new.astype(stored.dtype)), start, 0)
 
-    return buf.replace(rows=write(buf.rows, rows_ND), image_ids=write(buf.image_ids, image_ids_N),
-                       token_ids=write(buf.token_ids, token_ids_N), size=jnp.minimum(buf.size + n, buf.capacity))
+    def grouped(x):
+        return x.reshape(g, m, *x.shape[1:])
+
+    rows, image_ids, token_ids = _per_group(
+        buf.mesh, lambda r, i, t, nr, ni, nt, start, filled: tuple(
+            write(a, b, start, filled) for a, b in ((r, nr), (i, ni), (t, nt))),
+        (buf.rows, buf.image_ids, buf.token_ids, grouped(rows_N), grouped(image_ids_N), grouped(token_ids_N)),
+        (start, already_filled))
+    return buf.replace(rows=rows, image_ids=image_ids, token_ids=token_ids,
+                       size=jnp.minimum(buf.size + m, per_group))
 
 
 def shuffle(buf: ShuffleBuffer, key: jax.Array) -> ShuffleBuffer:
-    """Draw a random reading order over the filled rows and start reading from the first."""
-    priority = jnp.where(jnp.arange(buf.capacity) < buf.size, jax.random.uniform(key, (buf.capacity,)), 2.0)
-    return buf.replace(order=jnp.argsort(priority).astype(jnp.int32), read=jnp.zeros_like(buf.read))
+    """Draw a random reading order over each group's filled rows and start reading from the
+    first; group g uses `jax.random.split(key, groups)[g]` (a single group uses `key`)."""
+    per_group = buf.rows.shape[1]
+
+    def draw(group_key, size):
+        priority = jnp.where(jnp.arange(per_group) < size, jax.random.uniform(group_key, (per_group,)), 2.0)
+        return jnp.argsort(priority).astype(jnp.int32)
+
+    keys = key[None] if buf.groups == 1 else jax.random.split(key, buf.groups)
+    order = _per_group(buf.mesh, draw, (keys,), (buf.size,))
+    return buf.replace(order=order, read=jnp.zeros_like(buf.read))
 
 
 def take(buf: ShuffleBuffer, batch_size: int) -> tuple[ShuffleBuffer, Harvest]:
-    """The next `batch_size` rows in the shuffled order, as a `Harvest` with `acts={0: rows}`.
+    """The next `batch_size` rows in the shuffled order, `batch_size / groups` from each group
+    in group order, as a `Harvest` with `acts={0: rows}` (split over `data` under a mesh).
 
     Past the end of the fill, reading wraps around to its start; check `remaining()`.
     """
-    slots = buf.order[(buf.read + jnp.arange(batch_size)) % jnp.maximum(buf.size, 1)]
-    batch = Harvest({0: buf.rows[slots]}, buf.image_ids[slots], buf.token_ids[slots])
-    return buf.replace(read=buf.read + batch_size), batch
+    g = buf.groups
+    if batch_size % g:
+        raise ValueError(f"batch_size {batch_size} does not split evenly over {g} buffer groups")
+    b = batch_size // g
 
+    def read(rows, image_ids, token_ids, order, start, size):
+        slots = order[(start + jnp.arange(b)) % jnp.maximum(size, 1)]
+        return rows[slots], image_ids[slots], token_ids[slots]
 
-def estimate_normalization_from(batches: Iterable[jax.Array], n_samples: int, key: jax.Array) -> Normalization:
-    """Normalisation statistics from a stream of activation batches ([N, D] each).
+    def flat(x):
+        return x.reshape(batch_size, *x.shape[2:])
 
-    Takes a random subset of rows from each batch (at most half a batch, so the sample spans
-    many batches) until `n_samples` rows are collected (the reference uses 2**19), then
-    `estimate_normalization` on them. Raises ValueError if the stream ends first.
-    """
-    collected, have = [], 0
-    for i, x in enumerate(batches):
-        take_n = min(max(1, x.shape[0] // 2), n_samples - have)
-        rows = jax.random.choice(jax.random.fold_in(key, i), x.shape[0], (take_n,), replace=False)
-        collected.append(jnp.asarray(x)[rows])
-        have += take_n
-        if have >= n_samples:
-            return estimate_normalization(jnp.concatenate(collected))
-    raise ValueError(f"the activation stream ended after {have} rows; {n_samples} were asked for")
+    rows, image_ids, token_ids = _per_group(buf.mesh, read, (buf.rows, buf.image_ids, buf.token_ids, buf.order),
+                                            (buf.read, buf.size))
+    return buf.replace(read=buf.read + b), Harvest({0: flat(rows)}, flat(image_ids), flat(token_ids))

@@ -4,6 +4,7 @@
 """
 
 import os
+import re
 import sys
 
 assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", ""), "set XLA_FLAGS first"
@@ -16,25 +17,44 @@ from saejax import activations as acts  # noqa: E402
 from saejax import sharding as shd  # noqa: E402
 
 
+COLLECTIVES = re.compile(r"= (\(.*?\)|\S+) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\(")
+
+
+def collectives(compiled_text):
+    """[(result type, collective)] of a compiled HLO module."""
+    return [(m.group(1), m.group(2)) for m in COLLECTIVES.finditer(compiled_text)]
+
+
 def check_buffer_sharded_equals_unsharded():
     assert jax.device_count() == 8
     rows = jnp.arange(64 * 4, dtype=jnp.float32).reshape(64, 4)
     ids = jnp.arange(64, dtype=jnp.int32)
     results = []
-    for mesh in (None, shd.make_mesh(data=2), shd.make_mesh()):
-        buf = acts.ShuffleBuffer.create(64, 4, mesh=mesh)
+    for mesh in (None, shd.make_mesh(data=2), shd.make_mesh(data=2, model=4), shd.make_mesh()):
+        buf = acts.ShuffleBuffer.create(64, 4, groups=8, mesh=mesh)
         for c in range(4):
             buf = jax.jit(acts.push)(buf, rows[c * 16:(c + 1) * 16], ids[c * 16:(c + 1) * 16], ids[c * 16:(c + 1) * 16])
         buf = jax.jit(acts.shuffle)(buf, jax.random.key(0))
+        take = jax.jit(acts.take, static_argnums=1)
         if mesh is not None:
-            assert buf.rows.sharding.spec == shd.spec("batch", None), buf.rows.sharding
-            assert len(buf.rows.sharding.device_set) == mesh.size
+            assert buf.rows.sharding.is_equivalent_to(shd.batch_sharding(mesh, 3), 3), buf.rows.sharding
+            # Each device holds 8 / data whole groups: 8 / data * 8 rows.
+            assert {s.data.shape for s in buf.rows.addressable_shards} == {(8 // mesh.shape["data"], 8, 4)}
+            # Pushing, shuffling and reading are per device: no collective at all.
+            for fn, args in ((jax.jit(acts.push), (buf, rows[:16], ids[:16], ids[:16])),
+                             (jax.jit(acts.shuffle), (buf, jax.random.key(1))), (take, (buf, 8))):
+                assert collectives(fn.lower(*args).compile().as_text()) == [], fn
         taken = []
         for _ in range(8):
-            buf, batch = jax.jit(acts.take, static_argnums=1)(buf, 8)
+            buf, batch = take(buf, 8)
+            if mesh is not None:  # batches come out split over `data`: B / data rows per device
+                assert batch.acts[0].sharding.is_equivalent_to(shd.batch_sharding(mesh, 2), 2)
+                assert {s.data.shape for s in batch.acts[0].addressable_shards} == {(8 // mesh.shape["data"], 4)}
             taken.append(np.asarray(batch.acts[0]))
         results.append(np.concatenate(taken))
     assert sorted(results[0][:, 0] // 4) == list(range(64))
+    # Group g holds pushed rows 2g, 2g+1 of each push of 16: every batch takes one row per group.
+    np.testing.assert_array_equal((results[0][:8, 0] // 4) % 16 // 2, np.arange(8))
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
 
@@ -67,6 +87,111 @@ def check_harvest_sharded_equals_unsharded():
             np.testing.assert_allclose(out.acts[layer], plain.acts[layer], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(out.image_ids, plain.image_ids)
         np.testing.assert_array_equal(out.token_ids, plain.token_ids)
+
+
+def _trainer(architecture):
+    from saejax import sae, train
+    from saejax.losses import Objective
+
+    if architecture == "topk":
+        ae, objective = sae.topk(16, 128, k=4), Objective(sparsity="none", auxk_coeff=1 / 32, k_aux=8)
+    else:
+        ae, objective = sae.relu(16, 128), Objective(sparsity="l1")
+    return train.make_trainer(ae, objective=objective, dead_after_tokens=200, warmup_steps=2, resample_every=4,
+                              resample_until=8)
+
+
+def check_sae_step_is_data_parallel():
+    from saejax import train
+
+    mesh = shd.make_mesh()
+    for architecture in ("relu", "topk"):
+        trainer = _trainer(architecture)
+        states = trainer.init_sweep_sharded(jax.random.key(0), train.Hparams.grid([1e-3, 3e-3], [1e-3]), mesh)
+        assert states.params.w_enc.sharding.is_fully_replicated  # data-parallel: parameters on every device
+        step, _ = trainer.jit_sweep(states, mesh)
+        compiled = step.lower(states, jax.ShapeDtypeStruct((96, 16), jnp.float32)).compile()
+        # Each device is handed 96 / 8 = 12 rows of the batch ...
+        batch_sharding = compiled.input_shardings[0][1]
+        assert batch_sharding.shard_shape((96, 16)) == (12, 16), batch_sharding
+        # ... and the gradients are summed over devices: the encoder's [2, 16, 128] gradient is all-reduced.
+        found = collectives(compiled.as_text())
+        assert any(kind == "all-reduce" and "16,128" in shape for shape, kind in found), found
+        # No device gathers the batch (XLA would, for a top-k left to itself).
+        assert not [c for c in found if c[1] == "all-gather"], found
+
+
+def check_training_equals_one_device():
+    from saejax import train
+
+    xs = jax.random.normal(jax.random.key(1), (12, 96, 16))
+    for architecture in ("relu", "topk"):
+        trainer = _trainer(architecture)
+        for hparams in (train.Hparams.grid([1e-3, 3e-3, 1e-2, 2e-2], [1e-3]), train.Hparams.grid([3e-3], [1e-3])):
+            results = {}
+            for data, model in ((1, 1), (2, 1), (8, 1), (2, 4)):
+                mesh = shd.make_mesh(data=data, model=model)
+                states = trainer.init_sweep_sharded(jax.random.key(0), hparams, mesh)
+                members = hparams.learning_rate.shape[0]
+                if model == 4:  # 4 members spread over `model`; a single SAE splits its latents there
+                    expected = ("model", None, None) if members == 4 else (None, None, "model")
+                    assert tuple(states.params.w_enc.sharding.spec) == expected, states.params.w_enc.sharding
+                step, resample = trainer.jit_sweep(states, mesh)
+                if model == 4 and members == 1 and architecture == "topk":
+                    # Distributed top-k: only the k candidates per latent shard cross devices, never [N, F].
+                    gathered = [shape for shape, kind in collectives(step.lower(states, xs[0]).compile().as_text())
+                                if kind == "all-gather"]
+                    assert gathered and all(",128" not in shape for shape in gathered), gathered
+                for t, x in enumerate(xs):
+                    x = jax.device_put(x, shd.batch_sharding(mesh, 2))
+                    states, _ = step(states, x)
+                    if trainer.resample_due(t + 1):
+                        states, _ = resample(states, x)
+                results[(data, model)] = jax.device_get(states.params)
+            for key, params in results.items():
+                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(results[(1, 1)])):
+                    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{architecture} {key}")
+
+
+def check_binary_runs_and_resumes_on_eight_devices():
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    from saejax.checkpoint import load_sae
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tmp = tempfile.mkdtemp()
+
+    def command(workdir):
+        return [sys.executable, "-m", "experiments.train_sae", "--config=experiments/configs/clip_vit_b16.py:small",
+                f"--workdir={workdir}", f"--config.backbone.random.directory={tmp}/backbone",
+                "--config.total_tokens=15360", "--config.checkpoint_every=10"]
+
+    def params(workdir):
+        return [load_sae(os.path.join(workdir, "sae", "layer_1", f"member_{i}"))[1] for i in range(2)]
+
+    one_device = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = subprocess.run(command(f"{tmp}/one"), cwd=root, env=one_device, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # Eight devices: stopped by SIGTERM after a checkpoint, then resumed to the end.
+    proc = subprocess.Popen(command(f"{tmp}/eight"), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = f"{tmp}/eight/checkpoints"
+        if os.path.isdir(ckpts) and any(d.isdigit() and int(d) >= 20 for d in os.listdir(ckpts)):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    out = subprocess.run(command(f"{tmp}/eight"), cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "resuming from step" in out.stdout, out.stderr[-3000:]
+    for got, want in zip(params(f"{tmp}/eight"), params(f"{tmp}/one")):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 if __name__ == "__main__":

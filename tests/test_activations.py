@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from saejax import activations as acts
-from saejax import backbones
+from saejax import backbones, stream
 from saejax.activations import ShuffleBuffer
 
 
@@ -65,12 +65,15 @@ def test_partial_fill_is_read_once_and_overflow_is_dropped():
         acts.push(buf, jnp.zeros((50, 4)), jnp.zeros(50, jnp.int32), jnp.zeros(50, jnp.int32))
 
 
-def test_streaming_normalisation_estimate():
-    batches = [3.0 + jax.random.normal(jax.random.key(i), (64, 8)) for i in range(20)]
-    norm = acts.estimate_normalization_from(iter(batches), 320, jax.random.key(0))
-    np.testing.assert_allclose(norm.mean, 3.0, atol=0.3)
+def test_streaming_normalisation_estimate_per_layer():
+    batches = [{4: 3.0 + jax.random.normal(jax.random.key(i), (64, 8)), 7: -jnp.ones((64, 8)) * i}
+               for i in range(20)]
+    norms = stream.estimate_layer_normalization(iter(batches), 320, jax.random.key(0))
+    np.testing.assert_allclose(norms[4].mean, 3.0, atol=0.3)
+    # Layer 7's rows are constant within a batch: the sample spans 10 batches (32 rows each).
+    np.testing.assert_allclose(norms[7].mean, -np.mean(np.arange(10)), rtol=1e-6)
     with pytest.raises(ValueError, match="ended after 320 rows; 1000 were asked for"):
-        acts.estimate_normalization_from(iter(batches[:10]), 1000, jax.random.key(0))
+        stream.estimate_layer_normalization(iter(batches[:10]), 1000, jax.random.key(0))
 
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "backbones")

@@ -10,7 +10,9 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("name", ["buffer_sharded_equals_unsharded", "mesh_shapes", "harvest_sharded_equals_unsharded"])
+@pytest.mark.parametrize("name", ["buffer_sharded_equals_unsharded", "mesh_shapes", "harvest_sharded_equals_unsharded",
+                                  "sae_step_is_data_parallel", "training_equals_one_device",
+                                  "binary_runs_and_resumes_on_eight_devices"])
 def test_on_eight_devices(name):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_checks.py"), name], env=env,

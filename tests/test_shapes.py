@@ -1,4 +1,4 @@
-"""The shapes world (saejax.datasets.shapes) and its ViT (saejax.vit_training, saejax.backbones.create)."""
+"""The shapes world (saejax.datasets.shapes) and its ViT (saejax.datasets.shapes_vit, saejax.backbones.create)."""
 
 import json
 import os
@@ -9,7 +9,8 @@ import pytest
 from flax import serialization
 
 import saejax
-from saejax import data, vit_training
+from saejax import data
+from saejax.datasets import shapes_vit as vit_training
 from saejax.backbones.create import create_vit_classifier
 from saejax.datasets import shapes
 

@@ -8,14 +8,18 @@ def paper_config(backbone: str, data_image_size: int) -> ml_collections.ConfigDi
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.backbone = dict(name=backbone, dtype="float32")
-    c.layer = 10  # residual after block 10 of 12 ("second to last")
+    c.layers = (10,)  # residual after block 10 of 12 ("second to last"); several layers share one forward pass
     c.tokens = "patches"
     # Images are resized (short side) and centre-cropped on the host to `image_size`; the
     # backbone's own preprocessing then matches the reference pipeline.
     c.data = dict(kind="tfds", name="imagenet2012", train_split="train", validation_split="validation",
                   data_dir=None, image_size=data_image_size, seed=0)
     c.image_batch_size = 256
-    c.buffer_tokens = 2**20  # rows mixed per shuffle (1M x 768 fp32 = 3 GiB of device memory)
+    c.buffer_tokens = 2**20  # rows mixed per fill; two fills live on the devices (2 x 1M x 768 fp32 = 6 GiB in all)
+    # Buffer groups (each shuffled on its own, split over `data`): None = the data axis size. Fix it to get the
+    # same stream on meshes of different sizes (a multiple of each data axis size).
+    c.shuffle_groups = None
+    c.mesh = dict(model=1)  # devices on `model` (sweep members, or one SAE's latents); the rest on `data`
     c.normalization_samples = 2**19
     c.sae = dict(architecture="relu", expansion=32, k=None)
     c.objective = dict(sparsity="l1", sparsity_warmup_steps=0)
@@ -40,10 +44,11 @@ def small_config(family: str, image_size: int, patch_size: int) -> ml_collection
                                            sizes=dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                                                       intermediate_size=64, image_size=image_size,
                                                       patch_size=patch_size)))
-    c.layer = 1  # second to last of 3 blocks
+    c.layers = (1,)  # second to last of 3 blocks
     c.data = dict(kind="random", train_images=512, validation_images=64, image_size=image_size, seed=0)
     c.image_batch_size = 16
     c.buffer_tokens = 2048
+    c.shuffle_groups = 8  # the same stream on 1, 2, 4 or 8 data devices
     c.normalization_samples = 1024
     c.sae = dict(architecture="relu", expansion=4, k=None)
     c.optimizer = dict(warmup_steps=5)

@@ -14,7 +14,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.backbone = dict(name="", dtype="float32")
-    c.layer = 2  # residual after block 2 of 4 (the paper's "second to last")
+    c.layers = (2,)  # residual after block 2 of 4 (the paper's "second to last")
     c.tokens = "patches"
     c.data = dict(kind="shapes", train_images=20_000, validation_images=1_000, seed=0, image_size=64)
     c.image_batch_size = 64

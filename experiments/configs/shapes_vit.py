@@ -16,7 +16,7 @@ about 230 s; `experiments.demo` reuses it from the same workdir.
 
 import ml_collections
 
-from saejax.vit_training import SHAPES_VIT
+from saejax.datasets.shapes_vit import SHAPES_VIT
 
 
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:

@@ -66,13 +66,21 @@ class TrainCheckpointer:
                            "extra": ocp.JsonCheckpointHandler()},
         )
 
-    def save(self, step: int, state: Any, *, config: dict | None = None, extra: dict | None = None) -> None:
-        """Write `state` as step `step` and wait until it is on disk."""
+    def save(self, step: int, state: Any, *, config: dict | None = None, extra: dict | None = None,
+             wait: bool = True) -> None:
+        """Write `state` as step `step`. With `wait=False` the device arrays are copied to the
+        host and the write goes on in the background (the state may be donated right after);
+        the step counts as saved once it is complete (`wait_until_finished`, `close`)."""
         self._manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(config or {}),
             extra=ocp.args.JsonSave(extra or {}),
         ), force=True)
+        if wait:
+            self._manager.wait_until_finished()
+
+    def wait_until_finished(self) -> None:
+        """Block until every save started is on disk."""
         self._manager.wait_until_finished()
 
     def latest_step(self) -> int | None:

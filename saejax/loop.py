@@ -1,0 +1,303 @@
+"""The training loop: `fit` trains one SAE sweep per layer on an activation stream, and
+`evaluate` scores trained SAEs on held-out activations. Side effects (checkpoints, signals,
+logs) live here, at the edge; the step itself is `saejax.train`'s pure function.
+
+>>> mesh = saejax.sharding.make_mesh()
+>>> states = {10: trainer.init_sweep_sharded(jax.random.key(0), hparams, mesh)}
+>>> states = fit(trainer, states, stream, steps=1000, mesh=mesh, hooks=[ProgressBar(1000)])
+
+`fit` dispatches step t+1 before it reads step t's metrics, so the host never stalls the
+device; a NaN or Inf loss stops it (`NonFiniteLossError`), and SIGTERM or SIGINT saves a
+checkpoint and raises `Preempted`. Checkpoints are written by orbax in the background.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from saejax import sharding as shd
+from saejax import train
+from saejax.checkpoint import TrainCheckpointer
+from saejax.metrics import FiringStats
+from saejax.normalization import Normalization
+from saejax.sae import SAE
+
+__all__ = ["MetricsLog", "NonFiniteLossError", "Preempted", "ProgressBar", "evaluate", "fit"]
+
+# Host metrics handed to hooks: {layer: {name: float array [members]}}.
+Metrics = dict[int, dict[str, np.ndarray]]
+MetricsHook = Callable[[int, Metrics], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss (or the parameters about to be saved) became NaN or Inf."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint of `step` was saved (when a checkpointer was
+    given). Rerun the same thing to resume."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+
+class _SignalFlag:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if self.enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _all_finite(tree) -> bool:
+    return bool(jax.device_get(jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)),
+                                                                              tree))))
+
+
+def _host(metrics: Mapping[int, Mapping[str, jax.Array]]) -> Metrics:
+    return {layer: {k: np.asarray(v) for k, v in m.items()} for layer, m in jax.device_get(dict(metrics)).items()}
+
+
+def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: Iterator[Mapping[int, jax.Array]],
+        *, steps: int, mesh: Mesh | None = None, start_step: int = 0, log_every: int = 1,
+        hooks: Sequence[MetricsHook] = (), state_hooks: Sequence[tuple[int, Callable[[int, Any], None]]] = (),
+        checkpointer: TrainCheckpointer | None = None, checkpoint_every: int = 0,
+        checkpoint_config: Mapping[str, Any] | None = None, handle_signals: bool = True) -> dict[int, train.TrainState]:
+    """Trains `states` (a stacked sweep per layer) on `stream` up to step `steps`.
+
+    Args:
+        trainer: the static training configuration.
+        states: `{layer: TrainState}` (stacked sweeps, e.g. from `Trainer.init_sweep_sharded`).
+        stream: yields `{layer: [B, D]}` batches (an `ActivationStream`); it must have
+            `position()` when checkpoints are written.
+        steps: the step to stop at (total, counting the steps already done).
+        mesh: the device mesh (default: every device on `data`).
+        start_step: steps already done (when resuming).
+        log_every: hooks get the metrics of every this many steps (and of the last).
+        hooks: `hook(step, {layer: {name: [members]}})`, called with host metrics one step
+            late (`MetricsLog`, `ProgressBar`, or your own).
+        state_hooks: `(every, fn)` pairs; `fn(step, states)` runs after every `every` steps
+            with the current states (an evaluation, a custom export). It may block.
+        checkpointer: where checkpoints go (None: no checkpoints).
+        checkpoint_every: steps between checkpoints (0: only the final one and on signals).
+        checkpoint_config: JSON saved with each checkpoint (the run's config).
+        handle_signals: on SIGTERM/SIGINT, save a checkpoint and raise `Preempted`.
+
+    Returns:
+        The trained `{layer: TrainState}`, in memory.
+
+    Raises:
+        NonFiniteLossError: a logged loss, or the parameters at a checkpoint, are not finite;
+            the newest checkpoint is then the last good one.
+        Preempted: after a signal (and its checkpoint).
+    """
+    mesh = shd.make_mesh() if mesh is None else mesh
+    states = dict(states)
+    jitted = {layer: trainer.jit_sweep(s, mesh) for layer, s in states.items()}
+    step, pending = start_step, None
+
+    def report(pending):
+        at, metrics = pending
+        host = _host(metrics)
+        for layer, m in host.items():
+            bad = np.flatnonzero(~np.isfinite(m["loss"]))
+            if bad.size:
+                raise NonFiniteLossError(
+                    f"loss is {m['loss'][bad[0]]} at step {at} for layer {layer}, sweep member(s) {bad.tolist()}; "
+                    f"stopping. The newest checkpoint ({_latest(checkpointer)}) is the last good one.")
+        for hook in hooks:
+            hook(at, host)
+
+    def save(at):
+        if checkpointer is None:
+            return
+        if not _all_finite({layer: s.params for layer, s in states.items()}):
+            raise NonFiniteLossError(f"parameters are not finite at step {at}; not saving. The newest checkpoint "
+                                     f"({_latest(checkpointer)}) is the last good one.")
+        extra = {"stream": stream.position()} if hasattr(stream, "position") else {}
+        checkpointer.save(at, {str(layer): s for layer, s in states.items()}, config=dict(checkpoint_config or {}),
+                          extra=extra, wait=False)
+
+    with _SignalFlag(handle_signals) as signals:
+        while step < steps:
+            batch = next(stream)
+            metrics = {}
+            for layer, (step_fn, _) in jitted.items():
+                states[layer], metrics[layer] = step_fn(states[layer], batch[layer])
+            step += 1
+            if pending is not None:  # step - 1's metrics, read while the device runs this step
+                report(pending)
+                pending = None
+            if step % log_every == 0 or step == steps:
+                pending = (step, metrics)
+            if trainer.resample_due(step):
+                for layer, (_, resample_fn) in jitted.items():
+                    states[layer], _ = resample_fn(states[layer], batch[layer])
+            for every, fn in state_hooks:
+                if step % every == 0:
+                    fn(step, states)
+            interrupted = signals.signum is not None
+            if interrupted or step == steps or (checkpoint_every and step % checkpoint_every == 0):
+                if pending is not None:
+                    report(pending)
+                    pending = None
+                save(step)
+            if interrupted:
+                if checkpointer is not None:
+                    checkpointer.wait_until_finished()
+                raise Preempted(signals.signum, step)
+    if checkpointer is not None:
+        checkpointer.wait_until_finished()
+    return states
+
+
+def _latest(checkpointer: TrainCheckpointer | None):
+    return None if checkpointer is None else checkpointer.latest_step()
+
+
+def evaluate(ae: SAE, states: train.TrainState, batches: Iterable[jax.Array], *,
+             normalization: Normalization | None = None, max_rows: int | None = None) -> list[dict[str, Any]]:
+    """Every metric of the SAE core for each member of a stacked sweep, streamed over raw
+    activation batches `[N, D]` (normalised here with `normalization`).
+
+    NMSE and explained variance use the variance of all the rows seen, accumulated as sums,
+    so the result equals `saejax.metrics` on the concatenated rows.
+
+    Returns:
+        Per member: learning_rate, sparsity_coeff, k, l0, mse, nmse, explained_variance,
+        dead_fraction, dense_fraction, tokens, and the per-latent lists frequency and
+        mean_when_firing.
+    """
+    members = int(states.step.shape[0])
+
+    def one(stats, sums, params, x):
+        z = ae.encode(params, x)
+        resid = x - ae.decode(params, z)
+        add = {"n": x.shape[0], "sq_err": jnp.sum(resid**2), "x": jnp.sum(x, 0), "x2": jnp.sum(x**2, 0),
+               "r": jnp.sum(resid, 0), "r2": jnp.sum(resid**2, 0)}
+        return stats.update(z), jax.tree.map(jnp.add, sums, add)
+
+    @jax.jit
+    def update(stats, sums, params, raw):
+        x = raw if normalization is None else normalization.apply(raw)
+        return jax.vmap(one, in_axes=(0, 0, 0, None))(stats, sums, params, x)
+
+    d = ae.d_model
+    stats = jax.vmap(lambda _: FiringStats.zeros(ae.d_sae))(jnp.arange(members))
+    zeros = lambda *shape: jnp.zeros((members, *shape))  # noqa: E731
+    sums = {"n": zeros(), "sq_err": zeros(), "x": zeros(d), "x2": zeros(d), "r": zeros(d), "r2": zeros(d)}
+    for raw in batches:
+        stats, sums = update(stats, sums, states.params, raw)
+        if max_rows is not None and float(sums["n"][0]) >= max_rows:
+            break
+    stats, sums = jax.device_get((stats, sums))
+    if float(sums["n"][0]) == 0:
+        raise ValueError("evaluate: the batches held no rows")
+    hparams = jax.device_get(states.hparams)
+    results = []
+    for i in range(members):
+        n = sums["n"][i]
+        var_x = np.sum(sums["x2"][i] / n - (sums["x"][i] / n) ** 2)
+        var_r = np.sum(sums["r2"][i] / n - (sums["r"][i] / n) ** 2)
+        mse = sums["sq_err"][i] / (n * d)
+        member = jax.tree.map(lambda a: a[i], stats)
+        results.append({
+            "learning_rate": float(hparams.learning_rate[i]), "sparsity_coeff": float(hparams.sparsity_coeff[i]),
+            "k": int(hparams.k[i]), "l0": float(np.sum(member.counts) / member.n_inputs), "mse": float(mse),
+            "nmse": float(mse * d / var_x), "explained_variance": float(1 - var_r / var_x),
+            "dead_fraction": float(member.dead_fraction()), "dense_fraction": float(member.dense_fraction()),
+            "tokens": int(n), "frequency": np.asarray(member.frequency()).tolist(),
+            "mean_when_firing": np.asarray(member.mean_when_firing()).tolist(),
+        })
+    return results
+
+
+class MetricsLog:
+    """A metrics hook: one JSON line per logged step, layer and member in `<directory>/metrics.jsonl`,
+    and TensorBoard scalars `layer_<L>/member_<i>/<name>` in `<directory>/tensorboard`.
+    Writes on process 0 only."""
+
+    def __init__(self, directory: str | os.PathLike, *, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
+            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+
+    def __call__(self, step: int, metrics: Metrics) -> None:
+        if not self.enabled:
+            return
+        for layer, m in metrics.items():
+            for i in range(len(m["loss"])):
+                row = {k: float(v[i]) for k, v in m.items()}
+                self._jsonl.write(json.dumps({"step": step, "layer": layer, "member": i, **row}) + "\n")
+                if self._tb is not None:
+                    for k, v in row.items():
+                        self._tb.add_scalar(f"layer_{layer}/member_{i}/{k}", v, step)
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+class ProgressBar:
+    """A metrics hook: a tqdm bar with tokens/s and member 0's L0 and NMSE (process 0 only)."""
+
+    def __init__(self, total_steps: int, *, batch_size: int, start_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        self.batch_size = batch_size
+        if self.enabled:
+            from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._last = (start_step, time.time())
+
+    def __call__(self, step: int, metrics: Metrics) -> None:
+        if not self.enabled:
+            return
+        then_step, then = self._last
+        now = time.time()
+        rate = (step - then_step) * self.batch_size / max(now - then, 1e-9)
+        self._last = (step, now)
+        self._bar.update(step - self._bar.n)
+        layer, m = next(iter(metrics.items()))
+        self._bar.set_postfix_str(f"{rate:,.0f} tok/s  layer {layer} member 0: L0 {m['l0'][0]:.1f}  "
+                                  f"NMSE {m['nmse'][0]:.3f}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._bar.close()
