@@ -92,7 +92,8 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
 
     Args:
         trainer: the static training configuration.
-        states: `{layer: TrainState}` (stacked sweeps, e.g. from `Trainer.init_sweep_sharded`).
+        states: `{layer: TrainState}` (stacked sweeps, e.g. from `Trainer.init_sweep_sharded`);
+            donated to the step, so use the returned states, not these.
         stream: yields `{layer: [B, D]}` batches (an `ActivationStream`); it must have
             `position()` when checkpoints are written.
         steps: the step to stop at (total, counting the steps already done).

@@ -127,7 +127,10 @@ def check_training_equals_one_device():
     xs = jax.random.normal(jax.random.key(1), (12, 96, 16))
     for architecture in ("relu", "topk"):
         trainer = _trainer(architecture)
-        for hparams in (train.Hparams.grid([1e-3, 3e-3, 1e-2, 2e-2], [1e-3]), train.Hparams.grid([3e-3], [1e-3])):
+        sweeps = [train.Hparams.grid([1e-3, 3e-3, 1e-2, 2e-2], [1e-3])]
+        if architecture == "topk":  # a single SAE: latents split over `model`, distributed top-k
+            sweeps.append(train.Hparams.grid([3e-3], [1e-3]))
+        for hparams in sweeps:
             results = {}
             for data, model in ((1, 1), (2, 1), (8, 1), (2, 4)):
                 mesh = shd.make_mesh(data=data, model=model)

@@ -14,7 +14,7 @@ lambda 4e-4..8e-4) has most latents alive and NMSE well below 0.3.
 2-member sweep, 60 steps of 256 tokens). Measured: lr 1e-3 -> L0 62.8 of 128, NMSE 0.57;
 lr 3e-3 -> L0 63.1, NMSE 0.17 (noise images through a random ViT have no sparse structure, so
 lambda 4e-4 leaves half the latents on: this variant checks the plumbing, not the science).
-It leaves `eval.json` and `sae/member_0`, `sae/member_1` in the workdir.
+It leaves `eval.json` and `sae/layer_1/member_0`, `sae/layer_1/member_1` in the workdir.
 """
 
 from experiments.configs.paper import paper_config, small_config

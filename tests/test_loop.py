@@ -1,0 +1,102 @@
+"""saejax.loop: fit is the hand-written loop (plus hooks, checkpoints and stops); evaluate equals
+saejax.metrics on the same rows."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saejax import loop, metrics, sae, train
+from saejax.checkpoint import TrainCheckpointer
+from saejax.losses import Objective
+from saejax.normalization import Normalization
+
+
+def setup(lr=(1e-3, 3e-3)):
+    trainer = train.make_trainer(sae.topk(8, 32, k=3), objective=Objective(sparsity="none", auxk_coeff=1 / 32, k_aux=4),
+                                 warmup_steps=2, dead_after_tokens=64, resample_every=3, resample_until=6)
+    states = trainer.init_sweep(jax.random.key(0), train.Hparams.grid(list(lr)))
+    xs = jax.random.normal(jax.random.key(1), (10, 32, 8))
+    return trainer, states, xs
+
+
+class Stream:
+    def __init__(self, xs, start=0):
+        self.xs, self.t = xs, start
+
+    def __next__(self):
+        self.t += 1
+        return {3: self.xs[self.t - 1]}
+
+    def position(self):
+        return {"t": self.t}
+
+
+def test_fit_equals_the_hand_written_loop_and_hooks_see_every_logged_step(tmp_path):
+    trainer, states, xs = setup()
+    want = states
+    for t, x in enumerate(xs):
+        want, _ = trainer.sweep_step(want, x)
+        if trainer.resample_due(t + 1):
+            want, _ = trainer.sweep_resample(want, x)
+    seen, evaluated = [], []
+    ckpt = TrainCheckpointer(tmp_path)
+    got = loop.fit(trainer, {3: states}, Stream(xs), steps=10, log_every=4, checkpointer=ckpt, checkpoint_every=5,
+                   hooks=[lambda step, m: seen.append((step, sorted(m[3]), m[3]["loss"].shape))],
+                   state_hooks=[(5, lambda step, s: evaluated.append((step, int(s[3].step[0]))))])
+    for a, b in zip(jax.tree.leaves(got[3].params), jax.tree.leaves(want.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert [s for s, _, _ in seen] == [4, 8, 10] and all(shape == (2,) for _, _, shape in seen)
+    assert {"loss", "l0", "nmse", "dead_fraction"} <= set(seen[0][1])
+    assert evaluated == [(5, 5), (10, 10)]
+    assert ckpt.all_steps() == [5, 10] and ckpt.restore({"3": states}).extra == {"stream": {"t": 10}}
+    ckpt.close()
+
+
+def test_fit_resumes_from_its_checkpoint_to_the_same_parameters(tmp_path):
+    trainer, states, xs = setup()
+    copy = lambda: {3: jax.tree.map(jnp.copy, states)}  # noqa: E731  (fit donates the states it is given)
+    straight = loop.fit(trainer, copy(), Stream(xs), steps=10)
+    ckpt = TrainCheckpointer(tmp_path)
+    loop.fit(trainer, copy(), Stream(xs), steps=6, checkpointer=ckpt)
+    run = ckpt.restore({"3": states})
+    resumed = loop.fit(trainer, {3: run.state["3"]}, Stream(xs, run.extra["stream"]["t"]), steps=10,
+                       start_step=run.step)
+    for a, b in zip(jax.tree.leaves(resumed[3]), jax.tree.leaves(straight[3])):
+        if not jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            np.testing.assert_array_equal(a, b)
+    ckpt.close()
+
+
+def test_a_non_finite_loss_stops_fit_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer, states, xs = setup(lr=(1e30,))
+    trainer = train.make_trainer(trainer.ae, objective=trainer.objective, warmup_steps=0)
+    ckpt = TrainCheckpointer(tmp_path)
+    with pytest.raises(loop.NonFiniteLossError, match=r"layer 3, sweep member\(s\) \[0\]"):
+        loop.fit(trainer, {3: states}, Stream(xs), steps=10, checkpointer=ckpt, checkpoint_every=1)
+    ckpt.wait_until_finished()
+    good = ckpt.restore({"3": states})
+    assert good.step < 10 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(good.state["3"].params))
+    ckpt.close()
+
+
+def test_evaluate_equals_saejax_metrics_on_the_same_rows():
+    trainer, states, xs = setup()
+    states, _ = trainer.sweep_step(states, xs[0])
+    norm = Normalization(jnp.full((8,), 0.5), jnp.asarray(2.0))
+    raw = [xs[i] * 3.0 + 1.0 for i in range(1, 4)]
+    results = loop.evaluate(trainer.ae, states, iter(raw), normalization=norm)
+    x = norm.apply(jnp.concatenate(raw))
+    for i, r in enumerate(results):
+        params = train.member(states, i).params
+        z = trainer.ae.encode(params, x)
+        x_hat = trainer.ae.decode(params, z)
+        np.testing.assert_allclose(r["nmse"], metrics.normalized_mse(x, x_hat), rtol=1e-5)
+        np.testing.assert_allclose(r["explained_variance"], metrics.explained_variance(x, x_hat), rtol=1e-5)
+        np.testing.assert_allclose(r["mse"], metrics.mse(x, x_hat), rtol=1e-5)
+        np.testing.assert_allclose(r["l0"], metrics.l0(z), rtol=1e-6)
+        stats = metrics.FiringStats.zeros(32).update(z)
+        np.testing.assert_allclose(r["frequency"], stats.frequency(), rtol=1e-6)
+        assert r["tokens"] == 96 and r["learning_rate"] == pytest.approx([1e-3, 3e-3][i])
+    with pytest.raises(ValueError, match="held no rows"):
+        loop.evaluate(trainer.ae, states, iter([]))
