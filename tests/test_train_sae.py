@@ -108,3 +108,15 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted
     trainer, hparams = build_trainer(config, d_model=32)
     state = ckpt.restore({"1": jax.eval_shape(lambda: trainer.init_sweep(jax.random.key(0), hparams))}).state["1"]
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_one_builder_makes_every_architecture_from_a_config(architecture):
+    config = clip_vit_b16.get_config("small")
+    config.sae.architecture, config.sae.k = architecture, 4
+    config.objective.sparsity = "l0" if architecture == "jumprelu" else "l1"
+    trainer, hparams = build_trainer(config, d_model=32)
+    assert (trainer.ae.architecture, trainer.ae.d_sae) == (architecture, 128)
+    assert trainer.ae.k == (4 if "topk" in architecture else None)
+    config.sae.d_sae = 48  # an explicit size wins over the expansion (the synthetic configs give one)
+    assert build_trainer(config, d_model=32)[0].ae.d_sae == 48
