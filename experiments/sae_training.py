@@ -120,7 +120,9 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:
     norms = load_or_estimate_normalization(config, workdir, bb, bb_params, source, mesh)
 
     init_key, shuffle_key = jax.random.split(jax.random.key(config.seed))
-    states = {i: trainer.init_sweep_sharded(jax.random.fold_in(init_key, i), hparams, mesh) for i in config.layers}
+    # One layer keeps the run's init key (runs made before several layers were possible stay the same).
+    layer_keys = {i: init_key if len(config.layers) == 1 else jax.random.fold_in(init_key, i) for i in config.layers}
+    states = {i: trainer.init_sweep_sharded(layer_keys[i], hparams, mesh) for i in config.layers}
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_checkpoints", 2))
     step, position = 0, None
     if ckpt.latest_step() is not None:
