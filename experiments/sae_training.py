@@ -157,12 +157,12 @@ def finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_s
             mesh=mesh))
         max_rows = config.eval_images * len(activations.token_indices(bb.layout, config.tokens))
         results = loop.evaluate(trainer.ae, layer_states, batches, normalization=norms[layer], max_rows=max_rows)
+        sweep_params = jax.device_get(jax.jit(lambda s: s.params, out_shardings=sharding.replicated(mesh))(layer_states))
         for i, result in enumerate(results):
             summary = {k: v for k, v in result.items() if k not in ("frequency", "mean_when_firing")}
             info = {"backbone": config.backbone.get("name") or "random", "layer": layer, "tokens": config.tokens,
                     "steps": total_steps, "batch_size": config.batch_size, "eval": summary}
-            params = jax.device_get(jax.jit(lambda s: train.member(s, i).params,  # noqa: B023
-                                            out_shardings=sharding.replicated(mesh))(layer_states))
+            params = jax.tree.map(lambda a: a[i], sweep_params)  # noqa: B023
             path = os.path.join(workdir, "sae", f"layer_{layer}", f"member_{i}")
             if jax.process_index() == 0:
                 save_sae(path, trainer.ae, params, normalization=norms[layer], info=info)

@@ -19,9 +19,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.sae_training import build_trainer
 from saejax import metrics as sae_metrics
 from saejax import sae, train
-from experiments.sae_training import build_trainer
 from saejax.checkpoint import TrainCheckpointer, save_sae
 from saejax.datasets import synthetic
 from saejax.normalization import estimate_normalization

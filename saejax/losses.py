@@ -131,6 +131,8 @@ class Objective:
     matryoshka_prefixes: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        if self.matryoshka_prefixes is not None:  # a list from a config: keep the objective hashable
+            object.__setattr__(self, "matryoshka_prefixes", tuple(self.matryoshka_prefixes))
         if self.sparsity not in SPARSITY_PENALTIES:
             raise ValueError(f"unknown sparsity penalty {self.sparsity!r}; expected one of {SPARSITY_PENALTIES}")
         if self.sparsity_warmup_steps < 0 or self.auxk_coeff < 0:

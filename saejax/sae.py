@@ -145,6 +145,9 @@ def _take_topk_bwd(residuals, g_NK):
     return None, None, g_x_ND, -(w_DF @ g_b_enc_F), g_w_DF, g_b_enc_F
 
 
+take_topk.defvjp(_take_topk_fwd, _take_topk_bwd)
+
+
 def distributed_top_k(x_NF: jax.Array, k: int, mesh: Mesh | None = None, *,
                       shard_latents: bool = False) -> tuple[jax.Array, jax.Array]:
     """`jax.lax.top_k(x, k)` over latents (the same values and indices, ties to the lower
@@ -178,9 +181,6 @@ def distributed_top_k(x_NF: jax.Array, k: int, mesh: Mesh | None = None, *,
 
     rows = PartitionSpec(DATA, None)
     return jax.shard_map(merge, mesh=mesh, in_specs=rows, out_specs=(rows, rows))(vals, idx)
-
-
-take_topk.defvjp(_take_topk_fwd, _take_topk_bwd)
 
 
 # JumpReLU with the straight-through estimators of Rajamanoharan et al. (2024): a rectangle

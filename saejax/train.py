@@ -24,7 +24,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-
 from jax.sharding import Mesh, NamedSharding
 
 from saejax import sharding as shd
@@ -259,21 +258,31 @@ class Trainer:
     def jit_sweep(self, states: TrainState, mesh: Mesh) -> tuple[Callable, Callable]:
         """`(sweep_step, sweep_resample)` jitted for `mesh`: states (donated) in and out with
         `shardings`, the batch `[B, D]` split over `data`, so each device computes on B / n
-        rows and the gradients are all-reduced over `data`. `states` may be abstract."""
-        state_sh = self.shardings(states, mesh)
-        members = states.step.shape[0]
-        members_split = state_sh.step.spec[0] == shd.MODEL
-        latents_split = state_sh.params.w_dec.spec[1] == shd.MODEL
-        trainer = dataclasses.replace(self, ae=dataclasses.replace(self.ae, mesh=mesh, shard_latents=latents_split))
-        # Members split over `model`: tell the per-device pieces (shard_map) that the vmapped axis is split too.
-        vmap = functools.partial(jax.vmap, in_axes=(0, None), spmd_axis_name=shd.MODEL if members_split else None)
-        per_member = NamedSharding(mesh, shd.resolve(mesh, (members,), ("member",)))
-        batch = shd.batch_sharding(mesh, 2)
-        step = jax.jit(vmap(trainer.step), in_shardings=(state_sh, batch), out_shardings=(state_sh, per_member),
+        rows and the gradients are all-reduced over `data`. `states` may be abstract.
+
+        Built once per trainer, mesh and state shapes: asking again (a second `fit`) returns
+        the same compiled functions."""
+        leaves, treedef = jax.tree.flatten(states)
+        return _jit_sweep(self, mesh, treedef, tuple((tuple(x.shape), x.dtype) for x in leaves))
+
+
+@functools.lru_cache(maxsize=16)
+def _jit_sweep(trainer: Trainer, mesh: Mesh, treedef, leaf_types) -> tuple[Callable, Callable]:
+    states = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaf_types])
+    state_sh = trainer.shardings(states, mesh)
+    members = states.step.shape[0]
+    members_split = state_sh.step.spec[0] == shd.MODEL
+    latents_split = state_sh.params.w_dec.spec[1] == shd.MODEL
+    trainer = dataclasses.replace(trainer, ae=dataclasses.replace(trainer.ae, mesh=mesh, shard_latents=latents_split))
+    # Members split over `model`: tell the per-device pieces (shard_map) that the vmapped axis is split too.
+    vmap = functools.partial(jax.vmap, in_axes=(0, None), spmd_axis_name=shd.MODEL if members_split else None)
+    per_member = NamedSharding(mesh, shd.resolve(mesh, (members,), ("member",)))
+    batch = shd.batch_sharding(mesh, 2)
+    step = jax.jit(vmap(trainer.step), in_shardings=(state_sh, batch), out_shardings=(state_sh, per_member),
+                   donate_argnums=0)
+    resample = jax.jit(vmap(trainer.resample), in_shardings=(state_sh, batch), out_shardings=(state_sh, per_member),
                        donate_argnums=0)
-        resample = jax.jit(vmap(trainer.resample), in_shardings=(state_sh, batch),
-                           out_shardings=(state_sh, per_member), donate_argnums=0)
-        return step, resample
+    return step, resample
 
 
 def make_trainer(ae: SAE, **kwargs) -> Trainer:

@@ -1,6 +1,6 @@
 """Checks that need 8 (fake CPU) devices; run by test_multidevice.py in a fresh process.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice_checks.py NAME
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 PYTHONPATH=. python tests/multidevice_checks.py NAME
 """
 
 import os
@@ -158,41 +158,20 @@ def check_training_equals_one_device():
 
 def check_binary_runs_and_resumes_on_eight_devices():
     import signal
-    import subprocess
     import tempfile
-    import time
 
-    from saejax.checkpoint import load_sae
+    from test_train_sae import final_params, run, run_until_checkpoint_then
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    tmp = tempfile.mkdtemp()
-
-    def command(workdir):
-        return [sys.executable, "-m", "experiments.train_sae", "--config=experiments/configs/clip_vit_b16.py:small",
-                f"--workdir={workdir}", f"--config.backbone.random.directory={tmp}/backbone",
-                "--config.total_tokens=15360", "--config.checkpoint_every=10"]
-
-    def params(workdir):
-        return [load_sae(os.path.join(workdir, "sae", "layer_1", f"member_{i}"))[1] for i in range(2)]
-
+    tmp, steps_60 = tempfile.mkdtemp(), "--config.total_tokens=15360"
     one_device = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    out = subprocess.run(command(f"{tmp}/one"), cwd=root, env=one_device, capture_output=True, text=True, timeout=300)
+    out = run(f"{tmp}/one", f"{tmp}/backbone", steps_60, env=one_device)
     assert out.returncode == 0, out.stderr[-3000:]
     # Eight devices: stopped by SIGTERM after a checkpoint, then resumed to the end.
-    proc = subprocess.Popen(command(f"{tmp}/eight"), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        ckpts = f"{tmp}/eight/checkpoints"
-        if os.path.isdir(ckpts) and any(d.isdigit() and int(d) >= 20 for d in os.listdir(ckpts)):
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    out = subprocess.run(command(f"{tmp}/eight"), cwd=root, capture_output=True, text=True, timeout=300)
+    code, _, stderr = run_until_checkpoint_then(signal.SIGTERM, f"{tmp}/eight", f"{tmp}/backbone", 20, steps_60)
+    assert code == 128 + signal.SIGTERM, stderr[-3000:]
+    out = run(f"{tmp}/eight", f"{tmp}/backbone", steps_60)
     assert out.returncode == 0 and "resuming from step" in out.stdout, out.stderr[-3000:]
-    for got, want in zip(params(f"{tmp}/eight"), params(f"{tmp}/one")):
+    for got, want in zip(final_params(f"{tmp}/eight"), final_params(f"{tmp}/one")):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

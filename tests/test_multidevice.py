@@ -14,7 +14,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
                                   "sae_step_is_data_parallel", "training_equals_one_device",
                                   "binary_runs_and_resumes_on_eight_devices"])
 def test_on_eight_devices(name):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(HERE)  # the checks import `experiments` (not installed) through test_train_sae
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_checks.py"), name], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-4000:]

@@ -26,15 +26,17 @@ def command(workdir, backbone_dir, *overrides):
             "--config.checkpoint_every=10", *overrides]
 
 
-def run(workdir, backbone_dir, *overrides):
+def run(workdir, backbone_dir, *overrides, env=None):
     out = subprocess.run(command(workdir, backbone_dir, *overrides), cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env=env)
     return out
 
 
-def run_until_checkpoint_then(sig, workdir, backbone_dir, after_step):
-    proc = subprocess.Popen(command(workdir, backbone_dir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+def run_until_checkpoint_then(sig, workdir, backbone_dir, after_step, *overrides):
+    """Start the binary, send `sig` once a checkpoint of `after_step` or later exists; the
+    deadline only bounds the wait."""
+    proc = subprocess.Popen(command(workdir, backbone_dir, *overrides), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     ckpts = os.path.join(workdir, "checkpoints")
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -48,7 +50,7 @@ def run_until_checkpoint_then(sig, workdir, backbone_dir, after_step):
 
 
 def final_params(workdir):
-    return [load_sae(os.path.join(workdir, "sae", "layer_1", f"member_{i}"))[1] for i in range(2)]
+    return [load_sae(os.path.join(str(workdir), "sae", "layer_1", f"member_{i}"))[1] for i in range(2)]
 
 
 @pytest.fixture(scope="module")
