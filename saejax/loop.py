@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from saejax import sharding as shd
@@ -53,21 +54,33 @@ class Preempted(Exception):
 
 
 class _SignalFlag:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (main thread only)."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (main thread only).
+
+    Several processes must stop at the same step, or their checkpoint would mix steps. There
+    SIGTERM is left to JAX's preemption service (started by `jax.distributed.initialize`), which
+    tells every process the first step that all of them can still reach; `due(step)` is True at
+    that step on every process.
+    """
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.multihost = self.enabled and jax.process_count() > 1
         self.signum = None
         self._previous = {}
 
     def __enter__(self):
-        if self.enabled:
+        if self.enabled and not self.multihost:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.signum = signum
+
+    def due(self, step: int) -> bool:
+        if self.multihost and multihost_utils.reached_preemption_sync_point(step):
+            self.signum = signal.SIGTERM
+        return self.signum is not None
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -107,7 +120,9 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
         checkpointer: where checkpoints go (None: no checkpoints).
         checkpoint_every: steps between checkpoints (0: only the final one and on signals).
         checkpoint_config: JSON saved with each checkpoint (the run's config).
-        handle_signals: on SIGTERM/SIGINT, save a checkpoint and raise `Preempted`.
+        handle_signals: on SIGTERM/SIGINT, save a checkpoint and raise `Preempted`. With
+            several processes, SIGTERM to any of them (a preemption notice) stops all of them
+            at the same step, through JAX's preemption service.
 
     Returns:
         The trained `{layer: TrainState}`, in memory.
@@ -162,7 +177,7 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
             for every, fn in state_hooks:
                 if step % every == 0:
                     fn(step, states)
-            interrupted = signals.signum is not None
+            interrupted = signals.due(step)
             if interrupted or step == steps or (checkpoint_every and step % checkpoint_every == 0):
                 if pending is not None:
                     report(pending)

@@ -1,0 +1,50 @@
+"""One process of a two-process run on localhost (4 fake CPU devices each, gloo collectives),
+started by tests/test_multihost.py: `python multihost_checks.py CHECK PORT PROCESS_ID OUT_DIR`."""
+
+import os
+import sys
+
+check, port, process_id, out_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+
+import jax  # noqa: E402
+
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id)
+
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+from saejax import data, stream  # noqa: E402
+
+
+class RecordingSource(data.ArraySource):
+    """Remembers which images this process read."""
+
+    def __init__(self, images):
+        super().__init__(images)
+        self.read = []
+
+    def _take(self, indices):
+        self.read.extend(int(i) for i in indices)
+        return super()._take(indices)
+
+
+def check_stream():
+    assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
+    from test_multihost import stream_args
+
+    bb, params, images, args = stream_args()
+    source = RecordingSource(images)
+    s = stream.ActivationStream(bb, params, source, **args)
+    batches = []
+    for _ in range(6):
+        batch = next(s)
+        batches.append(np.concatenate([multihost_utils.process_allgather(batch[i], tiled=True) for i in (1, 2)], 1))
+    position = s.position()
+    s.close()
+    np.savez(os.path.join(out_dir, f"stream_{process_id}.npz"), read=np.asarray(source.read),
+             batches=np.stack(batches), fill_start=position["fill_start"])
+
+
+if __name__ == "__main__":
+    globals()[f"check_{check}"]()
+    print("ok", flush=True)

@@ -1,0 +1,106 @@
+"""Two processes on localhost, 4 fake CPU devices each, joined by `jax.distributed` (gloo CPU
+collectives): each reads only its own share of the images, and together they compute what one
+process computes; the train_sae binary checkpoints and resumes across both."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from saejax import backbones, data, stream
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def stream_args():
+    """The stream that both processes run, and that one process runs here for comparison."""
+    bb, params = backbones.load(os.path.join(HERE, "fixtures", "backbones", "clip_vision"), cache_dir=False)
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    return bb, params, images, dict(layers=(1, 2), batch_size=32, image_batch_size=8, buffer_tokens=256,
+                                    key=jax.random.key(0), seed=3, groups=8)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def env_of_process():
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, HERE, os.environ.get("PYTHONPATH")])))
+
+
+def start_pair(make_command):
+    """Start processes 0 and 1 of one run; `make_command(port, process_id)` -> argv."""
+    port = free_port()
+    return [subprocess.Popen(make_command(port, i), cwd=ROOT, env=env_of_process(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def finish_pair(procs, timeout=300):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+def test_each_process_reads_its_share_and_the_stream_equals_one_process(tmp_path):
+    procs = start_pair(lambda port, i: [sys.executable, os.path.join(HERE, "multihost_checks.py"), "stream",
+                                        str(port), str(i), str(tmp_path)])
+    codes, outs = finish_pair(procs)
+    assert codes == [0, 0], [err[-3000:] for _, err in outs]
+    results = [np.load(tmp_path / f"stream_{i}.npz") for i in range(2)]
+
+    bb, params, images, args = stream_args()
+    s = stream.ActivationStream(bb, params, data.ArraySource(images), **args)
+    want = np.stack([np.concatenate([np.asarray(b[1]), np.asarray(b[2])], 1) for b in (next(s) for _ in range(6))])
+    fill_start = s.position()["fill_start"]
+    s.close()
+    for r in results:  # both processes see the whole global batch, equal to one process's
+        np.testing.assert_allclose(r["batches"], want, rtol=1e-5, atol=1e-5)
+        assert int(r["fill_start"]) == fill_start
+    # Global image batch g (8 images) is process 0's 4 images then process 1's 4: disjoint shares.
+    reads = [r["read"].reshape(-1, 4) for r in results]
+    passes = min(len(r) for r in reads)  # the host threads may have read ahead by different amounts
+    assert passes >= 6
+    got = np.concatenate([reads[0][:passes], reads[1][:passes]], axis=1)
+    order = data.batches(data.ArraySource(images), 8, seed=3)
+    np.testing.assert_array_equal(got, np.stack([next(order).ids for _ in range(passes)]))
+
+
+def test_binary_on_two_processes_checkpoints_resumes_and_equals_one_process(tmp_path):
+    from test_train_sae import command, final_params, run
+
+    backbone, steps_40 = str(tmp_path / "backbone"), "--config.total_tokens=10240"
+    out = run(tmp_path / "one", backbone, steps_40)  # one process, one device
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    def binary(port, i):
+        return command(tmp_path / "two", backbone, steps_40, f"--coordinator_address=localhost:{port}",
+                       "--num_processes=2", f"--process_id={i}")
+
+    # A preemption notice (SIGTERM) to one process stops both at the same step, after a checkpoint.
+    procs, ckpts = start_pair(binary), tmp_path / "two" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if os.path.isdir(ckpts) and any(d.isdigit() and int(d) >= 10 for d in os.listdir(ckpts)):
+            procs[1].send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    codes, outs = finish_pair(procs)
+    assert codes == [128 + signal.SIGTERM] * 2, [err[-3000:] for _, err in outs]
+    stopped = [int(out.split("SIGTERM at step ")[1].split(":")[0]) for out, _ in outs]
+    assert stopped[0] == stopped[1] < 40 and stopped[0] in {int(d) for d in os.listdir(ckpts) if d.isdigit()}
+
+    codes, outs = finish_pair(start_pair(binary))
+    assert codes == [0, 0], [err[-3000:] for _, err in outs]
+    assert all(f"resuming from step {stopped[0]}" in out for out, _ in outs)
+    for got, want in zip(final_params(tmp_path / "two"), final_params(tmp_path / "one")):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
