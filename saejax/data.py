@@ -10,7 +10,8 @@ grain `RandomAccessDataSource` too. Three kinds:
 
 `batches` turns a source into an iterator of `Batch`es (numpy, on the host), in an order fixed
 by a seed, resumable from any `Batch.position`, and split across processes for multi-host
-training.
+training. Files are decoded ahead of the consumer by grain's reader threads (PIL and the
+ArrayRecord reader release the GIL); the order and the positions are saejax's own, below.
 
 >>> source = ImageFolderSource("/data/flowers", image_size=224)
 >>> for batch in batches(source, 64, seed=0, epochs=1):
@@ -31,12 +32,13 @@ positions count examples, a run can also be resumed with another batch size.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
+import functools
+import itertools
 import os
 import threading
 from typing import Any, Iterator, NamedTuple, Sequence
 
+import grain
 import numpy as np
 
 __all__ = [
@@ -447,8 +449,8 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, start: 
         process_count: the number of processes, `jax.process_count()`.
         epochs: stop after this many epochs of the stream (counted from position 0, not from
             `start`); None: never stop.
-        num_threads: threads decoding images (default: the CPUs this process may use).
-        prefetch: batches decoded ahead of the consumer (in the thread pool).
+        num_threads: grain threads decoding images (default: the CPUs this process may use).
+        prefetch: batches decoded ahead of the consumer.
 
     Returns:
         An iterator of `Batch`; arguments are checked when `batches` is called.
@@ -550,45 +552,66 @@ def _assemble(source: Source, loaded: list[tuple[int, Example]], position: int) 
     return Batch(images, ids, labels, masks, position)
 
 
+class _ProcessSlots:
+    """This process's examples in reading order, as a random-access sequence of `(epoch, slot)`
+    (slot: the index into the epoch's order), so that grain can read them with threads.
+
+    Every epoch after the first one has the same layout, so two arrays describe the whole
+    stream: the slots left in the starting epoch, and the slots of any full epoch.
+    """
+
+    def __init__(self, first_epoch: int, first: np.ndarray, full: np.ndarray, epochs: int | None):
+        self.first_epoch, self.first, self.full = first_epoch, first, full
+        full_epochs = (2**40 if epochs is None else max(0, epochs - first_epoch - 1)) if len(full) else 0
+        self.length = len(first) + full_epochs * len(full)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, k: int) -> tuple[int, int]:
+        if k < len(self.first):
+            return self.first_epoch, int(self.first[k])
+        epochs, k = divmod(k - len(self.first), len(self.full))
+        return self.first_epoch + 1 + epochs, int(self.full[k])
+
+
 def _iterate(source, n, batch_size, process_index, process_count, seed, start, shuffle,
              drop_remainder, epochs, num_threads, prefetch) -> Iterator[Batch]:
     global_batch = batch_size * process_count
-    orders: dict[int, np.ndarray] = {}
 
+    @functools.lru_cache(maxsize=4)
     def order_of(epoch: int) -> np.ndarray:
-        if epoch not in orders:
-            if len(orders) > 2:
-                orders.pop(min(orders))
-            orders[epoch] = permutation(n, seed=seed, epoch=epoch) if shuffle else np.arange(n, dtype=np.int64)
-        return orders[epoch]
+        return permutation(n, seed=seed, epoch=epoch) if shuffle else np.arange(n, dtype=np.int64)
 
-    def slots():
-        for epoch, offset, take, after in _plan(n, global_batch, start, drop_remainder, epochs):
+    def plan(position):  # (epoch, this process's [lo, hi) slots, position after) per global batch
+        for epoch, offset, take, after in _plan(n, global_batch, position, drop_remainder, epochs):
             lo, hi = _process_rows(take, global_batch, batch_size, process_index, process_count)
-            yield order_of(epoch), offset + lo, offset + hi, after
+            yield epoch, offset + lo, offset + hi, after
 
     if isinstance(source, ArraySource):  # in memory: vectorised, nothing to decode
-        for order, lo, hi, after in slots():
-            ids = order[lo:hi].copy()
+        for epoch, lo, hi, after in plan(start):
+            ids = order_of(epoch)[lo:hi].copy()
             images, labels, masks = source._take(ids)  # pylint: disable=protected-access
             yield Batch(images, ids, labels, masks, after)
         return
 
+    def slots_of_epoch(epoch, position):
+        batches = itertools.takewhile(lambda b: b[0] == epoch, plan(position))
+        return np.asarray([slot for _, lo, hi, _ in batches for slot in range(lo, hi)], np.int64)
+
+    first_epoch = start // n
+    slots = _ProcessSlots(first_epoch, slots_of_epoch(first_epoch, start),
+                          slots_of_epoch(first_epoch + 1, (first_epoch + 1) * n), epochs)
     if num_threads is None:
         num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="saejax-data")
-    pending: collections.deque = collections.deque()
-    try:
-        for order, lo, hi, after in slots():
-            pending.append(([pool.submit(_fetch, source, order, slot) for slot in range(lo, hi)], after))
-            if len(pending) > prefetch:
-                futures, position = pending.popleft()
-                yield _assemble(source, [f.result() for f in futures], position)
-        while pending:
-            futures, position = pending.popleft()
-            yield _assemble(source, [f.result() for f in futures], position)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    num_threads = max(1, num_threads)
+    # grain reads ahead with `num_threads` threads, in order; the batches are cut here by the plan.
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, prefetch * batch_size, 1))
+    examples = iter(grain.MapDataset.source(slots)
+                    .map(lambda slot: _fetch(source, order_of(slot[0]), slot[1]))
+                    .to_iter_dataset(read))
+    for _, lo, hi, after in plan(start):
+        yield _assemble(source, [next(examples) for _ in range(hi - lo)], after)
 
 
 # --------------------------------------------------------------------------------------------

@@ -333,3 +333,26 @@ def test_tfds_mock_data_grayscale_is_made_rgb():
     assert b.images.shape == (6, 28, 28, 3) and len(source.classes) == 10
     np.testing.assert_array_equal(b.images[..., 0], b.images[..., 2])
     assert set(b.labels.tolist()) <= set(range(10))
+
+
+def test_files_read_by_grain_threads_follow_the_same_plan_as_memory(tmp_path):
+    """Files are decoded by grain's threads; every start, process split and remainder rule gives
+    the batches (ids, images, positions) of the same images held in memory."""
+    images = np.random.default_rng(0).integers(0, 256, (11, 4, 4, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i:02d}.png")
+    files, memory = data.ImageFolderSource(tmp_path), data.ArraySource(images)
+    for start, count, drop, epochs in ((0, 1, True, 3), (5, 2, True, 4), (13, 2, False, 3), (7, 3, False, None)):
+        for index in range(count):
+            args = dict(seed=4, start=start, drop_remainder=drop, epochs=epochs, process_index=index,
+                        process_count=count)
+            got, want = data.batches(files, 2, num_threads=3, prefetch=1, **args), data.batches(memory, 2, **args)
+            for _ in range(12):
+                g, w = next(got, None), next(want, None)
+                if w is None:
+                    assert g is None
+                    break
+                np.testing.assert_array_equal(g.ids, w.ids)
+                if len(w.ids):  # (an empty share of a folder without image_size has no known size)
+                    np.testing.assert_array_equal(g.images, w.images)
+                assert g.position == w.position
