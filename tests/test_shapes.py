@@ -197,15 +197,6 @@ TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, inte
                 patch_size=8)
 
 
-def test_pixel_table_equals_backbone_preprocessing():
-    from saejax.backbones.preprocess import HALF, BILINEAR, ImageProcessing
-
-    images = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
-    expected = ImageProcessing(resize_to=(40, 40), resample=BILINEAR, mean=HALF, std=HALF)(images)
-    got = np.asarray(vit_training.normalize(vit_training.pixel_table(), images))
-    np.testing.assert_array_equal(got, expected)
-
-
 def test_short_training_run_gives_a_checkpoint_that_load_reads(tmp_path):
     kwargs = dict(seed=0, n_train=256, n_val=100, vit=TINY_VIT, steps=3, batch_size=32, warmup_steps=1)
     result = vit_training.train_shapes_vit(tmp_path, **kwargs)
@@ -225,9 +216,10 @@ def test_short_training_run_gives_a_checkpoint_that_load_reads(tmp_path):
     with open(os.path.join(result.path, "flax_model.msgpack"), "rb") as f:
         saved = serialization.msgpack_restore(f.read())
     apply_fn, _ = create_vit_classifier(dict(TINY_VIT, num_labels=16), jax.random.key(1))
-    table = vit_training.pixel_table()
-    train_logits = np.asarray(jax.jit(apply_fn)(saved, vit_training.normalize(table, val.images)))
-    out = jax.jit(lambda p, x: bb.forward(p, x))(params, bb.preprocess(val.images))
+    pixels = vit_training.vit_processing(40)(val.images)  # what training fed the model
+    np.testing.assert_array_equal(pixels, bb.preprocess(val.images))
+    train_logits = np.asarray(jax.jit(apply_fn)(saved, pixels))
+    out = jax.jit(lambda p, x: bb.forward(p, x))(params, pixels)
     np.testing.assert_allclose(np.asarray(out.logits), train_logits, atol=1e-5, rtol=1e-5)
     # ... and the accuracy recorded at training time is the backbone's.
     accuracy = float(np.mean(np.argmax(np.asarray(out.logits), -1) == val.labels))

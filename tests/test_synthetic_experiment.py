@@ -39,4 +39,13 @@ def test_synthetic_binary_trains_exports_and_resumes(tmp_path):
     recovered, _ = synthetic.feature_recovery(world.features, params.w_dec)
     np.testing.assert_allclose(recovered, member["features_recovered"])
     logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in logged if r["member"] == 0] == [4, 9, 14, 19, 24, 29]
+    assert [r["step"] for r in logged if r["member"] == 0] == [5, 10, 15, 20, 25, 30]
+
+
+def test_world_stream_is_a_pure_function_of_the_step():
+    world = synthetic.make_world(jax.random.key(0), d_model=8, n_features=16)
+    straight = synthetic.WorldStream(world, jax.random.key(1), 4, layer=3)
+    batches = [next(straight)[3] for _ in range(4)]
+    assert straight.position() == {"step": 4} and not np.allclose(batches[0], batches[1])
+    resumed = synthetic.WorldStream(world, jax.random.key(1), 4, layer=3, position={"step": 2})
+    np.testing.assert_array_equal(next(resumed)[3], batches[2])

@@ -6,9 +6,10 @@ colour of the largest object) and writes an ordinary HF checkpoint directory tha
 `saejax.backbones.load` reads like any other. The pieces (`make_train_step`, `evaluate`,
 `train_classifier`) work for any `saejax.data` source of uint8 images with integer labels.
 
-Pixels are normalised on the device with a 256-entry lookup table built exactly as the
-checkpoint's `preprocessor_config.json` (and so `Backbone.preprocess`) computes them, so the
-training-time logits equal `bb.forward(params, bb.preprocess(images)).logits`.
+Images are preprocessed on the host by the same `saejax.backbones.preprocess.ImageProcessing`
+that the saved checkpoint's `preprocessor_config.json` describes (and so `Backbone.preprocess`),
+so the training-time logits equal `bb.forward(params, bb.preprocess(images)).logits`. The
+auxiliary per-patch targets are `shapes.patch_labels` of the masks.
 
 >>> result = train_shapes_vit("/tmp/shapes")           # ~2 min on 2 CPU cores; reused if present
 >>> result.path, result.val_accuracy
@@ -18,6 +19,7 @@ training-time logits equal `bb.forward(params, bb.preprocess(images)).logits`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -31,7 +33,7 @@ import optax
 
 from saejax import data
 from saejax.backbones.create import create_vit_classifier, save_hf_checkpoint
-from saejax.backbones.preprocess import HALF
+from saejax.backbones.preprocess import BILINEAR, HALF, ImageProcessing
 from saejax.checkpoint.staging import staged_directory
 from saejax.datasets import shapes
 
@@ -44,10 +46,8 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "make_train_step",
-    "normalize",
-    "patch_majority",
-    "pixel_table",
     "predict",
+    "vit_processing",
     "train_classifier",
     "train_shapes_vit",
 ]
@@ -111,20 +111,11 @@ class TrainedVit(NamedTuple):
     info: dict
 
 
-def pixel_table(mean=HALF, std=HALF) -> np.ndarray:
-    """float32 [256, 3]: the normalised value of each uint8 level in each channel.
-
-    Computed with the same operations (and roundings) as `saejax.backbones.preprocess`:
-    `float32(float64(v) * (1 / 255))`, then `(x - mean) / std` in float32. Normalise a batch
-    with `table[images, jnp.arange(3)]`.
-    """
-    x = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[:, None]
-    return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
-
-
-def normalize(table, images):
-    """uint8 [B, H, W, 3] -> float32 [B, H, W, 3] through a `pixel_table`."""
-    return jnp.asarray(table)[images.astype(jnp.int32), jnp.arange(3)]
+def vit_processing(image_size: int, mean=HALF, std=HALF) -> ImageProcessing:
+    """The preprocessing that `save_hf_checkpoint` writes for a ViT of `image_size` px: bilinear
+    resize to `image_size` x `image_size`, rescale by 1/255, normalise with `mean` and `std`."""
+    return ImageProcessing(resize_to=(int(image_size), int(image_size)), resample=BILINEAR, mean=tuple(mean),
+                           std=tuple(std))
 
 
 def make_schedule(*, learning_rate: float, steps: int, warmup_steps: int) -> optax.Schedule:
@@ -143,26 +134,12 @@ def make_optimizer(*, learning_rate: float, steps: int, warmup_steps: int, weigh
                        optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=weight_decay, mask=decay_mask))
 
 
-def patch_majority(masks, patch_size: int, n_classes: int):
-    """Each patch's majority pixel label, on the device: int32 [B, gh * gw] (row-major).
-
-    Same rule as `saejax.datasets.shapes.patch_labels`: the label covering the most pixels of
-    the patch, ties to the lower label.
-    """
-    b, h, w = masks.shape
-    p = patch_size
-    counts = jax.nn.one_hot(masks.astype(jnp.int32), n_classes, dtype=jnp.float32)
-    counts = counts.reshape(b, h // p, p, w // p, p, n_classes).sum(axis=(2, 4))
-    return jnp.argmax(counts, axis=-1).reshape(b, -1).astype(jnp.int32)
-
-
-def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation, table: np.ndarray, *,
-                    patch_size: int | None = None, patch_classes: int = 0, patch_weight: float = 0.0):
-    """A pure train step: `step(state, images, labels, masks) -> (state, metrics)`.
+def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *, patch_weight: float = 0.0):
+    """A pure train step: `step(state, pixels, labels, patch_targets) -> (state, metrics)`.
 
     The loss is the cross-entropy of the image label, plus, when `patch_weight > 0`,
     `patch_weight` times the mean cross-entropy of an auxiliary linear head on the final patch
-    tokens predicting each patch's majority pixel label (`patch_majority` of `masks`). The
+    tokens predicting each patch's label (e.g. `shapes.patch_labels` of the masks). The
     auxiliary head is dense supervision: it makes a tiny ViT learn shapes several times faster
     and gives its patch tokens the per-patch semantics that patch-level probes and SAEs look
     for. It is not part of the saved model.
@@ -171,29 +148,25 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
         apply_fn: `apply_fn(params, pixels, return_tokens=False) -> logits` (or
             `(logits, tokens [B, 1 + n_patches, D])` with `return_tokens=True`, CLS first).
         optimizer: an optax transformation over `(params, patch_head)`.
-        table: a `pixel_table`.
-        patch_size: the ViT's patch side (for the auxiliary targets).
-        patch_classes: number of pixel labels (`len(shapes.PIXEL_CLASSES)` = 17 for shapes).
-        patch_weight: weight of the auxiliary loss; 0 disables it (then `masks` may be None).
+        patch_weight: weight of the auxiliary loss; 0 disables it (then `patch_targets` may be
+            None).
 
     Returns:
-        `step(state: ClassifierState, images: uint8 [B, H, W, 3], labels: int [B], masks: int
-        [B, H, W] or None)` returning the new state and `{"loss", "accuracy", "patch_loss",
-        "patch_accuracy"}` (device scalars). Jit it (donate the state).
+        `step(state: ClassifierState, pixels: float32 [B, H, W, 3] (preprocessed), labels: int
+        [B], patch_targets: int [B, n_patches] (row-major) or None)` returning the new state and
+        `{"loss", "accuracy", "patch_loss", "patch_accuracy"}` (device scalars). Jit it (donate
+        the state).
     """
-    table = np.asarray(table, np.float32)
     use_patches = patch_weight > 0
 
-    def step(state: ClassifierState, images, labels, masks=None):
-        pixels = normalize(table, images)
-
+    def step(state: ClassifierState, pixels, labels, patch_targets=None):
         def loss_fn(trainable):
             params, head = trainable
             logits, tokens = apply_fn(params, pixels, return_tokens=True)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             metrics = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
             if use_patches:
-                targets = patch_majority(masks, patch_size, patch_classes)
+                targets = patch_targets
                 patch_logits = tokens[:, 1:] @ head["kernel"] + head["bias"]
                 patch_loss = optax.softmax_cross_entropy_with_integer_labels(patch_logits, targets).mean()
                 metrics["patch_loss"] = patch_loss
@@ -211,40 +184,43 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
     return step
 
 
-def predict(apply_fn: Callable, params, source: data.Source, *, table: np.ndarray,
+def predict(apply_fn: Callable, params, source: data.Source, *, processing: ImageProcessing,
             batch_size: int = 500) -> tuple[np.ndarray, np.ndarray | None]:
-    """Argmax predictions for every example of `source`, in index order.
+    """Argmax predictions for every example of `source` (preprocessed by `processing`), in
+    index order.
 
     Returns:
         `(predictions int64 [N], labels [N] or None when the source has none)`.
     """
-    table = np.asarray(table, np.float32)
-    fn = jax.jit(lambda p, images: jnp.argmax(apply_fn(p, normalize(table, images)), -1))
+    fn = jax.jit(lambda p, pixels: jnp.argmax(apply_fn(p, pixels), -1))
     preds, labels = [], []
     for batch in data.batches(source, batch_size, shuffle=False, drop_remainder=False, epochs=1):
         m = batch.images.shape[0]
         images = batch.images
         if m < batch_size:  # pad the last batch to the compiled shape
             images = np.concatenate([images, np.zeros((batch_size - m,) + images.shape[1:], images.dtype)])
-        preds.append(np.asarray(fn(params, images))[:m])
+        preds.append(np.asarray(fn(params, processing(images)))[:m])
         if batch.labels is not None:
             labels.append(batch.labels)
     return np.concatenate(preds).astype(np.int64), (np.concatenate(labels) if labels else None)
 
 
-def evaluate(apply_fn: Callable, params, source: data.Source, *, table: np.ndarray, batch_size: int = 500) -> float:
+def evaluate(apply_fn: Callable, params, source: data.Source, *, processing: ImageProcessing,
+             batch_size: int = 500) -> float:
     """Classification accuracy of `apply_fn` on a labelled source (float in [0, 1])."""
     if not source.has_labels:
         raise ValueError(f"{source!r} has no labels to evaluate against")
-    preds, labels = predict(apply_fn, params, source, table=table, batch_size=batch_size)
+    preds, labels = predict(apply_fn, params, source, processing=processing, batch_size=batch_size)
     return float(np.mean(preds == labels))
 
 
 def train_classifier(train_source: data.Source, val_source: data.Source, *, vit: Mapping, key: jax.Array,
                      steps: int, batch_size: int, learning_rate: float, warmup_steps: int, weight_decay: float,
-                     patch_weight: float = 0.0, patch_classes: int = 0, init_range: float | None = 1.0,
-                     seed: int = 0, log_every: int = 50, callback: Callable[[dict], None] | None = None,
-                     table: np.ndarray | None = None) -> TrainedClassifier:
+                     patch_weight: float = 0.0, patch_classes: int = 0,
+                     patch_labels: Callable[[np.ndarray], np.ndarray] | None = None,
+                     init_range: float | None = 1.0, seed: int = 0, log_every: int = 50,
+                     callback: Callable[[dict], None] | None = None,
+                     processing: ImageProcessing | None = None) -> TrainedClassifier:
     """Trains an HF Flax ViT classifier from scratch on a labelled image source.
 
     Args:
@@ -259,7 +235,10 @@ def train_classifier(train_source: data.Source, val_source: data.Source, *, vit:
         warmup_steps: linear warmup steps.
         weight_decay: AdamW weight decay (kernels and embeddings only).
         patch_weight: weight of the auxiliary per-patch loss (see `make_train_step`); 0: none.
-        patch_classes: number of per-pixel mask labels (needed when `patch_weight > 0`).
+        patch_classes: number of patch labels (needed when `patch_weight > 0`).
+        patch_labels: masks uint [B, H, W] -> int [B, gh, gw] patch labels in
+            `[0, patch_classes)` (needed when `patch_weight > 0`; the shapes world's is
+            `shapes.patch_labels`).
         init_range: `initializer_range` of the random initialisation (see
             `saejax.backbones.create.create_vit_classifier`; None: the config's, 0.02 by default).
         seed: data order seed (`saejax.data.batches`).
@@ -267,15 +246,16 @@ def train_classifier(train_source: data.Source, val_source: data.Source, *, vit:
         callback: called with each history entry (a dict of floats: step, loss, accuracy of the
             training batch, lr, and the patch metrics), one log interval behind the device so
             the host does not stall it.
-        table: a `pixel_table` (default: mean = std = 0.5).
+        processing: the checkpoint's preprocessing (default: `vit_processing` of the ViT's
+            `image_size`, mean = std = 0.5, what `save_hf_checkpoint` writes).
 
     Returns:
         A `TrainedClassifier`.
     """
     vit = _with_labels(vit, train_source)
-    if patch_weight > 0 and (not train_source.has_masks or patch_classes < 1):
-        raise ValueError("patch_weight > 0 needs a source with masks and patch_classes >= 1")
-    table = pixel_table() if table is None else table
+    if patch_weight > 0 and (not train_source.has_masks or patch_classes < 1 or patch_labels is None):
+        raise ValueError("patch_weight > 0 needs a source with masks, patch_classes >= 1 and patch_labels")
+    processing = vit_processing(int(vit.get("image_size", 224))) if processing is None else processing
     model_key, head_key = jax.random.split(key)
     apply_fn, params = create_vit_classifier(vit, model_key, init_range=init_range)
     head = None
@@ -287,8 +267,7 @@ def train_classifier(train_source: data.Source, val_source: data.Source, *, vit:
                                weight_decay=weight_decay)
     schedule = make_schedule(learning_rate=learning_rate, steps=steps, warmup_steps=warmup_steps)
     state = ClassifierState(params, head, optimizer.init((params, head)), jnp.zeros((), jnp.int32))
-    step_fn = jax.jit(make_train_step(apply_fn, optimizer, table, patch_size=int(vit.get("patch_size", 16)),
-                                      patch_classes=patch_classes, patch_weight=patch_weight), donate_argnums=0)
+    step_fn = jax.jit(make_train_step(apply_fn, optimizer, patch_weight=patch_weight), donate_argnums=0)
     history, pending = [], None
 
     def flush(entry_step, metrics):
@@ -301,7 +280,8 @@ def train_classifier(train_source: data.Source, val_source: data.Source, *, vit:
     it = data.batches(train_source, batch_size, seed=seed)
     for i in range(steps):
         batch = next(it)
-        state, metrics = step_fn(state, batch.images, batch.labels, batch.masks if patch_weight > 0 else None)
+        targets = patch_labels(batch.masks).reshape(len(batch.masks), -1) if patch_weight > 0 else None
+        state, metrics = step_fn(state, processing(batch.images), batch.labels, targets)
         if pending is not None:
             flush(*pending)
             pending = None
@@ -310,7 +290,7 @@ def train_classifier(train_source: data.Source, val_source: data.Source, *, vit:
     if pending is not None:
         flush(*pending)
     params = state.params
-    accuracy = evaluate(apply_fn, params, val_source, table=table)
+    accuracy = evaluate(apply_fn, params, val_source, processing=processing)
     return TrainedClassifier(apply_fn, params, accuracy, history)
 
 
@@ -376,8 +356,9 @@ def train_shapes_vit(workdir: str | os.PathLike, *, seed: int = 0, n_train: int 
     val = shapes.source("validation", n_val, seed=seed, image_size=image_size)
     result = train_classifier(train, val, vit=vit, key=jax.random.key(seed), steps=steps, batch_size=batch_size,
                               learning_rate=learning_rate, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                              patch_weight=patch_weight, patch_classes=len(shapes.PIXEL_CLASSES), init_range=init_range,
-                              seed=seed, callback=callback)
+                              patch_weight=patch_weight, patch_classes=len(shapes.PIXEL_CLASSES),
+                              patch_labels=functools.partial(shapes.patch_labels, patch_size=int(vit["patch_size"])),
+                              init_range=init_range, seed=seed, callback=callback)
     seconds = time.time() - start
     info = dict(settings=settings, val_accuracy=result.val_accuracy, seconds=seconds, history=result.history,
                 classes=list(shapes.CLASSES))

@@ -10,9 +10,15 @@ than dimensions: superposition). A good SAE's decoder rows recover the `f_i`;
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from saejax import sharding as shd
 
 
 @flax.struct.dataclass
@@ -54,3 +60,35 @@ def feature_recovery(features_GD: jax.Array, w_dec_FD: jax.Array, threshold: flo
     rows = w_dec_FD / jnp.linalg.norm(w_dec_FD, axis=1, keepdims=True)
     best = jnp.max(jnp.abs(features_GD @ rows.T), axis=1)
     return jnp.mean(best > threshold), jnp.mean(best)
+
+
+class WorldStream:
+    """A `saejax.loop.fit` stream of a world's activations: `{layer: [batch_size, D]}`, batch
+    `t` a pure function of `(key, t)`, so that resuming from `position()` replays the same data.
+
+    >>> stream = WorldStream(world, jax.random.key(2), 1024, normalization=norm)
+    >>> states = saejax.loop.fit(trainer, {0: states}, stream, steps=1000)
+    """
+
+    def __init__(self, world: PlantedFeatures, key: jax.Array, batch_size: int, *, normalization=None,
+                 layer: int = 0, mesh: Mesh | None = None, position: Mapping[str, int] | None = None):
+        self.layer, self.step = layer, int((position or {}).get("step", 0))
+        sharding = None if mesh is None else shd.batch_sharding(mesh, 2)
+
+        @functools.partial(jax.jit, out_shardings=sharding)
+        def batch_at(step):
+            x = world.sample(jax.random.fold_in(key, step), batch_size)
+            return x if normalization is None else normalization.apply(x)
+
+        self._batch_at = batch_at
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[int, jax.Array]:
+        x = self._batch_at(self.step)
+        self.step += 1
+        return {self.layer: x}
+
+    def position(self) -> dict[str, int]:
+        return {"step": self.step}
