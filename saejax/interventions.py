@@ -14,6 +14,16 @@ the residual exactly and setting latent i to v moves each edited token by exactl
 
 Token masks broadcast against the code's leading axes (`[T]` for all images, `[B, T]` per
 image); None edits every token.
+
+Latent ids are checked, never wrapped or clamped: a float or negative id is an error when the
+edit is built, and an id >= `d_sae` is an error when `sae_edit` is built (or when the edit is
+applied, also inside `jit` when the ids are constants). Ids that are traced (passed into a
+jitted or vmapped function as arguments) cannot be checked before they run: an out-of-range
+traced id edits nothing, and flags an error under
+`jax.experimental.checkify.checkify(fn, errors=checkify.user_checks)`:
+
+>>> err, out = checkify.checkify(jax.jit(run), errors=checkify.user_checks)(latent_ids)
+>>> err.throw()   # ValueError: latent id out of range ...
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
 
 from saejax.normalization import Normalization
 from saejax.sae import SAE, SAEParams
@@ -32,6 +44,25 @@ def _masked(z, edited, mask):
     if mask is None:
         return edited
     return jnp.where(jnp.asarray(mask, bool)[..., None], edited, z)
+
+
+def _check_range(latents, d_sae: int) -> None:
+    bad = np.asarray(latents)[(np.asarray(latents) < 0) | (np.asarray(latents) >= d_sae)]
+    if bad.size:
+        raise ValueError(f"latent id {bad.ravel()[0]} is out of range for an SAE with d_sae={d_sae} "
+                         f"(ids 0..{d_sae - 1})")
+
+
+def _in_range(latents: jax.Array, d_sae: int) -> jax.Array:
+    """Ids to scatter into `[..., d_sae]` with `mode="drop"`: concrete ids are checked now;
+    traced ids out of range become `d_sae` (dropped, never wrapped) and are flagged to
+    checkify."""
+    if not isinstance(latents, jax.core.Tracer):
+        _check_range(latents, d_sae)
+        return latents
+    ok = (latents >= 0) & (latents < d_sae)
+    checkify.debug_check(jnp.all(ok), f"latent id out of range for d_sae={d_sae}: {{ids}}", ids=latents)
+    return jnp.where(ok, latents, d_sae)
 
 
 @flax.struct.dataclass
@@ -45,11 +76,11 @@ class SetLatents:
     where_active: bool = flax.struct.field(pytree_node=False, default=False)
 
     def __call__(self, z: jax.Array) -> jax.Array:
-        values = self.values.astype(z.dtype)
+        latents, values = _in_range(self.latents, z.shape[-1]), self.values.astype(z.dtype)
         if self.where_active:
-            current = z[..., self.latents]
+            current = z.at[..., latents].get(mode="fill", fill_value=0)
             values = jnp.where(current != 0, values, current)
-        return _masked(z, z.at[..., self.latents].set(values), self.mask)
+        return _masked(z, z.at[..., latents].set(values, mode="drop"), self.mask)
 
 
 @flax.struct.dataclass
@@ -61,7 +92,8 @@ class ScaleLatents:
     mask: jax.Array | None = None
 
     def __call__(self, z: jax.Array) -> jax.Array:
-        return _masked(z, z.at[..., self.latents].multiply(self.factors.astype(z.dtype)), self.mask)
+        latents = _in_range(self.latents, z.shape[-1])
+        return _masked(z, z.at[..., latents].multiply(self.factors.astype(z.dtype), mode="drop"), self.mask)
 
 
 @flax.struct.dataclass
@@ -73,7 +105,8 @@ class AddLatents:
     mask: jax.Array | None = None
 
     def __call__(self, z: jax.Array) -> jax.Array:
-        return _masked(z, z.at[..., self.latents].add(self.amounts.astype(z.dtype)), self.mask)
+        latents = _in_range(self.latents, z.shape[-1])
+        return _masked(z, z.at[..., latents].add(self.amounts.astype(z.dtype), mode="drop"), self.mask)
 
 
 @flax.struct.dataclass
@@ -88,8 +121,32 @@ class Chain:
         return z
 
 
-def _ids(latents) -> jax.Array:
-    return jnp.atleast_1d(jnp.asarray(latents, jnp.int32))
+def _ids(latents) -> jax.Array | np.ndarray:
+    """Latent ids as int32 [n]; concrete ids must be non-negative integers (never truncated)."""
+    if isinstance(latents, jax.core.Tracer):
+        if not jnp.issubdtype(latents.dtype, jnp.integer):
+            raise TypeError(f"latent ids must be integers, got dtype {latents.dtype}")
+        return jnp.atleast_1d(latents.astype(jnp.int32))
+    ids = np.asarray(latents)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"latent ids must be integers, got {latents!r} (dtype {ids.dtype})")
+    if (ids < 0).any():
+        raise ValueError(f"latent id {ids[ids < 0].ravel()[0]} is negative: ids count from 0, not from the end")
+    if (ids > np.iinfo(np.int32).max).any():
+        raise ValueError(f"latent id {ids.max()} is out of range")
+    # Kept in numpy so the ids stay concrete (and checkable) when the edit is built inside `jit`.
+    return np.atleast_1d(ids.astype(np.int32))
+
+
+def check_latent_ids(latent_edit, d_sae: int) -> None:
+    """Raise ValueError if a concrete latent id of `latent_edit` (a `set`/`scale`/`add`/`ablate`
+    edit or a `chain` of them) is outside `[0, d_sae)`. Traced ids are left to the edit."""
+    if isinstance(latent_edit, Chain):
+        for edit in latent_edit.edits:
+            check_latent_ids(edit, d_sae)
+    elif isinstance(latent_edit, (SetLatents, ScaleLatents, AddLatents)):
+        if not isinstance(latent_edit.latents, jax.core.Tracer):
+            _check_range(latent_edit.latents, d_sae)
 
 
 def _numbers(values, latents) -> jax.Array:
@@ -163,7 +220,11 @@ def sae_edit(ae: SAE, params: SAEParams, latent_edit, norm: Normalization | None
         latent_edit: a latent edit (`set`, `scale`, `add`, `ablate`, `chain`), or any
             `z -> z` callable (a pytree, if its numbers should stay traced).
         norm: the statistics the SAE was trained with, or None for raw activations.
+
+    Raises:
+        ValueError: a latent id of `latent_edit` is outside `[0, ae.d_sae)`.
     """
+    check_latent_ids(latent_edit, ae.d_sae)
     return SAEEdit(ae, params, latent_edit, norm)
 
 
@@ -185,5 +246,5 @@ def direction_edit(direction, scale=1.0, mask=None) -> DirectionEdit:
     return DirectionEdit(jnp.asarray(direction, jnp.float32), jnp.asarray(scale, jnp.float32), mask)
 
 
-__all__ = ["set", "scale", "add", "ablate", "chain", "sae_edit", "direction_edit", "SetLatents", "ScaleLatents",
+__all__ = ["set", "scale", "add", "ablate", "chain", "sae_edit", "check_latent_ids", "direction_edit", "SetLatents", "ScaleLatents",
            "AddLatents", "Chain", "SAEEdit", "DirectionEdit"]

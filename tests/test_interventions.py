@@ -142,3 +142,39 @@ def test_edits_compose_with_the_backbone_forward_under_jit():
     curve = jax.jit(jax.vmap(lambda v: logits_with(iv.sae_edit(ae, params, iv.set(3, v, mask=patches)), images)))(
         jnp.array([0.0, 5.0]))
     np.testing.assert_allclose(curve[1], by_hand, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda i: iv.set(i, -2.0), lambda i: iv.set(i, 0.0, where_active=True),
+                                  lambda i: iv.scale(i, 0.0), lambda i: iv.add(i, 5.0), lambda i: iv.ablate(i),
+                                  lambda i: iv.chain(iv.scale(3, 2.0), iv.ablate(i))],
+                         ids=["set", "where_active", "scale", "add", "ablate", "chain"])
+def test_out_of_range_latent_ids_are_errors_never_no_ops_or_wraps(make):
+    ae, params, resid = setup()  # d_sae = 64
+    for latent in (64, 1000):
+        with pytest.raises(ValueError, match=f"latent id {latent} is out of range for an SAE with d_sae=64"):
+            iv.sae_edit(ae, params, make(latent))
+        with pytest.raises(ValueError, match=f"latent id {latent} is out of range"):  # built without an SAE, applied
+            jax.jit(lambda r: iv.SAEEdit(ae, params, make(latent))(r))(resid)  # noqa: B023
+    for latent in (-1, -65):
+        with pytest.raises(ValueError, match=f"latent id {latent} is negative"):
+            make(latent)
+    with pytest.raises(TypeError, match="latent ids must be integers, got 3.7"):
+        make(3.7)
+
+
+def test_traced_out_of_range_ids_edit_nothing_and_are_flagged_by_checkify():
+    from jax.experimental import checkify
+
+    ae, params, resid = setup()
+
+    def run(latent):
+        return iv.sae_edit(ae, params, iv.set(latent, 5.0))(resid)
+
+    checked = checkify.checkify(jax.jit(run), errors=checkify.user_checks)
+    err, out = checked(jnp.int32(7))
+    assert err.get() is None and not np.allclose(out, resid)
+    for latent in (64, -1):  # -1 must not wrap to 63
+        np.testing.assert_array_equal(jax.jit(run)(jnp.int32(latent)), resid)
+        err, out = checked(jnp.int32(latent))
+        with pytest.raises(checkify.JaxRuntimeError, match="latent id out of range for d_sae=64"):
+            err.throw()
