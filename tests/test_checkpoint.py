@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -134,5 +135,63 @@ def test_restore_errors(tmp_path):
         ckpt.save(step, state)
     assert ckpt.all_steps() == [2, 3] and ckpt.latest_step() == 3
     other = train.make_trainer(sae.topk(16, 64, k=4), objective=Objective(sparsity="none"))
-    with pytest.raises(CheckpointError, match=r"step 3 does not restore into the given target: .*params/w_dec: saved \(48, 16\), target \(64, 16\)"):
+    with pytest.raises(CheckpointError, match=r"ckpt/3 does not restore into the given target: .*params/w_dec: saved \(48, 16\), target \(64, 16\)"):
         ckpt.restore(other.init(jax.random.key(0), Hparams.of(1e-3)))
+
+
+def _corrupt(step_dir, how):
+    state = os.path.join(step_dir, "state")
+    data_files = sorted((os.path.join(root, f) for root, _, files in os.walk(state) for f in files
+                         if os.sep + "d" + os.sep in os.path.join(root, f)), key=os.path.getsize)
+    if how == "empty":
+        shutil.rmtree(step_dir)
+        os.makedirs(step_dir)
+    elif how == "truncated":
+        for f in data_files:
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 2)
+    elif how == "random":
+        for f in data_files:
+            with open(f, "wb") as fh:
+                fh.write(np.random.default_rng(0).bytes(os.path.getsize(f)))
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "random"])
+def test_a_broken_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, how):
+    trainer = _trainer()
+    states = [trainer.init(jax.random.key(i), Hparams.of(1e-3)) for i in range(2)]
+    ckpt = TrainCheckpointer(tmp_path / "ckpt", max_to_keep=2)
+    for step, state in zip((10, 20), states):
+        ckpt.save(step, state, extra={"at": step})
+    ckpt.close()
+    _corrupt(str(tmp_path / "ckpt" / "20"), how)
+
+    run = TrainCheckpointer(tmp_path / "ckpt").restore(jax.eval_shape(lambda: states[0]))
+    assert run.step == 10 and run.extra == {"at": 10}
+    assert_trees_equal(run.state, states[0])
+    assert [s for s, _ in run.skipped] == [20] and str(tmp_path / "ckpt" / "20") in run.skipped[0][1]
+    with pytest.raises(CheckpointError, match=str(tmp_path / "ckpt" / "20")):  # asked for by name: no fallback
+        TrainCheckpointer(tmp_path / "ckpt").restore(jax.eval_shape(lambda: states[0]), step=20)
+    _corrupt(str(tmp_path / "ckpt" / "10"), "empty")
+    with pytest.raises(CheckpointError, match=r"ckpt: no checkpoint restores: step 20: .*; step 10: .*ckpt/10"):
+        TrainCheckpointer(tmp_path / "ckpt").restore(jax.eval_shape(lambda: states[0]))
+
+
+def test_a_flipped_bit_is_caught_by_the_checksums(tmp_path):
+    """One bit flipped in opt_state's saved values (which orbax restores without a murmur)
+    fails the checksum stored beside them."""
+    trainer = _trainer()
+    state = trainer.init(jax.random.key(0), Hparams.of(1e-3))
+    state = state.replace(opt_state=jax.tree.map(lambda x: x + 0.5 if x.dtype == jnp.float32 else x, state.opt_state))
+    with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(5, state)
+    mu = np.asarray(state.opt_state[1].mu.w_enc).copy()
+    mu.view(np.uint32)[3, 7] ^= 1 << 20
+    flipped = state.replace(opt_state=(state.opt_state[0], state.opt_state[1]._replace(
+        mu=state.opt_state[1].mu.replace(w_enc=jnp.asarray(mu))), *state.opt_state[2:]))
+    with TrainCheckpointer(tmp_path / "other") as other:  # the same files, one bit apart
+        other.save(5, flipped)
+    shutil.rmtree(tmp_path / "ckpt" / "5" / "state")
+    shutil.copytree(tmp_path / "other" / "5" / "state", tmp_path / "ckpt" / "5" / "state")
+    with pytest.raises(CheckpointError, match=r"ckpt/5: checksum mismatch in opt_state/1/mu/w_enc"):
+        TrainCheckpointer(tmp_path / "ckpt").restore(jax.eval_shape(lambda: state))

@@ -20,6 +20,7 @@ def staged_directory(path: str | os.PathLike) -> Iterator[str]:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".saejax-", dir=parent)
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the result gets the usual permissions
     try:
         yield staging
         if os.path.exists(path):
@@ -28,3 +29,9 @@ def staged_directory(path: str | os.PathLike) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -2,7 +2,10 @@
 PRNG key), the run's config as JSON, and a JSON dict of extras (e.g. the data position).
 
 Orbax writes each step to a temporary directory and renames it when complete, so a crash or a
-kill mid-save leaves the previous checkpoint intact.
+kill mid-save leaves the previous checkpoint intact. Each step also stores a checksum of every
+array (computed on the devices when saving), verified when restoring: a flipped bit is an
+error, not a silently different run. `restore` falls back to the newest step that restores and
+says which ones it skipped and why.
 """
 
 from __future__ import annotations
@@ -11,25 +14,53 @@ import os
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from saejax.checkpoint.errors import CheckpointError
 
 
 class RestoredRun(NamedTuple):
-    """What `TrainCheckpointer.restore` returns."""
+    """What `TrainCheckpointer.restore` returns; `skipped` lists `(step, reason)` for newer
+    steps that did not restore."""
 
     step: int
     state: Any
     config: dict
     extra: dict
+    skipped: tuple = ()
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
+@jax.jit
+def _checksums(tree):
+    """Per leaf, the sum of its 32-bit words modulo 2**32 (any single flipped bit changes it)."""
+
+    def words(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize, jnp.uint32)
+        return jnp.sum(jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32), dtype=jnp.uint32)
+
+    return jax.tree.map(words, tree)
+
+
+def checksums(tree) -> dict[str, int]:
+    """`{leaf path: checksum}` of a pytree of arrays (see `TrainCheckpointer`)."""
+    sums = jax.device_get(_checksums(tree))
+    return {_path_name(path): int(v) for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
 def _leaf_shapes(tree) -> dict[str, tuple]:
     """'params/w_enc' -> shape; PRNG keys by the shape of their raw data (as orbax stores them)."""
     shapes = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        name = "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+        name = _path_name(path)
         shape = tuple(leaf.shape)
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             shape = jax.eval_shape(jax.random.key_data, leaf).shape
@@ -63,7 +94,7 @@ class TrainCheckpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                           "extra": ocp.JsonCheckpointHandler()},
+                           "extra": ocp.JsonCheckpointHandler(), "checksums": ocp.JsonCheckpointHandler()},
         )
 
     def save(self, step: int, state: Any, *, config: dict | None = None, extra: dict | None = None,
@@ -75,6 +106,7 @@ class TrainCheckpointer:
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(config or {}),
             extra=ocp.args.JsonSave(extra or {}),
+            checksums=ocp.args.JsonSave(checksums(state)),
         ), force=True)
         if wait:
             self._manager.wait_until_finished()
@@ -90,26 +122,75 @@ class TrainCheckpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def restore(self, target: Any, step: int | None = None) -> RestoredRun:
-        """Restore `step` (default: the latest) into the structure, shapes, dtypes and shardings
-        of `target` (concrete arrays or `jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape`).
-
-        Raises:
-            CheckpointError: no checkpoint, or one that does not fit `target`.
-        """
+    def saved_config(self, step: int | None = None) -> dict:
+        """The config saved with `step` (default: the latest), without restoring the state."""
         step = self.latest_step() if step is None else step
         if step is None:
+            raise CheckpointError(f"{self.directory}: no checkpoint")
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the same failure here
+            raise CheckpointError(f"{self._step_dir(step)}: cannot read its config: {e}") from e
+        return dict(restored.config or {})
+
+    def restore(self, target: Any, step: int | None = None) -> RestoredRun:
+        """Restore `step`, or the newest step that restores, into the structure, shapes, dtypes
+        and shardings of `target` (concrete arrays or `jax.ShapeDtypeStruct`s, e.g. from
+        `jax.eval_shape`).
+
+        Without `step`, a step that cannot be read (empty, truncated, corrupt, or whose
+        checksums do not match) is skipped for the next older one; the skipped steps and why
+        are in `RestoredRun.skipped`.
+
+        Raises:
+            CheckpointError: no checkpoint, none that restores (each step's reason is named),
+                or one that does not fit `target` (not skipped: an older step would not fit either).
+        """
+        steps = sorted(self.all_steps(), reverse=True) if step is None else [step]
+        if not steps:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        _check_fits(self._manager.item_metadata(step)["state"], abstract, f"{self.directory} step {step}")
+        skipped = []
+        for candidate in steps:
+            try:
+                return self._restore_step(candidate, abstract)._replace(skipped=tuple(skipped))
+            except _Unreadable as e:
+                if step is not None:
+                    raise CheckpointError(str(e)) from e.__cause__
+                skipped.append((candidate, str(e)))
+        raise CheckpointError(f"{self.directory}: no checkpoint restores: "
+                              + "; ".join(f"step {s}: {why}" for s, why in skipped))
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _restore_step(self, step: int, abstract) -> RestoredRun:
+        where = self._step_dir(step)
+        try:
+            metadata = self._manager.item_metadata(step)["state"]
+            if metadata is None:
+                raise ValueError("no state metadata")
+        except Exception as e:  # noqa: BLE001 - a missing or broken file, whatever the library raises
+            raise _Unreadable(f"{where}: cannot read its metadata: {type(e).__name__}: {e}") from e
+        _check_fits(metadata, abstract, where)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract),
                 config=ocp.args.JsonRestore(),
                 extra=ocp.args.JsonRestore(),
             ))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"{self.directory}: step {step} does not restore into the given target: {e}") from e
+        except Exception as e:  # noqa: BLE001
+            raise _Unreadable(f"{where}: cannot read it: {type(e).__name__}: {str(e)[:300]}") from e
+        try:
+            saved = dict(self._manager.restore(step, args=ocp.args.Composite(
+                checksums=ocp.args.JsonRestore())).checksums or {})
+        except Exception as e:  # noqa: BLE001
+            raise _Unreadable(f"{where}: cannot read its checksums: {type(e).__name__}: {e}") from e
+        got = checksums(restored.state)
+        bad = [name for name, value in got.items() if saved.get(name) != value]
+        if bad:
+            raise _Unreadable(f"{where}: checksum mismatch in {', '.join(bad[:3])}"
+                              + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "") + ": the files are corrupt")
         return RestoredRun(step, restored.state, dict(restored.config or {}), dict(restored.extra or {}))
 
     def close(self) -> None:
@@ -120,3 +201,7 @@ class TrainCheckpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Unreadable(Exception):
+    """A step that cannot be restored because of its files (the message names them)."""
