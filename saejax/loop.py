@@ -131,6 +131,8 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
         NonFiniteLossError: a logged loss, or the parameters at a checkpoint, are not finite;
             the newest checkpoint is then the last good one.
         Preempted: after a signal (and its checkpoint).
+        Exception: any other error (an unreadable image, a full disk, a failing hook) first
+            saves a checkpoint of the last completed step, when it can, then propagates.
     """
     mesh = shd.make_mesh() if mesh is None else mesh
     states = dict(states)
@@ -149,7 +151,10 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
         for hook in hooks:
             hook(at, host)
 
+    saved_at = start_step
+
     def save(at):
+        nonlocal saved_at
         if checkpointer is None:
             return
         if not _all_finite({layer: s.params for layer, s in states.items()}):
@@ -158,35 +163,53 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
         extra = {"stream": stream.position()} if hasattr(stream, "position") else {}
         checkpointer.save(at, {str(layer): s for layer, s in states.items()}, config=dict(checkpoint_config or {}),
                           extra=extra, wait=False)
+        saved_at = at
 
-    with _SignalFlag(handle_signals) as signals:
-        while step < steps:
-            batch = next(stream)
-            metrics = {}
-            for layer, (step_fn, _) in jitted.items():
-                states[layer], metrics[layer] = step_fn(states[layer], batch[layer])
-            step += 1
-            if pending is not None:  # step - 1's metrics, read while the device runs this step
-                report(pending)
-                pending = None
-            if step % log_every == 0 or step == steps:
-                pending = (step, metrics)
-            if trainer.resample_due(step):
-                for layer, (_, resample_fn) in jitted.items():
-                    states[layer], _ = resample_fn(states[layer], batch[layer])
-            for every, fn in state_hooks:
-                if step % every == 0:
-                    fn(step, states)
-            interrupted = signals.due(step)
-            if interrupted or step == steps or (checkpoint_every and step % checkpoint_every == 0):
-                if pending is not None:
+    consistent = True  # the states and the stream's position are both at `step`
+    try:
+        with _SignalFlag(handle_signals) as signals:
+            while step < steps:
+                batch = next(stream)
+                consistent = False
+                metrics = {}
+                for layer, (step_fn, _) in jitted.items():
+                    states[layer], metrics[layer] = step_fn(states[layer], batch[layer])
+                step += 1
+                if trainer.resample_due(step):
+                    for layer, (_, resample_fn) in jitted.items():
+                        states[layer], _ = resample_fn(states[layer], batch[layer])
+                consistent = True
+                if pending is not None:  # step - 1's metrics, read while the device runs this step
                     report(pending)
                     pending = None
+                if step % log_every == 0 or step == steps:
+                    pending = (step, metrics)
+                for every, fn in state_hooks:
+                    if step % every == 0:
+                        fn(step, states)
+                interrupted = signals.due(step)
+                if interrupted or step == steps or (checkpoint_every and step % checkpoint_every == 0):
+                    if pending is not None:
+                        report(pending)
+                        pending = None
+                    save(step)
+                if interrupted:
+                    if checkpointer is not None:
+                        checkpointer.wait_until_finished()
+                    raise Preempted(signals.signum, step)
+    except (NonFiniteLossError, Preempted):
+        raise
+    except Exception as error:
+        # Anything else (an unreadable image, a full disk, a bug in a hook): keep the steps done
+        # since the last checkpoint, then let the error go on.
+        if checkpointer is not None and consistent and step > saved_at:
+            try:
                 save(step)
-            if interrupted:
-                if checkpointer is not None:
-                    checkpointer.wait_until_finished()
-                raise Preempted(signals.signum, step)
+                checkpointer.wait_until_finished()
+                error.add_note(f"saejax: saved a checkpoint of step {step} before stopping")
+            except Exception as also:  # noqa: BLE001 - the first error is the one to report
+                error.add_note(f"saejax: could not save step {step} ({type(also).__name__}: {also})")
+        raise
     if checkpointer is not None:
         checkpointer.wait_until_finished()
     return states

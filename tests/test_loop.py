@@ -100,3 +100,35 @@ def test_evaluate_equals_saejax_metrics_on_the_same_rows():
         assert r["tokens"] == 96 and r["learning_rate"] == pytest.approx([1e-3, 3e-3][i])
     with pytest.raises(ValueError, match="held no rows"):
         loop.evaluate(trainer.ae, states, iter([]))
+
+
+def test_an_error_mid_run_saves_the_steps_done_then_propagates(tmp_path):
+    from saejax.data import UnreadableImageError
+
+    class Breaks(Stream):
+        def __next__(self):
+            if self.t == 7:
+                raise UnreadableImageError("/data/bad.jpg: cannot identify image file")
+            return super().__next__()
+
+    trainer, states, xs = setup()
+    copy = lambda: {3: jax.tree.map(jnp.copy, states)}  # noqa: E731
+    want = loop.fit(trainer, copy(), Stream(xs), steps=7)
+    ckpt = TrainCheckpointer(tmp_path)
+    with pytest.raises(UnreadableImageError, match="bad.jpg") as raised:
+        loop.fit(trainer, copy(), Breaks(xs), steps=10, checkpointer=ckpt, checkpoint_every=5)
+    assert "saved a checkpoint of step 7" in "".join(raised.value.__notes__)
+    run = ckpt.restore({"3": states})
+    assert (ckpt.all_steps(), run.extra) == ([5, 7], {"stream": {"t": 7}})
+    for a, b in zip(jax.tree.leaves(run.state["3"].params), jax.tree.leaves(want[3].params)):
+        np.testing.assert_array_equal(a, b)
+
+    def failing_hook(step, metrics):  # e.g. a full disk under the metrics log
+        if step == 3:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left on device"):
+        loop.fit(trainer, copy(), Stream(xs), steps=10, checkpointer=TrainCheckpointer(tmp_path / "b"),
+                 hooks=[failing_hook])
+    assert TrainCheckpointer(tmp_path / "b").all_steps() == [4]  # step 3's metrics are read after step 4
+    ckpt.close()
