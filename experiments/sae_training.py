@@ -7,8 +7,10 @@ ml_collections config and lays out the workdir (see `experiments.train_sae`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -17,7 +19,8 @@ import ml_collections
 import numpy as np
 
 from saejax import activations, backbones, data, loop, sae, sharding, stream, train
-from saejax.checkpoint import TrainCheckpointer, save_sae
+from saejax.checkpoint import CheckpointError, TrainCheckpointer, save_sae
+from saejax.checkpoint.workdir import WorkdirLock, check_resume, config_changes
 from saejax.losses import Objective
 from saejax.normalization import Normalization
 
@@ -26,14 +29,17 @@ def build_source(cfg: ml_collections.ConfigDict, split: str) -> data.Source:
     """The image source a config names (`split`: "train" or "validation").
 
     `cfg.kind` and its keys: "tfds" (`name`, `<split>_split`, `data_dir`, `image_size`,
-    `label_key`), "folder" (`<split>_dir`, `image_size`), "shapes" (`<split>_images`, `seed`,
+    `label_key`), "folder" (`<split>_dir`, `image_size`), both with `skip_unreadable` (skip
+    and count images that cannot be decoded instead of stopping), "shapes" (`<split>_images`, `seed`,
     `image_size`, 40 by default) or "random" (`<split>_images`, `seed`, `image_size`).
     """
+    skip = bool(cfg.get("skip_unreadable", False))
     if cfg.kind == "tfds":
         return data.TfdsSource(cfg.name, cfg.get(f"{split}_split"), data_dir=cfg.get("data_dir"),
-                               image_size=cfg.get("image_size"), label_key=cfg.get("label_key", "label"))
+                               image_size=cfg.get("image_size"), label_key=cfg.get("label_key", "label"),
+                               skip_unreadable=skip)
     if cfg.kind == "folder":
-        return data.ImageFolderSource(cfg.get(f"{split}_dir"), image_size=cfg.get("image_size"))
+        return data.ImageFolderSource(cfg.get(f"{split}_dir"), image_size=cfg.get("image_size"), skip_unreadable=skip)
     if cfg.kind == "shapes":
         from saejax.datasets import shapes
         return shapes.source(split, cfg.get(f"{split}_images"), seed=cfg.seed, image_size=cfg.get("image_size", 40))
@@ -78,12 +84,35 @@ def build_stream(config, bb, bb_params, source, mesh, norms, key, position=None)
         mesh=mesh, key=key, seed=config.data.seed, groups=config.get("shuffle_groups"), position=position)
 
 
+def normalization_identity(config) -> dict[str, Any]:
+    """What a run's normalisation statistics depend on besides the layer: the backbone (not
+    where a random one is cached) and the token set."""
+    backbone = config.backbone.to_dict()
+    if backbone.get("random"):
+        backbone["random"] = {k: v for k, v in backbone["random"].items() if k != "directory"}
+    return json.loads(json.dumps({"backbone": backbone, "tokens": config.tokens}))
+
+
 def load_or_estimate_normalization(config, workdir, bb, bb_params, source, mesh) -> dict[int, Normalization]:
     """`{layer: Normalization}` saved in the workdir, or estimated from `normalization_samples`
-    activations drawn across the training images (and then saved)."""
+    activations drawn across the training images (and then saved, keyed to the backbone,
+    layers and token set).
+
+    Raises:
+        ValueError: the saved statistics were made for another backbone, token set or layers.
+    """
     path = os.path.join(workdir, "normalization.npz")
+    identity = normalization_identity(config)
     if os.path.exists(path):
         stored = np.load(path)
+        saved = json.loads(str(stored["identity"])) if "identity" in stored else None
+        missing = [i for i in config.layers if f"mean_{i}" not in stored]
+        if saved != identity or missing:
+            what = (f"layers {missing} are not in it" if saved == identity else
+                    "it was estimated for " + "; ".join(f"{k}: {v!r} -> {n!r}" for k, (v, n) in
+                                                        config_changes(saved or {}, identity).items()))
+            raise ValueError(f"{path} does not fit this run: {what}. Delete it to estimate it again, or use "
+                             f"another workdir")
         return {i: Normalization(jnp.asarray(stored[f"mean_{i}"]), jnp.asarray(stored[f"scalar_{i}"]))
                 for i in config.layers}
     batches = stream.activation_batches(bb, bb_params, source, layers=config.layers, tokens=config.tokens,
@@ -93,9 +122,45 @@ def load_or_estimate_normalization(config, workdir, bb, bb_params, source, mesh)
     if jax.process_index() == 0:
         tmp = path + ".tmp.npz"
         arrays = {f"{name}_{i}": np.asarray(getattr(n, name)) for i, n in norms.items() for name in ("mean", "scalar")}
-        np.savez(tmp, **arrays)
+        np.savez(tmp, identity=np.asarray(json.dumps(identity)), **arrays)
         os.replace(tmp, path)
     return norms
+
+
+# Keys a resumed run may change without saying so: how long it runs, how it reports, and
+# whether it skips images that cannot be decoded anyway.
+RESUMABLE_KEYS = ("total_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "eval_images",
+                  "data.skip_unreadable")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Check the numbers a run needs before any work starts.
+
+    Raises:
+        ValueError: every problem found, each naming its key.
+    """
+    problems = []
+
+    def positive(key, value, allow_zero=False):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+            problems.append(f"{key} must be an integer >= {0 if allow_zero else 1}, got {value!r}")
+
+    for key in ("batch_size", "image_batch_size", "buffer_tokens", "log_every", "normalization_samples",
+                "total_tokens"):
+        positive(key, config.get(key))
+    positive("checkpoint_every", config.get("checkpoint_every"), allow_zero=True)
+    if isinstance(config.get("total_tokens"), int) and isinstance(config.get("batch_size"), int) \
+            and 0 < config.total_tokens < config.batch_size:
+        problems.append(f"total_tokens={config.total_tokens} is less than one batch (batch_size={config.batch_size})")
+    layers = config.get("layers")
+    if not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
+        problems.append(f"layers must be a non-empty tuple of block indices, got {layers!r}")
+    if config.sae.architecture not in ("relu", "topk", "batchtopk", "jumprelu"):
+        problems.append(f"sae.architecture must be relu, topk, batchtopk or jumprelu, got {config.sae.architecture!r}")
+    if config.sae.architecture in ("topk", "batchtopk"):
+        positive("sae.k", config.sae.get("k"))
+    if problems:
+        raise ValueError("bad config: " + "; ".join(problems))
 
 
 class TrainedRun(NamedTuple):
@@ -109,9 +174,30 @@ class TrainedRun(NamedTuple):
     bb_params: Any
 
 
-def train_sae(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:
-    """Run (or resume) a training run in `workdir`; see `experiments.train_sae`."""
+def train_sae(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=()) -> TrainedRun:
+    """Run (or resume) a training run in `workdir`; see `experiments.train_sae`.
+
+    Raises:
+        ValueError: a bad config (before any work starts).
+        WorkdirBusyError: another run holds the workdir.
+        ConfigChangedError: resuming with a config that differs in keys other than
+            `RESUMABLE_KEYS` and `allow_config_change`.
+    """
+    validate_config(config)
     os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        if getattr(lock, "took_over_from", None):
+            print(f"took over the workdir lock left by PID {lock.took_over_from['pid']} on host "
+                  f"{lock.took_over_from.get('host')} (that process is gone)", flush=True)
+        return _train_sae(config, workdir, RESUMABLE_KEYS + tuple(allow_config_change))
+
+
+def _train_sae(config, workdir, allowed_changes) -> TrainedRun:
+    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_checkpoints", 2))
+    if ckpt.latest_step() is not None:  # refuse a changed config before any work
+        with contextlib.suppress(CheckpointError):  # a broken newest step: checked after the fallback below
+            check_resume(config_changes(ckpt.saved_config(), config.to_dict()), allowed_changes)
     bb, bb_params = build_backbone(config.backbone)
     mesh = build_mesh(config)
     source = build_source(config.data, "train")
@@ -123,27 +209,45 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str) -> TrainedRun:
     # One layer keeps the run's init key (runs made before several layers were possible stay the same).
     layer_keys = {i: init_key if len(config.layers) == 1 else jax.random.fold_in(init_key, i) for i in config.layers}
     states = {i: trainer.init_sweep_sharded(layer_keys[i], hparams, mesh) for i in config.layers}
-    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_checkpoints", 2))
     step, position = 0, None
     if ckpt.latest_step() is not None:
         run = ckpt.restore({str(i): s for i, s in states.items()})
-        states = {i: run.state[str(i)] for i in config.layers}
+        for skipped_step, why in run.skipped:
+            print(f"skipped checkpoint {skipped_step}: {why}", flush=True)
+        check_resume(config_changes(run.config, config.to_dict()), allowed_changes)
+        # The sweep's numbers come from the config (the same, or changed on purpose).
+        states = {i: run.state[str(i)].replace(hparams=jax.tree.map(
+            lambda new, old: jax.device_put(new, old.sharding), hparams, run.state[str(i)].hparams))
+            for i in config.layers}
         step, position = run.step, run.extra["stream"]
         print(f"resuming from step {step} ({ckpt.directory})", flush=True)
     batches = build_stream(config, bb, bb_params, source, mesh, norms, shuffle_key, position)
-    log = loop.MetricsLog(workdir)
+    log = loop.MetricsLog(workdir, start_step=step, extra=lambda: {"skipped_images": len(source.skipped)})
     bar = loop.ProgressBar(total_steps, batch_size=config.batch_size, start_step=step)
     try:
         states = loop.fit(trainer, states, batches, steps=total_steps, mesh=mesh, start_step=step,
                           log_every=config.log_every, hooks=[log, bar], checkpointer=ckpt,
                           checkpoint_every=config.checkpoint_every, checkpoint_config=config.to_dict())
     finally:
-        batches.close()
-        bar.close()
-        log.close()
-        ckpt.close()
+        close_all(batches.close, bar.close, log.close, ckpt.close)
+    if source.skipped:
+        print(f"skipped {len(source.skipped)} unreadable images: {sorted(source.skipped.values())[:3]}", flush=True)
     evaluation = finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_steps)
     return TrainedRun(trainer, states, norms, evaluation, bb, bb_params)
+
+
+def close_all(*closers) -> None:
+    """Call every closer. While an exception propagates, their own errors are dropped (the
+    first error is the one to see); otherwise the first of them is raised."""
+    failing = sys.exc_info()[1] is not None
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001
+            first = first or e
+    if first is not None and not failing:
+        raise first
 
 
 def finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_steps) -> dict[str, Any]:

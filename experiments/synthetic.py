@@ -60,7 +60,7 @@ def main(argv):
         print(f"resumed from step {start}")
     batches = synthetic.WorldStream(world, data_key, config.batch_size, normalization=norm, mesh=mesh,
                                     position=position)
-    log = loop.MetricsLog(workdir, tensorboard=False)
+    log = loop.MetricsLog(workdir, tensorboard=False, start_step=start)
     try:
         states = loop.fit(trainer, {0: states}, batches, steps=config.steps, mesh=mesh, start_step=start,
                           log_every=config.log_every, hooks=[log, print_progress(config.steps)], checkpointer=ckpt,

@@ -19,11 +19,16 @@ Workdir layout:
     sae/layer_<L>/member_<i>/     portable SAEs (saejax.checkpoint.load_sae)
 
 Resuming: rerunning the same command continues from the latest checkpoint and ends with the same
-parameters as an uninterrupted run. Checkpoints are written every `checkpoint_every` steps and
+parameters as an uninterrupted run. The config must be the same, except for how long the run
+goes and how it reports (`total_tokens`, `log_every`, `checkpoint_every`, `keep_checkpoints`,
+`eval_images`, `data.skip_unreadable`); any other change is refused with the list of keys that differ, unless
+`--allow_config_change=KEY,...` names them (e.g. `sweep.learning_rate`: the new rates apply from
+the resumed step). One run at a time holds the workdir (`.saejax.lock`). Checkpoints are written every `checkpoint_every` steps and
 on SIGTERM/SIGINT (preemption; exit code 128 + the signal). The activation buffer is not saved:
 a resumed run refills it from the data position where its fill began and reshuffles it with
 the same key. A NaN or Inf loss stops the run with an error; the last checkpoint written
-before it stays the newest.
+before it stays the newest. Any other error first saves a checkpoint of the last completed step.
+A checkpoint that cannot be read (or fails its checksums) is skipped for the previous one.
 
 Several hosts (a TPU pod slice, several GPU nodes): run the same command on every host.
 `--distributed` calls `jax.distributed.initialize()`, which finds its peers by itself on Cloud
@@ -41,6 +46,8 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
                                  "on Cloud TPU, SLURM, ...).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (implies --distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_ALLOW_CHANGE = flags.DEFINE_list("allow_config_change", [], "Config keys a resumed run may change (a key allows "
+                                   "the keys under it: 'sweep' allows 'sweep.learning_rate').")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 
 
@@ -64,10 +71,19 @@ def main(argv):
     from saejax.loop import Preempted
 
     try:
-        train_sae(_CONFIG.value, _WORKDIR.value)
+        train_sae(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
     except Preempted as e:
         print(f"\n{e}: saved a checkpoint; rerun the same command to resume.", flush=True)
         raise SystemExit(128 + e.signum) from None
+    except Exception as e:  # noqa: BLE001 - the traceback, then the first error in one line at the end
+        import sys
+        import traceback
+
+        traceback.print_exc()
+        notes = "; ".join(n for n in getattr(e, "__notes__", []) if n.startswith("saejax:"))
+        line = " ".join(f"{type(e).__name__}: {e}{' (' + notes + ')' if notes else ''}".split())
+        print(f"\ntrain_sae failed: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -128,12 +128,18 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
         The trained `{layer: TrainState}`, in memory.
 
     Raises:
+        ValueError: `log_every` < 1 or `checkpoint_every` < 0 (before any work).
         NonFiniteLossError: a logged loss, or the parameters at a checkpoint, are not finite;
             the newest checkpoint is then the last good one.
         Preempted: after a signal (and its checkpoint).
         Exception: any other error (an unreadable image, a full disk, a failing hook) first
             saves a checkpoint of the last completed step, when it can, then propagates.
     """
+    if not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"log_every must be an integer >= 1, got {log_every!r}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be an integer >= 0 (0: only the final checkpoint), got "
+                         f"{checkpoint_every!r}")
     mesh = shd.make_mesh() if mesh is None else mesh
     states = dict(states)
     jitted = {layer: trainer.jit_sweep(s, mesh) for layer, s in states.items()}
@@ -279,15 +285,30 @@ def evaluate(ae: SAE, states: train.TrainState, batches: Iterable[jax.Array], *,
 class MetricsLog:
     """A metrics hook: one JSON line per logged step, layer and member in `<directory>/metrics.jsonl`,
     and TensorBoard scalars `layer_<L>/member_<i>/<name>` in `<directory>/tensorboard`.
-    Writes on process 0 only."""
+    Writes on process 0 only.
 
-    def __init__(self, directory: str | os.PathLike, *, tensorboard: bool = True):
+    Args:
+        directory: where the files go.
+        tensorboard: also write TensorBoard events.
+        start_step: the step a run starts from (0 for a new run): lines of later steps (logged
+            before the run stopped, and about to be replayed) are dropped, so each step is
+            written once. None appends to the file as it is.
+        extra: called at each log; its `{name: number}` goes into every line (e.g. the count of
+            skipped images).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, tensorboard: bool = True, start_step: int | None = None,
+                 extra: Callable[[], Mapping[str, float]] | None = None):
         self.enabled = jax.process_index() == 0
+        self.extra = extra
         if not self.enabled:
             return
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+        path = os.path.join(directory, "metrics.jsonl")
+        if start_step is not None and os.path.exists(path):
+            _drop_lines_after(path, start_step)
+        self._jsonl = open(path, "a")
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -297,9 +318,10 @@ class MetricsLog:
     def __call__(self, step: int, metrics: Metrics) -> None:
         if not self.enabled:
             return
+        extra = dict(self.extra()) if self.extra is not None else {}
         for layer, m in metrics.items():
             for i in range(len(m["loss"])):
-                row = {k: float(v[i]) for k, v in m.items()}
+                row = {**{k: float(v[i]) for k, v in m.items()}, **extra}
                 self._jsonl.write(json.dumps({"step": step, "layer": layer, "member": i, **row}) + "\n")
                 if self._tb is not None:
                     for k, v in row.items():
@@ -311,6 +333,23 @@ class MetricsLog:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 class ProgressBar:

@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,9 @@ def test_preempted_and_killed_runs_resume_to_the_same_parameters(uninterrupted, 
     for got, want in zip(final_params(tmp_path), final_params(straight)):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_array_equal(a, b)
+    # Steps logged after the last checkpoint and replayed on resume are written once.
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in lines if r["member"] == 0] == list(range(1, 151))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path):
@@ -122,3 +126,123 @@ def test_one_builder_makes_every_architecture_from_a_config(architecture):
     assert trainer.ae.k == (4 if "topk" in architecture else None)
     config.sae.d_sae = 48  # an explicit size wins over the expansion (the synthetic configs give one)
     assert build_trainer(config, d_model=32)[0].ae.d_sae == 48
+
+
+def test_resuming_with_a_changed_config_is_refused_unless_allowed(uninterrupted, tmp_path):
+    straight, backbone_dir, _ = uninterrupted
+    for override, key, change in (("--config.sweep.learning_rate=(1e-2,3e-2)", "sweep.learning_rate",
+                                   "[0.001, 0.003] -> [0.01, 0.03]"),
+                                  ("--config.layers=(0,)", "layers", "[1] -> [0]")):
+        out = run(straight, backbone_dir, override)
+        assert out.returncode == 1
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("train_sae failed: ConfigChangedError: the config differs") and change in last
+        assert f"--allow_config_change={key}" in last
+    assert TrainCheckpointer(straight / "checkpoints").latest_step() == 150  # nothing was touched
+
+    workdir = tmp_path / "changed"
+    shutil.copytree(straight, workdir)
+    out = run(workdir, backbone_dir, "--config.total_tokens=40960", "--config.sweep.learning_rate=(1e-2,3e-2)",
+              "--allow_config_change=sweep.learning_rate")  # 160 steps: 10 more at the new rates
+    assert out.returncode == 0 and "resuming from step 150" in out.stdout, out.stderr[-3000:]
+    members = json.load(open(workdir / "eval.json"))["members"]
+    assert [m["learning_rate"] for m in members] == pytest.approx([1e-2, 3e-2])
+
+
+def test_a_second_run_on_a_busy_workdir_fails_at_once(uninterrupted, tmp_path):
+    from saejax.checkpoint.workdir import WorkdirLock
+
+    _, backbone_dir, _ = uninterrupted
+    with WorkdirLock(tmp_path):
+        out = run(tmp_path, backbone_dir)
+    assert out.returncode == 1
+    assert f"is in use by PID {os.getpid()} on host" in out.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_unreadable_images_stop_the_run_in_one_line_or_are_skipped_and_counted(uninterrupted, tmp_path):
+    from PIL import Image
+
+    _, backbone_dir, _ = uninterrupted
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("validation", 16)):
+        os.makedirs(tmp_path / split)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
+    (tmp_path / "train" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    config_file = tmp_path / "folder_config.py"
+    config_file.write_text(
+        "from experiments.configs.clip_vit_b16 import get_config as small\n"
+        "def get_config():\n"
+        "    c = small('small')\n"
+        f"    c.data = dict(kind='folder', train_dir={str(tmp_path / 'train')!r}, "
+        f"validation_dir={str(tmp_path / 'validation')!r}, image_size=32, seed=0, skip_unreadable=False)\n"
+        "    c.eval_images = 16\n"
+        "    return c\n")
+    args = [f"--config={config_file}", f"--config.backbone.random.directory={backbone_dir}",
+            "--config.total_tokens=5120"]
+
+    def binary(workdir, *more):
+        return subprocess.run([sys.executable, "-m", "experiments.train_sae", f"--workdir={workdir}", *args, *more],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    out = binary(tmp_path / "strict")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("train_sae failed: UnreadableImageError:")
+    assert "bad.jpg" in out.stderr.strip().splitlines()[-1]
+    out = binary(tmp_path / "lenient", "--config.data.skip_unreadable=True")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "skipped 1 unreadable images" in out.stdout
+    lines = [json.loads(line) for line in open(tmp_path / "lenient" / "metrics.jsonl")]
+    assert len(lines) == 2 * 20 and {r["skipped_images"] for r in lines} == {1}
+
+
+def test_bad_configs_fail_before_any_work():
+    from experiments.sae_training import validate_config
+
+    config = clip_vit_b16.get_config("small")
+    config.log_every, config.checkpoint_every, config.sae.architecture = 0, -1, "topk"
+    config.sae.k = None
+    with pytest.raises(ValueError, match=r"log_every must be an integer >= 1, got 0; checkpoint_every must be an "
+                                         r"integer >= 0, got -1; .*sae.k must be an integer >= 1, got None"):
+        validate_config(config)
+    config = clip_vit_b16.get_config("small")
+    config.sae.architecture = "topk"  # --config.sae.architecture=topk alone works: k has a default
+    validate_config(config)
+    assert build_trainer(config, d_model=32)[0].ae.k == 8
+
+
+def test_normalization_statistics_are_keyed_to_backbone_layers_and_tokens(uninterrupted):
+    from experiments.sae_training import load_or_estimate_normalization
+
+    straight, _, _ = uninterrupted
+    config = clip_vit_b16.get_config("small")
+    assert set(load_or_estimate_normalization(config, straight, None, None, None, None)) == {1}
+    config.tokens = "all"
+    with pytest.raises(ValueError, match=r"normalization.npz does not fit this run: it was estimated for "
+                                         r"tokens: 'patches' -> 'all'"):
+        load_or_estimate_normalization(config, straight, None, None, None, None)
+    config = clip_vit_b16.get_config("small")
+    config.layers = (0, 1)
+    with pytest.raises(ValueError, match=r"layers \[0\] are not in it"):
+        load_or_estimate_normalization(config, straight, None, None, None, None)
+
+
+def test_close_all_keeps_the_first_error():
+    from experiments.sae_training import close_all
+
+    def full_disk():
+        raise OSError(28, "No space left on device")
+
+    def flush_fails():
+        raise RuntimeError("tensorboardX: could not flush")
+
+    closed = []
+    with pytest.raises(OSError, match="No space left on device"):
+        try:
+            full_disk()
+        finally:
+            close_all(flush_fails, lambda: closed.append(1))
+    assert closed == [1]
+    with pytest.raises(RuntimeError, match="could not flush"):  # nothing else went wrong: its error counts
+        close_all(flush_fails)

@@ -13,7 +13,7 @@ def paper_config(backbone: str, data_image_size: int) -> ml_collections.ConfigDi
     # Images are resized (short side) and centre-cropped on the host to `image_size`; the
     # backbone's own preprocessing then matches the reference pipeline.
     c.data = dict(kind="tfds", name="imagenet2012", train_split="train", validation_split="validation",
-                  data_dir=None, image_size=data_image_size, seed=0)
+                  data_dir=None, image_size=data_image_size, seed=0, skip_unreadable=False)
     c.image_batch_size = 256
     c.buffer_tokens = 2**20  # rows mixed per fill; two fills live on the devices (2 x 1M x 768 fp32 = 6 GiB in all)
     # Buffer groups (each shuffled on its own, split over `data`): None = the data axis size. Fix it to get the
@@ -21,7 +21,7 @@ def paper_config(backbone: str, data_image_size: int) -> ml_collections.ConfigDi
     c.shuffle_groups = None
     c.mesh = dict(model=1)  # devices on `model` (sweep members, or one SAE's latents); the rest on `data`
     c.normalization_samples = 2**19
-    c.sae = dict(architecture="relu", expansion=32, k=None)
+    c.sae = dict(architecture="relu", expansion=32, k=32)  # k: latents kept by topk / batchtopk
     c.objective = dict(sparsity="l1", sparsity_warmup_steps=0)
     c.optimizer = dict(warmup_steps=500)
     c.sweep = dict(learning_rate=(3e-4, 1e-3, 3e-3), sparsity_coeff=(4e-4, 8e-4, 1.6e-3), k=(0,))
@@ -45,12 +45,13 @@ def small_config(family: str, image_size: int, patch_size: int) -> ml_collection
                                                       intermediate_size=64, image_size=image_size,
                                                       patch_size=patch_size)))
     c.layers = (1,)  # second to last of 3 blocks
-    c.data = dict(kind="random", train_images=512, validation_images=64, image_size=image_size, seed=0)
+    c.data = dict(kind="random", train_images=512, validation_images=64, image_size=image_size, seed=0,
+                  skip_unreadable=False)
     c.image_batch_size = 16
     c.buffer_tokens = 2048
     c.shuffle_groups = 8  # the same stream on 1, 2, 4 or 8 data devices
     c.normalization_samples = 1024
-    c.sae = dict(architecture="relu", expansion=4, k=None)
+    c.sae = dict(architecture="relu", expansion=4, k=8)
     c.optimizer = dict(warmup_steps=5)
     c.sweep = dict(learning_rate=(1e-3, 3e-3), sparsity_coeff=(4e-4,), k=(0,))
     c.batch_size = 256

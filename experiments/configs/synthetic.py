@@ -20,7 +20,7 @@ def get_config(variant: str = "relu") -> ml_collections.ConfigDict:
     c.normalization_samples = 2**14
     c.batch_size = 1024
     c.steps = 3000
-    c.sae = dict(architecture="relu", d_sae=512, k=None)
+    c.sae = dict(architecture="relu", d_sae=512, k=4)  # k: latents kept by topk / batchtopk
     c.objective = dict(sparsity="l1", sparsity_warmup_steps=200, auxk_coeff=0.0, k_aux=64)
     c.optimizer = dict(warmup_steps=100)
     c.sweep = dict(learning_rate=(3e-3, 1e-2), sparsity_coeff=(3e-2,), k=(0,))
