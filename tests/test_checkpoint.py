@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -59,7 +60,8 @@ def test_portable_errors_name_the_file_and_problem(tmp_path):
 
     data = open(tensors, "rb").read()
     open(tensors, "wb").write(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"sae.safetensors: unreadable safetensors file"):
+    with pytest.raises(CheckpointError, match=r"sae.safetensors: tensor 'w_dec' has data offsets \[160, 1184\] "
+                                              r"outside the file's 972 data bytes \(truncated\?\)"):
         load_sae(path)
 
     save_sae(path, ae, ae.init(jax.random.key(0)))
@@ -71,7 +73,7 @@ def test_portable_errors_name_the_file_and_problem(tmp_path):
     cfg = json.load(open(config))
     cfg["sae"]["d_sae"] = 16
     json.dump(cfg, open(config, "w"))
-    with pytest.raises(CheckpointError, match=r"'w_enc' has shape \(8, 32\), expected \(8, 16\)"):
+    with pytest.raises(CheckpointError, match=r"tensor 'w_enc' has shape \[8, 32\], expected \[8, 16\]"):
         load_sae(path)
 
     cfg["sae"] = sae.jumprelu(8, 32).to_config()
@@ -82,6 +84,31 @@ def test_portable_errors_name_the_file_and_problem(tmp_path):
     with pytest.raises(ValueError, match=r"'b_dec' has shape \(3,\)"):
         save_sae(tmp_path / "bad", ae, ae.init(jax.random.key(0)).replace(b_dec=jnp.zeros(3)))
     assert not (tmp_path / "bad").exists()
+
+
+def test_load_sae_refuses_non_finite_weights_integer_tensors_and_a_bad_normalisation(tmp_path):
+    import safetensors.numpy
+
+    ae = sae.relu(8, 32)
+    params = ae.init(jax.random.key(0))
+    norm = estimate_normalization(jax.random.normal(jax.random.key(1), (64, 8)))
+    path = save_sae(tmp_path / "sae", ae, params, normalization=norm)
+    tensors_path = os.path.join(path, "sae.safetensors")
+    good = safetensors.numpy.load_file(tensors_path)
+    for name, value, message in (
+            ("w_dec", np.where(np.arange(32 * 8).reshape(32, 8) == 5, np.nan, good["w_dec"]).astype(np.float32),
+             r"tensor 'w_dec' holds 1 NaN or Inf value\(s\)"),
+            ("b_enc", np.full(32, np.inf, np.float32), r"tensor 'b_enc' holds 32 NaN or Inf"),
+            ("w_enc", good["w_enc"].astype(np.int32), r"tensor 'w_enc' has dtype I32, expected a float type"),
+            ("b_dec", np.zeros(8, bool), r"tensor 'b_dec' has dtype BOOL"),
+            ("norm_scalar", np.float32(0.0), r"tensor 'norm_scalar' is 0.0, a normalisation scalar must be positive"),
+            ("norm_scalar", np.float32(np.nan), r"tensor 'norm_scalar' holds 1 NaN")):
+        safetensors.numpy.save_file(dict(good, **{name: np.asarray(value)}), tensors_path)
+        with pytest.raises(CheckpointError, match=re.escape(tensors_path) + ": " + message):
+            load_sae(path)
+    safetensors.numpy.save_file(dict(good, extra=np.zeros(3, np.float32)), tensors_path)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) \['extra'\]"):
+        load_sae(path)
 
 
 def _trainer():

@@ -18,6 +18,7 @@ import numpy as np
 import safetensors.numpy
 
 from saejax.checkpoint.errors import CheckpointError
+from saejax.checkpoint.safetensors_header import FLOAT_DTYPES, check_finite, read_header
 from saejax.checkpoint.staging import staged_directory
 from saejax.normalization import Normalization
 from saejax.sae import SAE, SAEParams
@@ -90,17 +91,33 @@ def load_sae(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]]:
         ae = SAE.from_config(config["sae"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_path}: bad SAE description: {e}") from e
+    needed = ["w_enc", "b_enc", "w_dec", "b_dec"] + (["threshold"] if ae.architecture in ("jumprelu", "batchtopk") else [])
+    if config.get("normalized_inputs"):
+        needed += ["norm_mean", "norm_scalar"]
+    d, f_ = ae.d_model, ae.d_sae
+    shapes = {"w_enc": (d, f_), "b_enc": (f_,), "w_dec": (f_, d), "b_dec": (d,), "threshold": (f_,),
+              "norm_mean": (d,), "norm_scalar": ()}
+    header = read_header(tensors_path)  # names, dtypes and shapes are checked before any data is read
+    missing = [name for name in needed if name not in header]
+    if missing:
+        raise CheckpointError(f"{tensors_path}: missing tensor(s) {missing}")
+    unexpected = sorted(set(header) - set(shapes))
+    if unexpected:
+        raise CheckpointError(f"{tensors_path}: unexpected tensor(s) {unexpected}")
+    for name in [n for n in shapes if n in header]:
+        entry = header[name]
+        if entry.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{tensors_path}: tensor {name!r} has dtype {entry.dtype}, expected a float type")
+        if entry.shape != shapes[name]:
+            raise CheckpointError(f"{tensors_path}: tensor {name!r} has shape {list(entry.shape)}, expected "
+                                  f"{list(shapes[name])} for {config_path} (d_model={d}, d_sae={f_})")
     try:
         tensors = safetensors.numpy.load_file(tensors_path)
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{tensors_path}: unreadable safetensors file: {e}") from e
-
-    needed = ["w_enc", "b_enc", "w_dec", "b_dec"] + (["threshold"] if ae.architecture in ("jumprelu", "batchtopk") else [])
-    if config.get("normalized_inputs"):
-        needed += ["norm_mean", "norm_scalar"]
-    missing = [name for name in needed if name not in tensors]
-    if missing:
-        raise CheckpointError(f"{tensors_path}: missing tensor(s) {missing}")
+    for name in header:
+        tensors[name] = tensors[name].astype(np.float32)
+        check_finite(tensors_path, name, tensors[name])
     params = SAEParams(**{name: jnp.asarray(tensors[name]) for name in _PARAM_FIELDS if name in tensors})
     try:
         ae.check_params(params, where=tensors_path)
@@ -109,9 +126,9 @@ def load_sae(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]]:
 
     normalization = None
     if config.get("normalized_inputs"):
-        if tensors["norm_mean"].shape != (ae.d_model,) or tensors["norm_scalar"].shape != ():
-            raise CheckpointError(f"{tensors_path}: norm_mean {tensors['norm_mean'].shape} / norm_scalar "
-                                  f"{tensors['norm_scalar'].shape}, expected ({ae.d_model},) / ()")
+        if not float(tensors["norm_scalar"]) > 0:
+            raise CheckpointError(f"{tensors_path}: tensor 'norm_scalar' is {float(tensors['norm_scalar'])}, "
+                                  f"a normalisation scalar must be positive")
         normalization = Normalization(jnp.asarray(tensors["norm_mean"]), jnp.asarray(tensors["norm_scalar"]))
     info = dict(config.get("info", {}), normalization=normalization, source=path)
     return ae, params, info
