@@ -83,7 +83,8 @@ class _TorchPickler(pickle._Pickler):  # the pure-Python pickler, whose save_glo
 _STORAGE_TYPES = {"float32": "FloatStorage", "float64": "DoubleStorage", "int64": "LongStorage"}
 
 
-def _write_torch_sae(path, arrays=None, *, config=CONFIG, pickled=None, byteorder="little", layout=None):
+def _write_torch_sae(path, arrays=None, *, config=CONFIG, pickled=None, byteorder="little", layout=None,
+                     compression=zipfile.ZIP_STORED):
     """Writes a saev-style `sae.pt`: a JSON line, then a torch.save-shaped zip of `arrays`.
 
     `pickled` replaces the pickled state dict with any object (the storages of `arrays` are
@@ -106,7 +107,7 @@ def _write_torch_sae(path, arrays=None, *, config=CONFIG, pickled=None, byteorde
         z.writestr("archive/data.pkl", buf.getvalue())
         z.writestr("archive/byteorder", byteorder)
         for name, data in members.items():
-            z.writestr(name, data)
+            z.writestr(name, data, compress_type=compression)
         z.writestr("archive/version", "3\n")
     pathlib.Path(path).write_bytes((json.dumps(config) + "\n").encode() + zbuf.getvalue())
     return path
@@ -272,3 +273,33 @@ def test_storage_too_small_for_tensor(tmp_path):
     overrun = {"b_dec": _Tensor(_Storage("0", "FloatStorage", 4), 2, (4,), (1,))}
     with pytest.raises(CheckpointError, match="reaches element 5"):
         import_saev(_write_torch_sae(tmp_path / "sae.pt", arrays, pickled=overrun))
+
+
+# ------------------------------------------------------------------------------ bounded reading
+
+def test_a_zero_stride_tensor_cannot_expand_a_tiny_storage(tmp_path):
+    """10 KB that would become 6.4 GB: a (20000, 80000) tensor over one element, strides 0."""
+    state = collections.OrderedDict(W_enc=_Tensor(_Storage("0", "FloatStorage", 1), 0, (20000, 80000), (0, 0)))
+    path = _write_torch_sae(tmp_path / "sae.pt", {"W_enc": np.zeros(1, np.float32)}, pickled=state,
+                            config={"d_vit": 20000, "exp_factor": 4})
+    with pytest.raises(CheckpointError, match=r"sae.pt: .*storage '0': zero stride \(0, 0\)"):
+        import_saev(path)
+
+
+def test_compressed_and_oversized_storages_are_refused_before_reading(tmp_path):
+    arrays = _random_sae()
+    bomb = _write_torch_sae(tmp_path / "bomb.pt", arrays, compression=zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match=r"bomb.pt: .*storage member 'archive/data/0' is compressed"):
+        import_saev(bomb)
+    huge = collections.OrderedDict(W_enc=_Tensor(_Storage("0", "FloatStorage", 10**9), 0, (4, 8), (8, 1)))
+    path = _write_torch_sae(tmp_path / "huge.pt", {"W_enc": arrays["W_enc"]}, pickled=huge)
+    with pytest.raises(CheckpointError, match=r"huge.pt: .*storage '0' declares 1000000000 elements, more than an "
+                                              r"SAE of the config line's d_vit and exp_factor can hold"):
+        import_saev(path)
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    arrays = _random_sae()
+    arrays["W_dec"][2, 1] = np.nan
+    with pytest.raises(CheckpointError, match=r"sae.pt: tensor 'W_dec' holds 1 NaN or Inf value"):
+        import_saev(_write_torch_sae(tmp_path / "sae.pt", arrays))

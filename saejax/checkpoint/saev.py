@@ -23,6 +23,7 @@ import collections
 import io
 import json
 import os
+import math
 import pickle
 import sys
 import zipfile
@@ -33,6 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from saejax.checkpoint.errors import CheckpointError
+from saejax.checkpoint.safetensors_header import check_finite
 from saejax.sae import SAE, SAEParams, relu
 
 FORMAT = "saev-0.1.0"
@@ -108,11 +110,17 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> _Tensor
             f"storage {storage.key!r}: bad offset {storage_offset}, size {size} or stride {stride}")
     if 0 in size:
         return _Tensor(np.zeros(size, flat.dtype))
+    if any(s == 0 and n > 1 for n, s in zip(size, stride)):
+        raise pickle.UnpicklingError(f"storage {storage.key!r}: zero stride {stride} for size {size} (an expanded "
+                                     f"tensor; a saved parameter is contiguous)")
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= flat.size:
         raise pickle.UnpicklingError(
             f"storage {storage.key!r} holds {flat.size} elements, but a tensor with offset "
             f"{storage_offset}, size {size} and stride {stride} reaches element {last}")
+    if math.prod(size) > flat.size - storage_offset:
+        raise pickle.UnpicklingError(f"storage {storage.key!r}: a tensor of size {size} needs more elements than the "
+                                     f"{flat.size - storage_offset} its storage holds after offset {storage_offset}")
     item = flat.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
         flat[storage_offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False)
@@ -142,12 +150,15 @@ class _RefusedGlobal(pickle.UnpicklingError):
 class _StateDictUnpickler(pickle.Unpickler):
     """Unpickles a torch state dict into numpy arrays; refuses every other global."""
 
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str, max_elements: int):
         super().__init__(file)
         self._archive = archive
         self._prefix = prefix
         self._byteorder = byteorder
         self._storages: dict[str, _Storage] = {}
+        # Bounds from the config line (a few times what the SAE's tensors need; a storage may hold
+        # a little more than its tensor): a hostile file cannot make us allocate more.
+        self._max_elements, self._budget = 2 * max_elements + 1024, 4 * max_elements + 4096
 
     def find_class(self, module, name):
         try:
@@ -169,12 +180,22 @@ class _StateDictUnpickler(pickle.Unpickler):
             info = self._archive.getinfo(member)
         except KeyError:
             raise pickle.UnpicklingError(f"archive has no storage member {member!r}") from None
+        if not 0 <= numel <= self._max_elements or numel > self._budget:
+            raise pickle.UnpicklingError(f"storage {key!r} declares {numel} elements, more than an SAE of the config "
+                                         f"line's d_vit and exp_factor can hold ({self._max_elements} per storage)")
+        self._budget -= numel
         nbytes = numel * storage_type.dtype.itemsize
-        if numel < 0 or info.file_size < nbytes:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise pickle.UnpicklingError(f"storage member {member!r} is compressed; torch.save stores tensors "
+                                         f"uncompressed")
+        if info.file_size != nbytes:
             raise pickle.UnpicklingError(
                 f"storage member {member!r} has {info.file_size} bytes, expected {nbytes} "
                 f"({numel} x {storage_type.name})")
-        raw = self._archive.read(member)
+        with self._archive.open(member) as member_file:
+            raw = member_file.read(nbytes)
+        if len(raw) != nbytes:
+            raise pickle.UnpicklingError(f"storage member {member!r} is truncated")
         dtype = storage_type.dtype
         if self._byteorder == sys.byteorder or dtype.itemsize == 1:
             array = np.frombuffer(raw, dtype=dtype, count=numel)
@@ -243,7 +264,7 @@ def _read_header(path: str, f) -> dict[str, Any]:
     return config
 
 
-def _read_state_dict(path: str, f, start: int) -> dict[str, np.ndarray]:
+def _read_state_dict(path: str, f, start: int, max_elements: int) -> dict[str, np.ndarray]:
     try:
         archive = zipfile.ZipFile(_OffsetFile(f, start))
     except Exception as e:  # BadZipFile, OSError, struct.error, ... on truncated or corrupt bytes
@@ -263,7 +284,7 @@ def _read_state_dict(path: str, f, start: int) -> dict[str, np.ndarray]:
             if archive.getinfo(pickles[0]).file_size > _MAX_PICKLE_BYTES:
                 raise CheckpointError(f"{path}: {pickles[0]} is implausibly large for a state dict")
             data = archive.read(pickles[0])
-            unpickler = _StateDictUnpickler(io.BytesIO(data), archive, prefix, byteorder)
+            unpickler = _StateDictUnpickler(io.BytesIO(data), archive, prefix, byteorder, max_elements)
             obj = unpickler.load()
         except CheckpointError:
             raise
@@ -315,7 +336,7 @@ def import_saev(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]
     try:
         with open(path, "rb") as f:
             config = _read_header(path, f)
-            state = _read_state_dict(path, f, f.tell())
+            state = _read_state_dict(path, f, f.tell(), config["d_vit"] ** 2 * config["exp_factor"])
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from e
 
@@ -337,6 +358,7 @@ def import_saev(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]
         if array.shape != shape:
             raise CheckpointError(f"{path}: {key!r} has shape {array.shape}, expected {shape} "
                                   f"(d_vit={d}, exp_factor={config['exp_factor']})")
+        check_finite(path, key, array)
 
     ae = relu(d_model=d, d_sae=f_)
     params = SAEParams(**{_SAEV_TO_SAEJAX[k]: jnp.asarray(state[k].astype(np.float32)) for k in expected})
