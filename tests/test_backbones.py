@@ -7,6 +7,7 @@ suite reads them through the torch-free conversion path of `saejax.backbones.loa
 
 import functools
 import os
+import re
 import shutil
 
 import jax
@@ -448,3 +449,57 @@ def test_missing_shard(tmp_path):
             shutil.copy(os.path.join(src, name), tmp_path / name)
     with pytest.raises(FileNotFoundError, match=r"model-00003-of-00005\.safetensors"):
         backbones.load(tmp_path, cache_dir=False)
+
+
+def _copy_fixture(case, tmp_path):
+    shutil.copytree(os.path.join(FIXTURES, case), tmp_path / case)
+    return tmp_path / case
+
+
+def test_broken_files_are_errors_that_name_the_file(tmp_path):
+    from saejax.checkpoint import CheckpointError
+
+    bad_json = _copy_fixture("clip_vision", tmp_path / "json")
+    (bad_json / "config.json").write_text('{"model_type": "clip_vision_model", ')
+    with pytest.raises(CheckpointError, match=str(bad_json / "config.json") + ": not a readable config.json"):
+        backbones.load(bad_json, cache_dir=False)
+
+    truncated = _copy_fixture("vit", tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=str(weights) + r": tensor '.*' has data offsets .* \(truncated\?\)"):
+        backbones.load(truncated, cache_dir=False)
+
+    msgpack = backbones.create_random("vit", str(tmp_path / "msgpack"), hidden_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8)
+    weights = os.path.join(msgpack, "flax_model.msgpack")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with pytest.raises(CheckpointError, match=weights + ": unreadable Flax msgpack file"):
+        backbones.load(msgpack, cache_dir=False)
+
+
+@pytest.mark.parametrize("change,message", [
+    ("nan", r"tensor 'vit.embeddings.cls_token' holds 1 NaN or Inf"),
+    ("int", r"tensor 'vit.embeddings.cls_token' has dtype int32, expected a float type"),
+    ("fewer_layers", r"the weights hold blocks \[2\] beyond config.json's num_hidden_layers=2"),
+])
+def test_weights_that_are_not_finite_not_floats_or_beyond_the_config_are_refused(tmp_path, change, message):
+    import json
+
+    import safetensors.numpy
+
+    path = _copy_fixture("vit", tmp_path)
+    weights = path / "model.safetensors"
+    state = safetensors.numpy.load_file(weights)
+    if change == "nan":
+        state["vit.embeddings.cls_token"].reshape(-1)[3] = np.nan
+    elif change == "int":
+        state["vit.embeddings.cls_token"] = state["vit.embeddings.cls_token"].astype(np.int32)
+    else:
+        config = json.loads((path / "config.json").read_text())
+        config["num_hidden_layers"] = 2  # the weights have 3 blocks
+        (path / "config.json").write_text(json.dumps(config))
+    safetensors.numpy.save_file(state, weights)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r".*: " + message):
+        backbones.load(path, cache_dir=False)

@@ -13,6 +13,7 @@ skips the conversion.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,6 +28,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from saejax.backbones import _hf
+from saejax.checkpoint.errors import CheckpointError
+from saejax.checkpoint.safetensors_header import check_finite, read_header
 from saejax.backbones.model import FAMILIES, Backbone, LoadInfo, make_backbone
 from saejax.backbones.preprocess import (
     BICUBIC,
@@ -97,6 +100,9 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None) -> tuple[Backbone, d
 
     Raises:
         ValueError: Unknown name, unsupported `model_type`, or weights that do not fit the config.
+        CheckpointError (a ValueError): a file that cannot be read (bad JSON, truncated or corrupt
+            msgpack or safetensors), weights that are not finite or not floats, or weights of
+            blocks the config does not have; the message names the file and the tensor.
         FileNotFoundError: A directory without `config.json` or without weights.
         OSError: A known hub id that could not be fetched (e.g. no network).
 
@@ -107,30 +113,36 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None) -> tuple[Backbone, d
     path = resolve(name_or_dir)
     cfg_json = _read_json(os.path.join(path, "config.json"), what="config.json")
     family, vision_cfg, full_cfg = _configs(cfg_json, path)
-    processing = _processing(path, family, vision_cfg)
+    with _config_errors(path):
+        vision_cfg.num_hidden_layers = int(vision_cfg.num_hidden_layers)  # a string here fails later, unnamed
+        processing = _processing(path, family, vision_cfg)
     kind, files = find_weights(path)
 
     root = ROOTS[family]
     if kind == FLAX_MSGPACK:
         flat = _read_msgpack(files[0], root)
         heads = _heads_from_flax(flat, root)
-        target = _target_shapes(family, vision_cfg, full_cfg, heads)
-        flat = _check(flat, target, files[0], family)
+        with _config_errors(path):
+            target = _target_shapes(family, vision_cfg, full_cfg, heads)
+        flat = _check(flat, target, files[0], family, vision_cfg.num_hidden_layers)
         info = LoadInfo(path=path, weight_files=tuple(files), cache_file=None, from_cache=False)
     else:
         heads = _heads_from_torch(_safetensors_shapes(files), root)
-        target = _target_shapes(family, vision_cfg, full_cfg, heads)
+        with _config_errors(path):
+            target = _target_shapes(family, vision_cfg, full_cfg, heads)
         cache_file = None if cache_dir is False else _cache_file(cache_dir, family, path, files)
         flat = _read_cache(cache_file, target)
         from_cache = flat is not None
         if flat is None:
             state = _read_safetensors(files, kind)
-            flat = _check(_convert(state, target, root), target, path, family)
+            flat = _check(_convert(state, target, root), target, path, family, vision_cfg.num_hidden_layers,
+                          names=list(state))
             _write_cache(cache_file, flat, path)
         info = LoadInfo(path=path, weight_files=tuple(files), cache_file=cache_file, from_cache=from_cache)
 
-    bb = make_backbone(family, vision_cfg, dtype=dtype, n_classes=heads.n_classes, processing=processing,
-                       load_info=info)
+    with _config_errors(path):
+        bb = make_backbone(family, vision_cfg, dtype=dtype, n_classes=heads.n_classes, processing=processing,
+                           load_info=info)
     params = unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     return bb, params
 
@@ -190,8 +202,28 @@ def _read_json(file, *, what):
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no {what} in {os.path.dirname(file)!r}: a model directory needs config.json "
                                 f"(from save_pretrained) and weights ({', '.join(WEIGHT_FILES)})")
-    with open(file) as f:
-        return json.load(f)
+    try:
+        with open(file, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable {what}: {type(e).__name__}: {e}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: {what} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+@contextlib.contextmanager
+def _config_errors(path: str):
+    """Errors that a config.json with a bad value raises deep inside `transformers` (KeyError
+    for an unknown activation, TypeError for a string where a number goes...), as one error
+    that names the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path}/config.json (or preprocessor_config.json) has a value the model cannot be "
+                              f"built with: {type(e).__name__}: {e}") from e
 
 
 def _configs(cfg_json: Mapping, path: str):
@@ -202,7 +234,7 @@ def _configs(cfg_json: Mapping, path: str):
         raise ValueError(f"{path}/config.json has model_type {model_type!r}; supported model types: "
                          f"{', '.join(MODEL_TYPES)} (families {', '.join(FAMILIES)})")
     t = _hf.hf()
-    with _hf.quiet():
+    with _hf.quiet(), _config_errors(path):
         if model_type == "clip":
             full = t.CLIPConfig.from_dict(dict(cfg_json))
             return family, full.vision_config, full
@@ -275,15 +307,9 @@ def find_weights(path: str) -> tuple[str, list[str]]:
 
 
 def _safetensors_shapes(files) -> dict[str, tuple]:
-    """`{name: shape}` of every tensor in the files, read from the headers only."""
-    from safetensors import safe_open  # noqa: PLC0415
-
-    shapes = {}
-    for file in files:
-        with safe_open(file, framework="numpy") as f:
-            for k in f.keys():
-                shapes[k] = tuple(f.get_slice(k).get_shape())
-    return shapes
+    """`{name: shape}` of every tensor in the files, read from the headers only (checked against
+    each file's size, so a truncated or hostile file is refused before any data is read)."""
+    return {name: info.shape for file in files for name, info in read_header(file).items()}
 
 
 def _read_safetensors(files, kind) -> dict[str, np.ndarray]:
@@ -292,11 +318,16 @@ def _read_safetensors(files, kind) -> dict[str, np.ndarray]:
 
     state = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
-            for k in f.keys():
-                if k in state:
-                    raise ValueError(f"weight {k!r} appears in more than one shard ({file})")
-                state[k] = _as_float32(f.get_tensor(k))
+        try:
+            with safe_open(file, framework="numpy") as f:
+                for k in f.keys():
+                    if k in state:
+                        raise ValueError(f"weight {k!r} appears in more than one shard ({file})")
+                    state[k] = _as_float32(f.get_tensor(k))
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors' own error types
+            raise CheckpointError(f"{file}: unreadable safetensors file: {type(e).__name__}: {e}") from e
     if kind == SAFETENSORS_INDEX:
         index = _read_json(os.path.join(os.path.dirname(files[0]), SAFETENSORS_INDEX), what=SAFETENSORS_INDEX)
         lost = sorted(set(index["weight_map"]) - set(state))
@@ -319,8 +350,14 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
 def _read_msgpack(file, root) -> dict[tuple, np.ndarray]:
     from flax import serialization  # noqa: PLC0415
 
-    with open(file, "rb") as f:
-        tree = serialization.msgpack_restore(f.read())
+    try:
+        with open(file, "rb") as f:
+            tree = serialization.msgpack_restore(f.read())
+    except Exception as e:  # noqa: BLE001 - msgpack raises many types on truncated or corrupt bytes
+        raise CheckpointError(f"{file}: unreadable Flax msgpack file (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from e
+    if not isinstance(tree, Mapping):
+        raise CheckpointError(f"{file}: the msgpack holds a {type(tree).__name__}, not a params tree")
     if "params" in tree and isinstance(tree["params"], Mapping) and root not in tree:
         tree = tree["params"]
     if root not in tree and "embeddings" in tree:  # a base model (e.g. FlaxDinov2Model) saved without prefix
@@ -411,14 +448,26 @@ def _convert(state: Mapping[str, np.ndarray], target: Mapping[tuple, tuple], roo
     return out
 
 
-def _check(flat, target, source, family) -> dict[tuple, np.ndarray]:
-    """Keeps the target's params and raises a clear error if any is missing or mis-shaped."""
+def _check(flat, target, source, family, n_layers: int, names=None) -> dict[tuple, np.ndarray]:
+    """Keeps the target's params and raises a clear error if any is missing, mis-shaped, not a
+    float, not finite, or if the weights hold blocks the config does not have."""
     missing = [".".join(k) for k in target if k not in flat]
     wrong = [f"{'.'.join(k)}: {flat[k].shape} (expected {target[k]})" for k in target
              if k in flat and tuple(flat[k].shape) != target[k]]
     if missing or wrong:
         raise ValueError(f"weights in {source} do not match the {family} config.json: "
                          f"{len(missing)} missing (e.g. {missing[:5]}), {len(wrong)} mis-shaped (e.g. {wrong[:3]})")
+    names = [".".join(k) for k in flat] if names is None else names
+    extra_blocks = sorted({int(m.group(1)) for name in names if not name.startswith("text_model.")
+                           for m in [re.search(r"(?:^|\.)layers?\.(\d+)\.", name)] if m and int(m.group(1)) >= n_layers})
+    if extra_blocks:
+        raise CheckpointError(f"{source}: the weights hold blocks {extra_blocks[:5]} beyond config.json's "
+                              f"num_hidden_layers={n_layers}; the config does not describe these weights")
+    for k in target:
+        value = flat[k]
+        if value.dtype.kind != "f":
+            raise CheckpointError(f"{source}: tensor {'.'.join(k)!r} has dtype {value.dtype}, expected a float type")
+        check_finite(source, ".".join(k), value)
     return {k: flat[k] for k in target}
 
 
