@@ -159,6 +159,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         problems.append(f"sae.architecture must be relu, topk, batchtopk or jumprelu, got {config.sae.architecture!r}")
     if config.sae.architecture in ("topk", "batchtopk"):
         positive("sae.k", config.sae.get("k"))
+    if config.get("on_nonfinite", "stop") not in ("stop", "freeze"):
+        problems.append(f"on_nonfinite must be 'stop' or 'freeze', got {config.on_nonfinite!r}")
     if problems:
         raise ValueError("bad config: " + "; ".join(problems))
 
@@ -209,7 +211,7 @@ def _train_sae(config, workdir, allowed_changes) -> TrainedRun:
     # One layer keeps the run's init key (runs made before several layers were possible stay the same).
     layer_keys = {i: init_key if len(config.layers) == 1 else jax.random.fold_in(init_key, i) for i in config.layers}
     states = {i: trainer.init_sweep_sharded(layer_keys[i], hparams, mesh) for i in config.layers}
-    step, position = 0, None
+    step, position, frozen = 0, None, {}
     if ckpt.latest_step() is not None:
         run = ckpt.restore({str(i): s for i, s in states.items()})
         for skipped_step, why in run.skipped:
@@ -220,19 +222,29 @@ def _train_sae(config, workdir, allowed_changes) -> TrainedRun:
             lambda new, old: jax.device_put(new, old.sharding), hparams, run.state[str(i)].hparams))
             for i in config.layers}
         step, position = run.step, run.extra["stream"]
+        frozen = {int(layer): members for layer, members in run.extra.get("frozen", {}).items()}
         print(f"resuming from step {step} ({ckpt.directory})", flush=True)
     batches = build_stream(config, bb, bb_params, source, mesh, norms, shuffle_key, position)
     log = loop.MetricsLog(workdir, start_step=step, extra=lambda: {"skipped_images": len(source.skipped)})
     bar = loop.ProgressBar(total_steps, batch_size=config.batch_size, start_step=step)
+
+    def record_frozen(_, metrics):
+        frozen.update({layer: np.flatnonzero(m["frozen"]).tolist() for layer, m in metrics.items() if "frozen" in m})
+
     try:
         states = loop.fit(trainer, states, batches, steps=total_steps, mesh=mesh, start_step=step,
-                          log_every=config.log_every, hooks=[log, bar], checkpointer=ckpt,
-                          checkpoint_every=config.checkpoint_every, checkpoint_config=config.to_dict())
+                          log_every=config.log_every, hooks=[log, bar, record_frozen], checkpointer=ckpt,
+                          checkpoint_every=config.checkpoint_every, checkpoint_config=config.to_dict(),
+                          on_nonfinite=config.get("on_nonfinite", "stop"), frozen=frozen)
     finally:
         close_all(batches.close, bar.close, log.close, ckpt.close)
     if source.skipped:
         print(f"skipped {len(source.skipped)} unreadable images: {sorted(source.skipped.values())[:3]}", flush=True)
-    evaluation = finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_steps)
+    for layer, members in frozen.items():
+        if members:
+            print(f"layer {layer}: sweep member(s) {members} diverged (NaN or Inf loss) and were frozen at their "
+                  f"last finite state", flush=True)
+    evaluation = finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_steps, frozen)
     return TrainedRun(trainer, states, norms, evaluation, bb, bb_params)
 
 
@@ -250,7 +262,7 @@ def close_all(*closers) -> None:
         raise first
 
 
-def finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_steps) -> dict[str, Any]:
+def finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_steps, frozen=None) -> dict[str, Any]:
     """Evaluation on `eval_images` validation images, and the portable export of every member
     (`sae/layer_<L>/member_<i>`); writes `eval.json`."""
     source = build_source(config.data, "validation")
@@ -270,7 +282,8 @@ def finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_s
             path = os.path.join(workdir, "sae", f"layer_{layer}", f"member_{i}")
             if jax.process_index() == 0:
                 save_sae(path, trainer.ae, params, normalization=norms[layer], info=info)
-            members.append({"layer": layer, "member": i, "path": path, **result})
+            members.append({"layer": layer, "member": i, "path": path, "frozen": i in (frozen or {}).get(layer, []),
+                            **result})
     evaluation = {"steps": total_steps, "members": members}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:

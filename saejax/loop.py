@@ -100,7 +100,8 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
         *, steps: int, mesh: Mesh | None = None, start_step: int = 0, log_every: int = 1,
         hooks: Sequence[MetricsHook] = (), state_hooks: Sequence[tuple[int, Callable[[int, Any], None]]] = (),
         checkpointer: TrainCheckpointer | None = None, checkpoint_every: int = 0,
-        checkpoint_config: Mapping[str, Any] | None = None, handle_signals: bool = True) -> dict[int, train.TrainState]:
+        checkpoint_config: Mapping[str, Any] | None = None, handle_signals: bool = True,
+        on_nonfinite: str = "stop", frozen: Mapping[int, Sequence[int]] | None = None) -> dict[int, train.TrainState]:
     """Trains `states` (a stacked sweep per layer) on `stream` up to step `steps`.
 
     Args:
@@ -123,6 +124,11 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
         handle_signals: on SIGTERM/SIGINT, save a checkpoint and raise `Preempted`. With
             several processes, SIGTERM to any of them (a preemption notice) stops all of them
             at the same step, through JAX's preemption service.
+        on_nonfinite: "stop" (a NaN or Inf loss raises `NonFiniteLossError`) or "freeze": the
+            member keeps its last finite state and stops training, the others go on. Hooks see
+            `frozen` (1.0 for frozen members) in the metrics, and checkpoints record the frozen
+            members in their extras (`extra["frozen"]`: `{layer: [members]}`).
+        frozen: `{layer: [members]}` already frozen (from a checkpoint's extras, on resume).
 
     Returns:
         The trained `{layer: TrainState}`, in memory.
@@ -140,16 +146,20 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
     if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an integer >= 0 (0: only the final checkpoint), got "
                          f"{checkpoint_every!r}")
+    if on_nonfinite not in ("stop", "freeze"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'freeze', got {on_nonfinite!r}")
     mesh = shd.make_mesh() if mesh is None else mesh
     states = dict(states)
-    jitted = {layer: trainer.jit_sweep(s, mesh) for layer, s in states.items()}
+    freeze = on_nonfinite == "freeze"
+    jitted = {layer: trainer.jit_sweep(s, mesh, freeze_nonfinite=freeze) for layer, s in states.items()}
+    masks = {layer: _member_mask(mesh, int(s.step.shape[0]), (frozen or {}).get(layer, ())) for layer, s in states.items()}
     step, pending = start_step, None
 
     def report(pending):
         at, metrics = pending
         host = _host(metrics)
         for layer, m in host.items():
-            bad = np.flatnonzero(~np.isfinite(m["loss"]))
+            bad = np.flatnonzero(~np.isfinite(m["loss"]) & ~(m.get("frozen", 0) > 0))
             if bad.size:
                 raise NonFiniteLossError(
                     f"loss is {m['loss'][bad[0]]} at step {at} for layer {layer}, sweep member(s) {bad.tolist()}; "
@@ -167,6 +177,8 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
             raise NonFiniteLossError(f"parameters are not finite at step {at}; not saving. The newest checkpoint "
                                      f"({_latest(checkpointer)}) is the last good one.")
         extra = {"stream": stream.position()} if hasattr(stream, "position") else {}
+        if freeze:
+            extra["frozen"] = {str(layer): np.flatnonzero(jax.device_get(mask)).tolist() for layer, mask in masks.items()}
         checkpointer.save(at, {str(layer): s for layer, s in states.items()}, config=dict(checkpoint_config or {}),
                           extra=extra, wait=False)
         saved_at = at
@@ -179,11 +191,18 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
                 consistent = False
                 metrics = {}
                 for layer, (step_fn, _) in jitted.items():
-                    states[layer], metrics[layer] = step_fn(states[layer], batch[layer])
+                    if freeze:
+                        states[layer], metrics[layer], masks[layer] = step_fn(states[layer], batch[layer], masks[layer])
+                        metrics[layer] = dict(metrics[layer], frozen=masks[layer])
+                    else:
+                        states[layer], metrics[layer] = step_fn(states[layer], batch[layer])
                 step += 1
                 if trainer.resample_due(step):
                     for layer, (_, resample_fn) in jitted.items():
-                        states[layer], _ = resample_fn(states[layer], batch[layer])
+                        if freeze:
+                            states[layer], _, masks[layer] = resample_fn(states[layer], batch[layer], masks[layer])
+                        else:
+                            states[layer], _ = resample_fn(states[layer], batch[layer])
                 consistent = True
                 if pending is not None:  # step - 1's metrics, read while the device runs this step
                     report(pending)
@@ -219,6 +238,14 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
     if checkpointer is not None:
         checkpointer.wait_until_finished()
     return states
+
+
+def _member_mask(mesh: Mesh, members: int, chosen: Sequence[int]) -> jax.Array:
+    """bool [members], True for `chosen`, placed as the train state's member axis."""
+    mask = np.zeros(members, bool)
+    mask[list(chosen)] = True
+    sharding = jax.sharding.NamedSharding(mesh, shd.resolve(mesh, (members,), ("member",)))
+    return jax.make_array_from_callback((members,), sharding, lambda index: mask[index])
 
 
 def _latest(checkpointer: TrainCheckpointer | None):

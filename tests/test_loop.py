@@ -132,3 +132,27 @@ def test_an_error_mid_run_saves_the_steps_done_then_propagates(tmp_path):
                  hooks=[failing_hook])
     assert TrainCheckpointer(tmp_path / "b").all_steps() == [4]  # step 3's metrics are read after step 4
     ckpt.close()
+
+
+def test_freeze_mode_keeps_a_diverging_member_and_trains_the_others(tmp_path):
+    trainer, _, xs = setup()
+    trainer = train.make_trainer(trainer.ae, objective=trainer.objective, warmup_steps=0, dead_after_tokens=64,
+                                 resample_every=3, resample_until=6)
+    states = trainer.init_sweep(jax.random.key(0), train.Hparams.grid([1e30, 3e-3]))
+    healthy = trainer.init_sweep(jax.random.key(0), train.Hparams.grid([3e-3, 3e-3]))  # same member inits
+    seen = []
+    ckpt = TrainCheckpointer(tmp_path)
+    got = loop.fit(trainer, {3: states}, Stream(xs), steps=10, on_nonfinite="freeze", checkpointer=ckpt,
+                   checkpoint_every=5, hooks=[lambda step, m: seen.append((step, m[3]["frozen"].tolist()))])
+    # Member 0 blew up at some step and kept its last finite state; member 1 trained as if alone.
+    first = next(step for step, frozen in seen if frozen[0])
+    assert all(frozen == [1.0, 0.0] for step, frozen in seen if step >= first) and first <= 5
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(got[3].params))
+    assert int(got[3].step[0]) == first - 1 and int(got[3].step[1]) == 10
+    alone = loop.fit(trainer, {3: healthy}, Stream(xs), steps=10)
+    for a, b in zip(jax.tree.leaves(got[3].params), jax.tree.leaves(alone[3].params)):
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-6, atol=1e-7)
+    assert ckpt.restore({"3": states}).extra["frozen"] == {"3": [0]}
+    ckpt.close()
+    with pytest.raises(ValueError, match="on_nonfinite must be 'stop' or 'freeze'"):
+        loop.fit(trainer, {3: states}, Stream(xs), steps=1, on_nonfinite="skip")

@@ -246,3 +246,15 @@ def test_close_all_keeps_the_first_error():
     assert closed == [1]
     with pytest.raises(RuntimeError, match="could not flush"):  # nothing else went wrong: its error counts
         close_all(flush_fails)
+
+
+def test_a_diverging_member_is_frozen_and_the_sweep_finishes(uninterrupted, tmp_path):
+    _, backbone_dir, _ = uninterrupted
+    out = run(tmp_path, backbone_dir, "--config.sweep.learning_rate=(1e30,3e-3)", "--config.on_nonfinite=freeze",
+              "--config.optimizer.warmup_steps=0", "--config.total_tokens=10240")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "layer 1: sweep member(s) [0] diverged (NaN or Inf loss) and were frozen" in out.stdout
+    members = json.load(open(tmp_path / "eval.json"))["members"]
+    assert [m["frozen"] for m in members] == [True, False] and members[1]["nmse"] < 1.5
+    last = {r["member"]: r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["step"] == 40}
+    assert (last[0]["frozen"], last[1]["frozen"]) == (1.0, 0.0)

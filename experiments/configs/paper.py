@@ -31,6 +31,7 @@ def paper_config(backbone: str, data_image_size: int) -> ml_collections.ConfigDi
     c.resample_every = 0  # the reference never resamples; try 1000 with resample_until 4000
     c.resample_until = None
     c.checkpoint_every = 500
+    c.on_nonfinite = "stop"  # or "freeze": a diverging sweep member keeps its last finite state, the others go on
     c.log_every = 10
     c.keep_checkpoints = 2
     c.eval_images = 10_000
