@@ -222,3 +222,20 @@ def test_a_flipped_bit_is_caught_by_the_checksums(tmp_path):
     shutil.copytree(tmp_path / "other" / "5" / "state", tmp_path / "ckpt" / "5" / "state")
     with pytest.raises(CheckpointError, match=r"ckpt/5: checksum mismatch in opt_state/1/mu/w_enc"):
         TrainCheckpointer(tmp_path / "ckpt").restore(jax.eval_shape(lambda: state))
+
+
+def test_written_directories_get_the_usual_permissions(tmp_path):
+    from saejax import backbones
+
+    old = os.umask(0o022)
+    try:
+        ae = sae.relu(8, 32)
+        path = save_sae(tmp_path / "sae", ae, ae.init(jax.random.key(0)))
+        bb = backbones.create_random("vit", str(tmp_path / "bb"), hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8)
+    finally:
+        os.umask(old)
+    for directory in (path, bb):
+        assert os.stat(directory).st_mode & 0o777 == 0o755, directory
+        for name in os.listdir(directory):
+            assert os.stat(os.path.join(directory, name)).st_mode & 0o777 == 0o644, name

@@ -20,9 +20,17 @@ def staged_directory(path: str | os.PathLike) -> Iterator[str]:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".saejax-", dir=parent)
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the result gets the usual permissions
     try:
         yield staging
+        # mkdtemp makes the directory 0700 and some writers (safetensors) make files 0600: give
+        # the result the permissions the user's umask asks for, like any file they write.
+        mask = _umask()
+        for root, dirs, files in os.walk(staging):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+        os.chmod(staging, 0o777 & ~mask)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(staging, path)
