@@ -12,7 +12,6 @@ row is removed before Adam, and rows are renormalised after the update:
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 
