@@ -241,11 +241,10 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
 
 
 def _member_mask(mesh: Mesh, members: int, chosen: Sequence[int]) -> jax.Array:
-    """bool [members], True for `chosen`, placed as the train state's member axis."""
+    """bool [members], True for `chosen`, replicated over the mesh."""
     mask = np.zeros(members, bool)
     mask[list(chosen)] = True
-    sharding = jax.sharding.NamedSharding(mesh, shd.resolve(mesh, (members,), ("member",)))
-    return jax.make_array_from_callback((members,), sharding, lambda index: mask[index])
+    return jax.make_array_from_callback((members,), shd.replicated(mesh), lambda index: mask[index])
 
 
 def _latest(checkpointer: TrainCheckpointer | None):

@@ -299,7 +299,9 @@ def _jit_sweep(trainer: Trainer, mesh: Mesh, treedef, leaf_types, freeze_nonfini
         new, count = vmap(trainer.resample)(states, x)
         return _keep_frozen(new, states, frozen), jnp.where(frozen, 0, count), frozen
 
-    shardings = dict(in_shardings=(state_sh, batch, per_member), out_shardings=(state_sh, per_member, per_member),
+    # The frozen mask is tiny and read by the host at checkpoints: replicated, so every process can.
+    mask = shd.replicated(mesh)
+    shardings = dict(in_shardings=(state_sh, batch, mask), out_shardings=(state_sh, per_member, mask),
                      donate_argnums=0)
     return jax.jit(guarded_step, **shardings), jax.jit(guarded_resample, **shardings)
 

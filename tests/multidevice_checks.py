@@ -156,6 +156,27 @@ def check_training_equals_one_device():
                     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{architecture} {key}")
 
 
+def check_frozen_member_on_a_data_model_mesh():
+    """on_nonfinite="freeze" with members split over `model`: the same frozen member and the same
+    parameters as on one device."""
+    from saejax import loop, train
+
+    trainer = train.make_trainer(_trainer("topk").ae, objective=_trainer("topk").objective, warmup_steps=0)
+    xs = jax.random.normal(jax.random.key(1), (6, 96, 16))
+    results = {}
+    for data, model in ((1, 1), (2, 4)):
+        mesh = shd.make_mesh(data=data, model=model)
+        states = trainer.init_sweep_sharded(jax.random.key(0), train.Hparams.grid([1e30, 1e-3, 3e-3, 1e-2]), mesh)
+        seen = []
+        out = loop.fit(trainer, {0: states}, iter({0: x} for x in xs), steps=6, mesh=mesh, on_nonfinite="freeze",
+                       hooks=[lambda step, m: seen.append(m[0]["frozen"].tolist())])  # noqa: B023
+        assert seen[-1] == [True, False, False, False], seen
+        results[(data, model)] = jax.device_get(out[0].params)
+    for a, b in zip(jax.tree.leaves(results[(2, 4)]), jax.tree.leaves(results[(1, 1)])):
+        assert np.all(np.isfinite(a[0]))  # the frozen member kept a finite (if wild) state
+        np.testing.assert_allclose(a[1:], b[1:], rtol=1e-4, atol=1e-5)  # full lr from step 1: more drift
+
+
 def check_binary_runs_and_resumes_on_eight_devices():
     import signal
     import tempfile
