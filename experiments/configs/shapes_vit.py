@@ -10,8 +10,8 @@ on 2 CPU cores (1,000 steps of 128 images, about 1,000 to 1,400 images/s; the wh
 about 10 s more). The checkpoint is `<workdir>/vit`, an HF checkpoint directory
 (`saejax.backbones.load("<workdir>/vit")`); rerunning with the same config reuses it.
 `:tiny` trains for 3 steps (a smoke test, chance accuracy), in about 15 s.
-`--config.image_size=64` trains the demo's ViT (an 8 x 8 grid): validation accuracy 0.9635,
-about 230 s; `experiments.demo` reuses it from the same workdir.
+`--config.image_size=64` trains the demo's ViT (an 8 x 8 grid): validation accuracy 0.9630,
+about 200 s; `experiments.demo` reuses it from the same workdir.
 """
 
 import ml_collections
