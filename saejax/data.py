@@ -45,11 +45,13 @@ __all__ = [
     "ArraySource",
     "Batch",
     "Example",
+    "FileListSource",
     "ImageFolderSource",
     "Source",
     "TfdsSource",
     "UnreadableImageError",
     "batches",
+    "patch_mode_labels",
     "permutation",
 ]
 
@@ -289,6 +291,99 @@ class ImageFolderSource(Source):
         if self.image_size is not None:
             image = _resize_pil(image, self.image_size, self.resize, _pil().Image.BICUBIC)
         return Example(np.asarray(image), None if self.labels is None else int(self.labels[index]), None)
+
+
+class FileListSource(Source):
+    """Images (and optionally per-pixel masks) read from lists of files: the base of data sets
+    with their own layout (`saejax.datasets.cub`, `saejax.datasets.ade20k`).
+
+    Args:
+        paths: image files.
+        labels: [N] integer labels, or None.
+        mask_paths: a mask image per image (PNG of integer labels; palette and greyscale PNGs
+            are read as their indices / values), or None.
+        classes: class names, or None.
+        image_size: None (keep sizes), an int or (height, width).
+        resize: "crop" or "stretch" (see `ImageFolderSource`).
+        short_side: with `image_size` and `resize="crop"`: scale the short side to this length,
+            then take the centre `image_size` (the "resize 256, crop 224" of many models).
+            Default: scale so the image just covers `image_size`.
+        skip_unreadable: as in `ImageFolderSource`.
+
+    Masks are resized with the image's geometry and nearest-neighbour sampling.
+    """
+
+    def __init__(self, paths: Sequence[str], *, labels=None, mask_paths: Sequence[str] | None = None,
+                 classes: Sequence[str] | None = None, image_size: int | tuple[int, int] | None = None,
+                 resize: str = "crop", short_side: int | None = None, skip_unreadable: bool = False):
+        super().__init__()
+        if not paths:
+            raise ValueError("paths is empty")
+        self.paths = [os.fspath(p) for p in paths]
+        self.labels = None if labels is None else np.asarray(labels, np.int64)
+        if self.labels is not None and self.labels.shape != (len(self.paths),):
+            raise ValueError(f"labels must have shape ({len(self.paths)},), got {self.labels.shape}")
+        self.mask_paths = None if mask_paths is None else [os.fspath(p) for p in mask_paths]
+        if self.mask_paths is not None and len(self.mask_paths) != len(self.paths):
+            raise ValueError(f"{len(self.mask_paths)} mask paths for {len(self.paths)} images")
+        self.classes = None if classes is None else tuple(classes)
+        self.image_size = _check_image_size(image_size, resize)
+        self.resize, self.short_side = resize, short_side
+        self.skip_unreadable = bool(skip_unreadable)
+        self.has_labels, self.has_masks = self.labels is not None, self.mask_paths is not None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+    def _load(self, index: int) -> Example:
+        pil = _pil().Image
+        image = np.asarray(_read_image(self.paths[index]))
+        mask = None
+        if self.mask_paths is not None:
+            mask = _read_mask(self.mask_paths[index])
+            if mask.shape != image.shape[:2]:
+                raise UnreadableImageError(f"mask {self.mask_paths[index]} is {mask.shape}, its image "
+                                           f"{self.paths[index]} is {image.shape[:2]}")
+        if self.image_size is not None:
+            h, w = image.shape[:2]
+            box = _crop_box(w, h, self.image_size, self.resize, self.short_side)
+            image = _resize_array(image, self.image_size, box, pil.BICUBIC)
+            if mask is not None:
+                mask = _resize_array(mask, self.image_size, box, pil.NEAREST)
+        return Example(image, None if self.labels is None else int(self.labels[index]), mask)
+
+
+def patch_mode_labels(masks, patch_size: int, *, ignore: int | None = 0) -> np.ndarray:
+    """Each patch's label: the most frequent pixel label in it, `ignore` dropped (ties to the
+    smallest label; a patch with only ignored pixels gets `ignore`). saev's rule for patch labels.
+
+    Args:
+        masks: integer [N, H, W] pixel labels.
+        patch_size: patch side in px (must divide H and W).
+        ignore: a label that never wins (ADE20K's 0, "other"), or None.
+
+    Returns:
+        int64 [N, H // p, W // p].
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 3 or masks.dtype.kind not in "iu":
+        raise ValueError(f"masks must be integer [N, H, W], got {masks.dtype} {masks.shape}")
+    n, h, w = masks.shape
+    p = int(patch_size)
+    if p < 1 or h % p or w % p:
+        raise ValueError(f"patch_size {patch_size} must divide the mask size {(h, w)}")
+    blocks = masks.reshape(n, h // p, p, w // p, p).transpose(0, 1, 3, 2, 4).reshape(n, h // p, w // p, p * p)
+    values = np.unique(masks)
+    if ignore is not None:
+        values = values[values != ignore]
+    if values.size == 0:
+        return np.full((n, h // p, w // p), ignore, np.int64)
+    counts = np.stack([np.count_nonzero(blocks == v, axis=-1) for v in values], axis=-1)
+    best = values[np.argmax(counts, axis=-1)].astype(np.int64)  # argmax: the first (smallest) of ties
+    return np.where(counts.max(axis=-1) > 0, best, -1 if ignore is None else ignore)
 
 
 class TfdsSource(Source):
@@ -669,6 +764,19 @@ def _read_image(path: str):
         raise UnreadableImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
+def _read_mask(path: str) -> np.ndarray:
+    """An integer [H, W] label image (palette PNGs give their indices), or `UnreadableImageError`."""
+    pil = _pil()
+    try:
+        with pil.Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGB", "RGBA"):
+                raise ValueError(f"mode {image.mode}: a mask must be a single-channel (L, P, I) image")
+            return np.asarray(image).astype(np.int64) if image.mode in ("I", "I;16") else np.asarray(image)
+    except Exception as e:  # noqa: BLE001
+        raise UnreadableImageError(f"cannot read mask {path}: {type(e).__name__}: {e}") from e
+
+
 def _pil_rgb(image):
     if image.mode == "RGB":
         return image
@@ -691,12 +799,14 @@ def _rgb(images: np.ndarray, what: str = "images") -> np.ndarray:
     return images[..., :3]
 
 
-def _crop_box(width: int, height: int, size: tuple[int, int], resize: str) -> tuple[float, float, float, float]:
-    """The region (left, top, right, bottom) of a width x height image that maps onto `size`."""
+def _crop_box(width: int, height: int, size: tuple[int, int], resize: str,
+              short_side: int | None = None) -> tuple[float, float, float, float]:
+    """The region (left, top, right, bottom) of a width x height image that maps onto `size`
+    (with `short_side`: the centre of the image scaled so its short side is `short_side`)."""
     if resize == "stretch":
         return (0.0, 0.0, float(width), float(height))
     target_h, target_w = size
-    scale = max(target_w / width, target_h / height)
+    scale = max(target_w / width, target_h / height) if short_side is None else short_side / min(width, height)
     box_w, box_h = target_w / scale, target_h / scale
     left, top = (width - box_w) / 2, (height - box_h) / 2
     return (left, top, left + box_w, top + box_h)

@@ -1,0 +1,74 @@
+"""Concept image sets for semantic probing: a positives folder per concept and shared negatives.
+
+    root/
+      positives/<concept>/*.jpg     about 20 images that show the concept
+      negatives/*.jpg               about 20 images that show none of them (shared)
+
+>>> src = source("/data/concepts", image_size=224)
+>>> src.classes        # ('negative', 'brazil', 'dog', ...): label 0 is a negative, label c >= 1 concept c
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from saejax import data
+
+__all__ = ["source", "write_tiny_tree"]
+
+
+def source(root: str | os.PathLike, *, image_size=224, short_side=None) -> data.FileListSource:
+    """All images under `root` (layout above), labelled 0 for negatives and 1 + i for
+    concept i (sorted by folder name).
+
+    Raises:
+        FileNotFoundError: no `positives/` or `negatives/` folder, or an empty one (named).
+    """
+    root = os.fspath(root)
+    positives, negatives = os.path.join(root, "positives"), os.path.join(root, "negatives")
+    for folder in (positives, negatives):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder}: missing (expected {root}/positives/<concept>/ and {root}/negatives/)")
+    concepts = sorted(d for d in os.listdir(positives) if os.path.isdir(os.path.join(positives, d)))
+    if not concepts:
+        raise FileNotFoundError(f"{positives}: no concept folders")
+    paths, labels = [], []
+    for label, folder in [(0, negatives)] + [(i + 1, os.path.join(positives, c)) for i, c in enumerate(concepts)]:
+        found = data._find_images(folder)  # pylint: disable=protected-access
+        if not found:
+            raise FileNotFoundError(f"{folder}: no images")
+        paths += found
+        labels += [label] * len(found)
+    return data.FileListSource(paths, labels=labels, classes=("negative", *concepts), image_size=image_size,
+                               short_side=short_side)
+
+
+def write_tiny_tree(root: str | os.PathLike, *, concepts=("red_square", "blue_disc"), per_concept: int = 8,
+                    negatives: int = 8, size: int = 32, seed: int = 0) -> str:
+    """A tiny concept tree (for tests and `:small` configs): each concept is a coloured shape
+    on noise; negatives are noise. Returns `root`."""
+    from PIL import Image
+
+    root = os.fspath(root)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+
+    def save(folder, name, image):
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(image.astype(np.uint8)).save(os.path.join(folder, name), quality=95)
+
+    for i in range(negatives):
+        save(os.path.join(root, "negatives"), f"neg_{i:03d}.jpg", rng.integers(0, 90, (size, size, 3)))
+    for k, concept in enumerate(concepts):
+        colour = np.zeros(3)
+        colour[(2 * k) % 3] = 230  # red, blue, green, ...
+        for i in range(per_concept):
+            image = rng.integers(0, 90, (size, size, 3)).astype(np.float64)
+            cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+            shape = ((np.abs(yy - cy) < size // 6) & (np.abs(xx - cx) < size // 6)) if k % 2 == 0 else \
+                ((yy - cy) ** 2 + (xx - cx) ** 2 < (size // 5) ** 2)
+            image[shape] = colour
+            save(os.path.join(root, "positives", concept), f"{concept}_{i:03d}.jpg", image)
+    return root
