@@ -35,7 +35,6 @@ import json
 import os
 import time
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +42,7 @@ from absl import app, flags, logging
 
 from experiments.configs import shapes_demo
 from experiments.sae_training import train_sae
-from saejax import features, interventions, probes, train, viz
+from saejax import features, interventions, probes, segmentation, train, viz
 from saejax import metrics as sae_metrics
 from saejax.datasets import shapes
 from saejax.datasets.shapes_vit import train_shapes_vit
@@ -70,21 +69,6 @@ def concept_family(concept: str) -> tuple[str, int]:
     if concept in shapes.SHAPES:
         return "shape", SHAPE_FAMILY.index(concept)
     return "colour", COLOUR_FAMILY.index(concept)
-
-
-@flax.struct.dataclass
-class DirectionWhereFiring:
-    """`resid + scale * direction` on the tokens where an SAE latent fires: the random-direction
-    baseline matched to a where-active edit (same tokens, same mean norm)."""
-
-    edit: interventions.SAEEdit  # supplies the SAE codes
-    latent: jax.Array
-    direction: jax.Array
-    scale: jax.Array
-
-    def __call__(self, resid: jax.Array) -> jax.Array:
-        fires = self.edit.codes(resid)[..., self.latent, None] > 0
-        return jnp.where(fires, resid + (self.scale * self.direction).astype(resid.dtype), resid)
 
 
 class Analysis:
@@ -226,12 +210,8 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
     def change_rates(edit, family, target_class):
         tokens = jnp.concatenate([analysis.edited_tokens(edit, x) for _, x in analysis.batches(images)])
         after = np.asarray(probes.predict(probe[family], tokens.reshape(-1, bb.d_model)))
-        changed = after != pred_before[family]
-        target = labels[family].reshape(-1) == target_class
-        other_changed = changed & ~target
-        return {"target_change_rate": float(changed[target].mean()) if target.any() else float("nan"),
-                "other_change_rate": float(changed[~target].mean()),
-                "other_to_background": float(np.mean(after[other_changed] == 0)) if other_changed.any() else 0.0}
+        return segmentation.change_rates(pred_before[family], after, labels[family].reshape(-1), target_class,
+                                         background=0)
 
     rng = np.random.default_rng(0)
     alive = np.flatnonzero(frequency > 0)
@@ -271,7 +251,7 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
         fires = f_latent > 0
         active_norm = float(np.mean(np.abs(value - f_latent[fires])) * np.linalg.norm(np.asarray(
             sae_params.w_dec[latent])) * float(norm.scalar)) if fires.any() else 0.0
-        result["where_active"]["random_direction"] = mean_rates([change_rates(DirectionWhereFiring(
+        result["where_active"]["random_direction"] = mean_rates([change_rates(interventions.DirectionWhereFiring(
             active_edit, jnp.asarray(latent), jnp.asarray(d, jnp.float32), jnp.asarray(active_norm, jnp.float32)),
             family, cls) for d in directions])
         concept_results.append(result)

@@ -241,10 +241,25 @@ class DirectionEdit:
         return _masked(resid, steered, self.mask)
 
 
+@flax.struct.dataclass
+class DirectionWhereFiring:
+    """`resid + scale * direction` on the tokens where an SAE latent fires: the random-direction
+    baseline matched to a where-active edit (same tokens, same norm). `edit` supplies the codes."""
+
+    edit: SAEEdit
+    latent: jax.Array
+    direction: jax.Array
+    scale: jax.Array
+
+    def __call__(self, resid: jax.Array) -> jax.Array:
+        fires = self.edit.codes(resid)[..., self.latent, None] > 0
+        return jnp.where(fires, resid + (self.scale * self.direction).astype(resid.dtype), resid)
+
+
 def direction_edit(direction, scale=1.0, mask=None) -> DirectionEdit:
     """Add `scale * direction` ([D]) to the residual of the masked tokens."""
     return DirectionEdit(jnp.asarray(direction, jnp.float32), jnp.asarray(scale, jnp.float32), mask)
 
 
 __all__ = ["set", "scale", "add", "ablate", "chain", "sae_edit", "check_latent_ids", "direction_edit", "SetLatents", "ScaleLatents",
-           "AddLatents", "Chain", "SAEEdit", "DirectionEdit"]
+           "AddLatents", "Chain", "SAEEdit", "DirectionEdit", "DirectionWhereFiring"]

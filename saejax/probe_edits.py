@@ -23,7 +23,7 @@ from saejax import interventions as iv
 from saejax.features import propose_latents
 from saejax.probes import LinearProbe
 
-__all__ = ["check_choice", "patch_token_mask", "propose_latents", "slider_curve"]
+__all__ = ["Readout", "check_choice", "cropped_processing", "patch_token_mask", "propose_latents", "slider_curve"]
 
 
 def patch_token_mask(bb, patches) -> np.ndarray:
@@ -74,4 +74,58 @@ def slider_curve(bb, bb_params, *, layer: int, ae, sae_params, norm, probe: Line
 def check_choice(ae, latents) -> None:
     """Concrete latent ids must be valid before they go into a traced curve."""
     iv.check_latent_ids(iv.set(np.asarray(latents), 0.0), ae.d_sae)
+
+
+
+class Readout:
+    """Jitted forward passes of a backbone through an SAE at one block: the codes of every
+    patch, and the final tokens and pooled CLS with or without a residual edit.
+
+    Args:
+        bb, bb_params: the backbone.
+        layer: the block whose residual the SAE reads and the edits change.
+        ae, sae_params, norm: the SAE (and the normalisation it was trained with, or None).
+        processing: how uint8 images become pixels (default `bb.preprocess`; give
+            `cropped_processing(bb, size)` for images a source already resized and cropped).
+    """
+
+    def __init__(self, bb, bb_params, *, layer: int, ae, sae_params, norm=None, processing=None):
+        bb._check_layers((layer,), "layer")  # pylint: disable=protected-access  (a wrong block is an error)
+        self.bb, self.layer, self.ae = bb, layer, ae
+        self.processing = processing or bb.preprocess
+        patches = slice(*bb.layout.patches)
+
+        @jax.jit
+        def encode(pixels):
+            out = bb.forward(bb_params, pixels, capture=(layer,))
+            resid = out.captured[layer][:, patches]
+            x = resid.reshape(-1, bb.d_model)
+            codes = ae.encode(sae_params, x if norm is None else norm.apply(x)).reshape(*resid.shape[:2], -1)
+            return {"resid": resid, "codes": codes, "tokens": out.tokens[:, patches], "pooled": out.pooled}
+
+        @jax.jit
+        def edited(edit, pixels):
+            out = bb.forward(bb_params, pixels, edits={layer: edit})
+            return {"tokens": out.tokens[:, patches], "pooled": out.pooled}
+
+        self._encode, self._edited = encode, edited
+
+    def pixels(self, images) -> jax.Array:
+        return jnp.asarray(self.processing(images))
+
+    def encode(self, images) -> dict[str, jax.Array]:
+        """uint8 images -> `resid`, `codes` [B, P, .] at the layer; final patch `tokens`; `pooled`."""
+        return self._encode(self.pixels(images))
+
+    def edited(self, edit, images) -> dict[str, jax.Array]:
+        """Final patch `tokens` and `pooled` with `edit` applied at the layer."""
+        return self._edited(edit, self.pixels(images))
+
+
+def cropped_processing(bb, size: int):
+    """`bb`'s preprocessing for images already resized and cropped to `size` x `size` (by a
+    source): rescale and normalise only."""
+    import dataclasses  # noqa: PLC0415
+
+    return dataclasses.replace(bb.processing, resize_shortest=None, resize_to=None, crop=(int(size), int(size)))
 

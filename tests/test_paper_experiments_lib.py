@@ -89,6 +89,9 @@ def test_segmentation_metrics_by_hand():
     # class 1: tp 1, union 2 -> 0.5; class 2: tp 1, union 2 -> 0.5 (the ignored pixel counts for nothing)
     assert out["miou"] == pytest.approx(0.5) and out["pixel_accuracy"] == pytest.approx(2 / 3)
     assert np.isnan(out["iou"][0])
+    # uint8 masks (as PNGs give them) with many classes: no overflow in the confusion matrix
+    big = segmentation.segmentation_metrics(pred.astype(np.uint8) + 148, labels.astype(np.uint8) + 148, 151, ignore=148)
+    assert big["miou"] == pytest.approx(0.5) and big["pixel_accuracy"] == pytest.approx(2 / 3)
 
 
 def test_upsampling_is_bilinear_with_half_pixel_centres():

@@ -1,0 +1,66 @@
+"""Config -> objects shared by the paper's experiment binaries (semprobe, cub_edit, ade20k_edit)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments.sae_training import build_backbone
+from saejax import data, sae
+from saejax.checkpoint import import_saev, load_sae
+from saejax.normalization import Normalization
+
+__all__ = ["build_backbone", "build_sae", "image_batches"]
+
+
+def build_sae(cfg: ml_collections.ConfigDict, d_model: int):
+    """`(ae, params, normalization or None)` from `cfg.kind`:
+    "saejax" (`path`: a `save_sae` directory), "saev" (`path`: saev's `sae.pt`, raw activations
+    unless `norm_mean` / `norm_scalar` are given), or "random" (`d_sae`, `seed`: an untrained
+    ReLU SAE whose latents fire, for `:small` plumbing runs)."""
+    if cfg.kind == "saejax":
+        ae, params, info = load_sae(cfg.path)
+        norm = info["normalization"]
+    elif cfg.kind == "saev":
+        ae, params, _ = import_saev(cfg.path)
+        norm = None
+        if cfg.get("norm_scalar"):
+            mean = np.load(cfg.norm_mean) if isinstance(cfg.get("norm_mean"), str) else np.zeros(d_model)
+            norm = Normalization(jnp.asarray(mean, jnp.float32), jnp.asarray(cfg.norm_scalar, jnp.float32))
+    elif cfg.kind == "random":
+        ae = sae.relu(d_model, cfg.d_sae)
+        params = ae.init(jax.random.key(cfg.seed))
+        params = params.replace(b_enc=jnp.full((cfg.d_sae,), 0.05))
+        norm = None
+    else:
+        raise ValueError(f"sae.kind must be saejax, saev or random, got {cfg.kind!r}")
+    if ae.d_model != d_model:
+        raise ValueError(f"the SAE reads d_model={ae.d_model}, the backbone has {d_model}")
+    return ae, params, norm
+
+
+def image_batches(source: data.Source, batch_size: int, limit: int | None = None):
+    """The source's batches in index order (the last one smaller), up to `limit` images."""
+    seen = 0
+    for batch in data.batches(source, batch_size, shuffle=False, drop_remainder=False, epochs=1):
+        if limit is not None and seen >= limit:
+            return
+        if limit is not None and seen + len(batch.ids) > limit:
+            keep = limit - seen
+            batch = batch._replace(images=batch.images[:keep], ids=batch.ids[:keep],
+                                   labels=None if batch.labels is None else batch.labels[:keep],
+                                   masks=None if batch.masks is None else batch.masks[:keep])
+        seen += len(batch.ids)
+        yield batch
+
+
+def ensure_tiny_tree(cfg, write) -> str:
+    """`cfg.root`, written by `write(root)` first when `cfg.tiny_tree` is set and it is missing."""
+    root = os.path.expanduser(cfg.root)
+    if cfg.get("tiny_tree") and not os.path.isdir(root):
+        write(root)
+    return root
