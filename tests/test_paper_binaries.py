@@ -3,7 +3,6 @@ in the official layouts, numbers that could be wrong."""
 
 import csv
 import json
-import os
 
 import jax
 import jax.numpy as jnp
