@@ -31,8 +31,6 @@ from saejax import data, probes, segmentation
 from saejax.datasets import ade20k
 from saejax.probe_edits import Readout, cropped_processing
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/ade20k.py", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the results go.")
 
 
 def run(config, workdir: str) -> dict:
@@ -121,10 +119,12 @@ def run(config, workdir: str) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
-    run(_CONFIG.value, _WORKDIR.value)
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only for the binary, so tests can import several of these modules
+    config_flags.DEFINE_config_file("config", None, "experiments/configs/ade20k.py", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where the results go.")
     app.run(main)

@@ -23,7 +23,8 @@ from saejax import interventions as iv
 from saejax.features import propose_latents
 from saejax.probes import LinearProbe
 
-__all__ = ["Readout", "check_choice", "cropped_processing", "patch_token_mask", "propose_latents", "slider_curve"]
+__all__ = ["Readout", "check_choice", "cropped_processing", "latent_stats", "patch_token_mask", "propose_latents",
+           "slider_curve"]
 
 
 def patch_token_mask(bb, patches) -> np.ndarray:
@@ -129,3 +130,23 @@ def cropped_processing(bb, size: int):
 
     return dataclasses.replace(bb.processing, resize_shortest=None, resize_to=None, crop=(int(size), int(size)))
 
+
+
+def latent_stats(readout: Readout, image_batches) -> dict[str, np.ndarray]:
+    """Each latent's firing frequency over patches and its max value, streamed over image
+    batches (bounded memory: [F] accumulators). The max sets edit values (`slider x max`)."""
+    fired = maxima = None
+    patches = 0
+
+    @jax.jit
+    def reduce(codes):
+        return jnp.sum(codes > 0, axis=(0, 1)), jnp.max(codes, axis=(0, 1))
+
+    for images in image_batches:
+        count, peak = reduce(readout.encode(images)["codes"])
+        fired = count if fired is None else fired + count
+        maxima = peak if maxima is None else jnp.maximum(maxima, peak)
+        patches += images.shape[0] * readout.bb.layout.n_patches
+    if fired is None:
+        raise ValueError("latent_stats: no images")
+    return {"frequency": np.asarray(fired) / patches, "max": np.asarray(maxima), "patches": patches}

@@ -67,7 +67,7 @@ def tile(images: Sequence[np.ndarray], columns: int, pad: int = 2, background: i
 
 
 def before_after_png(image_HW3: np.ndarray, selected_grid: np.ndarray, before_K: np.ndarray, after_K: np.ndarray,
-                     class_names: Sequence[str], *, title: str = "", top: int = 5, scale: int = 2) -> bytes:
+                     class_names: Sequence[str], *, title: str = "", top: int = 5, scale: int | None = None) -> bytes:
     """A PNG: the image with the selected patches outlined, and the top classes' probability bars
     before (grey) and after (blue) an edit (top classes of either).
 
@@ -79,16 +79,17 @@ def before_after_png(image_HW3: np.ndarray, selected_grid: np.ndarray, before_K:
     """
     from PIL import Image, ImageDraw  # noqa: PLC0415
 
+    scale = scale or max(1, 192 // image_HW3.shape[0])  # small images drawn at least ~192 px tall
     image = np.repeat(np.repeat(np.asarray(image_HW3, np.uint8), scale, 0), scale, 1)
     h, w, _ = image.shape
     gh, gw = selected_grid.shape
     ph, pw = h / gh, w / gw
     classes = list(dict.fromkeys([*np.argsort(-before_K)[:top].tolist(), *np.argsort(-after_K)[:top].tolist()]))
     bar_w, row_h = 240, 18
-    canvas = Image.new("RGB", (w + 30 + 200 + bar_w, max(h, 30 + row_h * len(classes) * 2 + 10)), "white")
+    canvas = Image.new("RGB", (w + 30 + 200 + bar_w + 110, max(h + 24, 30 + (row_h + 8) * len(classes))), "white")
     canvas.paste(Image.fromarray(image), (0, 20))
     draw = ImageDraw.Draw(canvas)
-    draw.text((0, 2), title, fill="black")
+    draw.text((0, 2), f"{title}   bars: grey before, blue after", fill="black")
     for r, c in zip(*np.nonzero(selected_grid)):
         draw.rectangle([c * pw, 20 + r * ph, (c + 1) * pw - 1, 20 + (r + 1) * ph - 1], outline=(255, 40, 40), width=2)
     x0, y = w + 30, 24
@@ -97,7 +98,7 @@ def before_after_png(image_HW3: np.ndarray, selected_grid: np.ndarray, before_K:
         for probs, colour, dy in ((before_K, (150, 150, 150), 0), (after_K, (40, 90, 220), row_h // 2 + 1)):
             length = int(bar_w * float(probs[k]))
             draw.rectangle([x0 + 200, y + dy, x0 + 200 + max(length, 1), y + dy + row_h // 2 - 1], fill=colour)
-        draw.text((x0 + 200 + bar_w - 90, y), f"{before_K[k]:.2f} -> {after_K[k]:.2f}", fill="black")
+        draw.text((x0 + 200 + bar_w + 10, y), f"{before_K[k]:.2f} -> {after_K[k]:.2f}", fill="black")
         y += row_h + 8
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")

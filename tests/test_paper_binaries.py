@@ -7,9 +7,11 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from experiments import ade20k_edit
+from experiments import ade20k_edit, cub_edit
 from experiments.configs import ade20k as ade20k_config
+from experiments.configs import cub as cub_config
 from experiments.paper_builders import build_backbone, build_sae
 from saejax import data, probes
 from saejax.checkpoint import save_sae
@@ -56,3 +58,20 @@ def test_ade20k_small_probe_and_quantitative_test_find_a_planted_latent(tmp_path
         for mode in ("all_tokens", "where_active"):
             rate = summary[method][mode]["target_change_rate"]
             assert 0 <= rate["mean"] <= 1 and rate["std"] >= 0
+
+
+def test_cub_small_probe_proposal_and_slider_curve(tmp_path):
+    config = cub_config.get_config("small")
+    config.data.root = str(tmp_path / "CUB_200_2011")
+    result = cub_edit.run(config, str(tmp_path / "out"))
+    assert result["probe"]["test_accuracy"] > 0.5  # four colour-coded species; chance is 0.25
+    edit = json.load(open(tmp_path / "out" / "edit.json"))
+    sums = [entry["sum_over_patches"] for entry in edit["latents"]]
+    assert len(sums) == 3 and sums == sorted(sums, reverse=True) and sums[-1] > 0
+    # The config's slider (-10) is on the curve: the "after" bars are that point of the curve.
+    np.testing.assert_allclose(result["curve"][config.sliders.index(config.slider)], result["after"], atol=1e-6)
+    assert not np.allclose(result["before"], result["after"], atol=1e-3)
+    assert (tmp_path / "out" / "edit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config.latents = (5, 128)
+    with pytest.raises(ValueError, match="latent id 128 is out of range for an SAE with d_sae=128"):
+        cub_edit.run(config, str(tmp_path / "bad"))
