@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import ade20k_edit, cub_edit
+from experiments import ade20k_edit, cub_edit, semprobe
 from experiments.configs import ade20k as ade20k_config
 from experiments.configs import cub as cub_config
+from experiments.configs import semprobe as semprobe_config
 from experiments.paper_builders import build_backbone, build_sae
 from saejax import data, probes
 from saejax.checkpoint import save_sae
@@ -75,3 +76,20 @@ def test_cub_small_probe_proposal_and_slider_curve(tmp_path):
     config.latents = (5, 128)
     with pytest.raises(ValueError, match="latent id 128 is out of range for an SAE with d_sae=128"):
         cub_edit.run(config, str(tmp_path / "bad"))
+
+
+def test_semprobe_small_table_with_baselines_and_exemplars(tmp_path):
+    config = semprobe_config.get_config("small")
+    config.data.root = str(tmp_path / "concepts")
+    table = semprobe.run(config, str(tmp_path / "out"))
+    assert set(table) == {"blue_disc", "red_square"} and all(set(v) == {"clip", "dinov2"} for v in table.values())
+    for concept, models in table.items():
+        for model, entry in models.items():
+            assert (entry["positives"], entry["negatives"]) == (8, 8)
+            assert entry["f1"] == sorted(entry["f1"], reverse=True) and len(entry["latents"]) == 5
+            # The tree's concepts are plain to see: the best latent beats random ones, significantly.
+            assert entry["f1"][0] >= entry["random_f1_p95"] and entry["p_value"] <= 0.05, (concept, model, entry)
+            png = tmp_path / "out" / f"exemplars_{model}_{concept}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader(open(tmp_path / "out" / "semprobe.csv")))
+    assert len(rows) == 4 and {r["model"] for r in rows} == {"clip", "dinov2"}
