@@ -45,39 +45,43 @@ def run(config, workdir: str) -> dict:
                       processing=cropped_processing(bb, size))
     patch = size // bb.grid[0]
 
-    def collect(source, limit, keep_codes):
-        parts = {"tokens": [], "labels": [], "masks": [], "codes": [], "resid": [], "images": []}
-        for batch in image_batches(source, config.batch_size, limit):
-            out = readout.encode(batch.images)
-            parts["tokens"].append(np.asarray(out["tokens"]))
-            parts["labels"].append(data.patch_mode_labels(batch.masks, patch, ignore=ade20k.IGNORE).reshape(len(batch.ids), -1))
-            parts["masks"].append(batch.masks)
-            if keep_codes:
-                parts["codes"].append(np.asarray(out["codes"]))
-                parts["resid"].append(np.asarray(out["resid"]))
-                parts["images"].append(batch.images)
-        return {k: np.concatenate(v) for k, v in parts.items() if v}
+    def patch_labels(batch):
+        return data.patch_mode_labels(batch.masks, patch, ignore=ade20k.IGNORE).reshape(len(batch.ids), -1)
 
-    train_set = collect(train, config.probe_images, keep_codes=False)
-    x, y = train_set["tokens"].reshape(-1, bb.d_model), train_set["labels"].reshape(-1)
+    tokens, labels = [], []
+    for batch in image_batches(train, config.batch_size, config.probe_images):
+        tokens.append(np.asarray(readout.encode(batch.images)["tokens"]))
+        labels.append(patch_labels(batch))
+    x, y = np.concatenate(tokens).reshape(-1, bb.d_model), np.concatenate(labels).reshape(-1)
     keep = y != ade20k.IGNORE
     p = config.probe
     probe = probes.train_linear_probe(jax.random.key(config.seed), jnp.asarray(x[keep]), jnp.asarray(y[keep]),
                                       ade20k.N_CLASSES, epochs=p.epochs, batch_size=p.batch_size,
                                       learning_rate=p.learning_rate, weight_decay=p.weight_decay)
 
-    val_set = collect(val, config.eval_images, keep_codes=True)
-    n, gh, gw = len(val_set["masks"]), *bb.grid
-    logits = probe.logits(jnp.asarray(val_set["tokens"])).reshape(n, gh, gw, -1)
-    pixels_pred = np.asarray(jnp.argmax(segmentation.upsample_logits(logits, (size, size)), -1))
-    metrics = segmentation.segmentation_metrics(pixels_pred, val_set["masks"], ade20k.N_CLASSES, ignore=ade20k.IGNORE)
+    # Validation, streamed: pixel predictions for the metrics, the feature-search statistics, a
+    # sample of residuals; only the images (uint8) and patch labels are kept for the edits.
+    stats = segmentation.PatchLatentStats(ade20k.N_CLASSES, ae.d_sae)
+    images, labels, masks, preds, resid = [], [], [], [], []
+    for batch in image_batches(val, config.batch_size, config.eval_images):
+        out = readout.encode(batch.images)
+        logits = probe.logits(out["tokens"]).reshape(len(batch.ids), *bb.grid, -1)
+        preds.append(np.asarray(jnp.argmax(segmentation.upsample_logits(logits, (size, size)), -1)))
+        batch_labels = patch_labels(batch)
+        stats.update(out["codes"].reshape(-1, ae.d_sae), batch_labels.reshape(-1))
+        if sum(len(r) for r in resid) < config.norm_sample_patches:
+            resid.append(np.asarray(out["resid"]).reshape(-1, bb.d_model))
+        images.append(batch.images)
+        labels.append(batch_labels)
+        masks.append(batch.masks)
+    images, labels, masks = np.concatenate(images), np.concatenate(labels).reshape(-1), np.concatenate(masks)
+    n = len(images)
+    metrics = segmentation.segmentation_metrics(np.concatenate(preds), masks, ade20k.N_CLASSES, ignore=ade20k.IGNORE)
     probe_report = {"miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"],
                     "iou": {val.classes[c]: float(v) for c, v in enumerate(metrics["iou"]) if not np.isnan(v)},
                     "train_patches": int(keep.sum()), "val_images": n}
     json.dump(probe_report, open(os.path.join(workdir, "probe.json"), "w"), indent=2)
     print(f"probe: mIoU {metrics['miou']:.3f}, pixel accuracy {metrics['pixel_accuracy']:.3f} on {n} images", flush=True)
-
-    images = val_set["images"]
 
     def predict(edit):
         tokens = []
@@ -86,11 +90,10 @@ def run(config, workdir: str) -> dict:
             tokens.append(readout.encode(chunk)["tokens"] if edit is None else readout.edited(edit, chunk)["tokens"])
         return np.asarray(probes.predict(probe, jnp.concatenate(tokens).reshape(-1, bb.d_model)))
 
-    labels = val_set["labels"].reshape(-1)
     counts = np.bincount(labels, minlength=ade20k.N_CLASSES)
     classes = [c for c in range(1, ade20k.N_CLASSES) if counts[c] >= config.min_patches]
     results = segmentation.quantitative_test(
-        predict, labels, jnp.asarray(val_set["codes"].reshape(-1, ae.d_sae)), val_set["resid"].reshape(-1, bb.d_model),
+        predict, labels, stats, np.concatenate(resid)[: config.norm_sample_patches],
         ae, sae_params, norm, classes, jax.random.key(config.seed + 1),
         config_latents={int(k): int(v) for k, v in config.get("class_latents", {}).items()},
         value_scale=config.value_scale)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["best_f1_latent", "change_rates", "mean_change_norm", "patch_f1", "quantitative_test", "segmentation_metrics",
+__all__ = ["PatchLatentStats", "best_f1_latent", "change_rates", "mean_change_norm", "patch_f1", "quantitative_test", "segmentation_metrics",
            "summarize", "upsample_logits"]
 
 
@@ -93,15 +93,60 @@ def best_f1_latent(codes_NF: jax.Array, present_N: jax.Array, thresholds=(0.0, 0
     return best
 
 
+class PatchLatentStats:
+    """What the feature search needs from every evaluation patch, accumulated batch by batch in
+    bounded memory: per threshold, how often each latent fires and how often on each class;
+    each class's patch count; each latent's max.
+
+    >>> stats = PatchLatentStats(n_classes=151, d_sae=ae.d_sae)
+    >>> for codes_NF, labels_N in batches: stats.update(codes_NF, labels_N)
+    >>> latent, f1, threshold = stats.best_latent(c)
+    """
+
+    def __init__(self, n_classes: int, d_sae: int, thresholds=(0.0, 0.1, 0.3, 1.0)):
+        self.n_classes, self.thresholds = n_classes, tuple(thresholds)
+        t = len(self.thresholds)
+        self.fires = np.zeros((t, d_sae), np.int64)
+        self.hits = np.zeros((t, n_classes, d_sae), np.int64)
+        self.count = np.zeros(n_classes, np.int64)
+        self.max = np.full(d_sae, -np.inf, np.float32)
+        thresholds_ = jnp.asarray(self.thresholds, jnp.float32)
+
+        @jax.jit
+        def reduce(codes_NF, labels_N):
+            fired = (codes_NF[None] > thresholds_[:, None, None]).astype(jnp.int32)  # [T, N, F]
+            onehot = jax.nn.one_hot(labels_N, n_classes, dtype=jnp.int32)  # [N, C]
+            return fired.sum(1), jnp.einsum("tnf,nc->tcf", fired, onehot), onehot.sum(0), codes_NF.max(0)
+
+        self._reduce = reduce
+
+    def update(self, codes_NF, labels_N) -> None:
+        fires, hits, count, peak = jax.device_get(self._reduce(jnp.asarray(codes_NF), jnp.asarray(labels_N)))
+        self.fires += fires
+        self.hits += hits
+        self.count += count
+        self.max = np.maximum(self.max, peak)
+
+    def f1(self, c: int) -> np.ndarray:
+        """[T, F] patch-level F1 of each latent for class `c` at each threshold."""
+        return 2 * self.hits[:, c] / np.maximum(self.fires + self.count[c], 1)
+
+    def best_latent(self, c: int) -> tuple[int, float, float]:
+        """`(latent, f1, threshold)` with the best F1 for class `c` (the first threshold on ties)."""
+        f1 = self.f1(c)
+        t, latent = np.unravel_index(np.argmax(f1), f1.shape)
+        return int(latent), float(f1[t, latent]), float(self.thresholds[t])
+
+
 def mean_change_norm(edit, resid_TD: jax.Array) -> float:
     """The mean norm of the change an edit makes to residual rows [T, D] (to match a random
     direction's norm to it)."""
     return float(jnp.mean(jnp.linalg.norm(edit(resid_TD[None])[0] - resid_TD, axis=-1)))
 
 
-def quantitative_test(predict: Callable, labels_N, codes_NF, resid_ND, ae, sae_params, norm, classes, key, *,
-                      config_latents: Mapping[int, int] | None = None, thresholds=(0.0, 0.1, 0.3, 1.0),
-                      value_scale: float = -2.0, ignore: int | None = 0) -> list[dict]:
+def quantitative_test(predict: Callable, labels_N, stats: PatchLatentStats, resid_ND, ae, sae_params, norm, classes,
+                      key, *, config_latents: Mapping[int, int] | None = None, value_scale: float = -2.0,
+                      ignore: int | None = 0) -> list[dict]:
     """The paper's quantitative test, per class: pick a feature four ways, set it to
     `value_scale x its max` on all tokens and only where it fires, and measure change rates.
 
@@ -110,14 +155,13 @@ def quantitative_test(predict: Callable, labels_N, codes_NF, resid_ND, ae, sae_p
             with the residual edit applied at the layer the codes come from (one layer for the
             search and the edit).
         labels_N: true patch labels (flat over images and patches).
-        codes_NF: SAE codes of the same patches at that layer; their max per latent sets the
-            edit values.
-        resid_ND: the raw residuals of those patches (for the random direction's norm).
+        stats: `PatchLatentStats` of the SAE codes of the same patches at that layer (the
+            best-F1 search, at its thresholds; the max per latent sets the edit values).
+        resid_ND: raw residuals of some of those patches (to match the random direction's norm).
         ae, sae_params, norm: the SAE.
         classes: the classes to test.
         key: randomness of the baselines.
         config_latents: `{class: latent}` named in the config (the fourth way).
-        thresholds: activation thresholds tried by the best-F1 search.
         value_scale: the edit value in units of the latent's max (-2 in the paper).
 
     Returns:
@@ -129,7 +173,7 @@ def quantitative_test(predict: Callable, labels_N, codes_NF, resid_ND, ae, sae_p
 
     labels = np.asarray(labels_N)
     before = np.asarray(predict(None))
-    maxima = np.asarray(jnp.max(codes_NF, axis=0))
+    maxima = stats.max
     live = np.flatnonzero(maxima > 0)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel()[-1])
     results = []
@@ -144,8 +188,7 @@ def quantitative_test(predict: Callable, labels_N, codes_NF, resid_ND, ae, sae_p
         return every, {"all_tokens": rates(every, c), "where_active": rates(active, c)}
 
     for c in classes:
-        present = jnp.asarray(labels == c)
-        latent, f1, threshold = best_f1_latent(codes_NF, present, thresholds)
+        latent, f1, threshold = stats.best_latent(c)
         best_edit, best = latent_rates(latent, c)
         entry = {"class": int(c), "patches": int(np.sum(labels == c)),
                  "best_f1": {"latent": latent, "f1": f1, "threshold": threshold, **best}}

@@ -111,3 +111,21 @@ def test_change_rates_and_best_f1_latent():
     codes = codes.at[:, 5].set(jnp.where(present, 2.0, 0.05))
     latent, f1, threshold = segmentation.best_f1_latent(codes, jnp.asarray(present))
     assert (latent, f1) == (5, 1.0) and threshold == 0.1
+
+
+def test_streamed_patch_statistics_equal_the_in_memory_search():
+    rng = np.random.default_rng(1)
+    codes = np.where(rng.random((90, 16)) < 0.3, rng.random((90, 16)) * 2, 0.0).astype(np.float32)
+    labels = rng.integers(0, 4, 90)
+    codes[:, 11] = np.where(labels == 2, 1.5, 0.2)
+    stats = segmentation.PatchLatentStats(4, 16)
+    for part in np.array_split(np.arange(90), 3):
+        stats.update(codes[part], labels[part])
+    np.testing.assert_allclose(stats.max, codes.max(0))
+    for c in range(4):
+        for t, threshold in enumerate(stats.thresholds):
+            np.testing.assert_allclose(stats.f1(c)[t], segmentation.patch_f1(jnp.asarray(codes), jnp.asarray(labels == c),
+                                                                             threshold), rtol=1e-6)
+        assert stats.best_latent(c) == pytest.approx(segmentation.best_f1_latent(jnp.asarray(codes),
+                                                                                 jnp.asarray(labels == c)))
+    assert stats.best_latent(2)[:2] == (11, 1.0)

@@ -34,6 +34,7 @@ def get_config(variant: str = ""):
     c.eval_images = 2_000   # the whole validation split
     c.probe = dict(epochs=20, batch_size=4096, learning_rate=1e-3, weight_decay=1e-3)
     c.min_patches = 100
+    c.norm_sample_patches = 65_536  # residuals kept to match the random direction's norm
     c.value_scale = -2.0
     c.class_latents = {}
     if variant == "small":
