@@ -28,8 +28,13 @@ def build_sae(cfg: ml_collections.ConfigDict, d_model: int):
     elif cfg.kind == "saev":
         ae, params, _ = import_saev(cfg.path)
         norm = None
-        if cfg.get("norm_scalar"):
-            mean = np.load(cfg.norm_mean) if isinstance(cfg.get("norm_mean"), str) else np.zeros(d_model)
+        if cfg.get("norm_scalar"):  # e.g. saev's DINOv2 SAE reads (x - mu) / 2.018...
+            if not cfg.get("norm_mean"):
+                raise ValueError(f"sae.norm_scalar={cfg.norm_scalar} needs sae.norm_mean: an .npy file of the mean "
+                                 f"the SAE subtracts")
+            mean = np.load(cfg.norm_mean)
+            if mean.shape != (d_model,):
+                raise ValueError(f"{cfg.norm_mean}: shape {mean.shape}, expected ({d_model},)")
             norm = Normalization(jnp.asarray(mean, jnp.float32), jnp.asarray(cfg.norm_scalar, jnp.float32))
     elif cfg.kind == "random":
         ae = sae.relu(d_model, cfg.d_sae)

@@ -3,6 +3,7 @@ in the official layouts, numbers that could be wrong."""
 
 import csv
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -93,3 +94,19 @@ def test_semprobe_small_table_with_baselines_and_exemplars(tmp_path):
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(open(tmp_path / "out" / "semprobe.csv")))
     assert len(rows) == 4 and {r["model"] for r in rows} == {"clip", "dinov2"}
+
+
+def test_build_sae_reads_saev_files_with_their_normalisation(tmp_path):
+    import ml_collections
+
+    saev = os.path.join(os.path.dirname(__file__), "fixtures", "saev_sae.pt")
+    ae, _, norm = build_sae(ml_collections.ConfigDict(dict(kind="saev", path=saev, norm_scalar=0.0)), 16)
+    assert (ae.d_sae, norm) == (64, None)  # CLIP's published SAE reads raw residuals
+    with pytest.raises(ValueError, match="sae.norm_scalar=2.0 needs sae.norm_mean"):
+        build_sae(ml_collections.ConfigDict(dict(kind="saev", path=saev, norm_mean="", norm_scalar=2.0)), 16)
+    np.save(tmp_path / "mu.npy", np.full(16, 0.5, np.float32))
+    _, _, norm = build_sae(ml_collections.ConfigDict(dict(kind="saev", path=saev, norm_mean=str(tmp_path / "mu.npy"),
+                                                          norm_scalar=2.0)), 16)
+    assert float(norm.scalar) == 2.0 and float(norm.mean[0]) == 0.5
+    with pytest.raises(ValueError, match="the SAE reads d_model=16, the backbone has 32"):
+        build_sae(ml_collections.ConfigDict(dict(kind="saev", path=saev, norm_scalar=0.0)), 32)
