@@ -32,7 +32,6 @@ from saejax.datasets import ade20k
 from saejax.probe_edits import Readout, cropped_processing
 
 
-
 def run(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     bb, bb_params = build_backbone(config.backbone)

@@ -31,7 +31,6 @@ from saejax import probe_edits, probes, viz
 from saejax.datasets import cub
 
 
-
 def pooled_features(readout, source, batch_size, limit=None):
     feats, labels = [], []
     for batch in image_batches(source, batch_size, limit):

@@ -114,17 +114,22 @@ class PatchLatentStats:
 
         @jax.jit
         def reduce(codes_NF, labels_N):
-            fired = (codes_NF[None] > thresholds_[:, None, None]).astype(jnp.int32)  # [T, N, F]
-            onehot = jax.nn.one_hot(labels_N, n_classes, dtype=jnp.int32)  # [N, C]
-            return fired.sum(1), jnp.einsum("tnf,nc->tcf", fired, onehot), onehot.sum(0), codes_NF.max(0)
+            onehot = jax.nn.one_hot(labels_N, n_classes, dtype=jnp.float32)  # [N, C]
+
+            def at(threshold):  # one [N, F] mask at a time; float counts are exact below 2**24 rows
+                fired = (codes_NF > threshold).astype(jnp.float32)
+                return fired.sum(0), onehot.T @ fired
+
+            fires, hits = jax.lax.map(at, thresholds_)
+            return fires, hits, onehot.sum(0), codes_NF.max(0)
 
         self._reduce = reduce
 
     def update(self, codes_NF, labels_N) -> None:
         fires, hits, count, peak = jax.device_get(self._reduce(jnp.asarray(codes_NF), jnp.asarray(labels_N)))
-        self.fires += fires
-        self.hits += hits
-        self.count += count
+        self.fires += np.rint(fires).astype(np.int64)
+        self.hits += np.rint(hits).astype(np.int64)
+        self.count += np.rint(count).astype(np.int64)
         self.max = np.maximum(self.max, peak)
 
     def f1(self, c: int) -> np.ndarray:
