@@ -18,18 +18,23 @@ from saejax.sae import SAEParams
 
 @flax.struct.dataclass
 class Normalization:
-    """`x_norm = (x - mean) / scalar`.
+    """`x_norm = (clip(x) - mean) / scalar`.
 
     Attributes:
         mean: [D] activation mean.
         scalar: scalar divisor, mean ||x - mean|| / sqrt(D).
+        clip: `(low, high)` bounds applied to raw activations first, or None. saev's published
+            DINOv2 SAE was used with `(-1e-5, 1e5)`; saejax's own statistics have none.
     """
 
     mean: jax.Array
     scalar: jax.Array
+    clip: tuple[float, float] | None = flax.struct.field(pytree_node=False, default=None)
 
     def apply(self, x_ND: jax.Array) -> jax.Array:
         """Raw -> normalised activations."""
+        if self.clip is not None:
+            x_ND = jnp.clip(x_ND, *self.clip)
         return (x_ND - self.mean) / self.scalar
 
     def invert(self, x_ND: jax.Array) -> jax.Array:

@@ -55,6 +55,8 @@ def save_sae(path: str | os.PathLike, ae: SAE, params: SAEParams, *, normalizati
         tensors["norm_scalar"] = np.asarray(normalization.scalar, np.float32)
     config = {"format": FORMAT, "version": FORMAT_VERSION, "sae": ae.to_config(),
               "normalized_inputs": normalization is not None, "info": info or {}}
+    if normalization is not None and normalization.clip is not None:
+        config["normalization_clip"] = [float(v) for v in normalization.clip]
 
     path = os.path.abspath(os.fspath(path))
     with staged_directory(path) as staging:
@@ -129,6 +131,8 @@ def load_sae(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]]:
         if not float(tensors["norm_scalar"]) > 0:
             raise CheckpointError(f"{tensors_path}: tensor 'norm_scalar' is {float(tensors['norm_scalar'])}, "
                                   f"a normalisation scalar must be positive")
-        normalization = Normalization(jnp.asarray(tensors["norm_mean"]), jnp.asarray(tensors["norm_scalar"]))
+        clip = config.get("normalization_clip")
+        normalization = Normalization(jnp.asarray(tensors["norm_mean"]), jnp.asarray(tensors["norm_scalar"]),
+                                      None if clip is None else (float(clip[0]), float(clip[1])))
     info = dict(config.get("info", {}), normalization=normalization, source=path)
     return ae, params, info
