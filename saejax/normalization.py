@@ -69,6 +69,9 @@ def fold_normalization(params: SAEParams, norm: Normalization) -> SAEParams:
     `s (z @ w_dec + b_dec) + m = z @ (s w_dec) + (m + s b_dec)`, so the latents are unchanged and
     the reconstruction comes out in raw space. Decoder rows are then no longer unit norm.
     """
+    if norm.clip is not None:
+        raise ValueError(f"a normalisation that clips activations to {norm.clip} cannot be folded into the weights; "
+                         f"apply it to the inputs instead")
     s = norm.scalar
     return params.replace(
         w_enc=params.w_enc / s,

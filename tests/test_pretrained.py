@@ -70,3 +70,12 @@ def test_normalization_clip_is_static_and_jits():
     norm = Normalization(jnp.zeros(4), jnp.asarray(2.0), (-1.0, 1.0))
     out = jax.jit(lambda n, x: n.apply(x))(norm, jnp.asarray([[-5.0, 0.5, 3.0, 0.0]]))
     np.testing.assert_allclose(out, [[-0.5, 0.25, 0.5, 0.0]])
+
+
+def test_a_clipping_normalization_is_not_folded():
+    from saejax import sae
+    from saejax.normalization import fold_normalization
+
+    ae = sae.relu(4, 8)
+    with pytest.raises(ValueError, match=r"clips activations to \(-1.0, 1.0\) cannot be folded"):
+        fold_normalization(ae.init(jax.random.key(0)), Normalization(jnp.zeros(4), jnp.asarray(2.0), (-1.0, 1.0)))
