@@ -1,10 +1,26 @@
-"""Import SAE checkpoints written by the reference package `saev` 0.1.0, without torch.
+"""Import SAE checkpoints written by the reference package `saev`, every format, without torch.
 
-saev's `sae.pt` (`saev.nn.dump`) is one UTF-8 JSON line, the SAE config (`d_vit`,
-`exp_factor`, `sparsity_coeff`, ...), followed by the bytes of `torch.save(state_dict)`: a
-zip archive holding `<prefix>/data.pkl` (the pickled state dict), `<prefix>/byteorder` and
-one raw member `<prefix>/data/<key>` per tensor storage. The state dict has the keys
-`W_enc [D, F]`, `b_enc [F]`, `W_dec [F, D]`, `b_dec [D]`, the same layout as `SAEParams`.
+saev's `sae.pt` (`saev.nn.dump`) is one UTF-8 JSON line followed by the bytes of
+`torch.save(state_dict)`: a zip archive holding `<prefix>/data.pkl` (the pickled state dict),
+`<prefix>/byteorder` and one raw member `<prefix>/data/<key>` per tensor storage. The state dict
+has `W_enc [D, F]`, `b_enc [F]`, `W_dec [F, D]`, `b_dec [D]` (the layout of `SAEParams`) and,
+for BatchTopK, the scalar `activation.threshold`.
+
+The JSON line comes in these eras (`info["schema"]`):
+- 0.1.0, no schema: the config itself (`d_vit`, `exp_factor`, ...); a ReLU SAE that encodes
+  `relu((x - b_dec) @ W_enc + b_enc)`, like saejax.
+- schema 1: `{"schema": 1, "cls": "Relu"|"TopK"|"BatchTopK", "cfg": {..., "top_k"}}`, or
+  `{"schema": 1, "cls": "SparseAutoencoderConfig", "cfg": {..., "activation": {"cls", "params"}}}`.
+- schemas 2 to 5: `{"schema": N, "cfg": {"d_model", "d_sae", "activation": {"cls": "Relu"|"TopK"|
+  "BatchTopK", "params": {"top_k", ...}}, ...}, "commit", "lib"}` (Matryoshka prefixes only
+  change the training loss, so they need nothing here).
+Files with a schema were written by saev's later forward, `h = x @ W_enc + b_enc`, with no
+`- b_dec` before encoding. saejax's encoder subtracts `b_dec`, so these files are imported with
+`b_enc + b_dec @ W_enc` as `b_enc`: the same codes (`info["forward"]` says which was used;
+`forward=` overrides it). BatchTopK's scalar threshold becomes the per-latent threshold of
+`saejax.sae.batchtopk` (saev uses ReLU while it is still 0, which a threshold of 0 is).
+saejax's TopK keeps `relu` of the k largest values, saev's keeps them as they are: the same
+codes whenever the k largest pre-activations are positive.
 
 The pickle is read by a restricted unpickler: it resolves only the few globals a state dict
 needs (`collections.OrderedDict`, `torch._utils._rebuild_tensor_v2` and friends, the
@@ -20,10 +36,11 @@ loading an untrusted file never runs its code.
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
-import os
 import math
+import os
 import pickle
 import sys
 import zipfile
@@ -35,9 +52,10 @@ import numpy as np
 
 from saejax.checkpoint.errors import CheckpointError
 from saejax.checkpoint.safetensors_header import check_finite
+from saejax import sae as sae_module
 from saejax.sae import SAE, SAEParams, relu
 
-FORMAT = "saev-0.1.0"
+FORMAT = "saev-0.1.0"  # the header-less era; files with a schema report "saev-schema-<N>"
 FILENAME = "sae.pt"
 _MAX_HEADER_BYTES = 1 << 20
 _MAX_PICKLE_BYTES = 16 << 20
@@ -250,18 +268,53 @@ def _read_header(path: str, f) -> dict[str, Any]:
     if not line.endswith(b"\n"):
         raise CheckpointError(f"{path}: no newline-terminated JSON config line at the start of the file")
     try:
-        config = json.loads(line.decode("utf-8"))
+        header = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: first line is not a JSON config: {e}") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: first line is JSON but not an object: {type(config).__name__}")
-    for key in ("d_vit", "exp_factor"):
-        if key not in config:
-            raise CheckpointError(f"{path}: config line has no {key!r}")
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise CheckpointError(f"{path}: config {key!r} must be a positive integer, got {value!r}")
-    return config
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: first line is JSON but not an object: {type(header).__name__}")
+    return header
+
+
+def _positive_int(path, where, key, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckpointError(f"{path}: {where} {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _describe(path: str, header: dict[str, Any]) -> dict[str, Any]:
+    """`{d_model, d_sae, activation ("relu"|"topk"|"batchtopk"), k, schema}` from any era's header."""
+    schema = header.get("schema")
+    if schema is None:  # 0.1.0
+        for key in ("d_vit", "exp_factor"):
+            if key not in header:
+                raise CheckpointError(f"{path}: config line has no {key!r}")
+            _positive_int(path, "config", key, header[key])
+        return {"d_model": header["d_vit"], "d_sae": header["d_vit"] * header["exp_factor"], "activation": "relu",
+                "k": None, "schema": None}
+    if schema not in (1, 2, 3, 4, 5):
+        raise CheckpointError(f"{path}: unknown saev checkpoint schema {schema!r} (known: none, 1 to 5)")
+    cfg = header.get("cfg")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: schema {schema} header has no 'cfg' object")
+    d_model = _positive_int(path, "cfg", "d_model", cfg.get("d_model", cfg.get("d_vit")))
+    d_sae = cfg.get("d_sae")
+    if d_sae is None and "exp_factor" in cfg:
+        d_sae = d_model * _positive_int(path, "cfg", "exp_factor", cfg["exp_factor"])
+    d_sae = _positive_int(path, "cfg", "d_sae", d_sae)
+    cls = header.get("cls", "SparseAutoencoderConfig")
+    if schema == 1 and cls in ("Relu", "TopK", "BatchTopK"):  # schema 1, first form
+        name, params = cls, {"top_k": cfg.get("top_k", 32)}
+    else:
+        activation = cfg.get("activation")
+        if not (isinstance(activation, dict) and isinstance(activation.get("cls"), str)):
+            raise CheckpointError(f"{path}: schema {schema} cfg has no activation {{'cls', 'params'}}")
+        name, params = activation["cls"], dict(activation.get("params") or {})
+    kinds = {"Relu": "relu", "TopK": "topk", "BatchTopK": "batchtopk"}
+    if name not in kinds:
+        raise CheckpointError(f"{path}: unknown activation {name!r} (known: {', '.join(kinds)})")
+    k = None if name == "Relu" else _positive_int(path, "activation", "top_k", params.get("top_k", 32))
+    return {"d_model": d_model, "d_sae": d_sae, "activation": kinds[name], "k": k, "schema": schema}
 
 
 def _read_state_dict(path: str, f, start: int, max_elements: int) -> dict[str, np.ndarray]:
@@ -305,25 +358,29 @@ def _read_state_dict(path: str, f, start: int, max_elements: int) -> dict[str, n
 _SAEV_TO_SAEJAX = {"W_enc": "w_enc", "b_enc": "b_enc", "W_dec": "w_dec", "b_dec": "b_dec"}
 
 
-def import_saev(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]]:
-    """Loads a saev 0.1.0 `sae.pt` as a saejax ReLU SAE, without torch and without running code.
+def import_saev(path: str | os.PathLike, *, forward: str = "auto",
+                sha256: str | None = None) -> tuple[SAE, SAEParams, dict[str, Any]]:
+    """Loads a saev `sae.pt` of any era as a saejax SAE, without torch and without running code.
 
     Args:
         path: the `sae.pt` file, or a directory that contains one.
+        forward: how the file's SAE encodes: "auto" (by era, see the module docstring),
+            "subtract_b_dec" (`(x - b_dec) @ W_enc + b_enc`, 0.1.0) or "no_b_dec"
+            (`x @ W_enc + b_enc`, saev with a schema).
+        sha256: the file's expected SHA-256 (e.g. from a `manifest.jsonl`), checked first.
 
     Returns:
-        `(ae, params, info)`: `ae = saejax.sae.relu(d_model=d_vit, d_sae=d_vit * exp_factor)`;
-        `params`, an `SAEParams` of float32 jax arrays (`w_enc = W_enc [D, F]`,
-        `b_enc [F]`, `w_dec = W_dec [F, D]`, `b_dec [D]`, saev's own layout); `info`, a dict
-        with `"config"` (saev's JSON config line), `"source"` (the file read) and
-        `"format"` (`"saev-0.1.0"`). saev trained on raw (unnormalised) activations.
+        `(ae, params, info)`: a saejax `relu`, `topk(k)` or `batchtopk(k)` SAE of d_model x
+        d_sae; float32 `SAEParams`; `info` with `"config"` (saev's JSON line), `"source"`,
+        `"format"`, `"schema"` and `"forward"`. saev's SAEs read raw activations unless their
+        publisher says otherwise (see `load_pretrained`).
 
     Raises:
-        CheckpointError: naming the file and the problem: missing or empty file, a first line
-            that is not a JSON config with `d_vit` and `exp_factor`, a truncated or corrupt
-            archive, a pickle that references any global beyond a state dict's (named),
-            missing or unexpected keys (named), a shape mismatch (key, shape found, shape
-            expected), or non-float tensors. Nothing is returned half-loaded.
+        CheckpointError: naming the file and the problem: missing or empty file, an unknown
+            schema or activation, a truncated or corrupt archive, a pickle that references
+            any global beyond a state dict's (named), missing or unexpected keys (named), a
+            shape mismatch (key, shape found, shape expected), non-float or non-finite
+            tensors, or a SHA-256 mismatch. Nothing is returned half-loaded.
 
     >>> ae, params, info = import_saev("sae.pt")
     >>> x_hat = ae(params, x)
@@ -333,15 +390,24 @@ def import_saev(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]
         path = os.path.join(path, FILENAME)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file (expected a saev {FILENAME})")
+    if forward not in ("auto", "subtract_b_dec", "no_b_dec"):
+        raise ValueError(f"forward must be 'auto', 'subtract_b_dec' or 'no_b_dec', got {forward!r}")
+    if sha256 is not None:
+        digest = _sha256(path)
+        if digest != sha256:
+            raise CheckpointError(f"{path}: SHA-256 {digest} does not match the expected {sha256}")
     try:
         with open(path, "rb") as f:
-            config = _read_header(path, f)
-            state = _read_state_dict(path, f, f.tell(), config["d_vit"] ** 2 * config["exp_factor"])
+            header = _read_header(path, f)
+            described = _describe(path, header)
+            d, f_ = described["d_model"], described["d_sae"]
+            state = _read_state_dict(path, f, f.tell(), d * f_)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from e
 
-    d, f_ = config["d_vit"], config["d_vit"] * config["exp_factor"]
     expected = {"W_enc": (d, f_), "b_enc": (f_,), "W_dec": (f_, d), "b_dec": (d,)}
+    if described["activation"] == "batchtopk":
+        expected["activation.threshold"] = ()
     missing = [k for k in expected if k not in state]
     if missing:
         names = ", ".join(repr(k) for k in missing)
@@ -349,18 +415,78 @@ def import_saev(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]
                               f"(found {sorted(state)})")
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise CheckpointError(f"{path}: state_dict has unexpected keys {unexpected} (a saev 0.1.0 SAE has "
-                              f"exactly {list(expected)})")
+        raise CheckpointError(f"{path}: state_dict has unexpected keys {unexpected} (a {described['activation']} "
+                              f"saev SAE has exactly {list(expected)})")
     for key, shape in expected.items():
         array = state[key]
         if array.dtype not in _FLOAT_STORAGES.values():
             raise CheckpointError(f"{path}: {key!r} has non-float dtype {array.dtype}")
         if array.shape != shape:
             raise CheckpointError(f"{path}: {key!r} has shape {array.shape}, expected {shape} "
-                                  f"(d_vit={d}, exp_factor={config['exp_factor']})")
+                                  f"(d_model={d}, d_sae={f_})")
         check_finite(path, key, array)
 
-    ae = relu(d_model=d, d_sae=f_)
-    params = SAEParams(**{_SAEV_TO_SAEJAX[k]: jnp.asarray(state[k].astype(np.float32)) for k in expected})
-    info = {"config": config, "source": path, "format": FORMAT}
+    arrays = {k: state[k].astype(np.float32) for k in expected}
+    if forward == "auto":
+        forward = "subtract_b_dec" if described["schema"] is None else "no_b_dec"
+    b_enc = arrays["b_enc"]
+    if forward == "no_b_dec":  # saejax subtracts b_dec before encoding: fold it into the bias
+        b_enc = (b_enc + arrays["b_dec"].astype(np.float64) @ arrays["W_enc"].astype(np.float64)).astype(np.float32)
+    kind, k = described["activation"], described["k"]
+    ae = relu(d_model=d, d_sae=f_) if kind == "relu" else getattr(sae_module, kind)(d, f_, k=k)
+    threshold = None
+    if kind == "batchtopk":
+        threshold = jnp.full((f_,), float(arrays["activation.threshold"]), jnp.float32)
+    params = SAEParams(w_enc=jnp.asarray(arrays["W_enc"]), b_enc=jnp.asarray(b_enc), w_dec=jnp.asarray(arrays["W_dec"]),
+                       b_dec=jnp.asarray(arrays["b_dec"]), threshold=threshold)
+    schema = described["schema"]
+    info = {"config": header, "source": path, "format": FORMAT if schema is None else f"saev-schema-{schema}",
+            "schema": schema, "forward": forward}
     return ae, params, info
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_saev_checkpoint(root: str | os.PathLike, *, layer: int, run_id: str | None = None,
+                         l0: float | None = None) -> tuple[str, dict[str, Any]]:
+    """Pick a checkpoint in a saev repository laid out as `layer_XX/<run>/sae.pt` with a
+    `manifest.jsonl` (one `{"run_id", "layer", "l0", "mse", "sha256", "path"}` per line; the
+    DINOv3 repositories): by `run_id`, by the L0 closest to `l0`, or else the lowest MSE.
+
+    Returns:
+        `(path, entry)`; load it with `import_saev(path, sha256=entry["sha256"])`.
+
+    Raises:
+        CheckpointError: no manifest, no checkpoint of that layer (the layers there are named),
+            or an unknown run id.
+    """
+    root = os.fspath(root)
+    manifest = os.path.join(root, "manifest.jsonl")
+    if not os.path.isfile(manifest):
+        raise CheckpointError(f"{manifest}: missing (a saev repository with layer_XX/<run>/sae.pt lists them there)")
+    try:
+        with open(manifest) as fh:
+            entries = [json.loads(line) for line in fh if line.strip()]
+    except ValueError as e:
+        raise CheckpointError(f"{manifest}: not JSON lines: {e}") from e
+    candidates = [e for e in entries if e.get("layer") == layer]
+    if not candidates:
+        raise CheckpointError(f"{manifest}: no checkpoint of layer {layer}; layers: "
+                              f"{sorted({e.get('layer') for e in entries})}")
+    if run_id is not None:
+        chosen = [e for e in candidates if e.get("run_id") == run_id]
+        if not chosen:
+            raise CheckpointError(f"{manifest}: no run {run_id!r} at layer {layer}; runs: "
+                                  f"{[e.get('run_id') for e in candidates]}")
+        entry = chosen[0]
+    elif l0 is not None:
+        entry = min(candidates, key=lambda e: abs(float(e["l0"]) - l0))
+    else:
+        entry = min(candidates, key=lambda e: float(e["mse"]))
+    return os.path.join(root, entry["path"]), entry
