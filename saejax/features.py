@@ -47,17 +47,12 @@ class TopExemplars:
         """Merge a batch: `acts_BPF` [B, P, F] latent values per patch, `image_ids_B` [B]."""
         k = self.values.shape[1]
         batch_max_FB = jnp.max(acts_BPF, axis=1).T
-        values = jnp.concatenate([self.values, batch_max_FB.astype(self.values.dtype)], axis=1)  # [F, k + B]
+        values = jnp.concatenate([self.values, batch_max_FB.astype(self.values.dtype)], axis=1)
         ids = jnp.concatenate([self.image_ids, jnp.broadcast_to(image_ids_B.astype(jnp.int32), batch_max_FB.shape)], 1)
+        maps = jnp.concatenate([self.maps, jnp.transpose(acts_BPF, (2, 0, 1)).astype(self.maps.dtype)], axis=1)
         top_values, top = jax.lax.top_k(values, k)
-        # The maps of the winners only: an old slot's map, or the batch row's map of this latent,
-        # gathered straight into [F, k, P] (never a [F, k + B, P] concatenation).
-        from_old = top < k
-        old = jnp.take_along_axis(self.maps, jnp.minimum(top, k - 1)[..., None], axis=1)
-        rows = jnp.clip(top - k, 0, acts_BPF.shape[0] - 1)  # [F, k] batch rows
-        new = jnp.transpose(acts_BPF[rows, :, jnp.arange(self.values.shape[0])[:, None]], (0, 1, 2))  # [F, k, P]
-        maps = jnp.where(from_old[..., None], old, new.astype(self.maps.dtype))
-        return TopExemplars(top_values, jnp.take_along_axis(ids, top, axis=1), maps)
+        return TopExemplars(top_values, jnp.take_along_axis(ids, top, axis=1),
+                            jnp.take_along_axis(maps, top[..., None], axis=1))
 
     def max_activation(self) -> jax.Array:
         """[F] the largest activation seen per latent (0 if it never fired): the paper's `max_i`."""
