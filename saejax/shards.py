@@ -1,0 +1,223 @@
+"""saev's sharded activation files (protocol 2.1): write a harvest once, train many SAEs on it.
+
+    <root>/<HASH>/metadata.json    the data-generating config (HASH = sha256 of it, sorted keys)
+    <root>/<HASH>/shards.json      [{"name": "acts000000.bin", "n_examples": S}, ...]
+    <root>/<HASH>/acts%06d.bin     raw float32, C order, [examples, layers, tokens, d_model]
+    <root>/<HASH>/labels.bin       uint8 [n_examples, patches_per_ex] patch labels (optional)
+
+Tokens are the CLS token (first, when `cls_token`) then the patches; patch labels are the mode
+of each patch's pixels (`data.patch_mode_labels`). Shards written by saev read here and the
+other way round, so a user can train in saejax on activations saev dumped.
+
+>>> shards_dir = write_shards("/data/shards", bb, bb_params, source, layers=(10,))
+>>> batches = ShardStream(shards_dir, layers=(10,), batch_size=4096, seed=0)
+>>> states = saejax.loop.fit(trainer, {10: states}, batches, steps=10_000)
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from saejax import data
+from saejax import sharding as shd
+from saejax.normalization import Normalization
+
+__all__ = ["PROTOCOL", "ShardStream", "read_metadata", "write_shards"]
+
+PROTOCOL = "2.1"
+
+
+def _hash(metadata: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def write_shards(root: str | os.PathLike, bb, bb_params, source: data.Source, *, layers: Sequence[int],
+                 cls_token: bool = True, patches_per_shard: int = 2_400_000, batch_size: int = 64,
+                 family: str | None = None, ckpt: str = "", dataset: str = "") -> str:
+    """Harvest every image of `source` at `layers` into protocol-2.1 shards under `root`.
+
+    Returns:
+        The shards directory `<root>/<HASH>` (reused as is when it is complete already).
+    """
+    layers = tuple(int(i) for i in layers)
+    bb._check_layers(layers, "layers")  # pylint: disable=protected-access
+    patches = bb.layout.n_patches
+    tokens = patches + (1 if cls_token else 0)
+    metadata = {"family": family or bb.family, "ckpt": ckpt, "layers": list(layers), "patches_per_ex": patches,
+                "cls_token": bool(cls_token), "d_model": bb.d_model, "n_examples": len(source),
+                "patches_per_shard": int(patches_per_shard),
+                "data": base64.b64encode(json.dumps({"source": repr(source)}).encode()).decode("utf8"),
+                "dataset": dataset, "dtype": "float32", "protocol": PROTOCOL}
+    per_shard = patches_per_shard // (tokens * len(layers))
+    if per_shard < 1:
+        raise ValueError(f"patches_per_shard={patches_per_shard} holds less than one example ({tokens} tokens x "
+                         f"{len(layers)} layers)")
+    directory = os.path.join(os.fspath(root), _hash(metadata))
+    if os.path.isfile(os.path.join(directory, "shards.json")):
+        return directory
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "metadata.json"), "w") as f:
+        json.dump(metadata, f, indent=2)
+    start, stop = bb.layout.patches
+    token_index = np.concatenate([[bb.layout.cls] if cls_token else [], np.arange(start, stop)]).astype(np.int64)
+
+    @jax.jit
+    def harvest(pixels):
+        out = bb.forward(bb_params, pixels, capture=layers, full=False)
+        return jnp.stack([out.captured[i][:, token_index] for i in layers], axis=1)  # [B, L, T, D]
+
+    n = len(source)
+    n_shards = math.ceil(n / per_shard)
+    shards = [{"name": f"acts{i:06d}.bin", "n_examples": min(per_shard, n - i * per_shard)} for i in range(n_shards)]
+    maps = [np.memmap(os.path.join(directory, s["name"]), np.float32, "w+",
+                      shape=(s["n_examples"], len(layers), tokens, bb.d_model)) for s in shards]
+    labels = None
+    if source.has_masks:
+        labels = np.memmap(os.path.join(directory, "labels.bin"), np.uint8, "w+", shape=(n, patches))
+    grid = bb.grid
+    for batch in data.batches(source, batch_size, shuffle=False, drop_remainder=False, epochs=1):
+        acts = np.asarray(harvest(jnp.asarray(bb.preprocess(batch.images))))
+        for row, example in enumerate(batch.ids):
+            maps[example // per_shard][example % per_shard] = acts[row]
+        if labels is not None:
+            size = batch.masks.shape[1] // grid[0]
+            labels[batch.ids] = data.patch_mode_labels(batch.masks, size, ignore=None).reshape(len(batch.ids), -1)
+    for m in maps + ([labels] if labels is not None else []):
+        m.flush()
+    with open(os.path.join(directory, "shards.json"), "w") as f:  # written last: its presence means complete
+        json.dump(shards, f, indent=2)
+    return directory
+
+
+def read_metadata(directory: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`(metadata, shards)` of a shards directory, checked against the protocol.
+
+    Raises:
+        FileNotFoundError: a missing `metadata.json`, `shards.json` or shard file (named).
+        ValueError: another protocol or dtype, or shard files of the wrong size (named).
+    """
+    directory = os.fspath(directory)
+    for name in ("metadata.json", "shards.json"):
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise FileNotFoundError(f"{os.path.join(directory, name)}: missing (an incomplete or older shards "
+                                    f"directory?)")
+    metadata = json.load(open(os.path.join(directory, "metadata.json")))
+    shards = json.load(open(os.path.join(directory, "shards.json")))
+    if str(metadata.get("protocol")) != PROTOCOL or metadata.get("dtype", "float32") != "float32":
+        raise ValueError(f"{directory}: protocol {metadata.get('protocol')!r} dtype {metadata.get('dtype')!r}; this "
+                         f"reader knows protocol {PROTOCOL} float32")
+    tokens = metadata["patches_per_ex"] + (1 if metadata["cls_token"] else 0)
+    row_bytes = len(metadata["layers"]) * tokens * metadata["d_model"] * 4
+    for shard in shards:
+        path = os.path.join(directory, shard["name"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: listed in shards.json but missing")
+        if os.path.getsize(path) != shard["n_examples"] * row_bytes:
+            raise ValueError(f"{path}: {os.path.getsize(path)} bytes, expected {shard['n_examples']} examples x "
+                             f"{row_bytes} bytes")
+    if sum(s["n_examples"] for s in shards) != metadata["n_examples"]:
+        raise ValueError(f"{directory}: shards.json holds {sum(s['n_examples'] for s in shards)} examples, "
+                         f"metadata.json says {metadata['n_examples']}")
+    return metadata, shards
+
+
+class ShardStream:
+    """A `saejax.loop.fit` stream of activation rows read from shards: `{layer: [batch_size, D]}`.
+
+    Each epoch visits every (example, token) row of the chosen tokens once, in an order that is a
+    pure function of `(seed, epoch)`: row `i` of the epoch is `(a * i + b) mod N` with `a` coprime
+    to N, so no permutation of the (possibly billions of) rows is ever held in memory, and
+    resuming from `position()` replays the same batches.
+
+    Args:
+        directory: a shards directory (`write_shards`, or saev's).
+        layers: stored layers to read (one array per layer in each batch).
+        batch_size: rows per batch.
+        seed: the order seed.
+        tokens: "patches" (the default), "cls" or "all".
+        normalization: `{layer: Normalization}` applied to each batch, or None.
+        mesh: batches are placed split over its `data` axis (default: every device).
+        position: a `position()` dict to resume from.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, layers: Sequence[int], batch_size: int, seed: int = 0,
+                 tokens: str = "patches", normalization: Mapping[int, Normalization] | None = None,
+                 mesh: Mesh | None = None, position: Mapping[str, int] | None = None):
+        self.metadata, shards = read_metadata(directory)
+        stored = list(self.metadata["layers"])
+        missing = [i for i in layers if i not in stored]
+        if missing:
+            raise ValueError(f"{directory}: layers {missing} are not stored; stored layers: {stored}")
+        self.layers, self.layer_index = tuple(layers), [stored.index(i) for i in layers]
+        cls = self.metadata["cls_token"]
+        patches = np.arange(1 if cls else 0, self.metadata["patches_per_ex"] + (1 if cls else 0))
+        if tokens == "patches":
+            self.tokens = patches
+        elif tokens == "cls" and cls:
+            self.tokens = np.asarray([0])
+        elif tokens == "all":
+            self.tokens = np.arange(self.metadata["patches_per_ex"] + (1 if cls else 0))
+        else:
+            raise ValueError(f"tokens must be 'patches', 'cls' (with a stored CLS token) or 'all', got {tokens!r}")
+        t = self.metadata["patches_per_ex"] + (1 if cls else 0)
+        self.per_shard = shards[0]["n_examples"]
+        self.acts = [np.memmap(os.path.join(os.fspath(directory), s["name"]), np.float32, "r",
+                               shape=(s["n_examples"], len(stored), t, self.metadata["d_model"])) for s in shards]
+        self.rows = self.metadata["n_examples"] * len(self.tokens)
+        if batch_size > self.rows:
+            raise ValueError(f"batch_size={batch_size} is larger than the {self.rows} rows stored")
+        self.batch_size, self.seed, self.normalization = int(batch_size), int(seed), normalization
+        self.sharding = shd.batch_sharding(shd.make_mesh() if mesh is None else mesh, 2)
+        self.step = int((position or {}).get("step", 0))
+
+    def _order(self, epoch: int) -> tuple[int, int]:
+        rng = np.random.default_rng([self.seed, epoch])
+        while True:
+            a = int(rng.integers(1, self.rows)) if self.rows > 1 else 1
+            if math.gcd(a, self.rows) == 1:
+                return a, int(rng.integers(0, self.rows))
+
+    def rows_of(self, step: int) -> np.ndarray:
+        """The global row indices (example * len(tokens) + token) of batch `step`."""
+        per_epoch = self.rows // self.batch_size  # the incomplete tail of each epoch is dropped
+        epoch, index = divmod(step, per_epoch)
+        a, b = self._order(epoch)
+        i = np.arange(index * self.batch_size, (index + 1) * self.batch_size, dtype=np.int64)
+        return (a * i + b) % self.rows
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), len(layers), D] float32 rows, read shard by shard."""
+        example, token = np.divmod(rows, len(self.tokens))
+        shard, in_shard = np.divmod(example, self.per_shard)
+        out = np.empty((len(rows), len(self.layers), self.metadata["d_model"]), np.float32)
+        for s in np.unique(shard):
+            pick = shard == s
+            # One (example, token) pair per row: [n, stored layers, D], then the chosen layers.
+            out[pick] = self.acts[int(s)][in_shard[pick], :, self.tokens[token[pick]]][:, self.layer_index]
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[int, jax.Array]:
+        rows = self.read(self.rows_of(self.step))
+        self.step += 1
+        batch = {}
+        for j, layer in enumerate(self.layers):
+            x = jax.device_put(rows[:, j], self.sharding)
+            batch[layer] = x if self.normalization is None else self.normalization[layer].apply(x)
+        return batch
+
+    def position(self) -> dict[str, int]:
+        return {"step": self.step}
