@@ -1,13 +1,17 @@
 """saev's sharded activation files (protocol 2.1): write a harvest once, train many SAEs on it.
 
-    <root>/<HASH>/metadata.json    the data-generating config (HASH = sha256 of it, sorted keys)
+    <root>/<HASH>/metadata.json    the data-generating config (HASH: the first 8 hex digits of the
+                                   sha256 of its compact, key-sorted JSON, as saev names them)
     <root>/<HASH>/shards.json      [{"name": "acts000000.bin", "n_examples": S}, ...]
     <root>/<HASH>/acts%06d.bin     raw float32, C order, [examples, layers, tokens, d_model]
     <root>/<HASH>/labels.bin       uint8 [n_examples, patches_per_ex] patch labels (optional)
 
 Tokens are the CLS token (first, when `cls_token`) then the patches; patch labels are the mode
-of each patch's pixels (`data.patch_mode_labels`). Shards written by saev read here and the
-other way round, so a user can train in saejax on activations saev dumped.
+of each patch's pixels (`data.patch_mode_labels`). `metadata.json` uses the field names saev's
+code writes (`content_tokens_per_example`, `max_tokens_per_shard`, `pixel_agg`); the reader also
+accepts the protocol document's (`patches_per_ex`, `patches_per_shard`). So a user can train in
+saejax on activations saev dumped, and saev reads what saejax writes (saev expects the folder at
+`.../saev/shards/<HASH>`).
 
 >>> shards_dir = write_shards("/data/shards", bb, bb_params, source, layers=(10,))
 >>> batches = ShardStream(shards_dir, layers=(10,), batch_size=4096, seed=0)
@@ -39,7 +43,11 @@ PROTOCOL = "2.1"
 
 
 def _hash(metadata: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()[:8]
+
+
+def _patches(metadata: Mapping[str, Any]) -> int:
+    return int(metadata.get("content_tokens_per_example", metadata.get("patches_per_ex")))
 
 
 def write_shards(root: str | os.PathLike, bb, bb_params, source: data.Source, *, layers: Sequence[int],
@@ -54,11 +62,11 @@ def write_shards(root: str | os.PathLike, bb, bb_params, source: data.Source, *,
     bb._check_layers(layers, "layers")  # pylint: disable=protected-access
     patches = bb.layout.n_patches
     tokens = patches + (1 if cls_token else 0)
-    metadata = {"family": family or bb.family, "ckpt": ckpt, "layers": list(layers), "patches_per_ex": patches,
-                "cls_token": bool(cls_token), "d_model": bb.d_model, "n_examples": len(source),
-                "patches_per_shard": int(patches_per_shard),
+    metadata = {"family": family or bb.family, "ckpt": ckpt, "layers": list(layers),
+                "content_tokens_per_example": patches, "cls_token": bool(cls_token), "d_model": bb.d_model,
+                "n_examples": len(source), "max_tokens_per_shard": int(patches_per_shard),
                 "data": base64.b64encode(json.dumps({"source": repr(source)}).encode()).decode("utf8"),
-                "dataset": dataset, "dtype": "float32", "protocol": PROTOCOL}
+                "dataset": dataset, "pixel_agg": "majority", "dtype": "float32", "protocol": PROTOCOL}
     per_shard = patches_per_shard // (tokens * len(layers))
     if per_shard < 1:
         raise ValueError(f"patches_per_shard={patches_per_shard} holds less than one example ({tokens} tokens x "
@@ -117,7 +125,7 @@ def read_metadata(directory: str | os.PathLike) -> tuple[dict[str, Any], list[di
     if str(metadata.get("protocol")) != PROTOCOL or metadata.get("dtype", "float32") != "float32":
         raise ValueError(f"{directory}: protocol {metadata.get('protocol')!r} dtype {metadata.get('dtype')!r}; this "
                          f"reader knows protocol {PROTOCOL} float32")
-    tokens = metadata["patches_per_ex"] + (1 if metadata["cls_token"] else 0)
+    tokens = _patches(metadata) + (1 if metadata["cls_token"] else 0)
     row_bytes = len(metadata["layers"]) * tokens * metadata["d_model"] * 4
     for shard in shards:
         path = os.path.join(directory, shard["name"])
@@ -161,16 +169,17 @@ class ShardStream:
             raise ValueError(f"{directory}: layers {missing} are not stored; stored layers: {stored}")
         self.layers, self.layer_index = tuple(layers), [stored.index(i) for i in layers]
         cls = self.metadata["cls_token"]
-        patches = np.arange(1 if cls else 0, self.metadata["patches_per_ex"] + (1 if cls else 0))
+        n_patches = _patches(self.metadata)
+        patches = np.arange(1 if cls else 0, n_patches + (1 if cls else 0))
         if tokens == "patches":
             self.tokens = patches
         elif tokens == "cls" and cls:
             self.tokens = np.asarray([0])
         elif tokens == "all":
-            self.tokens = np.arange(self.metadata["patches_per_ex"] + (1 if cls else 0))
+            self.tokens = np.arange(n_patches + (1 if cls else 0))
         else:
             raise ValueError(f"tokens must be 'patches', 'cls' (with a stored CLS token) or 'all', got {tokens!r}")
-        t = self.metadata["patches_per_ex"] + (1 if cls else 0)
+        t = n_patches + (1 if cls else 0)
         self.per_shard = shards[0]["n_examples"]
         self.acts = [np.memmap(os.path.join(os.fspath(directory), s["name"]), np.float32, "r",
                                shape=(s["n_examples"], len(stored), t, self.metadata["d_model"])) for s in shards]

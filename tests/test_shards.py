@@ -32,8 +32,8 @@ def test_the_layout_follows_the_protocol(written):
     bb, params, images, masks, directory = written
     metadata, listed = shards.read_metadata(directory)
     assert os.path.basename(directory) == shards._hash(metadata)  # pylint: disable=protected-access
-    assert (metadata["protocol"], metadata["layers"], metadata["patches_per_ex"], metadata["cls_token"],
-            metadata["n_examples"]) == ("2.1", [0, 2], 16, True, 20)
+    assert (metadata["protocol"], metadata["layers"], metadata["content_tokens_per_example"], metadata["cls_token"],
+            metadata["n_examples"], metadata["max_tokens_per_shard"]) == ("2.1", [0, 2], 16, True, 20, 110)
     assert [s["n_examples"] for s in listed] == [3] * 6 + [2]
     assert json.load(open(os.path.join(directory, "shards.json")))[0]["name"] == "acts000000.bin"
     # Example 7 sits in shard 2, row 1: CLS then patches, per layer, equal to the forward pass.
