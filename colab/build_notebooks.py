@@ -71,11 +71,11 @@ for member in loop.evaluate(trainer.ae, states[layer], held_out, normalization=n
 def explore():
     return [
         new_markdown_cell("# Explore an SAE: load saev's pretrained CLIP SAE, browse its features\n\n"
-                          "`import_saev` reads saev's `sae.pt` without torch; `saejax.browser` collects each latent's "
+                          "`load_pretrained` reads saev's published SAE from the hub (without torch); `saejax.browser` collects each latent's "
                           "top images and writes a browsable site; heatmaps show inline."),
         new_code_cell(INSTALL), new_code_cell(SMALL),
         new_code_cell('''from saejax import backbones, browser, probe_edits, sae, viz
-from saejax.checkpoint import import_saev
+from saejax.checkpoint import load_pretrained
 from saejax.datasets import shapes
 
 if SMALL:
@@ -86,9 +86,8 @@ if SMALL:
     params = ae.init(jax.random.key(0)).replace(b_enc=jnp.full((128,), 0.05))
     source, layer = shapes.source("validation", 96, seed=0, image_size=40), 1
 else:
-    from huggingface_hub import hf_hub_download
-    bb, bb_params = backbones.load("openai/clip-vit-base-patch16")
-    ae, params, info = import_saev(hf_hub_download("osunlp/SAE_CLIP_24K_ViT-B-16_IN1K", "sae.pt"))
+    ae, params, info = load_pretrained("osunlp/SAE_CLIP_24K_ViT-B-16_IN1K")   # raw activations, block 10
+    bb, bb_params = backbones.load(info["backbone"])
     source, layer = saejax.data.ImageFolderSource("/content/images", image_size=224), 10   # your images
 print(ae.d_model, "->", ae.d_sae, "latents")'''),
         new_code_cell('''readout = probe_edits.Readout(bb, bb_params, layer=layer, ae=ae, sae_params=params)
@@ -118,7 +117,7 @@ def intervene():
                           "(the paper's CUB experiment)."),
         new_code_cell(INSTALL), new_code_cell(SMALL),
         new_code_cell('''from saejax import backbones, probe_edits, probes, sae, viz
-from saejax.checkpoint import import_saev
+from saejax.checkpoint import load_pretrained
 from saejax.datasets import cub
 
 if SMALL:
@@ -130,9 +129,8 @@ if SMALL:
     root = cub.write_tiny_tree("/tmp/saejax-nb-cub", n_classes=4, per_class=6, size=48)
     layer, size, image_index, patches, dense = 1, 40, 0, [5, 6, 9, 10], 1.0
 else:
-    from huggingface_hub import hf_hub_download
-    bb, bb_params = backbones.load("openai/clip-vit-base-patch16")
-    ae, params, _ = import_saev(hf_hub_download("osunlp/SAE_CLIP_24K_ViT-B-16_IN1K", "sae.pt"))
+    ae, params, info = load_pretrained("osunlp/SAE_CLIP_24K_ViT-B-16_IN1K")
+    bb, bb_params = backbones.load(info["backbone"])
     root = "/content/CUB_200_2011"                                        # unpacked CUB_200_2011.tgz
     layer, size, image_index, patches, dense = 10, 224, 680, [63, 64, 77, 78, 79, 93, 94], 1e-2
 train, test = cub.source(root, "train", image_size=size), cub.source(root, "test", image_size=size)
