@@ -9,12 +9,7 @@ Streams `config.images` images of the source through the backbone and the SAE at
 `DIR/latents/<id>.html` (`saejax.browser.write_site`).
 """
 
-import os
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from experiments.paper_builders import build_backbone, build_sae
+from experiments.paper_builders import build_backbone, build_sae, run_binary
 from experiments.sae_training import build_source
 from saejax import browser, probe_edits
 
@@ -31,15 +26,5 @@ def run(config, workdir: str) -> str:
     return index
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
-        raise app.UsageError("--config and --workdir are required")
-    run(flags.FLAGS.config, os.path.expanduser(flags.FLAGS.workdir))
-
-
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "experiments/configs/browse.py", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Where the site goes.")
-    app.run(main)
+    run_binary(run, "experiments/configs/browse.py", "Where the site goes.")

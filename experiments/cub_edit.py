@@ -23,10 +23,8 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from experiments.paper_builders import build_backbone, build_sae, ensure_tiny_tree, image_batches
+from experiments.paper_builders import build_backbone, build_sae, ensure_tiny_tree, image_batches, run_binary
 from saejax import probe_edits, probes, viz
 from saejax.datasets import cub
 
@@ -128,15 +126,5 @@ def run(config, workdir: str) -> dict:
     return {"probe": probe_report, "edit": report, "before": before, "after": after, "curve": curve_values}
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
-        raise app.UsageError("--config and --workdir are required")
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
-if __name__ == "__main__":  # flags only for the binary, so tests can import several of these modules
-    config_flags.DEFINE_config_file("config", None, "experiments/configs/cub.py", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Where the results go.")
-    app.run(main)
+if __name__ == "__main__":
+    run_binary(run, "experiments/configs/cub.py")

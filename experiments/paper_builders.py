@@ -69,3 +69,23 @@ def ensure_tiny_tree(cfg, write) -> str:
     if cfg.get("tiny_tree") and not os.path.isdir(root):
         write(root)
     return root
+
+
+def run_binary(run, default_config: str, workdir_help: str = "Where the results go.") -> None:
+    """The absl entry point of the experiment binaries: `--config` (an ml_collections file,
+    e.g. `default_config`) and `--workdir`, then `run(config, workdir)`. The flags are defined
+    here, when the binary starts, so tests can import several binaries in one process."""
+    from absl import app, flags, logging  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    config_flags.DEFINE_config_file("config", None, default_config, lock_config=True)
+    flags.DEFINE_string("workdir", None, workdir_help)
+
+    def main(argv):
+        del argv
+        logging.set_verbosity(logging.WARNING)
+        if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
+            raise app.UsageError("--config and --workdir are required")
+        run(flags.FLAGS.config, os.path.expanduser(flags.FLAGS.workdir))
+
+    app.run(main)

@@ -20,10 +20,8 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from experiments.paper_builders import build_backbone, build_sae, ensure_tiny_tree, image_batches
+from experiments.paper_builders import build_backbone, build_sae, ensure_tiny_tree, image_batches, run_binary
 from saejax import probe_edits, semprobe, viz
 from saejax.datasets import concept_folders
 
@@ -80,15 +78,5 @@ def _exemplars(readout, source, candidates, latent, config, path):
     open(path, "wb").write(viz.png_bytes(viz.tile(tiles, columns=min(len(tiles), 8))))
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
-        raise app.UsageError("--config and --workdir are required")
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
-if __name__ == "__main__":  # flags only for the binary, so tests can import several of these modules
-    config_flags.DEFINE_config_file("config", None, "experiments/configs/semprobe.py", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Where the results go.")
-    app.run(main)
+if __name__ == "__main__":
+    run_binary(run, "experiments/configs/semprobe.py")

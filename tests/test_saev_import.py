@@ -10,7 +10,6 @@ import io
 import json
 import os
 import pathlib
-import pickle
 import shutil
 import zipfile
 
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from saejax.checkpoint import CheckpointError, import_saev
+from saejax.checkpoint.export import _Global, _StorageRef, _TorchPickler  # the writer torch-free exports use
 from saejax.sae import SAEParams
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -34,17 +34,7 @@ def golden():
 
 # ------------------------------------------------------------------ torch-free torch.save
 
-class _Global:
-    """A global reference (`module.name`) written as a GLOBAL opcode, never imported."""
-
-    def __init__(self, module, name):
-        self.module, self.name = module, name
-
-    def __call__(self, *args):  # pickle wants reduce functions callable; never called
-        raise AssertionError("not to be called")
-
-
-class _Storage:
+class _Storage(_StorageRef):
     def __init__(self, key, storage_type, numel):
         self.pid = ("storage", _Global("torch", storage_type), key, "cpu", numel)
 
@@ -65,19 +55,6 @@ class _Call:
 
     def __reduce__(self):
         return self.func, self.args
-
-
-class _TorchPickler(pickle._Pickler):  # the pure-Python pickler, whose save_global we can override
-    def persistent_id(self, obj):
-        return obj.pid if isinstance(obj, _Storage) else None
-
-    def reducer_override(self, obj):
-        return "global" if isinstance(obj, _Global) else NotImplemented
-
-    def save_global(self, obj, name=None):
-        if not isinstance(obj, _Global):
-            return super().save_global(obj, name)
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
 
 
 _STORAGE_TYPES = {"float32": "FloatStorage", "float64": "DoubleStorage", "int64": "LongStorage"}
