@@ -1,0 +1,123 @@
+"""Concept metrics per latent, and the trivial dictionaries an SAE must beat (pure, jitted).
+
+The saev follow-up (arXiv 2511.17735) scores each latent against each concept with a 1-D
+logistic probe: a logistic fit of the concept on that latent's value alone. Its best latent per
+concept (lowest training loss) is scored by average precision on held-out data, and each latent
+by the purity of its top-k activations. The same scores are computed here for two baselines on
+the same activations, so a reader sees whether the SAE beats trivial dictionaries:
+- k-means with as many centroids as latents, a "latent" firing on the inputs nearest its centroid;
+- PCA: the top components' projections, positive and negative halves as separate features.
+
+>>> w, b, loss = probe_1d(codes_NF, present_N)          # [F] each
+>>> best = jnp.argmin(loss); ap = average_precision(codes_NF[:, best] * w[best] + b[best], present_N)
+>>> purity = purity_at_k(codes_NF, labels_N, k=16, n_labels=L)   # [F]
+>>> km = kmeans_codes(x_ND, n_centroids=F, key=key)     # [N, F] one-hot, to score like an SAE
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["average_precision", "kmeans", "kmeans_codes", "pca_codes", "probe_1d", "purity_at_k"]
+
+
+@functools.partial(jax.jit, static_argnames=("iterations",))
+def probe_1d(values_NF: jax.Array, present_N: jax.Array, *, iterations: int = 25,
+             l2: float = 1e-4) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A logistic fit `p = sigmoid(w * value + b)` of the concept on each latent alone.
+
+    Newton's method on the mean cross-entropy (plus `l2 * w**2`, which keeps separable cases
+    finite), all latents at once.
+
+    Returns:
+        `(w [F], b [F], loss [F])`: the fitted weights and the mean cross-entropy they reach
+        (without the penalty). The concept's best latent has the lowest loss.
+    """
+    x = values_NF.astype(jnp.float32)
+    y = present_N.astype(jnp.float32)[:, None]
+    prior = jnp.clip(jnp.mean(y), 1e-6, 1 - 1e-6)
+    w = jnp.zeros(x.shape[1])
+    b = jnp.full(x.shape[1], jnp.log(prior / (1 - prior)))
+
+    def newton(_, wb):
+        w, b = wb
+        p = jax.nn.sigmoid(x * w + b)
+        r = p - y
+        g_w, g_b = jnp.mean(r * x, 0) + 2 * l2 * w, jnp.mean(r, 0)
+        s = p * (1 - p)
+        h_ww, h_wb, h_bb = jnp.mean(s * x * x, 0) + 2 * l2, jnp.mean(s * x, 0), jnp.mean(s, 0) + 1e-9
+        det = h_ww * h_bb - h_wb**2
+        return w - (h_bb * g_w - h_wb * g_b) / det, b - (h_ww * g_b - h_wb * g_w) / det
+
+    w, b = jax.lax.fori_loop(0, iterations, newton, (w, b))
+    logits = x * w + b
+    loss = jnp.mean(jnp.logaddexp(0.0, logits) - y * logits, axis=0)
+    return w, b, loss
+
+
+@jax.jit
+def average_precision(scores_N: jax.Array, present_N: jax.Array) -> jax.Array:
+    """Average precision of ranking by `scores` (the mean precision at each positive, ties
+    broken by order); nan when there are no positives."""
+    order = jnp.argsort(-scores_N, stable=True)
+    hits = present_N[order].astype(jnp.float32)
+    precision = jnp.cumsum(hits) / jnp.arange(1, hits.shape[0] + 1)
+    n_pos = jnp.sum(hits)
+    return jnp.where(n_pos > 0, jnp.sum(precision * hits) / jnp.maximum(n_pos, 1), jnp.nan)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "n_labels"))
+def purity_at_k(values_NF: jax.Array, labels_N: jax.Array, *, k: int, n_labels: int) -> jax.Array:
+    """[F] for each latent, the share of its `k` largest activations that carry their most
+    common label (saev's purity@k); labels are ints in `[0, n_labels)`."""
+    _, top = jax.lax.top_k(values_NF.T, k)  # [F, k]
+    counts = jax.vmap(lambda rows: jnp.bincount(labels_N[rows], length=n_labels))(top)
+    return jnp.max(counts, axis=1) / k
+
+
+@functools.partial(jax.jit, static_argnames=("n_centroids", "iterations"))
+def kmeans(x_ND: jax.Array, *, n_centroids: int, key: jax.Array, iterations: int = 20) -> jax.Array:
+    """[C, D] centroids by Lloyd's iterations from `n_centroids` random inputs (an empty
+    cluster keeps its centroid)."""
+    centroids = x_ND[jax.random.choice(key, x_ND.shape[0], (n_centroids,), replace=False)]
+
+    def step(_, c):
+        nearest = jnp.argmin(_sq_distances(x_ND, c), axis=1)
+        onehot = jax.nn.one_hot(nearest, n_centroids, dtype=x_ND.dtype)
+        count = onehot.sum(0)[:, None]
+        return jnp.where(count > 0, (onehot.T @ x_ND) / jnp.maximum(count, 1), c)
+
+    return jax.lax.fori_loop(0, iterations, step, centroids)
+
+
+def _sq_distances(x_ND, c_CD):
+    return jnp.sum(x_ND**2, 1, keepdims=True) - 2 * x_ND @ c_CD.T + jnp.sum(c_CD**2, 1)
+
+
+def kmeans_codes(x_ND: jax.Array, *, n_centroids: int, key: jax.Array, iterations: int = 20,
+                 centroids: jax.Array | None = None) -> jax.Array:
+    """[N, C] codes of the k-means baseline: 1 for each input's nearest centroid, else 0
+    (centroids fitted on `x_ND` unless given)."""
+    if centroids is None:
+        centroids = kmeans(x_ND, n_centroids=n_centroids, key=key, iterations=iterations)
+    return jax.nn.one_hot(jnp.argmin(_sq_distances(x_ND, centroids), axis=1), centroids.shape[0], dtype=jnp.float32)
+
+
+def pca_codes(x_ND: jax.Array, *, n_components: int, mean_D: jax.Array | None = None,
+              components_KD: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The PCA baseline: projections on the top `n_components` principal directions, split into
+    positive and negative halves (`relu(p)`, `relu(-p)`), so each direction gives two
+    non-negative "latents" like an SAE's.
+
+    Returns:
+        `(codes [N, 2K], mean [D], components [K, D])` (the fitted pieces, to encode other data).
+    """
+    if mean_D is None or components_KD is None:
+        mean_D = jnp.mean(x_ND, axis=0)
+        _, _, vt = jnp.linalg.svd(x_ND - mean_D, full_matrices=False)
+        components_KD = vt[:n_components]
+    p = (x_ND - mean_D) @ components_KD.T
+    return jnp.concatenate([jax.nn.relu(p), jax.nn.relu(-p)], axis=1), mean_D, components_KD

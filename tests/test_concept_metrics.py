@@ -1,0 +1,58 @@
+"""Concept metrics per latent (1-D logistic probes, average precision, purity@k) and the k-means
+and PCA baselines, against direct computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saejax import concept_metrics as cm
+
+
+def test_probe_1d_reaches_the_logistic_optimum_and_finds_the_informative_latent():
+    rng = np.random.default_rng(0)
+    n = 400
+    present = rng.random(n) < 0.3
+    values = np.stack([rng.exponential(size=n),                                   # noise
+                       np.where(present, 2.0, 0.0) + rng.normal(0, 0.8, n),        # informative, noisy
+                       rng.normal(size=n)], axis=1).astype(np.float32)
+    w, b, loss = cm.probe_1d(jnp.asarray(values), jnp.asarray(present))
+    assert int(jnp.argmin(loss)) == 1 and float(w[1]) > 0
+    # At the optimum the gradient of the (penalised) mean cross-entropy vanishes.
+    p = 1 / (1 + np.exp(-(values[:, 1] * float(w[1]) + float(b[1]))))
+    assert abs(np.mean((p - present) * values[:, 1]) + 2e-4 * float(w[1])) < 1e-5
+    assert abs(np.mean(p - present)) < 1e-5
+    # An uninformative latent does no better than the prior.
+    prior = present.mean()
+    assert float(loss[2]) == pytest.approx(-(prior * np.log(prior) + (1 - prior) * np.log(1 - prior)), abs=5e-3)
+
+
+def test_average_precision_by_hand():
+    scores = jnp.asarray([0.9, 0.8, 0.7, 0.6, 0.5])
+    present = jnp.asarray([1, 0, 1, 0, 1], bool)
+    assert float(cm.average_precision(scores, present)) == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    assert np.isnan(float(cm.average_precision(scores, jnp.zeros(5, bool))))
+
+
+def test_purity_at_k_by_hand():
+    values = jnp.asarray([[5.0, 0.1], [4.0, 0.2], [3.0, 0.3], [0.0, 9.0]])
+    labels = jnp.asarray([2, 2, 1, 0])
+    np.testing.assert_allclose(cm.purity_at_k(values, labels, k=2, n_labels=3), [1.0, 0.5])
+    np.testing.assert_allclose(cm.purity_at_k(values, labels, k=3, n_labels=3), [2 / 3, 1 / 3])
+
+
+def test_kmeans_recovers_planted_clusters_and_pca_the_top_direction():
+    rng = np.random.default_rng(1)
+    centres = np.asarray([[5, 0], [-5, 0], [0, 5]], np.float32)
+    cluster = rng.integers(0, 3, 300)
+    x = jnp.asarray(centres[cluster] + rng.normal(0, 0.3, (300, 2)).astype(np.float32))
+    codes = cm.kmeans_codes(x, n_centroids=3, key=jax.random.key(0))
+    assert codes.shape == (300, 3) and set(np.asarray(codes.sum(1)).tolist()) == {1.0}
+    assigned = np.asarray(codes.argmax(1))
+    for c in range(3):  # each planted cluster maps onto one centroid
+        assert len(set(assigned[cluster == c].tolist())) == 1
+    line = jnp.asarray(np.outer(rng.normal(size=200), [3.0, 4.0]).astype(np.float32) / 5)
+    pca, mean, components = cm.pca_codes(line, n_components=1)
+    assert pca.shape == (200, 2)
+    np.testing.assert_allclose(np.abs(np.asarray(components[0])), [0.6, 0.8], atol=1e-5)
+    np.testing.assert_allclose(pca[:, 0] - pca[:, 1], (line - mean) @ components[0], atol=1e-5)
