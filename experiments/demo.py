@@ -42,7 +42,7 @@ from absl import app, flags, logging
 
 from experiments.configs import shapes_demo
 from experiments.sae_training import train_sae
-from saejax import features, interventions, probes, segmentation, train, viz
+from saejax import concept_metrics, features, interventions, probes, segmentation, train, viz
 from saejax import metrics as sae_metrics
 from saejax.datasets import shapes
 from saejax.datasets.shapes_vit import train_shapes_vit
@@ -110,6 +110,33 @@ def concept_probe_f1(train_x, train_present, eval_x, eval_present, *, epochs: in
         present = np.asarray(eval_present[:, c])
         f1.append(2 * np.sum(predicted & present) / max(predicted.sum() + present.sum(), 1))
     return np.asarray(f1)
+
+
+def baseline_dictionaries(d_sae, train_x, val_x, train_codes, val_codes) -> dict[str, tuple]:
+    """`{name: (codes of the probe images, codes of the validation images)}` for the SAE and the
+    trivial dictionaries it must beat, on the same normalised residuals: k-means with as many
+    centroids as latents, and PCA's top components (positive and negative halves)."""
+    centroids = concept_metrics.kmeans(train_x, n_centroids=d_sae, key=jax.random.key(5))
+    pca_train, mean, components = concept_metrics.pca_codes(train_x, n_components=min(train_x.shape[1], d_sae // 2))
+    return {"sae": (train_codes, val_codes),
+            "kmeans": tuple(concept_metrics.kmeans_codes(x, n_centroids=d_sae, key=None, centroids=centroids)
+                            for x in (train_x, val_x)),
+            "pca": (pca_train, concept_metrics.pca_codes(val_x, n_components=0, mean_D=mean, components_KD=components)[0])}
+
+
+def concept_scores(train_codes, val_codes, train_present, val_present) -> list[dict[str, float]]:
+    """Per concept, a dictionary's best single feature two ways: patch-level F1 on the
+    validation images (the best feature and threshold chosen there, as for the SAE's latent),
+    and the saev follow-up's 1-D probe (the feature with the lowest logistic loss on the probe
+    images) scored by average precision on the validation images."""
+    scores = []
+    for c in range(train_present.shape[1]):
+        _, f1, _ = segmentation.best_f1_latent(val_codes, jnp.asarray(val_present[:, c]))
+        w, b, loss = concept_metrics.probe_1d(train_codes, jnp.asarray(train_present[:, c]))
+        j = int(jnp.argmin(loss))
+        ap = concept_metrics.average_precision(val_codes[:, j] * w[j] + b[j], jnp.asarray(val_present[:, c]))
+        scores.append({"f1": float(f1), "ap": float(ap)})
+    return scores
 
 
 def mean_rates(results: list[dict]) -> dict[str, float]:
@@ -189,12 +216,14 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
     # 4. Probes on final patch tokens (trained on other images), then interventions.
     probe_images = shapes.source("test", 400 if quick else 2_000, seed=1, image_size=image_size).world
     probe_labels = family_labels(shapes.patch_labels(probe_images.pixel_labels, p).reshape(len(probe_images.images), -1))
-    probe_feats, probe_resids = [], []
+    probe_feats, probe_resids, probe_codes = [], [], []
     for _, x in analysis.batches(probe_images.images):
-        _, tokens, resid = analysis.base(x)
+        z, tokens, resid = analysis.base(x)
         probe_feats.append(tokens)
         probe_resids.append(resid)
+        probe_codes.append(z.reshape(-1, ae.d_sae))
     probe_feats, probe_resids = (jnp.concatenate(a).reshape(-1, bb.d_model) for a in (probe_feats, probe_resids))
+    probe_codes = jnp.concatenate(probe_codes)
     epochs = 10 if quick else 30
     probe = {fam: probes.train_linear_probe(jax.random.key(i), probe_feats, jnp.asarray(probe_labels[fam].reshape(-1)),
                                             n, epochs=epochs, batch_size=2048, learning_rate=1e-2)
@@ -203,6 +232,12 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
     probe_concepts = shapes.patch_concepts(probe_images.pixel_labels, p).reshape(-1, len(shapes.CONCEPTS))
     ceiling_f1 = concept_probe_f1(probe_resids, probe_concepts, resids.reshape(-1, bb.d_model),
                                   concepts_N.reshape(-1, len(shapes.CONCEPTS)), epochs=epochs)
+    probe_concepts_flat = probe_concepts.astype(bool)
+    dictionaries = baseline_dictionaries(ae.d_sae, probe_resids, resids.reshape(-1, bb.d_model), probe_codes,
+                                         codes.reshape(-1, ae.d_sae))
+    dictionary_scores = {name: concept_scores(train_codes, val_codes, probe_concepts_flat,
+                                              concepts_N.reshape(-1, len(shapes.CONCEPTS)).astype(bool))
+                         for name, (train_codes, val_codes) in dictionaries.items()}
     flat_before = tokens_before.reshape(-1, bb.d_model)
     pred_before = {fam: np.asarray(probes.predict(probe[fam], flat_before)) for fam in probe}
     probe_accuracy = {fam: float(np.mean(pred_before[fam] == labels[fam].reshape(-1))) for fam in probe}
@@ -233,6 +268,7 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
         result = {"name": name, "latent": latent, "f1": float(best_f1[c]), "max_activation": float(max_act[latent]),
                   "frequency": float(frequency[latent]), "probe": family, "probe_f1": float(ceiling_f1[c]),
                   "union": {"latents": union_latents[:size].tolist(), "f1": float(union_f1[size - 1])},
+                  "dictionaries": {name: scores[c] for name, scores in dictionary_scores.items()},
                   "firing_patches": fired_where,
                   **change_rates(edit, family, cls), "where_active": change_rates(active_edit, family, cls)}
         # Baselines, averaged over BASELINE_DRAWS draws (one random latent may be a near-duplicate of the concept's).
@@ -317,6 +353,19 @@ def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
                                                (c["random_latent"], ""), (c["random_direction"], ""))) + "</tr>")
     body.append("</table><p>Best latent per colour-shape conjunction (F1): " + ", ".join(
         f"{html.escape(c['name'])} {c['latent']} ({c['f1']:.2f})" for c in summary["conjunctions"]) + ".</p>")
+    body.append("<h2>Against trivial dictionaries</h2><p>Each dictionary's best single feature per concept, on the "
+                "same normalised residuals: patch-level F1 (best feature and threshold) and the saev follow-up's 1-D "
+                "probe (the feature with the lowest logistic loss on other images) scored by average precision. "
+                "k-means has as many centroids as the SAE has latents (a centroid fires on its nearest patches); "
+                "PCA gives its top components' positive and negative halves. The supervised probe is the "
+                "ceiling.</p><table id='dictionaries'><tr><th class='l'>concept</th>"
+                + "".join(f"<th>{name} F1 / AP</th>" for name in ("SAE", "k-means", "PCA")) + "<th>probe F1</th></tr>")
+    for c in summary["concepts"]:
+        d = c["dictionaries"]
+        body.append(f"<tr><td class='l'>{html.escape(c['name'])}</td>" + "".join(
+            f"<td>{d[k]['f1']:.3f} / {d[k]['ap']:.3f}</td>" for k in ("sae", "kmeans", "pca"))
+            + f"<td>{c['probe_f1']:.3f}</td></tr>")
+    body.append("</table>")
     body.append("<h2>Top exemplars</h2><p>Each concept's latent on its 8 most activating validation images; "
                 "patches where it fires are tinted by activation / max.</p>")
     values, ids, maps = jax.device_get((exemplars.values, exemplars.image_ids, exemplars.maps))

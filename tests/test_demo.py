@@ -35,9 +35,15 @@ def test_quick_demo_writes_the_report_and_summary(tmp_path):
             if result["other_change_rate"] == 0:
                 assert result["other_to_background"] == 0
         assert os.path.getsize(tmp_path / "report" / f"exemplars_{concept['name']}.png") > 100
+        dictionaries = concept["dictionaries"]
+        assert set(dictionaries) == {"sae", "kmeans", "pca"}
+        assert all(0 <= d["f1"] <= 1 and 0 <= d["ap"] <= 1 for d in dictionaries.values())
+        # The threshold search can only match or beat the SAE's threshold-0 latent F1.
+        assert dictionaries["sae"]["f1"] >= concept["f1"] - 1e-6
     assert [c["name"] for c in summary["conjunctions"]] == [f"{colour} {shape}" for shape in names[:4]
                                                              for colour in names[4:8]]
     assert all(0 <= c["latent"] < summary["sae"]["d_sae"] and 0 <= c["f1"] <= 1 for c in summary["conjunctions"])
     page = open(tmp_path / "report" / "index.html").read()
     assert page.count("data:image/png;base64,") == 9 and page.count("<svg") == 3
     assert "src='http" not in page and 'src="http' not in page  # self-contained
+    assert page.count("<tr>", page.index("id='dictionaries'")) >= 10  # the header and 9 concepts
