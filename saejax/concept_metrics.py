@@ -29,14 +29,19 @@ def probe_1d(values_NF: jax.Array, present_N: jax.Array, *, iterations: int = 25
              l2: float = 1e-4) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A logistic fit `p = sigmoid(w * value + b)` of the concept on each latent alone.
 
-    Newton's method on the mean cross-entropy (plus `l2 * w**2`, which keeps separable cases
-    finite), all latents at once.
+    Newton's method on the mean cross-entropy plus `l2 * w**2`, all latents at once. Each
+    latent's values are scaled to at most 1 in magnitude for the fit and every Newton step is
+    clipped, so separable latents (a latent that fires exactly on the concept) stay finite
+    instead of diverging.
 
     Returns:
-        `(w [F], b [F], loss [F])`: the fitted weights and the mean cross-entropy they reach
-        (without the penalty). The concept's best latent has the lowest loss.
+        `(w [F], b [F], loss [F])`: the fitted weights (for the unscaled values) and the mean
+        cross-entropy they reach (without the penalty). The concept's best latent has the
+        lowest loss.
     """
     x = values_NF.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(x), axis=0), 1e-12)
+    xs = x / scale
     y = present_N.astype(jnp.float32)[:, None]
     prior = jnp.clip(jnp.mean(y), 1e-6, 1 - 1e-6)
     w = jnp.zeros(x.shape[1])
@@ -44,18 +49,20 @@ def probe_1d(values_NF: jax.Array, present_N: jax.Array, *, iterations: int = 25
 
     def newton(_, wb):
         w, b = wb
-        p = jax.nn.sigmoid(x * w + b)
+        p = jax.nn.sigmoid(xs * w + b)
         r = p - y
-        g_w, g_b = jnp.mean(r * x, 0) + 2 * l2 * w, jnp.mean(r, 0)
+        g_w, g_b = jnp.mean(r * xs, 0) + 2 * l2 * w, jnp.mean(r, 0)
         s = p * (1 - p)
-        h_ww, h_wb, h_bb = jnp.mean(s * x * x, 0) + 2 * l2, jnp.mean(s * x, 0), jnp.mean(s, 0) + 1e-9
-        det = h_ww * h_bb - h_wb**2
-        return w - (h_bb * g_w - h_wb * g_b) / det, b - (h_ww * g_b - h_wb * g_w) / det
+        h_ww, h_wb, h_bb = jnp.mean(s * xs * xs, 0) + 2 * l2, jnp.mean(s * xs, 0), jnp.mean(s, 0) + 1e-6
+        det = jnp.maximum(h_ww * h_bb - h_wb**2, 1e-12)
+        step_w = jnp.clip((h_bb * g_w - h_wb * g_b) / det, -4.0, 4.0)
+        step_b = jnp.clip((h_ww * g_b - h_wb * g_w) / det, -4.0, 4.0)
+        return w - step_w, b - step_b
 
     w, b = jax.lax.fori_loop(0, iterations, newton, (w, b))
-    logits = x * w + b
+    logits = xs * w + b
     loss = jnp.mean(jnp.logaddexp(0.0, logits) - y * logits, axis=0)
-    return w, b, loss
+    return w / scale, b, jnp.where(jnp.isfinite(loss), loss, jnp.inf)
 
 
 @jax.jit

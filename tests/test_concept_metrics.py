@@ -18,9 +18,11 @@ def test_probe_1d_reaches_the_logistic_optimum_and_finds_the_informative_latent(
                        rng.normal(size=n)], axis=1).astype(np.float32)
     w, b, loss = cm.probe_1d(jnp.asarray(values), jnp.asarray(present))
     assert int(jnp.argmin(loss)) == 1 and float(w[1]) > 0
-    # At the optimum the gradient of the (penalised) mean cross-entropy vanishes.
+    # At the optimum the gradient of the (penalised) mean cross-entropy vanishes; the penalty
+    # is on the weight of the values scaled to a max of 1.
     p = 1 / (1 + np.exp(-(values[:, 1] * float(w[1]) + float(b[1]))))
-    assert abs(np.mean((p - present) * values[:, 1]) + 2e-4 * float(w[1])) < 1e-5
+    scale = np.abs(values[:, 1]).max()
+    assert abs(np.mean((p - present) * values[:, 1]) + 2e-4 * scale**2 * float(w[1])) < 1e-5
     assert abs(np.mean(p - present)) < 1e-5
     # An uninformative latent does no better than the prior.
     prior = present.mean()
@@ -56,3 +58,18 @@ def test_kmeans_recovers_planted_clusters_and_pca_the_top_direction():
     assert pca.shape == (200, 2)
     np.testing.assert_allclose(np.abs(np.asarray(components[0])), [0.6, 0.8], atol=1e-5)
     np.testing.assert_allclose(pca[:, 0] - pca[:, 1], (line - mean) @ components[0], atol=1e-5)
+
+
+def test_a_separable_latent_stays_finite_and_wins():
+    """A sparse latent that fires exactly on the concept (with large values) is the best one,
+    and its fit does not diverge; a latent that never fires scores the prior."""
+    rng = np.random.default_rng(2)
+    present = rng.random(20_000) < 0.05
+    values = np.zeros((20_000, 3), np.float32)
+    values[:, 0] = np.where(present, 10 + rng.exponential(size=20_000), 0)
+    values[:, 1] = np.where(rng.random(20_000) < 0.3, rng.exponential(size=20_000) * 13, 0)
+    w, b, loss = cm.probe_1d(jnp.asarray(values), jnp.asarray(present))
+    assert np.all(np.isfinite(np.asarray(w))) and np.all(np.isfinite(np.asarray(loss)))
+    assert int(jnp.argmin(loss)) == 0 and float(loss[0]) < 0.01
+    scores = jnp.asarray(values[:, 0]) * w[0] + b[0]
+    assert float(cm.average_precision(scores, jnp.asarray(present))) == 1.0
