@@ -86,7 +86,8 @@ def run(config, workdir: str) -> dict:
     mask = probe_edits.patch_token_mask(bb, config.patches)
     selected = np.zeros(bb.layout.n_patches, bool)
     selected[list(config.patches)] = True
-    codes = readout.encode(image)["codes"][0]
+    encoded = readout.encode(image)
+    codes = encoded["codes"][0]
     if config.get("latents"):
         latents = np.asarray(config.latents, np.int64)
         probe_edits.check_choice(ae, latents)
@@ -100,7 +101,7 @@ def run(config, workdir: str) -> dict:
     sliders = np.asarray(config.sliders, np.float32)
     probabilities = np.asarray(curve(readout.pixels(image), jnp.asarray(mask), jnp.asarray(latents),
                                      jnp.asarray(maxima), jnp.asarray(np.append(sliders, config.slider))))
-    before = np.asarray(jax.nn.softmax(probe.logits(readout.encode(image)["pooled"][0])))
+    before = np.asarray(jax.nn.softmax(probe.logits(encoded["pooled"][0])))
     after, curve_values = probabilities[-1], probabilities[:-1]
     names = train.classes
 

@@ -112,33 +112,6 @@ def concept_probe_f1(train_x, train_present, eval_x, eval_present, *, epochs: in
     return np.asarray(f1)
 
 
-def baseline_dictionaries(d_sae, train_x, val_x, train_codes, val_codes) -> dict[str, tuple]:
-    """`{name: (codes of the probe images, codes of the validation images)}` for the SAE and the
-    trivial dictionaries it must beat, on the same normalised residuals: k-means with as many
-    centroids as latents, and PCA's top components (positive and negative halves)."""
-    centroids = concept_metrics.kmeans(train_x, n_centroids=d_sae, key=jax.random.key(5))
-    pca_train, mean, components = concept_metrics.pca_codes(train_x, n_components=min(train_x.shape[1], d_sae // 2))
-    return {"sae": (train_codes, val_codes),
-            "kmeans": tuple(concept_metrics.kmeans_codes(x, n_centroids=d_sae, key=None, centroids=centroids)
-                            for x in (train_x, val_x)),
-            "pca": (pca_train, concept_metrics.pca_codes(val_x, n_components=0, mean_D=mean, components_KD=components)[0])}
-
-
-def concept_scores(train_codes, val_codes, train_present, val_present) -> list[dict[str, float]]:
-    """Per concept, a dictionary's best single feature two ways: patch-level F1 on the
-    validation images (the best feature and threshold chosen there, as for the SAE's latent),
-    and the saev follow-up's 1-D probe (the feature with the lowest logistic loss on the probe
-    images) scored by average precision on the validation images."""
-    scores = []
-    for c in range(train_present.shape[1]):
-        _, f1, _ = segmentation.best_f1_latent(val_codes, jnp.asarray(val_present[:, c]))
-        w, b, loss = concept_metrics.probe_1d(train_codes, jnp.asarray(train_present[:, c]))
-        j = int(jnp.argmin(loss))
-        ap = concept_metrics.average_precision(val_codes[:, j] * w[j] + b[j], jnp.asarray(val_present[:, c]))
-        scores.append({"f1": float(f1), "ap": float(ap)})
-    return scores
-
-
 def mean_rates(results: list[dict]) -> dict[str, float]:
     """The mean of each rate over several baseline draws."""
     return {key: float(np.mean([r[key] for r in results])) for key in results[0]}
@@ -233,10 +206,11 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
     ceiling_f1 = concept_probe_f1(probe_resids, probe_concepts, resids.reshape(-1, bb.d_model),
                                   concepts_N.reshape(-1, len(shapes.CONCEPTS)), epochs=epochs)
     probe_concepts_flat = probe_concepts.astype(bool)
-    dictionaries = baseline_dictionaries(ae.d_sae, probe_resids, resids.reshape(-1, bb.d_model), probe_codes,
-                                         codes.reshape(-1, ae.d_sae))
-    dictionary_scores = {name: concept_scores(train_codes, val_codes, probe_concepts_flat,
-                                              concepts_N.reshape(-1, len(shapes.CONCEPTS)).astype(bool))
+    dictionaries = concept_metrics.baseline_dictionaries(
+        ae.d_sae, probe_resids, resids.reshape(-1, bb.d_model), probe_codes, codes.reshape(-1, ae.d_sae),
+        key=jax.random.key(5))
+    dictionary_scores = {name: concept_metrics.concept_scores(train_codes, val_codes, probe_concepts_flat,
+                                                              concepts_N.reshape(-1, len(shapes.CONCEPTS)).astype(bool))
                          for name, (train_codes, val_codes) in dictionaries.items()}
     flat_before = tokens_before.reshape(-1, bb.d_model)
     pred_before = {fam: np.asarray(probes.predict(probe[fam], flat_before)) for fam in probe}

@@ -21,7 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-__all__ = ["average_precision", "kmeans", "kmeans_codes", "pca_codes", "probe_1d", "purity_at_k"]
+__all__ = ["average_precision", "baseline_dictionaries", "concept_scores", "kmeans", "kmeans_codes", "pca_codes",
+           "probe_1d", "purity_at_k"]
 
 
 @functools.partial(jax.jit, static_argnames=("iterations",))
@@ -128,3 +129,33 @@ def pca_codes(x_ND: jax.Array, *, n_components: int, mean_D: jax.Array | None = 
         components_KD = vt[:n_components]
     p = (x_ND - mean_D) @ components_KD.T
     return jnp.concatenate([jax.nn.relu(p), jax.nn.relu(-p)], axis=1), mean_D, components_KD
+
+
+def baseline_dictionaries(d_sae: int, train_x: jax.Array, val_x: jax.Array, train_codes: jax.Array,
+                          val_codes: jax.Array, *, key: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """`{name: (codes of the training inputs, codes of the evaluation inputs)}` for an SAE and the
+    trivial dictionaries it must beat, fitted on the same (normalised) training activations:
+    k-means with as many centroids as latents, and PCA's top `min(D, d_sae // 2)` components
+    (positive and negative halves)."""
+    centroids = kmeans(train_x, n_centroids=d_sae, key=key)
+    pca_train, mean, components = pca_codes(train_x, n_components=min(train_x.shape[1], d_sae // 2))
+    return {"sae": (train_codes, val_codes),
+            "kmeans": tuple(kmeans_codes(x, n_centroids=d_sae, key=key, centroids=centroids) for x in (train_x, val_x)),
+            "pca": (pca_train, pca_codes(val_x, n_components=0, mean_D=mean, components_KD=components)[0])}
+
+
+def concept_scores(train_codes: jax.Array, val_codes: jax.Array, train_present, val_present) -> list[dict[str, float]]:
+    """Per concept (columns of `*_present`, bool [N, C]), a dictionary's best single feature two
+    ways: patch-level F1 on the evaluation inputs (best feature and threshold,
+    `segmentation.best_f1_latent`), and the 1-D probe's pick on the training inputs (lowest
+    logistic loss) scored by average precision on the evaluation inputs."""
+    from saejax import segmentation  # noqa: PLC0415 - segmentation is the heavier module; keep this one light
+
+    scores = []
+    for c in range(train_present.shape[1]):
+        _, f1, _ = segmentation.best_f1_latent(val_codes, jnp.asarray(val_present[:, c]))
+        w, b, loss = probe_1d(train_codes, jnp.asarray(train_present[:, c]))
+        j = int(jnp.argmin(loss))
+        ap = average_precision(val_codes[:, j] * w[j] + b[j], jnp.asarray(val_present[:, c]))
+        scores.append({"f1": float(f1), "ap": float(ap)})
+    return scores

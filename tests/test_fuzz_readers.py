@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def test_broken_files_give_one_error_type_naming_the_file_in_bounded_memory(tmp_path):
     out = tmp_path / "fuzz.json"
-    run = subprocess.run([sys.executable, os.path.join(HERE, "fuzz_readers.py"), str(out), "8"],
+    run = subprocess.run([sys.executable, os.path.join(HERE, "fuzz_readers.py"), str(out), "3000"],
                          capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert run.returncode == 0, run.stderr[-4000:]
