@@ -51,12 +51,13 @@ def build_source(cfg: ml_collections.ConfigDict, split: str) -> data.Source:
 
 
 def build_backbone(cfg: ml_collections.ConfigDict):
-    """`(bb, params)`: a hub id or local directory (`name`), or a tiny random one (`random`)."""
+    """`(bb, params)`: a hub id or local directory (`name`, run at `image_size` px when given, see
+    `saejax.backbones.load`), or a tiny random one (`random`)."""
     if cfg.get("random"):
         path = backbones.create_random(cfg.random.family, cfg.random.directory, seed=cfg.random.seed,
                                        **cfg.random.sizes)
         return backbones.load(path, cache_dir=False)
-    return backbones.load(cfg.name, dtype=jnp.dtype(cfg.get("dtype", "float32")))
+    return backbones.load(cfg.name, dtype=jnp.dtype(cfg.get("dtype", "float32")), image_size=cfg.get("image_size"))
 
 
 def build_trainer(config: ml_collections.ConfigDict, d_model: int) -> tuple[train.Trainer, train.Hparams]:

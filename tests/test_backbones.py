@@ -503,3 +503,26 @@ def test_weights_that_are_not_finite_not_floats_or_beyond_the_config_are_refused
     safetensors.numpy.save_file(state, weights)
     with pytest.raises(ValueError, match=re.escape(str(path)) + r".*: " + message):
         backbones.load(path, cache_dir=False)
+
+
+def test_dinov2_at_another_resolution_matches_pytorch(cache_dir):
+    """`image_size=84` runs the 5 x 5-grid checkpoint on a 6 x 6 grid, as PyTorch does."""
+    bb, params = backbones.load(os.path.join(FIXTURES, "dinov2"), cache_dir=cache_dir, image_size=84)
+    g = np.load(os.path.join(FIXTURES, "dinov2_at_84px.npz"))
+    assert (bb.image_size, bb.grid, bb.layout.n_tokens) == (84, (6, 6), 37)
+    np.testing.assert_allclose(bb.preprocess(g["images_uint8"]), g["pixel_values"], atol=2e-3)
+    out = bb.forward(params, g["pixel_values"], capture=tuple(range(bb.n_layers)))
+    for i in range(bb.n_layers):
+        np.testing.assert_allclose(out.captured[i], g["hidden_states"][i + 1], atol=ATOL)
+    np.testing.assert_allclose(out.tokens, g["last_hidden_state"], atol=ATOL)
+
+
+@pytest.mark.parametrize("case, size, message", [
+    ("dinov2", 80, "multiple of the patch size 14"),
+    ("dinov2", 0, "multiple of the patch size 14"),
+    ("vit", 64, "runs only at its config's 32 px"),
+    ("clip_vision", 64, "runs only at its config's 32 px"),
+])
+def test_image_size_the_family_cannot_run_at_is_an_error(case, size, message):
+    with pytest.raises(ValueError, match=message):
+        backbones.load(os.path.join(FIXTURES, case), cache_dir=False, image_size=size)

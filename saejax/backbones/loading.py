@@ -79,7 +79,7 @@ WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, FLAX_MSGPACK)
 CACHE_FORMAT = "saejax-backbone-params-v1"
 
 
-def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None) -> tuple[Backbone, dict]:
+def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | None = None) -> tuple[Backbone, dict]:
     """Loads a vision transformer as a `Backbone` and its params pytree.
 
     Args:
@@ -93,13 +93,19 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None) -> tuple[Backbone, d
             params or residuals are added, as in HF Flax).
         cache_dir: Where converted params are cached (default `$SAEJAX_CACHE` or
             `~/.cache/saejax`); `False` disables the cache.
+        image_size: Run at this resolution instead of the processor's (DINOv2 families only,
+            any multiple of the patch size: their position embeddings are interpolated to the
+            grid, as in `transformers`). `preprocess` then resizes the short side to it and
+            centre-crops a square with the checkpoint's resampling and normalisation; `grid`
+            and the token layout follow. None: the checkpoint's processor decides.
 
     Returns:
         `(bb, params)`: the `Backbone` and a nested dict of float32 jax arrays laid out as the
         HF Flax model's params (see `saejax.backbones.model`).
 
     Raises:
-        ValueError: Unknown name, unsupported `model_type`, or weights that do not fit the config.
+        ValueError: Unknown name, unsupported `model_type`, weights that do not fit the config, or an
+            `image_size` the family cannot run at.
         CheckpointError (a ValueError): a file that cannot be read (bad JSON, truncated or corrupt
             msgpack or safetensors), weights that are not finite or not floats, or weights of
             blocks the config does not have; the message names the file and the tensor.
@@ -116,6 +122,8 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None) -> tuple[Backbone, d
     with _config_errors(path):
         vision_cfg.num_hidden_layers = int(vision_cfg.num_hidden_layers)  # a string here fails later, unnamed
         processing = _processing(path, family, vision_cfg)
+    if image_size is not None:
+        processing = at_resolution(processing, family, vision_cfg, image_size, path)
     kind, files = find_weights(path)
 
     root = ROOTS[family]
@@ -258,6 +266,21 @@ def _processing(path, family, cfg) -> ImageProcessing:
     if os.path.isfile(file):
         return ImageProcessing.from_hf(_read_json(file, what="preprocessor_config.json"), square_size=family == "vit")
     return default_processing(family, int(cfg.image_size))
+
+
+def at_resolution(processing: ImageProcessing, family: str, cfg, image_size, path="") -> ImageProcessing:
+    """`processing` made to yield `image_size` px squares (short side resized, centre crop),
+    for the families whose position embeddings are interpolated to any grid."""
+    patch = int(cfg.patch_size)
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < patch \
+            or image_size % patch:
+        raise ValueError(f"{path}: image_size must be a positive multiple of the patch size {patch}, got {image_size!r}")
+    if family not in ("dinov2", "dinov2_registers"):
+        raise ValueError(f"{path}: image_size={image_size} asks for another resolution, but the {family} family runs "
+                         f"only at its config's {cfg.image_size} px (its position embeddings are not interpolated); "
+                         "DINOv2 families run at any multiple of their patch size")
+    s = int(image_size)
+    return dataclasses.replace(processing, resize_shortest=s, resize_to=None, crop=(s, s))
 
 
 def default_processing(family: str, image_size: int) -> ImageProcessing:
