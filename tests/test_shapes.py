@@ -170,6 +170,47 @@ def test_patch_concepts_and_patch_labels_match_a_direct_count(world):
         shapes.patch_concepts(labels, 6)
 
 
+def test_factor_labels_follow_the_objects_and_backgrounds(world):
+    f = shapes.factor_labels(world)
+    masks = shapes.concept_masks(world.pixel_labels)
+    for c, name in enumerate(shapes.CONCEPTS):  # colour and shape are the concepts' masks
+        family, k = shapes.concept_factor(name)
+        np.testing.assert_array_equal(f[family] == k, masks[..., c])
+    obj = world.object_ids > 0
+    for family in ("colour", "shape", "size"):
+        np.testing.assert_array_equal(f[family] > 0, obj)
+    # Size: the object in slot 0 (object id 1) is the largest and "large", every other one "small".
+    np.testing.assert_array_equal(f["size"] == 2, world.object_ids == 1)
+    np.testing.assert_array_equal(f["size"] == 1, world.object_ids > 1)
+    many = world.n_objects > 1
+    assert np.all(world.sizes[many, 0] > world.sizes[many, 1:].max(axis=1))
+    # Texture: every background pixel carries its image's texture, object pixels class 0.
+    np.testing.assert_array_equal(f["texture"] == 0, obj)
+    bg_texture = np.where(~obj, f["texture"].astype(np.int64) - 1, -1).max(axis=(1, 2))
+    np.testing.assert_array_equal(bg_texture, world.textures)
+    assert set(np.unique(world.textures)) == set(range(len(shapes.TEXTURES)))
+
+
+def test_factor_patch_concepts_and_labels_by_direct_count(world):
+    idx = np.arange(10, 30)
+    got = shapes.factor_patch_concepts(world, 8, idx)
+    majority = shapes.factor_patch_labels(world, 8, idx)
+    assert got.shape == (20, 5, 5, len(shapes.FACTOR_CONCEPTS)) == (20, 5, 5, 15)
+    # The colour, shape and background columns are the old patch concepts.
+    np.testing.assert_array_equal(got[..., :len(shapes.CONCEPTS)], shapes.patch_concepts(world.pixel_labels[idx], 8))
+    f = shapes.factor_labels(world, idx)
+    for c, name in enumerate(shapes.FACTOR_CONCEPTS):
+        family, k = shapes.concept_factor(name)
+        block = (f[family] == k).reshape(20, 5, 8, 5, 8).mean(axis=(2, 4))
+        np.testing.assert_array_equal(got[..., c], block >= 0.5)
+    for family, labels in f.items():
+        counts = np.stack([(labels == k).reshape(20, 5, 8, 5, 8).sum(axis=(2, 4))
+                           for k in range(len(shapes.FACTORS[family]))], -1)
+        np.testing.assert_array_equal(majority[family], np.argmax(counts, -1))
+    with pytest.raises(ValueError, match="unknown concept 'purple'"):
+        shapes.concept_factor("purple")
+
+
 def test_source_goes_through_the_data_api():
     source = shapes.source("train", 100, seed=3)
     assert isinstance(source, data.ArraySource) and source.classes == shapes.CLASSES

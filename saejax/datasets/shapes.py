@@ -20,6 +20,14 @@ Ground truth:
   patch when it covers at least half of the patch's pixels; `patch_labels` gives each patch's
   majority pixel class (for probes).
 
+Factors (`FACTORS`): four per-pixel partitions of the image, each a family of classes whose
+class 0 is what the family does not describe (`factor_labels`): colour (background + 4),
+shape (background + 4), size (background, small, large: the largest object is "large", the
+others "small") and the background's texture (object + 4 textures). Size and texture are
+independent of colour and shape. `FACTOR_CONCEPTS` (15 names: `CONCEPTS`, `SIZES`, `TEXTURES`)
+are their classes other than 0, plus "background"; `factor_patch_concepts` and
+`factor_patch_labels` give them per patch.
+
 An object's size is the side of the square with the same area (so a triangle's bounding box
 is sqrt(2) times its size): objects of equal size cover (nearly) equal numbers of pixels,
 whatever their shape. The classification task (`labels`, names `CLASSES`): the shape and
@@ -56,16 +64,24 @@ __all__ = [
     "COLOUR_JITTER",
     "COLOUR_RGB",
     "CONCEPTS",
+    "FACTORS",
+    "FACTOR_CONCEPTS",
     "FILL",
     "MAX_OBJECTS",
     "PIXEL_CLASSES",
     "PIXEL_CONCEPTS",
     "SHAPES",
+    "SIZES",
     "SPLITS",
     "TEXTURES",
     "ShapesSource",
     "ShapesWorld",
+    "class_fractions",
     "concept_masks",
+    "concept_factor",
+    "factor_labels",
+    "factor_patch_concepts",
+    "factor_patch_labels",
     "generate",
     "patch_concepts",
     "patch_fractions",
@@ -87,6 +103,11 @@ CONCEPTS = SHAPES + COLOURS + (BACKGROUND,)
 CLASSES = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)
 # Pixel label 0 = background, 1 + class for an object pixel.
 PIXEL_CLASSES = (BACKGROUND,) + CLASSES
+SIZES = ("small", "large")
+# Per-pixel partitions; class 0 of each is what the family does not describe.
+FACTORS = {"colour": (BACKGROUND,) + COLOURS, "shape": (BACKGROUND,) + SHAPES, "size": (BACKGROUND,) + SIZES,
+           "texture": ("object",) + TEXTURES}
+FACTOR_CONCEPTS = CONCEPTS + SIZES + TEXTURES
 MAX_OBJECTS = 3
 SPLITS = ("train", "validation", "test")
 CHUNK = 1024
@@ -310,13 +331,65 @@ def patch_fractions(pixel_labels, patch_size: int) -> np.ndarray:
     labels = _check_labels(pixel_labels)
     if labels.ndim != 3:
         raise ValueError(f"pixel_labels must be [N, H, W], got shape {labels.shape}")
+    return class_fractions(labels, patch_size, len(PIXEL_CLASSES))
+
+
+def concept_factor(concept: str) -> tuple[str, int]:
+    """`(family, class)` of a name in `FACTOR_CONCEPTS`: which factor it belongs to and its class
+    there ("background" is colour class 0)."""
+    for family, classes in FACTORS.items():
+        if concept in classes[1:]:
+            return family, classes.index(concept)
+    if concept == BACKGROUND:
+        return "colour", 0
+    raise ValueError(f"unknown concept {concept!r}; expected one of {FACTOR_CONCEPTS}")
+
+
+def factor_labels(world: ShapesWorld, indices=None) -> dict[str, np.ndarray]:
+    """Per-pixel class of each factor: `{family: uint8 [N, H, W]}`, indexing `FACTORS[family]`
+    (of `indices` if given)."""
+    pick = (lambda a: a) if indices is None else (lambda a: a[indices])
+    pixels, ids, textures = pick(world.pixel_labels).astype(np.int64), pick(world.object_ids), pick(world.textures)
+    obj = pixels > 0
+    return {"colour": np.where(obj, 1 + (pixels - 1) % len(COLOURS), 0).astype(np.uint8),
+            "shape": np.where(obj, 1 + (pixels - 1) // len(COLOURS), 0).astype(np.uint8),
+            # Slot 0 holds the largest object (object id 1).
+            "size": np.where(ids == 1, 2, np.where(ids > 1, 1, 0)).astype(np.uint8),
+            "texture": np.where(obj, 0, 1 + textures[:, None, None]).astype(np.uint8)}
+
+
+def factor_patch_labels(world: ShapesWorld, patch_size: int, indices=None) -> dict[str, np.ndarray]:
+    """Each patch's majority class per factor: `{family: int64 [N, gh, gw]}` (ties go to the
+    lower class), the targets of the factorised ViT's per-patch heads and of the probes."""
+    return {family: np.argmax(class_fractions(labels, patch_size, len(FACTORS[family])), axis=-1)
+            for family, labels in factor_labels(world, indices).items()}
+
+
+def factor_patch_concepts(world: ShapesWorld, patch_size: int, indices=None, *,
+                          min_fraction: float = 0.5) -> np.ndarray:
+    """bool [N, gh, gw, len(FACTOR_CONCEPTS)]: a concept is present in a patch when its class
+    covers at least `min_fraction` of the patch's pixels."""
+    if not 0 < min_fraction <= 1:
+        raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
+    fractions = {family: class_fractions(labels, patch_size, len(FACTORS[family]))
+                 for family, labels in factor_labels(world, indices).items()}
+    columns = [fractions[family][..., k] for family, k in map(concept_factor, FACTOR_CONCEPTS)]
+    return np.stack(columns, axis=-1) >= min_fraction - 1e-6
+
+
+def class_fractions(labels, patch_size: int, n_classes: int) -> np.ndarray:
+    """float32 [N, gh, gw, n_classes]: the fraction of each patch's pixels in each class of
+    integer labels [N, H, W] (values in `[0, n_classes)`)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be [N, H, W], got shape {labels.shape}")
     n, h, w = labels.shape
     p = int(patch_size)
     if p < 1 or h % p or w % p:
         raise ValueError(f"patch_size {patch_size} must divide the image size {(h, w)}")
     gh, gw = h // p, w // p
     blocks = labels.reshape(n, gh, p, gw, p).transpose(0, 1, 3, 2, 4).reshape(n, gh, gw, p * p)
-    counts = np.zeros((n, gh, gw, len(PIXEL_CLASSES)), np.float32)
+    counts = np.zeros((n, gh, gw, n_classes), np.float32)
     for value in np.unique(labels):
         counts[..., value] = np.count_nonzero(blocks == value, axis=-1)
     return counts / (p * p)
