@@ -3,28 +3,37 @@ stream on the fly, features matched to ground-truth concepts, and interventions 
 
     python -m experiments.demo --workdir=/tmp/saejax-demo          # about 6 min on 2 CPU cores
     python -m experiments.demo --workdir=/tmp/saejax-demo --quick  # reduced, for tests
+    python -m experiments.demo --workdir=/tmp/demo-dinov2 --backbone=/path/to/hf_dinov2_dir
 
 Steps:
 1. The shapes world (`saejax.datasets.shapes`, 64 px images by default: an 8 x 8 grid of 8 px
-   patches; `--image_size=40` gives a 5 x 5 grid, faster but with more partly covered
-   patches) and a small ViT trained on it (`saejax.datasets.shapes_vit.train_shapes_vit`; reused when
-   `<workdir>/vit` matches).
-2. A TopK SAE on block 2 of 4 (`experiments/configs/shapes_demo.py`) via
-   `experiments.train_sae` in `<workdir>/sae_run` (resumable like any run); the trained
-   states come back in memory.
-3. On validation images: per latent, the top exemplars and patch-level F1 against each
-   concept's masks; the best latent per concept.
-   Two bounds explain a low F1: the best union of up to 4 latents (`features.
-   greedy_latent_union`; a concept split over several latents scores higher here) and a
-   supervised linear probe per concept on the same normalised residual (if the model does not
-   encode a concept per patch, no latent can).
-4. Linear probes on the final patch tokens (colour: background + 4 colours; shape: background +
-   4 shapes). For each concept, its latent is set to -2 x its max on all tokens at block 2, the
-   ViT finishes its forward pass, and we count the patches whose probe prediction changes:
-   target change rate (patches of that concept) and other change rate (all other patches).
+   patches) and a small ViT trained on it (`saejax.datasets.shapes_vit.train_shapes_vit`,
+   reused when `<workdir>/vit` matches). `--targets=factorised` (default) asks the ViT for
+   colour and shape as separate heads and, per patch, for each factor (colour, shape, size,
+   background texture); `--targets=conjunction` for the 16 colour-shape classes.
+   `--backbone=<hub id or HF dir>` uses a pretrained model instead: the world is drawn at the
+   size that gives it the same patch grid (DINOv2 at 112 px: 8 x 8 patches of 14 px; CLIP and
+   ViT at their fixed size).
+2. A TopK SAE on block 2 of 4 (`experiments/configs/shapes_demo.py`; on a pretrained backbone
+   the block two thirds of the way up, or `--layer`) via `experiments.train_sae` in
+   `<workdir>/sae_run` (resumable like any run); the trained states come back in memory.
+3. On validation images, for the 15 concepts of `shapes.FACTOR_CONCEPTS` (4 shapes, 4 colours,
+   background, small / large object, 4 background textures): per latent, the top exemplars
+   and patch-level F1 against each concept's patches; the best latent per concept. Two bounds
+   explain a low F1: the best union of up to 4 latents (`features.greedy_latent_union`; a
+   concept split over several latents scores higher here) and a supervised linear probe per
+   concept on the same normalised residual (if the model does not encode a concept per patch,
+   no latent can). The SAE's latents are also scored against k-means and PCA dictionaries on
+   the same residuals (`saejax.concept_metrics`: the saev follow-up's Probe R, mAP, Purity@16,
+   Coverage@0.3).
+4. Linear probes on the final patch tokens, one per factor (`shapes.FACTORS`). For each
+   concept, its latent is set to -2 x its max on all tokens at the SAE's block, the model
+   finishes its forward pass, and we count the patches whose probe prediction changes: target
+   change rate (patches of that concept) and other change rate (all other patches).
    Baselines, each the mean of 3 draws: a random live latent (same protocol) and a random unit
    direction added with the same mean norm as the concept edit. Also measured: the same edit
-   only where the latent fires (`interventions.set(..., where_active=True)`).
+   only where the latent fires (`interventions.set(..., where_active=True)`), with its own
+   matched random direction.
 5. `<workdir>/report/index.html` (self-contained) and `<workdir>/report/summary.json`.
 """
 
@@ -42,33 +51,33 @@ from absl import app, flags, logging
 
 from experiments.configs import shapes_demo
 from experiments.sae_training import train_sae
-from saejax import concept_metrics, features, interventions, probes, segmentation, train, viz
+from saejax import backbones, concept_metrics, features, interventions, probes, segmentation, train, viz
 from saejax import metrics as sae_metrics
 from saejax.datasets import shapes
-from saejax.datasets.shapes_vit import train_shapes_vit
+from saejax.datasets.shapes_vit import TARGETS, train_shapes_vit
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the ViT, the SAE run and the report go.")
 _QUICK = flags.DEFINE_bool("quick", False, "A reduced run (seconds of training) to check the pipeline.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Image side in px (8 px patches; objects scale with it).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Image side in px of the world's ViT (8 px patches; objects "
+                                   "scale with it). With --backbone: the grid is image_size / 8 patches a side.")
+_TARGETS = flags.DEFINE_enum("targets", "factorised", TARGETS, "What the world's ViT is trained to predict.")
+_BACKBONE = flags.DEFINE_string("backbone", None, "A pretrained backbone (hub id or local HF directory) instead of "
+                                "the world's ViT.")
+_LAYER = flags.DEFINE_integer("layer", None, "The SAE's block (default: 2 for the world's ViT, two thirds of the "
+                              "way up a pretrained backbone).")
+_EDIT_IMAGES = flags.DEFINE_integer("edit_images", None, "Validation images the edits run on (default: all 1,000 "
+                                    "for the world's ViT, 250 for a pretrained backbone).")
 
 BASELINE_DRAWS = 3
 UNION_SIZE = 4  # enough for a shape stored as one latent per colour
-COLOUR_FAMILY = ("background",) + shapes.COLOURS
-SHAPE_FAMILY = ("background",) + shapes.SHAPES
+CONCEPTS = shapes.FACTOR_CONCEPTS
+WORLD_PATCH = 8  # the world's ViT's patch size; --image_size / WORLD_PATCH is the grid
 
 
-def family_labels(patch_class: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-patch majority pixel class -> colour and shape labels (0 = background)."""
-    obj = patch_class > 0
-    return {"colour": np.where(obj, 1 + (patch_class - 1) % len(shapes.COLOURS), 0),
-            "shape": np.where(obj, 1 + (patch_class - 1) // len(shapes.COLOURS), 0)}
-
-
-def concept_family(concept: str) -> tuple[str, int]:
-    """Which probe reads a concept out, and the concept's class in that probe."""
-    if concept in shapes.SHAPES:
-        return "shape", SHAPE_FAMILY.index(concept)
-    return "colour", COLOUR_FAMILY.index(concept)
+def default_layer(n_layers: int) -> int:
+    """Two thirds of the way up: block 2 of 4, block 7 of 12 (the paper's 'second to last' of
+    a small ViT and the depth the issue measured DINOv2 at)."""
+    return max(0, round(2 * n_layers / 3) - 1)
 
 
 class Analysis:
@@ -81,16 +90,21 @@ class Analysis:
 
         @jax.jit
         def base(images):
-            """Codes [B, P, F], final patch tokens [B, P, D], normalised residuals [B, P, D]."""
+            """Codes [B, P, F], final patch tokens [B, P, D], normalised residuals [B, P, D] and
+            the whole residual at the layer [B, T, D]."""
             out = bb.forward(bb_params, images, capture=(layer,))
-            resid = out.captured[layer][:, self.patches]
-            x = norm.apply(resid.reshape(-1, bb.d_model))
+            resid = out.captured[layer]
+            patches = resid[:, self.patches]
+            x = norm.apply(patches.reshape(-1, bb.d_model))
             z = ae.encode(sae_params, x)
-            return z.reshape(resid.shape[0], resid.shape[1], -1), out.tokens[:, self.patches], x.reshape(resid.shape)
+            return (z.reshape(patches.shape[0], patches.shape[1], -1), out.tokens[:, self.patches],
+                    x.reshape(patches.shape), resid)
 
         @jax.jit
-        def edited_tokens(edit, images):
-            return bb.forward(bb_params, images, edits={layer: edit}).tokens[:, self.patches]
+        def edited_tokens(edit, resid):
+            """Final patch tokens after editing the residual at the layer (later blocks only)."""
+            h = bb.run_blocks(bb_params, edit(resid), layer + 1, bb.n_layers)
+            return bb.readout(bb_params, h)[0][:, self.patches]
 
         self.base, self.edited_tokens = base, edited_tokens
 
@@ -117,32 +131,51 @@ def mean_rates(results: list[dict]) -> dict[str, float]:
     return {key: float(np.mean([r[key] for r in results])) for key in results[0]}
 
 
-def firing_breakdown(fired, present, coverage, majority) -> dict[str, int]:
+def firing_breakdown(fired, present, coverage, on_object) -> dict[str, int]:
     """Where a latent fires: patches where the concept is present (covers >= half), partly
-    covered ones, and ones without it (split by the patch's majority label: another object, or
+    covered ones, and ones without it (split by what covers most of the patch: an object, or
     background)."""
-    fired, present, coverage, majority = (np.asarray(a) for a in (fired, present, coverage, majority))
+    fired, present, coverage, on_object = (np.asarray(a) for a in (fired, present, coverage, on_object))
     absent = fired & (coverage == 0)
     return {"covered": int(np.sum(fired & present)), "partly_covered": int(np.sum(fired & ~present & (coverage > 0))),
-            "other_objects": int(np.sum(absent & (majority > 0))), "background": int(np.sum(absent & (majority == 0)))}
+            "other_objects": int(np.sum(absent & on_object)), "background": int(np.sum(absent & ~on_object))}
 
 
-def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
+def load_backbone_for_world(name: str, grid: int) -> tuple[str, int | None, int]:
+    """`(name, image_size to load it at or None, world image size)`: DINOv2 families run at
+    `grid` patches a side; other families at their own size, the world drawn to match."""
+    bb, _ = backbones.load(name)
+    if bb.family in ("dinov2", "dinov2_registers"):
+        return name, grid * bb.patch_size, grid * bb.patch_size
+    return name, None, bb.image_size
+
+
+def run_demo(workdir: str, quick: bool = False, image_size: int = 64, targets: str = "factorised",
+             backbone: str | None = None, layer: int | None = None, edit_images: int | None = None) -> dict:
     start_time = time.time()
     os.makedirs(workdir, exist_ok=True)
     report_dir = os.path.join(workdir, "report")
     os.makedirs(report_dir, exist_ok=True)
 
-    # 1. The world and the ViT.
-    vit_kwargs = dict(n_train=2_000, n_val=200, steps=60) if quick else {}
-    vit = train_shapes_vit(workdir, seed=0, image_size=image_size, **vit_kwargs)
-    print(f"ViT: validation accuracy {vit.val_accuracy:.4f} ({'reused' if vit.reused else f'{vit.seconds:.0f} s'})",
-          flush=True)
-
-    # 2. The SAE, trained on the ViT's residual stream on the fly.
+    # 1. The backbone: the world's ViT, trained here, or a pretrained one.
     config = shapes_demo.get_config("quick" if quick else "")
-    config.backbone.name = vit.path
-    config.data.image_size = image_size
+    vit = None
+    if backbone is None:
+        vit_kwargs = dict(n_train=2_000, n_val=200, steps=60) if quick else {}
+        vit = train_shapes_vit(workdir, seed=0, image_size=image_size, targets=targets, **vit_kwargs)
+        print(f"ViT ({targets}): validation accuracy {vit.val_accuracy:.4f} "
+              f"({'reused' if vit.reused else f'{vit.seconds:.0f} s'})", flush=True)
+        config.backbone.name, world_size = vit.path, image_size
+    else:
+        config.backbone.name, config.backbone.image_size, world_size = load_backbone_for_world(
+            backbone, image_size // WORLD_PATCH)
+        print(f"backbone {backbone} at {world_size} px", flush=True)
+    config.data.image_size = world_size
+    if layer is not None or backbone is not None:
+        n_layers = backbones.load(config.backbone.name, image_size=config.backbone.get("image_size"))[0].n_layers
+        config.layers = (default_layer(n_layers) if layer is None else layer,)
+
+    # 2. The SAE, trained on the backbone's residual stream on the fly.
     sae_dir = os.path.join(workdir, "sae_run")
     run = train_sae(config, sae_dir)  # the trained states come back in memory
     layer = config.layers[0]
@@ -152,97 +185,100 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
 
     # 3. Features on validation images.
     n_val = 200 if quick else 1_000
-    val = shapes.source("validation", n_val, seed=1, image_size=image_size)
-    images, pixel_labels = val.world.images, val.world.pixel_labels
+    val = shapes.source("validation", n_val, seed=1, image_size=world_size).world
+    images, p, n_concepts = val.images, bb.patch_size, len(CONCEPTS)
     analysis = Analysis(bb, bb_params, ae, sae_params, norm, layer)
-    p = bb.patch_size
-    concepts_N = shapes.patch_concepts(pixel_labels, p).reshape(n_val, -1, len(shapes.CONCEPTS))
-    majority = shapes.patch_labels(pixel_labels, p).reshape(n_val, -1)
-    labels = family_labels(majority)
-    class_fractions = shapes.patch_fractions(pixel_labels, p).reshape(-1, len(shapes.PIXEL_CLASSES))
-    coverage = class_fractions @ shapes.PIXEL_CONCEPTS.astype(np.float32)
+    concepts_N = shapes.factor_patch_concepts(val, p).reshape(n_val, -1, n_concepts)
+    coverage = shapes.factor_patch_fractions(val, p).reshape(-1, n_concepts)
+    labels = {f: v.reshape(-1) for f, v in shapes.factor_patch_labels(val, p).items()}
     # Colour-shape conjunctions ("red circle"), present like concepts: covering at least half the patch.
+    class_fractions = shapes.patch_fractions(val.pixel_labels, p).reshape(-1, len(shapes.PIXEL_CLASSES))
     conjunctions_N = (class_fractions[:, 1:] >= 0.5).reshape(n_val, -1, len(shapes.CLASSES))
     exemplars = features.TopExemplars.empty(ae.d_sae, k=8, n_patches=bb.layout.n_patches)
-    f1_counts = features.ConceptF1.zeros(ae.d_sae, len(shapes.CONCEPTS))
+    f1_counts = features.ConceptF1.zeros(ae.d_sae, n_concepts)
     conjunction_counts = features.ConceptF1.zeros(ae.d_sae, len(shapes.CLASSES))
     firing = sae_metrics.FiringStats.zeros(ae.d_sae)
-    tokens_before, codes, resids = [], [], []
+    n_edit = min(n_val, edit_images or (n_val if backbone is None else 250))
+    tokens_before, codes, resids, layer_resids = [], [], [], []
     for s, x in analysis.batches(images):
-        z, tokens, resid = analysis.base(x)
+        z, tokens, resid, at_layer = analysis.base(x)
         b = z.shape[0]
         exemplars = exemplars.update(z, jnp.arange(s, s + b))
         flat = z.reshape(-1, ae.d_sae)
-        f1_counts = f1_counts.update(flat, jnp.asarray(concepts_N[s:s + b].reshape(-1, len(shapes.CONCEPTS))))
+        f1_counts = f1_counts.update(flat, jnp.asarray(concepts_N[s:s + b].reshape(-1, n_concepts)))
         conjunction_counts = conjunction_counts.update(flat, jnp.asarray(conjunctions_N[s:s + b].reshape(
             -1, len(shapes.CLASSES))))
         firing = firing.update(flat)
         tokens_before.append(tokens)
         codes.append(z)
         resids.append(resid)
-    tokens_before, codes, resids = map(jnp.concatenate, (tokens_before, codes, resids))
+        if s < n_edit:
+            layer_resids.append(at_layer[:n_edit - s])
+    tokens_before, codes, resids, layer_resids = map(jnp.concatenate, (tokens_before, codes, resids, layer_resids))
     best_latent, best_f1 = jax.device_get(f1_counts.best())
     conjunction_latent, conjunction_f1 = jax.device_get(conjunction_counts.best())
     max_act = np.asarray(exemplars.max_activation())
     frequency = np.asarray(firing.frequency())
 
     # 4. Probes on final patch tokens (trained on other images), then interventions.
-    probe_images = shapes.source("test", 400 if quick else 2_000, seed=1, image_size=image_size).world
-    probe_labels = family_labels(shapes.patch_labels(probe_images.pixel_labels, p).reshape(len(probe_images.images), -1))
+    probe_world = shapes.source("test", 400 if quick else 2_000, seed=1, image_size=world_size).world
+    probe_labels = {f: v.reshape(-1) for f, v in shapes.factor_patch_labels(probe_world, p).items()}
     probe_feats, probe_resids, probe_codes = [], [], []
-    for _, x in analysis.batches(probe_images.images):
-        z, tokens, resid = analysis.base(x)
+    for _, x in analysis.batches(probe_world.images):
+        z, tokens, resid, _ = analysis.base(x)
         probe_feats.append(tokens)
         probe_resids.append(resid)
         probe_codes.append(z.reshape(-1, ae.d_sae))
     probe_feats, probe_resids = (jnp.concatenate(a).reshape(-1, bb.d_model) for a in (probe_feats, probe_resids))
     probe_codes = jnp.concatenate(probe_codes)
     epochs = 10 if quick else 30
-    probe = {fam: probes.train_linear_probe(jax.random.key(i), probe_feats, jnp.asarray(probe_labels[fam].reshape(-1)),
-                                            n, epochs=epochs, batch_size=2048, learning_rate=1e-2)
-             for i, (fam, n) in enumerate((("colour", len(COLOUR_FAMILY)), ("shape", len(SHAPE_FAMILY))))}
+    probe = {family: probes.train_linear_probe(jax.random.key(i), probe_feats, jnp.asarray(probe_labels[family]),
+                                               len(classes), epochs=epochs, batch_size=2048, learning_rate=1e-2)
+             for i, (family, classes) in enumerate(shapes.FACTORS.items())}
     # What the residual the SAE reads knows per patch: a supervised probe's F1 bounds any latent's.
-    probe_concepts = shapes.patch_concepts(probe_images.pixel_labels, p).reshape(-1, len(shapes.CONCEPTS))
-    ceiling_f1 = concept_probe_f1(probe_resids, probe_concepts, resids.reshape(-1, bb.d_model),
-                                  concepts_N.reshape(-1, len(shapes.CONCEPTS)), epochs=epochs)
-    probe_concepts_flat = probe_concepts.astype(bool)
+    probe_concepts = shapes.factor_patch_concepts(probe_world, p).reshape(-1, n_concepts)
+    val_concepts = concepts_N.reshape(-1, n_concepts)
+    ceiling_f1 = concept_probe_f1(probe_resids, probe_concepts, resids.reshape(-1, bb.d_model), val_concepts,
+                                  epochs=epochs)
     dictionaries = concept_metrics.baseline_dictionaries(
         ae.d_sae, probe_resids, resids.reshape(-1, bb.d_model), probe_codes, codes.reshape(-1, ae.d_sae),
         key=jax.random.key(5))
-    dictionary_scores = {name: concept_metrics.concept_scores(train_codes, val_codes, probe_concepts_flat,
-                                                              concepts_N.reshape(-1, len(shapes.CONCEPTS)).astype(bool))
+    dictionary_scores = {name: concept_metrics.concept_scores(train_codes, val_codes, probe_concepts, val_concepts)
                          for name, (train_codes, val_codes) in dictionaries.items()}
     flat_before = tokens_before.reshape(-1, bb.d_model)
-    pred_before = {fam: np.asarray(probes.predict(probe[fam], flat_before)) for fam in probe}
-    probe_accuracy = {fam: float(np.mean(pred_before[fam] == labels[fam].reshape(-1))) for fam in probe}
+    pred_before = {family: np.asarray(probes.predict(probe[family], flat_before)) for family in probe}
+    probe_accuracy = {family: float(np.mean(pred_before[family] == labels[family])) for family in probe}
+    n_edit_patches = n_edit * bb.layout.n_patches
 
     def change_rates(edit, family, target_class):
-        tokens = jnp.concatenate([analysis.edited_tokens(edit, x) for _, x in analysis.batches(images)])
+        tokens = jnp.concatenate([analysis.edited_tokens(edit, layer_resids[i:i + analysis.batch_size])
+                                  for i in range(0, n_edit, analysis.batch_size)])
         after = np.asarray(probes.predict(probe[family], tokens.reshape(-1, bb.d_model)))
-        return segmentation.change_rates(pred_before[family], after, labels[family].reshape(-1), target_class,
-                                         background=0)
+        return segmentation.change_rates(pred_before[family][:n_edit_patches], after,
+                                         labels[family][:n_edit_patches], target_class, background=0)
 
     rng = np.random.default_rng(0)
     alive = np.flatnonzero(frequency > 0)
     union = jax.jit(features.greedy_latent_union, static_argnums=2)
     flat_codes = codes.reshape(-1, ae.d_sae)
+    edit_codes = np.asarray(codes[:n_edit]).reshape(-1, ae.d_sae)
     concept_results = []
-    for c, name in enumerate(shapes.CONCEPTS):
-        family, cls = concept_family(name)
+    for c, name in enumerate(CONCEPTS):
+        family, cls = shapes.concept_factor(name)
         latent = int(best_latent[c])
         value = -2.0 * float(max_act[latent])
-        union_latents, union_f1 = jax.device_get(union(flat_codes, jnp.asarray(concepts_N[..., c].reshape(-1)),
-                                                        UNION_SIZE))
+        union_latents, union_f1 = jax.device_get(union(flat_codes, jnp.asarray(val_concepts[:, c]), UNION_SIZE))
         size = int(np.argmax(union_f1)) + 1
-        fired_where = firing_breakdown(flat_codes[:, latent] > 0, concepts_N[..., c].reshape(-1), coverage[:, c],
-                                       majority.reshape(-1))
+        fired_where = firing_breakdown(flat_codes[:, latent] > 0, val_concepts[:, c], coverage[:, c],
+                                       labels["colour"] > 0)
         edit = interventions.sae_edit(ae, sae_params, interventions.set(latent, value), norm=norm)
         active_edit = interventions.sae_edit(ae, sae_params, interventions.set(latent, value, where_active=True),
                                              norm=norm)
-        result = {"name": name, "latent": latent, "f1": float(best_f1[c]), "max_activation": float(max_act[latent]),
-                  "frequency": float(frequency[latent]), "probe": family, "probe_f1": float(ceiling_f1[c]),
+        result = {"name": name, "factor": family, "latent": latent, "f1": float(best_f1[c]),
+                  "max_activation": float(max_act[latent]), "frequency": float(frequency[latent]),
+                  "probe_f1": float(ceiling_f1[c]),
                   "union": {"latents": union_latents[:size].tolist(), "f1": float(union_f1[size - 1])},
-                  "dictionaries": {name: scores[c] for name, scores in dictionary_scores.items()},
+                  "dictionaries": {d: scores[c] for d, scores in dictionary_scores.items()},
                   "firing_patches": fired_where,
                   **change_rates(edit, family, cls), "where_active": change_rates(active_edit, family, cls)}
         # Baselines, averaged over BASELINE_DRAWS draws (one random latent may be a near-duplicate of the concept's).
@@ -250,17 +286,16 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
         result["random_latent"] = {"latents": others.tolist(), **mean_rates([change_rates(interventions.sae_edit(
             ae, sae_params, interventions.set(o, -2.0 * float(max_act[o])), norm=norm), family, cls) for o in others])}
         # The concept edit moves a token by |v - f| * ||w_dec|| * scalar; match its mean norm.
-        f_latent = np.asarray(codes[..., latent]).reshape(-1)
-        mean_norm = float(np.mean(np.abs(value - f_latent)) * np.linalg.norm(np.asarray(sae_params.w_dec[latent]))
-                          * float(norm.scalar))
+        f_latent = edit_codes[:, latent]
+        decoder_norm = np.linalg.norm(np.asarray(sae_params.w_dec[latent])) * float(norm.scalar)
+        mean_norm = float(np.mean(np.abs(value - f_latent)) * decoder_norm)
         directions = rng.standard_normal((BASELINE_DRAWS, bb.d_model))
         directions /= np.linalg.norm(directions, axis=1, keepdims=True)
         result["random_direction"] = mean_rates([change_rates(interventions.direction_edit(d, mean_norm), family, cls)
                                                  for d in directions])
         # Matched to the where-active edit: the same tokens, the mean norm of its change there.
         fires = f_latent > 0
-        active_norm = float(np.mean(np.abs(value - f_latent[fires])) * np.linalg.norm(np.asarray(
-            sae_params.w_dec[latent])) * float(norm.scalar)) if fires.any() else 0.0
+        active_norm = float(np.mean(np.abs(value - f_latent[fires])) * decoder_norm) if fires.any() else 0.0
         result["where_active"]["random_direction"] = mean_rates([change_rates(interventions.DirectionWhereFiring(
             active_edit, jnp.asarray(latent), jnp.asarray(d, jnp.float32), jnp.asarray(active_norm, jnp.float32)),
             family, cls) for d in directions])
@@ -276,15 +311,23 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64) -> dict:
     member = evaluation["members"][0]
     summary = {
         "seconds": time.time() - start_time,
-        "vit": {"val_accuracy": vit.val_accuracy, "path": vit.path},
+        "backbone": {"name": backbone or "shapes ViT", "path": config.backbone.name, "family": bb.family,
+                     "image_size": bb.image_size, "grid": list(bb.grid), "n_layers": bb.n_layers,
+                     "targets": targets if backbone is None else None},
+        "vit": None if vit is None else {"val_accuracy": vit.val_accuracy, "path": vit.path, "targets": targets},
         "sae": {"l0": member["l0"], "nmse": member["nmse"], "explained_variance": member["explained_variance"],
                 "dead_fraction": member["dead_fraction"], "dense_fraction": member["dense_fraction"],
-                "d_sae": ae.d_sae, "architecture": ae.architecture, "layer": layer, "path": member["path"]},
-        "probes": {"colour_accuracy": probe_accuracy["colour"], "shape_accuracy": probe_accuracy["shape"]},
+                "d_sae": ae.d_sae, "architecture": ae.architecture, "k": getattr(ae, "k", None), "layer": layer,
+                "path": member["path"]},
+        "probes": {f"{family}_accuracy": accuracy for family, accuracy in probe_accuracy.items()},
+        "edit_images": n_edit,
         "concepts": concept_results,
+        "dictionaries": {d: concept_metrics.summarize(scores) for d, scores in dictionary_scores.items()},
         "conjunctions": [{"name": name, "latent": int(j), "f1": float(f)}
                          for name, j, f in zip(shapes.CLASSES, conjunction_latent, conjunction_f1)],
     }
+    for d, row in summary["dictionaries"].items():
+        print(f"{d:>7}: " + "  ".join(f"{key} {value:.3f}" for key, value in row.items()), flush=True)
     with open(os.path.join(report_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     write_report(report_dir, summary, sae_dir, images, exemplars, bb.grid)
@@ -296,19 +339,23 @@ def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
     rows = [json.loads(line) for line in open(os.path.join(sae_dir, "metrics.jsonl")) if '"member": 0' in line]
     curves = "".join(viz.line_chart_svg({key: [(r["step"], r[key]) for r in rows]}, title=key, log_y=key == "loss")
                      for key in ("loss", "l0", "nmse"))
-    sae = summary["sae"]
-    body = [f"<p>Finished in {summary['seconds']:.0f} s. ViT validation accuracy "
-            f"<b>{summary['vit']['val_accuracy']:.4f}</b>; probes on final patch tokens: colour "
-            f"{summary['probes']['colour_accuracy']:.3f}, shape {summary['probes']['shape_accuracy']:.3f}.</p>",
+    sae, bb = summary["sae"], summary["backbone"]
+    model = (f"the world's ViT ({bb['targets']} targets), validation accuracy <b>{summary['vit']['val_accuracy']:.4f}</b>"
+             if summary["vit"] else f"<b>{html.escape(bb['name'])}</b> ({bb['family']})")
+    probe_text = ", ".join(f"{key.removesuffix('_accuracy')} {value:.3f}" for key, value in summary["probes"].items())
+    body = [f"<p>Finished in {summary['seconds']:.0f} s. Backbone: {model}, at {bb['image_size']} px "
+            f"({bb['grid'][0]} x {bb['grid'][1]} patches). Probes on final patch tokens (accuracy): {probe_text}. "
+            f"Edits run on {summary['edit_images']} validation images.</p>",
             "<h2>SAE training</h2><div class='row'>", curves, "</div>",
             f"<p>{sae['architecture']} SAE, {sae['d_sae']} latents, block {sae['layer']}: L0 {sae['l0']:.2f}, "
             f"NMSE {sae['nmse']:.4f}, explained variance {sae['explained_variance']:.4f}, dead fraction "
             f"{sae['dead_fraction']:.3f}, dense fraction {sae['dense_fraction']:.3f}.</p>",
-            "<h2>Concepts</h2><p>Best latent per concept by patch-level F1; union: the best detector made of up "
+            "<h2>Concepts</h2><p>Best latent per concept by patch-level F1; factor: the probe that reads the "
+            "edit out; union: the best detector made of up "
             "to 4 latents (greedy); probe: a supervised linear probe on the same residual (what the model encodes "
             "per patch, a bound on any latent). Intervention: the latent set to -2 x its max on all tokens (or only "
             "where it fires); rates are fractions of patches whose probe prediction changes, target / other.</p>",
-            "<table><tr><th class='l'>concept</th><th>latent</th><th>F1</th><th>union F1 (latents)</th>"
+            "<table><tr><th class='l'>concept</th><th>factor</th><th>latent</th><th>F1</th><th>union F1 (latents)</th>"
             "<th>probe F1</th><th>fires on: concept / partly / other objects / background</th>"
             "<th>target change</th><th>other change</th><th>where active (its random direction)</th>"
             "<th>random latent</th><th>random direction</th></tr>"]
@@ -317,7 +364,8 @@ def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
         matched = c["where_active"]["random_direction"]
         good = c["f1"] >= 0.8 and any(r["target_change_rate"] >= 0.8 and r["other_change_rate"] <= 0.05
                                       for r in (c, c["where_active"]))
-        body.append(f"<tr><td class='l {'good' if good else 'bad'}'>{html.escape(c['name'])}</td><td>{c['latent']}</td>"
+        body.append(f"<tr><td class='l {'good' if good else 'bad'}'>{html.escape(c['name'])}</td><td>{c['factor']}</td>"
+                    f"<td>{c['latent']}</td>"
                     f"<td>{c['f1']:.3f}</td><td>{c['union']['f1']:.3f} ({', '.join(map(str, c['union']['latents']))})</td>"
                     f"<td>{c['probe_f1']:.3f}</td><td>{' / '.join(str(n) for n in c['firing_patches'].values())}</td>"
                     f"<td>{c['target_change_rate']:.3f}</td><td>{c['other_change_rate']:.3f}</td>"
@@ -329,10 +377,19 @@ def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
         f"{html.escape(c['name'])} {c['latent']} ({c['f1']:.2f})" for c in summary["conjunctions"]) + ".</p>")
     body.append("<h2>Against trivial dictionaries</h2><p>Each dictionary's best single feature per concept, on the "
                 "same normalised residuals: patch-level F1 (best feature and threshold) and the saev follow-up's 1-D "
-                "probe (the feature with the lowest logistic loss on other images) scored by average precision. "
-                "k-means has as many centroids as the SAE has latents (a centroid fires on its nearest patches); "
-                "PCA gives its top components' positive and negative halves. The supervised probe is the "
-                "ceiling.</p><table id='dictionaries'><tr><th class='l'>concept</th>"
+                "probe (the feature with the lowest logistic loss on other images), scored on these images: Probe R "
+                "(1 - its cross-entropy / the prevalence-only baseline's, over all concepts), average precision, "
+                "Purity@16 (the share of its 16 top-scoring patches that hold the concept) and Coverage@0.3 (the "
+                "share of concepts with AP >= 0.3). k-means has as many centroids as the SAE has latents (a "
+                "centroid fires on its nearest patches); PCA gives its top components' positive and negative "
+                "halves. The supervised probe is the ceiling.</p><table id='dictionary-summary'><tr>"
+                "<th class='l'>dictionary</th><th>Probe R</th><th>mAP</th><th>Purity@16</th><th>Coverage@0.3</th>"
+                "<th>mean best F1</th></tr>")
+    for name, label in (("sae", "SAE"), ("kmeans", "k-means"), ("pca", "PCA")):
+        row = summary["dictionaries"][name]
+        body.append(f"<tr><td class='l'>{label}</td>" + "".join(
+            f"<td>{row[k]:.3f}</td>" for k in ("probe_r", "map", "purity", "coverage", "mean_f1")) + "</tr>")
+    body.append("</table><table id='dictionaries'><tr><th class='l'>concept</th>"
                 + "".join(f"<th>{name} F1 / AP</th>" for name in ("SAE", "k-means", "PCA")) + "<th>probe F1</th></tr>")
     for c in summary["concepts"]:
         d = c["dictionaries"]
@@ -354,7 +411,7 @@ def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
                     f"max {c['max_activation']:.2f}, frequency {c['frequency']:.4f})<br>"
                     f"<img src='{viz.data_uri(png)}' alt='exemplars of latent {latent}'></div>")
     with open(os.path.join(report_dir, "index.html"), "w") as f:
-        f.write(viz.html_page("saejax demo: the shapes world", "".join(body)))
+        f.write(viz.html_page(f"saejax demo: the shapes world on {summary['backbone']['name']}", "".join(body)))
 
 
 def main(argv):
@@ -362,7 +419,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
-    run_demo(_WORKDIR.value, quick=_QUICK.value, image_size=_IMAGE_SIZE.value)
+    run_demo(_WORKDIR.value, quick=_QUICK.value, image_size=_IMAGE_SIZE.value, targets=_TARGETS.value,
+             backbone=_BACKBONE.value, layer=_LAYER.value, edit_images=_EDIT_IMAGES.value)
 
 
 if __name__ == "__main__":

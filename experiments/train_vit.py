@@ -2,7 +2,8 @@
 
     python -m experiments.train_vit --workdir=/tmp/saejax-shapes [--config=experiments/configs/shapes_vit.py]
 
-Writes `<workdir>/vit/` (`config.json`, `flax_model.msgpack`, `preprocessor_config.json` and
+Writes `<workdir>/vit/` (`<workdir>/vit_conjunction/` with `--config.targets=conjunction`;
+`config.json`, `flax_model.msgpack`, `preprocessor_config.json` and
 `training.json` with the settings, validation accuracy and loss history). Rerunning with the
 same config reuses the checkpoint. At the end the checkpoint is loaded back with
 `saejax.backbones.load` and its validation accuracy through `Backbone.forward` is printed next
@@ -21,7 +22,7 @@ from ml_collections import config_flags
 
 import saejax
 from saejax.datasets import shapes
-from saejax.datasets.shapes_vit import train_shapes_vit
+from saejax.datasets.shapes_vit import heads_argmax, task_heads, train_shapes_vit
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "shapes_vit.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the ViT checkpoint (<workdir>/vit).", required=True)
@@ -54,10 +55,12 @@ def main(argv):
 
     bb, params = saejax.backbones.load(result.path)
     val = shapes.source("validation", config.n_val, seed=config.seed, image_size=config.image_size)
-    forward = jax.jit(lambda p, x: bb.forward(p, x).logits.argmax(-1))
+    heads = task_heads(config.targets)
+    forward = jax.jit(lambda p, x: heads_argmax(bb.forward(p, x).logits, heads["image_heads"]))
     preds = np.concatenate([np.asarray(forward(params, bb.preprocess(val.images[i:i + 500])))
                             for i in range(0, len(val), 500)])
-    accuracy = float(np.mean(preds == val.labels))
+    targets = val.labels if heads["image_targets"] is None else heads["image_targets"](val.labels)
+    accuracy = float(np.mean(np.all((preds == targets).reshape(len(preds), -1), axis=1)))
     print(f"validation accuracy (saejax.backbones.load + forward): {accuracy:.4f}")
     print(f"total {time.time() - start:.1f} s")
 

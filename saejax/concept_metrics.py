@@ -1,10 +1,15 @@
 """Concept metrics per latent, and the trivial dictionaries an SAE must beat (pure, jitted).
 
 The saev follow-up (arXiv 2511.17735) scores each latent against each concept with a 1-D
-logistic probe: a logistic fit of the concept on that latent's value alone. Its best latent per
-concept (lowest training loss) is scored by average precision on held-out data, and each latent
-by the purity of its top-k activations. The same scores are computed here for two baselines on
-the same activations, so a reader sees whether the SAE beats trivial dictionaries:
+logistic probe: a logistic fit of the concept on that latent's value alone, the best latent per
+concept being the one with the lowest training loss. On held-out data it reports (`summarize`):
+- Probe R: `1 - mean probe cross-entropy / mean cross-entropy of the prevalence-only baseline`
+  (a pseudo-R^2 over concepts);
+- mAP: the mean over concepts of the best latent's average precision;
+- Purity@k: the precision of the k highest-scoring patches of the best latent (k = 16);
+- Coverage@tau: the share of concepts whose best latent's AP is at least tau (0.3).
+The same scores are computed here for two baselines on the same activations, so a reader sees
+whether the SAE beats trivial dictionaries:
 - k-means with as many centroids as latents, a "latent" firing on the inputs nearest its centroid;
 - PCA: the top components' projections, positive and negative halves as separate features.
 
@@ -12,6 +17,8 @@ the same activations, so a reader sees whether the SAE beats trivial dictionarie
 >>> best = jnp.argmin(loss); ap = average_precision(codes_NF[:, best] * w[best] + b[best], present_N)
 >>> purity = purity_at_k(codes_NF, labels_N, k=16, n_labels=L)   # [F]
 >>> km = kmeans_codes(x_ND, n_centroids=F, key=key)     # [N, F] one-hot, to score like an SAE
+>>> summarize(concept_scores(train_codes, val_codes, train_present_NC, val_present_NC))
+{'probe_r': ..., 'map': ..., 'purity': ..., 'coverage': ..., 'mean_f1': ...}
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["average_precision", "baseline_dictionaries", "concept_scores", "kmeans", "kmeans_codes", "pca_codes",
-           "probe_1d", "purity_at_k"]
+           "probe_1d", "purity_at_k", "summarize"]
 
 
 @functools.partial(jax.jit, static_argnames=("iterations",))
@@ -144,18 +151,53 @@ def baseline_dictionaries(d_sae: int, train_x: jax.Array, val_x: jax.Array, trai
             "pca": (pca_train, pca_codes(val_x, n_components=0, mean_D=mean, components_KD=components)[0])}
 
 
-def concept_scores(train_codes: jax.Array, val_codes: jax.Array, train_present, val_present) -> list[dict[str, float]]:
-    """Per concept (columns of `*_present`, bool [N, C]), a dictionary's best single feature two
-    ways: patch-level F1 on the evaluation inputs (best feature and threshold,
-    `segmentation.best_f1_latent`), and the 1-D probe's pick on the training inputs (lowest
-    logistic loss) scored by average precision on the evaluation inputs."""
+@functools.partial(jax.jit, static_argnames=("purity_k",))
+def _held_out_scores(values_N, present_N, w, b, prevalence, purity_k: int):
+    y = present_N.astype(jnp.float32)
+    logits = values_N * w + b
+    probe_ce = jnp.mean(jnp.logaddexp(0.0, logits) - y * logits)
+    p = jnp.clip(prevalence, 1e-6, 1 - 1e-6)
+    baseline_ce = -jnp.mean(y * jnp.log(p) + (1 - y) * jnp.log1p(-p))
+    _, top = jax.lax.top_k(logits, purity_k)
+    return average_precision(logits, present_N), probe_ce, baseline_ce, jnp.mean(y[top])
+
+
+def concept_scores(train_codes: jax.Array, val_codes: jax.Array, train_present, val_present, *,
+                   purity_k: int = 16) -> list[dict[str, float]]:
+    """Per concept (columns of `*_present`, bool [N, C]), a dictionary's best single feature.
+
+    Two ways of picking it:
+    - patch-level F1 on the evaluation inputs (best feature and threshold,
+      `segmentation.best_f1_latent`): `f1`;
+    - the 1-D probe's pick on the training inputs (lowest logistic loss), scored on the
+      evaluation inputs by the probe's score `w * value + b`: `ap` (average precision),
+      `probe_ce` (its cross-entropy), `baseline_ce` (the cross-entropy of predicting the
+      training prevalence everywhere) and `purity` (the share of its `purity_k` highest-scoring
+      inputs where the concept is present); `latent` is the pick.
+    `summarize` turns the list into the follow-up's table row.
+    """
     from saejax import segmentation  # noqa: PLC0415 - segmentation is the heavier module; keep this one light
 
     scores = []
     for c in range(train_present.shape[1]):
-        _, f1, _ = segmentation.best_f1_latent(val_codes, jnp.asarray(val_present[:, c]))
+        present_val = jnp.asarray(val_present[:, c])
+        _, f1, _ = segmentation.best_f1_latent(val_codes, present_val)
         w, b, loss = probe_1d(train_codes, jnp.asarray(train_present[:, c]))
         j = int(jnp.argmin(loss))
-        ap = average_precision(val_codes[:, j] * w[j] + b[j], jnp.asarray(val_present[:, c]))
-        scores.append({"f1": float(f1), "ap": float(ap)})
+        prevalence = jnp.mean(jnp.asarray(train_present[:, c], jnp.float32))
+        ap, probe_ce, baseline_ce, purity = _held_out_scores(val_codes[:, j], present_val, w[j], b[j], prevalence,
+                                                             purity_k)
+        scores.append({"f1": float(f1), "latent": j, "ap": float(ap), "probe_ce": float(probe_ce),
+                       "baseline_ce": float(baseline_ce), "purity": float(purity)})
     return scores
+
+
+def summarize(scores: list[dict[str, float]], *, tau: float = 0.3) -> dict[str, float]:
+    """The follow-up's row for one dictionary from `concept_scores`: Probe R
+    (`1 - mean probe_ce / mean baseline_ce`), mAP, mean Purity@k, Coverage@tau (share of
+    concepts with AP >= tau), and the mean best-feature F1."""
+    def mean(key):
+        return sum(s[key] for s in scores) / len(scores)
+
+    return {"probe_r": 1 - mean("probe_ce") / mean("baseline_ce"), "map": mean("ap"), "purity": mean("purity"),
+            "coverage": sum(s["ap"] >= tau for s in scores) / len(scores), "mean_f1": mean("f1")}

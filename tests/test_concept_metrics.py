@@ -73,3 +73,34 @@ def test_a_separable_latent_stays_finite_and_wins():
     assert int(jnp.argmin(loss)) == 0 and float(loss[0]) < 0.01
     scores = jnp.asarray(values[:, 0]) * w[0] + b[0]
     assert float(cm.average_precision(scores, jnp.asarray(present))) == 1.0
+
+
+def test_concept_scores_and_the_follow_ups_summary_by_hand():
+    """Two concepts, three latents: latent 0 detects concept 0 (noisily), latent 2 is concept 1
+    reversed (it fires where the concept is absent), latent 1 is noise."""
+    rng = np.random.default_rng(3)
+    n = 600
+    present = rng.random((2 * n, 2)) < np.asarray([0.2, 0.4])
+    codes = np.stack([np.where(present[:, 0], 3.0, 0.0) + rng.exponential(0.7, 2 * n),
+                      rng.exponential(size=2 * n),
+                      np.where(present[:, 1], 0.0, 2.0) + rng.exponential(0.3, 2 * n)], 1).astype(np.float32)
+    train, val = slice(0, n), slice(n, 2 * n)
+    scores = cm.concept_scores(jnp.asarray(codes[train]), jnp.asarray(codes[val]), present[train], present[val],
+                               purity_k=16)
+    assert [s["latent"] for s in scores] == [0, 2]
+    for c, s in enumerate(scores):
+        w, b, _ = cm.probe_1d(jnp.asarray(codes[train]), jnp.asarray(present[train, c]))
+        j = s["latent"]
+        logits = codes[val, j] * float(w[j]) + float(b[j])
+        y = present[val, c].astype(np.float64)
+        assert s["probe_ce"] == pytest.approx(np.mean(np.logaddexp(0, logits) - y * logits), rel=1e-4)
+        p = present[train, c].mean()
+        assert s["baseline_ce"] == pytest.approx(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)), rel=1e-4)
+        assert s["purity"] == pytest.approx(np.mean(y[np.argsort(-logits, kind="stable")[:16]]))
+        assert s["ap"] == pytest.approx(float(cm.average_precision(jnp.asarray(logits), jnp.asarray(y > 0))), rel=1e-5)
+    assert float(w[2]) < 0  # concept 1's probe reads its latent reversed, and AP follows the probe
+    summary = cm.summarize(scores, tau=0.3)
+    assert summary["probe_r"] == pytest.approx(1 - (scores[0]["probe_ce"] + scores[1]["probe_ce"]) /
+                                               (scores[0]["baseline_ce"] + scores[1]["baseline_ce"]))
+    assert 0.5 < summary["probe_r"] < 1 and summary["map"] > 0.9 and summary["coverage"] == 1.0
+    assert cm.summarize(scores, tau=max(s["ap"] for s in scores))["coverage"] == 0.5

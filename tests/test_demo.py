@@ -15,10 +15,14 @@ def test_quick_demo_writes_the_report_and_summary(tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     summary = json.load(open(tmp_path / "report" / "summary.json"))
     assert isinstance(summary["seconds"], float)
-    assert 0.0 <= summary["vit"]["val_accuracy"] <= 1.0
+    assert 0.0 <= summary["vit"]["val_accuracy"] <= 1.0 and summary["vit"]["targets"] == "factorised"
+    assert summary["backbone"]["family"] == "vit" and summary["backbone"]["grid"] == [8, 8]
+    assert set(summary["probes"]) == {"colour_accuracy", "shape_accuracy", "size_accuracy", "texture_accuracy"}
     assert set(summary["sae"]) >= {"l0", "nmse", "dead_fraction", "dense_fraction"}
     names = [c["name"] for c in summary["concepts"]]
-    assert names == ["circle", "square", "triangle", "cross", "red", "green", "blue", "yellow", "background"]
+    assert names == ["circle", "square", "triangle", "cross", "red", "green", "blue", "yellow", "background",
+                     "small", "large", "noise", "stripes", "checker", "gradient"]
+    assert [c["factor"] for c in summary["concepts"]] == ["shape"] * 4 + ["colour"] * 5 + ["size"] * 2 + ["texture"] * 4
     for concept in summary["concepts"]:
         assert isinstance(concept["latent"], int) and 0 <= concept["f1"] <= 1 and 0 <= concept["probe_f1"] <= 1
         union = concept["union"]
@@ -37,13 +41,20 @@ def test_quick_demo_writes_the_report_and_summary(tmp_path):
         assert os.path.getsize(tmp_path / "report" / f"exemplars_{concept['name']}.png") > 100
         dictionaries = concept["dictionaries"]
         assert set(dictionaries) == {"sae", "kmeans", "pca"}
-        assert all(0 <= d["f1"] <= 1 and 0 <= d["ap"] <= 1 for d in dictionaries.values())
+        assert all(0 <= d["f1"] <= 1 and 0 <= d["ap"] <= 1 and 0 <= d["purity"] <= 1 for d in dictionaries.values())
         # The threshold search can only match or beat the SAE's threshold-0 latent F1.
         assert dictionaries["sae"]["f1"] >= concept["f1"] - 1e-6
+    for name, row in summary["dictionaries"].items():  # the follow-up's row, from the per-concept scores
+        scores = [c["dictionaries"][name] for c in summary["concepts"]]
+        ce = sum(s["probe_ce"] for s in scores) / sum(s["baseline_ce"] for s in scores)
+        assert abs(row["probe_r"] - (1 - ce)) < 1e-9
+        assert row["coverage"] == sum(s["ap"] >= 0.3 for s in scores) / 15
     assert [c["name"] for c in summary["conjunctions"]] == [f"{colour} {shape}" for shape in names[:4]
                                                              for colour in names[4:8]]
     assert all(0 <= c["latent"] < summary["sae"]["d_sae"] and 0 <= c["f1"] <= 1 for c in summary["conjunctions"])
     page = open(tmp_path / "report" / "index.html").read()
-    assert page.count("data:image/png;base64,") == 9 and page.count("<svg") == 3
+    assert page.count("data:image/png;base64,") == 15 and page.count("<svg") == 3
     assert "src='http" not in page and 'src="http' not in page  # self-contained
-    assert page.count("<tr>", page.index("id='dictionaries'")) >= 10  # the header and 9 concepts
+    table = page[page.index("id='dictionaries'"):]
+    assert table[:table.index("</table>")].count("<tr>") == 16  # the header and 15 concepts
+    assert page.count("<tr>", page.index("id='dictionary-summary'"), page.index("id='dictionaries'")) == 4

@@ -238,32 +238,56 @@ TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, inte
                 patch_size=8)
 
 
-def test_short_training_run_gives_a_checkpoint_that_load_reads(tmp_path):
-    kwargs = dict(seed=0, n_train=256, n_val=100, vit=TINY_VIT, steps=3, batch_size=32, warmup_steps=1)
+def test_heads_loss_and_argmax_by_hand():
+    logits = np.array([[2.0, 0.0, 1.0, -1.0, 3.0], [0.0, 1.0, 0.5, 2.0, 0.0]], np.float32)
+    heads = (3, 2)  # classes 0..2 from logits[:3], 0..1 from logits[3:]
+    targets = np.array([[0, 1], [2, 1]])
+
+    def ce(z, t):
+        return np.log(np.sum(np.exp(z))) - z[t]
+
+    expected = np.mean([ce(logits[i, :3], targets[i, 0]) for i in range(2)]) + \
+        np.mean([ce(logits[i, 3:], targets[i, 1]) for i in range(2)])
+    loss, accuracy = vit_training.heads_loss(logits, targets, heads)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_array_equal(vit_training.heads_argmax(logits, heads), [[0, 1], [1, 0]])
+    assert float(accuracy) == 0.5  # row 0 right on both heads, row 1 wrong on both
+    one, _ = vit_training.heads_loss(logits, np.array([4, 1]), None)  # one softmax over all five
+    assert float(one) == pytest.approx(np.mean([ce(logits[0], 4), ce(logits[1], 1)]), rel=1e-5)
+
+
+@pytest.mark.parametrize("targets", ["factorised", "conjunction"])
+def test_short_training_run_gives_a_checkpoint_that_load_reads(tmp_path, targets):
+    kwargs = dict(seed=0, n_train=256, n_val=100, vit=TINY_VIT, steps=3, batch_size=32, warmup_steps=1, targets=targets)
     result = vit_training.train_shapes_vit(tmp_path, **kwargs)
-    assert not result.reused and result.path == os.path.join(tmp_path, "vit")
+    folder = "vit" if targets == "factorised" else "vit_conjunction"
+    assert not result.reused and result.path == os.path.join(tmp_path, folder)
     names = set(os.listdir(result.path))
     assert {"config.json", "flax_model.msgpack", "preprocessor_config.json", "training.json"} <= names
-    assert not any(n.startswith("vit.tmp") for n in os.listdir(tmp_path))
+    assert not any(n.startswith(folder + ".tmp") for n in os.listdir(tmp_path))
     with open(os.path.join(result.path, "config.json")) as f:
         cfg = json.load(f)
-    assert cfg["model_type"] == "vit" and cfg["id2label"]["5"] == "green square"
+    n_labels, heads = (8, (4, 4)) if targets == "factorised" else (16, None)
+    assert cfg["model_type"] == "vit"
+    assert cfg["id2label"]["5"] == ("shape=square" if targets == "factorised" else "green square")
 
     bb, params = saejax.backbones.load(result.path, cache_dir=False)
-    assert (bb.family, bb.n_classes, bb.image_size, bb.grid, bb.n_layers) == ("vit", 16, 40, (5, 5), 2)
+    assert (bb.family, bb.n_classes, bb.image_size, bb.grid, bb.n_layers) == ("vit", n_labels, 40, (5, 5), 2)
 
     # The training module on the saved params and the backbone give the same logits...
     val = shapes.source("validation", 100, seed=0)
     with open(os.path.join(result.path, "flax_model.msgpack"), "rb") as f:
         saved = serialization.msgpack_restore(f.read())
-    apply_fn, _ = create_vit_classifier(dict(TINY_VIT, num_labels=16), jax.random.key(1))
+    apply_fn, _ = create_vit_classifier(dict(TINY_VIT, num_labels=n_labels), jax.random.key(1))
     pixels = vit_training.vit_processing(40)(val.images)  # what training fed the model
     np.testing.assert_array_equal(pixels, bb.preprocess(val.images))
     train_logits = np.asarray(jax.jit(apply_fn)(saved, pixels))
     out = jax.jit(lambda p, x: bb.forward(p, x))(params, pixels)
     np.testing.assert_allclose(np.asarray(out.logits), train_logits, atol=1e-5, rtol=1e-5)
-    # ... and the accuracy recorded at training time is the backbone's.
-    accuracy = float(np.mean(np.argmax(np.asarray(out.logits), -1) == val.labels))
+    # ... and the accuracy recorded at training time is the backbone's (all heads right).
+    predicted = np.asarray(vit_training.heads_argmax(out.logits, heads))
+    expected = val.labels if heads is None else np.stack([val.labels % 4, val.labels // 4], -1)
+    accuracy = float(np.mean(np.all((predicted == expected).reshape(100, -1), axis=1)))
     assert accuracy == pytest.approx(result.val_accuracy)
 
     # The same call reuses the checkpoint; other settings retrain.
@@ -273,3 +297,18 @@ def test_short_training_run_gives_a_checkpoint_that_load_reads(tmp_path):
     other = vit_training.train_shapes_vit(tmp_path, **dict(kwargs, steps=2))
     assert not other.reused and other.info["settings"]["steps"] == 2
     assert os.path.getmtime(os.path.join(result.path, "flax_model.msgpack")) >= mtime
+
+
+def test_factorised_patch_targets_are_the_factor_labels_of_the_batch():
+    train = shapes.source("train", 64, seed=3)
+    batch = next(data.batches(train, 16, seed=0))
+    heads = vit_training.task_heads("factorised")
+    got = heads["patch_targets"](batch, world=train.world, patch_size=8)
+    assert got.shape == (16, 5, 5, 4) and heads["patch_heads"] == (5, 5, 3, 5)
+    labels = shapes.factor_patch_labels(train.world, 8, batch.ids)
+    for g, family in enumerate(shapes.FACTORS):
+        np.testing.assert_array_equal(got[..., g], labels[family])
+    np.testing.assert_array_equal(heads["image_targets"](batch.labels),
+                                  np.stack([train.world.colours[batch.ids, 0], train.world.shapes[batch.ids, 0]], -1))
+    with pytest.raises(ValueError, match="unknown targets 'both'"):
+        vit_training.task_heads("both")

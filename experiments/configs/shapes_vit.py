@@ -22,6 +22,9 @@ from saejax.datasets.shapes_vit import SHAPES_VIT
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # "factorised": colour and shape as separate heads (image and patch) and per-patch size and
+    # texture heads; "conjunction": the 16 colour-shape classes (saejax.datasets.shapes_vit.task_heads).
+    c.targets = "factorised"
     c.n_train = 30_000
     c.n_val = 2_000
     c.image_size = 40

@@ -81,6 +81,7 @@ __all__ = [
     "concept_factor",
     "factor_labels",
     "factor_patch_concepts",
+    "factor_patch_fractions",
     "factor_patch_labels",
     "generate",
     "patch_concepts",
@@ -365,16 +366,21 @@ def factor_patch_labels(world: ShapesWorld, patch_size: int, indices=None) -> di
             for family, labels in factor_labels(world, indices).items()}
 
 
+def factor_patch_fractions(world: ShapesWorld, patch_size: int, indices=None) -> np.ndarray:
+    """float32 [N, gh, gw, len(FACTOR_CONCEPTS)]: the share of each patch's pixels that each
+    concept covers."""
+    fractions = {family: class_fractions(labels, patch_size, len(FACTORS[family]))
+                 for family, labels in factor_labels(world, indices).items()}
+    return np.stack([fractions[family][..., k] for family, k in map(concept_factor, FACTOR_CONCEPTS)], axis=-1)
+
+
 def factor_patch_concepts(world: ShapesWorld, patch_size: int, indices=None, *,
                           min_fraction: float = 0.5) -> np.ndarray:
     """bool [N, gh, gw, len(FACTOR_CONCEPTS)]: a concept is present in a patch when its class
     covers at least `min_fraction` of the patch's pixels."""
     if not 0 < min_fraction <= 1:
         raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
-    fractions = {family: class_fractions(labels, patch_size, len(FACTORS[family]))
-                 for family, labels in factor_labels(world, indices).items()}
-    columns = [fractions[family][..., k] for family, k in map(concept_factor, FACTOR_CONCEPTS)]
-    return np.stack(columns, axis=-1) >= min_fraction - 1e-6
+    return factor_patch_fractions(world, patch_size, indices) >= min_fraction - 1e-6
 
 
 def class_fractions(labels, patch_size: int, n_classes: int) -> np.ndarray:
