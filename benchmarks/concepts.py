@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.demo import WORLD_PATCH, default_layer, load_backbone_for_world
 from saejax import backbones, concept_metrics, features, losses, normalization, sae, train
 from saejax import metrics as sae_metrics
 from saejax.datasets import shapes
-from saejax.datasets.shapes_vit import TARGETS, train_shapes_vit
+from saejax.datasets.shapes_backbones import default_layer, image_sizes
+from saejax.datasets.shapes_vit import SHAPES_VIT, TARGETS, train_shapes_vit
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the world's ViT is (or is trained) and results go.",
                                required=True)
@@ -150,7 +150,8 @@ def main(argv):
     workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
     if _BACKBONE.value:
-        name, load_size, world_size = load_backbone_for_world(_BACKBONE.value, _IMAGE_SIZE.value // WORLD_PATCH)
+        name = _BACKBONE.value
+        load_size, world_size = image_sizes(name, _IMAGE_SIZE.value // SHAPES_VIT["patch_size"])
         title = f"{_BACKBONE.value.rstrip('/').split('/')[-1]} at {world_size} px"
     else:
         name, load_size, world_size = train_shapes_vit(workdir, seed=0, image_size=_IMAGE_SIZE.value,

@@ -54,7 +54,8 @@ from experiments.sae_training import train_sae
 from saejax import backbones, concept_metrics, features, interventions, probes, segmentation, train, viz
 from saejax import metrics as sae_metrics
 from saejax.datasets import shapes
-from saejax.datasets.shapes_vit import TARGETS, train_shapes_vit
+from saejax.datasets.shapes_backbones import default_layer, image_sizes
+from saejax.datasets.shapes_vit import SHAPES_VIT, TARGETS, train_shapes_vit
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the ViT, the SAE run and the report go.")
 _QUICK = flags.DEFINE_bool("quick", False, "A reduced run (seconds of training) to check the pipeline.")
@@ -71,13 +72,7 @@ _EDIT_IMAGES = flags.DEFINE_integer("edit_images", None, "Validation images the 
 BASELINE_DRAWS = 3
 UNION_SIZE = 4  # enough for a shape stored as one latent per colour
 CONCEPTS = shapes.FACTOR_CONCEPTS
-WORLD_PATCH = 8  # the world's ViT's patch size; --image_size / WORLD_PATCH is the grid
-
-
-def default_layer(n_layers: int) -> int:
-    """Two thirds of the way up: block 2 of 4, block 7 of 12 (the paper's 'second to last' of
-    a small ViT and the depth the issue measured DINOv2 at)."""
-    return max(0, round(2 * n_layers / 3) - 1)
+WORLD_PATCH = SHAPES_VIT["patch_size"]  # --image_size / WORLD_PATCH is the grid
 
 
 class Analysis:
@@ -141,15 +136,6 @@ def firing_breakdown(fired, present, coverage, on_object) -> dict[str, int]:
             "other_objects": int(np.sum(absent & on_object)), "background": int(np.sum(absent & ~on_object))}
 
 
-def load_backbone_for_world(name: str, grid: int) -> tuple[str, int | None, int]:
-    """`(name, image_size to load it at or None, world image size)`: DINOv2 families run at
-    `grid` patches a side; other families at their own size, the world drawn to match."""
-    bb, _ = backbones.load(name)
-    if bb.family in ("dinov2", "dinov2_registers"):
-        return name, grid * bb.patch_size, grid * bb.patch_size
-    return name, None, bb.image_size
-
-
 def run_demo(workdir: str, quick: bool = False, image_size: int = 64, targets: str = "factorised",
              backbone: str | None = None, layer: int | None = None, edit_images: int | None = None) -> dict:
     start_time = time.time()
@@ -167,8 +153,8 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64, targets: s
               f"({'reused' if vit.reused else f'{vit.seconds:.0f} s'})", flush=True)
         config.backbone.name, world_size = vit.path, image_size
     else:
-        config.backbone.name, config.backbone.image_size, world_size = load_backbone_for_world(
-            backbone, image_size // WORLD_PATCH)
+        load_size, world_size = image_sizes(backbone, image_size // WORLD_PATCH)
+        config.backbone.name, config.backbone.image_size = backbone, load_size
         print(f"backbone {backbone} at {world_size} px", flush=True)
     config.data.image_size = world_size
     if layer is not None or backbone is not None:

@@ -312,3 +312,20 @@ def test_factorised_patch_targets_are_the_factor_labels_of_the_batch():
                                   np.stack([train.world.colours[batch.ids, 0], train.world.shapes[batch.ids, 0]], -1))
     with pytest.raises(ValueError, match="unknown targets 'both'"):
         vit_training.task_heads("both")
+
+
+def test_backbones_see_the_world_at_its_grid(tmp_path):
+    from saejax.backbones import create_random
+    from saejax.datasets import shapes_backbones
+
+    dinov2 = create_random("dinov2", str(tmp_path / "dinov2"), hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, mlp_ratio=2, image_size=70, patch_size=14)
+    vit = create_random("vit", str(tmp_path / "vit"), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, image_size=48, patch_size=16)
+    assert shapes_backbones.image_sizes(dinov2, grid=8) == (112, 112)
+    assert shapes_backbones.image_sizes(vit, grid=8) == (None, 48)  # a ViT runs at its own size only
+    bb, _ = saejax.backbones.load(dinov2, image_size=112, cache_dir=False)
+    world = shapes.generate(2, seed=0, image_size=112)
+    assert bb.grid == (8, 8) and bb.preprocess(world.images).shape == (2, 112, 112, 3)
+    assert shapes.factor_patch_concepts(world, bb.patch_size).shape[1:3] == bb.grid
+    assert [shapes_backbones.default_layer(n) for n in (1, 4, 12, 24)] == [0, 2, 7, 15]
