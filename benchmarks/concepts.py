@@ -5,19 +5,20 @@ PCA dictionaries of the same sizes on the same residuals as the reference points
 
     python -m benchmarks.concepts --workdir=/tmp/saejax-demo                   # the demo's ViT (~6 min)
     python -m benchmarks.concepts --workdir=/tmp/demo-dinov2 --backbone=DIR    # a pretrained DINOv2
-    pip install matplotlib   # for the PNG (`--png=`); without it only the table and JSON are written
+    pip install matplotlib   # for the PNG; without it only the table and JSON are written
 
 Residuals of the SAE's block (the demo's: block 2 of the world's ViT, two thirds of the way up a
 pretrained model) are harvested once for `--train_images` training images and 1,000 validation
 images, normalised as the demo does (mean and scalar from the training residuals), and every
 setting is trained on the same shuffled batches for `--steps` steps of `--batch` patch tokens
-(the demo's budget: 1,500 x 1,024). Matryoshka is BatchTopK with the nested-prefix loss
+(the demo's budget: 1,500 x 1,024). The references are k-means with F centroids and PCA
+keeping each patch's 4 or 16 largest coefficients. Matryoshka is BatchTopK with the nested-prefix loss
 (prefixes F/8, F/4, F/2, F). ReLU uses the paper's L1 penalty.
 
 Prints one row per setting (L0, NMSE, dead fraction, mean best-latent F1, and that F1 as a
 ratio of the k-means reference of the same size measured in this run), writes
-`<workdir>/concepts_sweep.json`, and plots NMSE against mean best-latent F1 with the Pareto
-front (lower NMSE, higher F1) to `--png` (default `<workdir>/concepts_sweep.png`). README shows
+`<workdir>/<--name>.json` (default `concepts_sweep`), and plots NMSE against mean best-latent F1
+with the Pareto front (lower NMSE, higher F1) to `<workdir>/<--name>.png`. README shows
 the result and the demo's SAE setting (`experiments/configs/shapes_demo.py`) follows it.
 """
 
@@ -49,9 +50,9 @@ _STEPS = flags.DEFINE_integer("steps", 1_500, "Training steps per setting.")
 _BATCH = flags.DEFINE_integer("batch", 1_024, "Patch tokens per step.")
 _ARCHITECTURES = flags.DEFINE_list("architectures", ["topk", "batchtopk", "matryoshka", "relu"], "Architectures.")
 _KS = flags.DEFINE_list("ks", ["4", "8", "16"], "k of the TopK family.")
-_L1 = flags.DEFINE_list("l1", ["0.3", "1", "3"], "L1 coefficients of ReLU (on normalised residuals).")
+_L1 = flags.DEFINE_list("l1", ["0.01", "0.03", "0.1"], "L1 coefficients of ReLU (on normalised residuals).")
 _EXPANSIONS = flags.DEFINE_list("expansions", ["4", "8", "16"], "Dictionary sizes as multiples of the width.")
-_PNG = flags.DEFINE_string("png", None, "Where the plot goes (default <workdir>/concepts_sweep.png).")
+_NAME = flags.DEFINE_string("name", "concepts_sweep", "Results go to <workdir>/<name>.json and .png.")
 
 
 def harvest(bb, params, images, layer, batch=128) -> np.ndarray:
@@ -91,18 +92,24 @@ def score(codes, x_hat, x, present) -> dict:
             "mean_f1": float(jnp.mean(best_f1)), "f1": np.asarray(best_f1).round(4).tolist()}
 
 
-def reference_rows(train_x, val_x, present, d_sae, key) -> list[dict]:
-    """k-means (F centroids; reconstruction: the nearest centroid) and PCA (F/2 components,
-    split into positive and negative halves; reconstruction: the projection) of size F."""
-    fit = train_x[np.random.default_rng(1).permutation(len(train_x))[:65_536]]
-    centroids = concept_metrics.kmeans(jnp.asarray(fit), n_centroids=d_sae, key=key)
+def reference_rows(train_x, val_x, present, d_sae, key, pca_keep=(4, 16)) -> list[dict]:
+    """k-means with F centroids (reconstruction: the nearest centroid; L0 1) and PCA keeping each
+    input's `n` largest coefficients (of min(D, F/2) components, halves as separate features;
+    reconstruction: those coefficients' projection; L0 n), the follow-up's baselines."""
+    fit = jnp.asarray(train_x[np.random.default_rng(1).permutation(len(train_x))[:65_536]])
+    centroids = concept_metrics.kmeans(fit, n_centroids=d_sae, key=key)
     km = concept_metrics.kmeans_codes(val_x, n_centroids=d_sae, key=key, centroids=centroids)
+    rows = [{"architecture": "kmeans", "d_sae": d_sae, "knob": None, **score(km, km @ centroids, val_x, present)}]
     n_components = min(val_x.shape[1], d_sae // 2)
-    _, mean, components = concept_metrics.pca_codes(jnp.asarray(fit), n_components=n_components)
-    pca, _, _ = concept_metrics.pca_codes(val_x, n_components=0, mean_D=mean, components_KD=components)
-    pca_hat = (pca[:, :n_components] - pca[:, n_components:]) @ components + mean
-    return [{"architecture": "kmeans", "d_sae": d_sae, "knob": None, **score(km, km @ centroids, val_x, present)},
-            {"architecture": "pca", "d_sae": 2 * n_components, "knob": None, **score(pca, pca_hat, val_x, present)}]
+    _, mean, components = concept_metrics.pca_codes(fit, n_components=n_components)
+    halves, _, _ = concept_metrics.pca_codes(val_x, n_components=0, mean_D=mean, components_KD=components)
+    for keep in pca_keep:
+        threshold = jax.lax.top_k(halves, keep)[0][:, -1:]
+        codes = jnp.where(halves >= threshold, halves, 0.0)
+        x_hat = (codes[:, :n_components] - codes[:, n_components:]) @ components + mean
+        rows.append({"architecture": "pca", "d_sae": 2 * n_components, "knob": keep,
+                     **score(codes, x_hat, val_x, present)})
+    return rows
 
 
 def pareto(rows) -> list[int]:
@@ -198,10 +205,10 @@ def main(argv):
           f"NMSE {best['nmse']:.4f}); {time.time() - start:.0f} s")
     result = {"title": title, "layer": layer, "concepts": list(shapes.FACTOR_CONCEPTS), "rows": rows,
               "pareto": front, "best": best, "steps": _STEPS.value, "batch": _BATCH.value}
-    with open(os.path.join(workdir, "concepts_sweep.json"), "w") as f:
+    with open(os.path.join(workdir, f"{_NAME.value}.json"), "w") as f:
         json.dump(result, f, indent=1)
     try:
-        plot(rows, front, _PNG.value or os.path.join(workdir, "concepts_sweep.png"), f"{title}, block {layer}")
+        plot(rows, front, os.path.join(workdir, f"{_NAME.value}.png"), f"{title}, block {layer}")
     except ImportError:
         print("matplotlib is not installed: no PNG (pip install matplotlib)")
 

@@ -14,9 +14,11 @@ Steps:
    `--backbone=<hub id or HF dir>` uses a pretrained model instead: the world is drawn at the
    size that gives it the same patch grid (DINOv2 at 112 px: 8 x 8 patches of 14 px; CLIP and
    ViT at their fixed size).
-2. A TopK SAE on block 2 of 4 (`experiments/configs/shapes_demo.py`; on a pretrained backbone
-   the block two thirds of the way up, or `--layer`) via `experiments.train_sae` in
-   `<workdir>/sae_run` (resumable like any run); the trained states come back in memory.
+2. A BatchTopK SAE (k=4, 16 x width latents) on block 2 of 4 (`experiments/configs/shapes_demo.py`,
+   the setting `benchmarks.concepts` picks; `--architecture`, `--k` and `--expansion` choose
+   another; on a pretrained backbone the block two thirds of the way up, or `--layer`) via
+   `experiments.train_sae` in `<workdir>/sae_run` (resumable like any run); the trained states
+   come back in memory.
 3. On validation images, for the 15 concepts of `shapes.FACTOR_CONCEPTS` (4 shapes, 4 colours,
    background, small / large object, 4 background textures): per latent, the top exemplars
    and patch-level F1 against each concept's patches; the best latent per concept. Two bounds
@@ -66,6 +68,11 @@ _BACKBONE = flags.DEFINE_string("backbone", None, "A pretrained backbone (hub id
                                 "the world's ViT.")
 _LAYER = flags.DEFINE_integer("layer", None, "The SAE's block (default: 2 for the world's ViT, two thirds of the "
                               "way up a pretrained backbone).")
+_ARCHITECTURE = flags.DEFINE_enum("architecture", None, ["topk", "batchtopk", "matryoshka"], "The SAE's "
+                                  "architecture (default: the config's, BatchTopK; matryoshka = BatchTopK with "
+                                  "nested prefixes F/8, F/4, F/2, F).")
+_K = flags.DEFINE_integer("k", None, "The SAE's k (default: the config's, 4).")
+_EXPANSION = flags.DEFINE_integer("expansion", None, "Latents per residual dimension (default: the config's, 16).")
 _EDIT_IMAGES = flags.DEFINE_integer("edit_images", None, "Validation images the edits run on (default: all 1,000 "
                                     "for the world's ViT, 250 for a pretrained backbone).")
 
@@ -136,8 +143,22 @@ def firing_breakdown(fired, present, coverage, on_object) -> dict[str, int]:
             "other_objects": int(np.sum(absent & on_object)), "background": int(np.sum(absent & ~on_object))}
 
 
+def configure_sae(config, d_model: int, architecture: str | None, k: int | None, expansion: int | None) -> None:
+    """Overrides the config's SAE (`benchmarks.concepts` names the settings the same way)."""
+    if architecture is not None:
+        config.sae.architecture = "batchtopk" if architecture == "matryoshka" else architecture
+    if expansion is not None:
+        config.sae.expansion = expansion
+    if k is not None:
+        config.sae.k, config.sweep.k = k, (k,)
+    if architecture == "matryoshka":
+        d_sae = config.sae.expansion * d_model
+        config.objective.matryoshka_prefixes = (d_sae // 8, d_sae // 4, d_sae // 2, d_sae)
+
+
 def run_demo(workdir: str, quick: bool = False, image_size: int = 64, targets: str = "factorised",
-             backbone: str | None = None, layer: int | None = None, edit_images: int | None = None) -> dict:
+             backbone: str | None = None, layer: int | None = None, edit_images: int | None = None,
+             architecture: str | None = None, k: int | None = None, expansion: int | None = None) -> dict:
     start_time = time.time()
     os.makedirs(workdir, exist_ok=True)
     report_dir = os.path.join(workdir, "report")
@@ -157,9 +178,10 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64, targets: s
         config.backbone.name, config.backbone.image_size = backbone, load_size
         print(f"backbone {backbone} at {world_size} px", flush=True)
     config.data.image_size = world_size
+    model = backbones.load(config.backbone.name, image_size=config.backbone.get("image_size"))[0]
     if layer is not None or backbone is not None:
-        n_layers = backbones.load(config.backbone.name, image_size=config.backbone.get("image_size"))[0].n_layers
-        config.layers = (default_layer(n_layers) if layer is None else layer,)
+        config.layers = (default_layer(model.n_layers) if layer is None else layer,)
+    configure_sae(config, model.d_model, architecture, k, expansion)
 
     # 2. The SAE, trained on the backbone's residual stream on the fly.
     sae_dir = os.path.join(workdir, "sae_run")
@@ -304,6 +326,7 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64, targets: s
         "sae": {"l0": member["l0"], "nmse": member["nmse"], "explained_variance": member["explained_variance"],
                 "dead_fraction": member["dead_fraction"], "dense_fraction": member["dense_fraction"],
                 "d_sae": ae.d_sae, "architecture": ae.architecture, "k": getattr(ae, "k", None), "layer": layer,
+                "matryoshka_prefixes": config.objective.get("matryoshka_prefixes"),
                 "path": member["path"]},
         "probes": {f"{family}_accuracy": accuracy for family, accuracy in probe_accuracy.items()},
         "edit_images": n_edit,
@@ -406,7 +429,8 @@ def main(argv):
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
     run_demo(_WORKDIR.value, quick=_QUICK.value, image_size=_IMAGE_SIZE.value, targets=_TARGETS.value,
-             backbone=_BACKBONE.value, layer=_LAYER.value, edit_images=_EDIT_IMAGES.value)
+             backbone=_BACKBONE.value, layer=_LAYER.value, edit_images=_EDIT_IMAGES.value,
+             architecture=_ARCHITECTURE.value, k=_K.value, expansion=_EXPANSION.value)
 
 
 if __name__ == "__main__":

@@ -63,13 +63,15 @@ def test_quick_demo_writes_the_report_and_summary(tmp_path):
 def test_quick_demo_on_a_pretrained_dinov2_runs_it_at_the_worlds_grid(tmp_path):
     """`--backbone` swaps the world's ViT for a (here tiny random) DINOv2 directory: the world is
     drawn at 8 patches of 14 px a side (112 px), the position embeddings are interpolated to that
-    grid, the SAE sits two thirds of the way up, and the edits run on `--edit_images` images."""
+    grid, the SAE sits two thirds of the way up, and the edits run on `--edit_images` images.
+    `--architecture`, `--k` and `--expansion` choose the SAE."""
     from saejax import backbones
 
     model = backbones.create_random("dinov2", str(tmp_path / "dinov2"), seed=0, hidden_size=32, num_hidden_layers=3,
                                     num_attention_heads=2, mlp_ratio=2, image_size=70, patch_size=14)
     out = subprocess.run([sys.executable, "-m", "experiments.demo", f"--workdir={tmp_path / 'run'}", "--quick",
-                          f"--backbone={model}", "--edit_images=40"], cwd=ROOT, capture_output=True, text=True,
+                          f"--backbone={model}", "--edit_images=40", "--architecture=matryoshka", "--k=2",
+                          "--expansion=2"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     summary = json.load(open(tmp_path / "run" / "report" / "summary.json"))
@@ -77,6 +79,9 @@ def test_quick_demo_on_a_pretrained_dinov2_runs_it_at_the_worlds_grid(tmp_path):
     assert summary["backbone"] == {"name": model, "path": model, "family": "dinov2", "image_size": 112,
                                    "grid": [8, 8], "n_layers": 3, "targets": None}
     assert summary["sae"]["layer"] == 1 and summary["edit_images"] == 40
+    sae = summary["sae"]  # --architecture=matryoshka: BatchTopK with nested prefixes of the 2 x 32 latents
+    assert (sae["architecture"], sae["k"], sae["d_sae"], sae["matryoshka_prefixes"]) == ("batchtopk", 2, 64,
+                                                                                       [8, 16, 32, 64])
     assert len(summary["concepts"]) == 15
     # The report's exemplars are 112 px world images (the backbone's own size, 8 x 8 patches).
     page = open(tmp_path / "run" / "report" / "index.html").read()
