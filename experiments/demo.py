@@ -1,7 +1,7 @@
 """The whole loop of the paper on one machine, offline: a ViT, an SAE trained on its residual
 stream on the fly, features matched to ground-truth concepts, and interventions measured.
 
-    python -m experiments.demo --workdir=/tmp/saejax-demo          # about 6 min on 2 CPU cores
+    python -m experiments.demo --workdir=/tmp/saejax-demo          # about 9 min on 2 CPU cores
     python -m experiments.demo --workdir=/tmp/saejax-demo --quick  # reduced, for tests
     python -m experiments.demo --workdir=/tmp/demo-dinov2 --backbone=/path/to/hf_dinov2_dir
 
