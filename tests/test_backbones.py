@@ -505,24 +505,38 @@ def test_weights_that_are_not_finite_not_floats_or_beyond_the_config_are_refused
         backbones.load(path, cache_dir=False)
 
 
-def test_dinov2_at_another_resolution_matches_pytorch(cache_dir):
-    """`image_size=84` runs the 5 x 5-grid checkpoint on a 6 x 6 grid, as PyTorch does."""
-    bb, params = backbones.load(os.path.join(FIXTURES, "dinov2"), cache_dir=cache_dir, image_size=84)
-    g = np.load(os.path.join(FIXTURES, "dinov2_at_84px.npz"))
-    assert (bb.image_size, bb.grid, bb.layout.n_tokens) == (84, (6, 6), 37)
+@pytest.mark.parametrize("case, size, grid", [("dinov2", 84, 6), ("clip_vision", 48, 6), ("vit", 40, 5)])
+def test_another_resolution_matches_pytorch(cache_dir, case, size, grid):
+    """`image_size=S` runs a checkpoint on another grid than its position embeddings': as
+    PyTorch does (DINOv2 always; CLIP and ViT with `interpolate_pos_encoding=True`)."""
+    bb, params = backbones.load(os.path.join(FIXTURES, case), cache_dir=cache_dir, image_size=size)
+    g = np.load(os.path.join(FIXTURES, f"{case}_at_{size}px.npz"))
+    assert (bb.image_size, bb.grid, bb.layout.n_tokens) == (size, (grid, grid), 1 + grid * grid)
     np.testing.assert_allclose(bb.preprocess(g["images_uint8"]), g["pixel_values"], atol=2e-3)
     out = bb.forward(params, g["pixel_values"], capture=tuple(range(bb.n_layers)))
+    np.testing.assert_allclose(bb.embed(params, g["pixel_values"]), g["hidden_states"][0], atol=ATOL)
     for i in range(bb.n_layers):
         np.testing.assert_allclose(out.captured[i], g["hidden_states"][i + 1], atol=ATOL)
     np.testing.assert_allclose(out.tokens, g["last_hidden_state"], atol=ATOL)
 
 
-@pytest.mark.parametrize("case, size, message", [
-    ("dinov2", 80, "multiple of the patch size 14"),
-    ("dinov2", 0, "multiple of the patch size 14"),
-    ("vit", 64, "runs only at its config's 32 px"),
-    ("clip_vision", 64, "runs only at its config's 32 px"),
-])
-def test_image_size_the_family_cannot_run_at_is_an_error(case, size, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize("case, size", [("dinov2", 80), ("dinov2", 0), ("vit", 36), ("clip_vision", True)])
+def test_image_size_off_the_patch_grid_is_an_error(case, size):
+    with pytest.raises(ValueError, match="image_size must be a positive multiple of the patch size"):
         backbones.load(os.path.join(FIXTURES, case), cache_dir=False, image_size=size)
+
+
+def test_clip_and_vit_refuse_another_processor_size_unless_asked(tmp_path):
+    """A preprocessor_config.json that disagrees with config.image_size is an error for CLIP and
+    ViT (PyTorch refuses such images without interpolate_pos_encoding); image_size= asks for it."""
+    import json
+
+    src = os.path.join(FIXTURES, "vit")
+    for name in os.listdir(src):
+        shutil.copy(os.path.join(src, name), tmp_path / name)
+    proc = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    proc["size"] = {"height": 40, "width": 40}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(proc))
+    with pytest.raises(ValueError, match="yields 40 px images but the vit model expects 32 px"):
+        backbones.load(tmp_path, cache_dir=False)
+    assert backbones.load(tmp_path, cache_dir=False, image_size=40)[0].grid == (5, 5)

@@ -323,7 +323,8 @@ def test_backbones_see_the_world_at_its_grid(tmp_path):
     vit = create_random("vit", str(tmp_path / "vit"), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, image_size=48, patch_size=16)
     assert shapes_backbones.image_sizes(dinov2, grid=8) == (112, 112)
-    assert shapes_backbones.image_sizes(vit, grid=8) == (None, 48)  # a ViT runs at its own size only
+    assert shapes_backbones.image_sizes(vit, grid=8) == (128, 128)  # interpolated to 8 x 8 patches of 16 px
+    assert shapes_backbones.image_sizes(vit, grid=3) == (None, 48)  # its own grid
     bb, _ = saejax.backbones.load(dinov2, image_size=112, cache_dir=False)
     world = shapes.generate(2, seed=0, image_size=112)
     assert bb.grid == (8, 8) and bb.preprocess(world.images).shape == (2, 112, 112, 3)

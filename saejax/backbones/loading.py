@@ -93,11 +93,13 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
             params or residuals are added, as in HF Flax).
         cache_dir: Where converted params are cached (default `$SAEJAX_CACHE` or
             `~/.cache/saejax`); `False` disables the cache.
-        image_size: Run at this resolution instead of the processor's (DINOv2 families only,
-            any multiple of the patch size: their position embeddings are interpolated to the
-            grid, as in `transformers`). `preprocess` then resizes the short side to it and
-            centre-crops a square with the checkpoint's resampling and normalisation; `grid`
-            and the token layout follow. None: the checkpoint's processor decides.
+        image_size: Run at this resolution instead of the processor's: any multiple of the
+            patch size. The position embeddings are interpolated to the new grid as
+            `transformers` does (DINOv2 always; CLIP and ViT as with
+            `interpolate_pos_encoding=True`). `preprocess` then yields `image_size` squares with
+            the checkpoint's resampling and normalisation (ViT: resized to the square; the
+            others: short side resized, centre crop); `grid` and the token layout follow.
+            None: the checkpoint's processor decides.
 
     Returns:
         `(bb, params)`: the `Backbone` and a nested dict of float32 jax arrays laid out as the
@@ -105,7 +107,7 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
 
     Raises:
         ValueError: Unknown name, unsupported `model_type`, weights that do not fit the config, or an
-            `image_size` the family cannot run at.
+            `image_size` that is not a multiple of the patch size.
         CheckpointError (a ValueError): a file that cannot be read (bad JSON, truncated or corrupt
             msgpack or safetensors), weights that are not finite or not floats, or weights of
             blocks the config does not have; the message names the file and the tensor.
@@ -150,7 +152,7 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
 
     with _config_errors(path):
         bb = make_backbone(family, vision_cfg, dtype=dtype, n_classes=heads.n_classes, processing=processing,
-                           load_info=info)
+                           load_info=info, interpolate=image_size is not None)
     params = unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     return bb, params
 
@@ -269,17 +271,15 @@ def _processing(path, family, cfg) -> ImageProcessing:
 
 
 def at_resolution(processing: ImageProcessing, family: str, cfg, image_size, path="") -> ImageProcessing:
-    """`processing` made to yield `image_size` px squares (short side resized, centre crop),
-    for the families whose position embeddings are interpolated to any grid."""
+    """`processing` made to yield `image_size` px squares, the way the family's processor sizes
+    them (ViT: resize to the square; the others: short side, then centre crop)."""
     patch = int(cfg.patch_size)
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < patch \
             or image_size % patch:
         raise ValueError(f"{path}: image_size must be a positive multiple of the patch size {patch}, got {image_size!r}")
-    if family not in ("dinov2", "dinov2_registers"):
-        raise ValueError(f"{path}: image_size={image_size} asks for another resolution, but the {family} family runs "
-                         f"only at its config's {cfg.image_size} px (its position embeddings are not interpolated); "
-                         "DINOv2 families run at any multiple of their patch size")
     s = int(image_size)
+    if family == "vit":
+        return dataclasses.replace(processing, resize_shortest=None, resize_to=(s, s), crop=None)
     return dataclasses.replace(processing, resize_shortest=s, resize_to=None, crop=(s, s))
 
 

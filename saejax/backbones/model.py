@@ -105,18 +105,49 @@ class LoadInfo:
     from_cache: bool
 
 
+class _PositionGrid:
+    """A checkpoint's square grid of patch position embeddings, resized to the model's grid by
+    bicubic interpolation as PyTorch's `interpolate_pos_encoding` does (`F.interpolate` to the
+    new size, `align_corners=False`; see _interp). The first position (CLS) is kept."""
+
+    def __init__(self, cfg, grid, *, antialias=False):
+        side = int(cfg.image_size) // int(cfg.patch_size)
+        self.side = side
+        self.matrices = None if tuple(grid) == (side, side) else (
+            bicubic_matrix(side, grid[0], antialias=antialias).astype(np.float32),
+            bicubic_matrix(side, grid[1], antialias=antialias).astype(np.float32))
+
+    def __call__(self, pe):
+        """[1, 1 + side**2, D] -> [1, 1 + rows * cols, D]."""
+        if self.matrices is None:
+            return pe
+        wh, ww = self.matrices
+        d = pe.shape[-1]
+        patch = pe[0, 1:].reshape(self.side, self.side, d).astype(jnp.float32)
+        patch = jnp.einsum("ia,jb,abd->ijd", wh, ww, patch, precision=jax.lax.Precision.HIGHEST)
+        return jnp.concatenate([pe[:, :1], patch.reshape(1, -1, d).astype(pe.dtype)], axis=1)
+
+
 class _Clip:
     root = "vision_model"
 
-    def __init__(self, cfg, dtype, n_classes):
+    def __init__(self, cfg, dtype, n_classes, grid):
         m = _hf.flax_module("clip.modeling_flax_clip")
-        self.embeddings = m.FlaxCLIPVisionEmbeddings(cfg, dtype=dtype)
+        self.patch_embedding = nn.Conv(cfg.hidden_size, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2,
+                                       padding="VALID", use_bias=False, dtype=dtype)
+        self.positions = _PositionGrid(cfg, grid)
         self.layer = m.FlaxCLIPEncoderLayer(cfg, dtype=dtype)
         self.norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype)
 
     def embed(self, p, x):
+        # FlaxCLIPVisionEmbeddings, with the position embeddings resized to the grid.
         v = p[self.root]
-        h = self.embeddings.apply({"params": v["embeddings"]}, x)
+        e = v["embeddings"]
+        patches = self.patch_embedding.apply({"params": e["patch_embedding"]}, x)
+        b, _, _, d = patches.shape
+        cls = jnp.broadcast_to(e["class_embedding"].astype(patches.dtype), (b, 1, d))
+        h = jnp.concatenate([cls, patches.reshape(b, -1, d)], axis=1)
+        h = h + self.positions(e["position_embedding"]["embedding"][None]).astype(h.dtype)
         return self.norm.apply({"params": v["pre_layrnorm"]}, h)
 
     def block(self, p, h, i):
@@ -139,25 +170,7 @@ class _Dinov2:
         self.layer = m.FlaxDinov2Layer(cfg, dtype=dtype)
         self.norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype)
         self.classifier = nn.Dense(n_classes, dtype=dtype) if n_classes else None
-        # Position-embedding interpolation, as PyTorch does it (see _interp).
-        n_pos = (cfg.image_size // cfg.patch_size) ** 2
-        side = int(round(n_pos ** 0.5))
-        self.pos_side = side
-        if tuple(grid) == (side, side):
-            self.pos_matrices = None
-        else:
-            self.pos_matrices = (bicubic_matrix(side, grid[0], antialias=antialias).astype(np.float32),
-                                 bicubic_matrix(side, grid[1], antialias=antialias).astype(np.float32))
-
-    def _position_embeddings(self, pe):
-        if self.pos_matrices is None:
-            return pe
-        wh, ww = self.pos_matrices
-        d = pe.shape[-1]
-        patch = pe[0, 1:].reshape(self.pos_side, self.pos_side, d).astype(jnp.float32)
-        patch = jnp.einsum("ia,jb,abd->ijd", wh, ww, patch, precision=jax.lax.Precision.HIGHEST)
-        patch = patch.reshape(1, -1, d).astype(pe.dtype)
-        return jnp.concatenate([pe[:, :1], patch], axis=1)
+        self.positions = _PositionGrid(cfg, grid, antialias=antialias)
 
     def embed(self, p, x):
         e = p[self.root]["embeddings"]
@@ -165,7 +178,7 @@ class _Dinov2:
         b, _, d = patches.shape
         cls = jnp.broadcast_to(e["cls_token"].astype(patches.dtype), (b, 1, d))
         h = jnp.concatenate([cls, patches], axis=1)
-        h = h + self._position_embeddings(e["position_embeddings"]).astype(h.dtype)
+        h = h + self.positions(e["position_embeddings"]).astype(h.dtype)
         if self.n_registers:
             reg = jnp.broadcast_to(e["register_tokens"].astype(h.dtype), (b, self.n_registers, d))
             h = jnp.concatenate([h[:, :1], reg, h[:, 1:]], axis=1)
@@ -188,15 +201,21 @@ class _Dinov2:
 class _Vit:
     root = "vit"
 
-    def __init__(self, cfg, dtype, n_classes):
+    def __init__(self, cfg, dtype, n_classes, grid):
         m = _hf.flax_module("vit.modeling_flax_vit")
-        self.embeddings = m.FlaxViTEmbeddings(cfg, dtype=dtype)
+        self.patch_embeddings = m.FlaxViTPatchEmbeddings(cfg, dtype=dtype)
+        self.positions = _PositionGrid(cfg, grid)
         self.layer = m.FlaxViTLayer(cfg, dtype=dtype)
         self.norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype)
         self.classifier = nn.Dense(n_classes, dtype=dtype) if n_classes else None
 
     def embed(self, p, x):
-        return self.embeddings.apply({"params": p[self.root]["embeddings"]}, x, deterministic=True)
+        # FlaxViTEmbeddings, with the position embeddings resized to the grid.
+        e = p[self.root]["embeddings"]
+        patches = self.patch_embeddings.apply({"params": e["patch_embeddings"]}, x)
+        b, _, d = patches.shape
+        h = jnp.concatenate([jnp.broadcast_to(e["cls_token"].astype(patches.dtype), (b, 1, d)), patches], axis=1)
+        return h + self.positions(e["position_embeddings"]).astype(h.dtype)
 
     def block(self, p, h, i):
         return self.layer.apply({"params": p[self.root]["encoder"]["layer"][str(i)]}, h, deterministic=True)[0]
@@ -404,8 +423,11 @@ class Backbone:
                              f"[B, {self.layout.n_tokens}, {self.d_model}] [B, T, D]")
 
 
-def make_backbone(family, cfg, *, dtype, n_classes, processing, load_info=None) -> Backbone:
-    """Builds a `Backbone` for an HF vision config (no weights involved)."""
+def make_backbone(family, cfg, *, dtype, n_classes, processing, load_info=None,
+                  interpolate: bool = False) -> Backbone:
+    """Builds a `Backbone` for an HF vision config (no weights involved). CLIP and ViT run at
+    another size than their config's only with `interpolate=True` (PyTorch's
+    `interpolate_pos_encoding=True`); DINOv2 families always interpolate, as in PyTorch."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known families: {', '.join(FAMILIES)}")
     patch = int(cfg.patch_size)
@@ -413,18 +435,19 @@ def make_backbone(family, cfg, *, dtype, n_classes, processing, load_info=None) 
     if size[0] != size[1]:
         raise ValueError(f"the image processor yields non-square {size} images; saejax backbones need square inputs")
     image_size = int(size[0])
-    if family in ("clip", "vit") and image_size != cfg.image_size:
+    if family in ("clip", "vit") and image_size != cfg.image_size and not interpolate:
         raise ValueError(f"the image processor yields {image_size} px images but the {family} model expects "
-                         f"{cfg.image_size} px (config.image_size)")
+                         f"{cfg.image_size} px (config.image_size); pass image_size= to load() to interpolate its "
+                         "position embeddings")
     grid = (image_size // patch, image_size // patch)
     n_patches = grid[0] * grid[1]
     n_reg = int(getattr(cfg, "num_register_tokens", 0)) if family == "dinov2_registers" else 0
     layout = TokenLayout(cls=0, registers=(1, 1 + n_reg), patches=(1 + n_reg, 1 + n_reg + n_patches),
                          n_tokens=1 + n_reg + n_patches)
     if family == "clip":
-        impl = _Clip(cfg, dtype, n_classes)
+        impl = _Clip(cfg, dtype, n_classes, grid)
     elif family == "vit":
-        impl = _Vit(cfg, dtype, n_classes)
+        impl = _Vit(cfg, dtype, n_classes, grid)
     else:
         registers = family == "dinov2_registers"
         impl = _Dinov2(cfg, dtype, n_classes, root="dinov2_with_registers" if registers else "dinov2",

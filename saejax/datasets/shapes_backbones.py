@@ -1,9 +1,9 @@
 """Running the shapes world through a pretrained backbone: at what size, and at which block.
 
 The shapes world is drawn at any size, so a backbone sees it at the resolution that gives the
-world's patch grid: DINOv2 families (whose position embeddings interpolate) at `grid` patches
-a side, e.g. 112 px = 8 x 8 patches of 14 px; CLIP and ViT, which run only at their own size,
-at that size (the world is drawn there).
+world's patch grid: `grid` patches a side, e.g. 112 px = 8 x 8 patches of 14 px for DINOv2,
+128 px for a 16 px-patch CLIP (`saejax.backbones.load(..., image_size=)` interpolates the
+position embeddings).
 
 >>> load_size, world_size = image_sizes("path/to/dinov2-small", grid=8)   # (112, 112)
 >>> bb, params = saejax.backbones.load("path/to/dinov2-small", image_size=load_size)
@@ -18,11 +18,11 @@ __all__ = ["default_layer", "image_sizes"]
 
 
 def image_sizes(name_or_dir, grid: int) -> tuple[int | None, int]:
-    """`(image_size to pass to backbones.load, or None for the model's own; world image size)`."""
+    """`(image_size to pass to backbones.load, or None when it is the model's own; world image
+    size)`."""
     bb, _ = backbones.load(name_or_dir)
-    if bb.family in ("dinov2", "dinov2_registers"):
-        return grid * bb.patch_size, grid * bb.patch_size
-    return None, bb.image_size
+    size = grid * bb.patch_size
+    return (None if size == bb.image_size else size), size
 
 
 def default_layer(n_layers: int) -> int:
