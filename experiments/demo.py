@@ -12,8 +12,8 @@ Steps:
    colour and shape as separate heads and, per patch, for each factor (colour, shape, size,
    background texture); `--targets=conjunction` for the 16 colour-shape classes.
    `--backbone=<hub id or HF dir>` uses a pretrained model instead: the world is drawn at the
-   size that gives it the same patch grid (DINOv2 at 112 px: 8 x 8 patches of 14 px; CLIP and
-   ViT at their fixed size).
+   size that gives it the same patch grid (DINOv2 at 112 px: 8 x 8 patches of 14 px; a 16 px-patch
+   CLIP at 128 px), and the model runs there with interpolated position embeddings.
 2. A BatchTopK SAE (k=4, 16 x width latents) on block 2 of 4 (`experiments/configs/shapes_demo.py`,
    the setting `benchmarks.concepts` picks; `--architecture`, `--k` and `--expansion` choose
    another; on a pretrained backbone the block two thirds of the way up, or `--layer`) via
