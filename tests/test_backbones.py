@@ -540,3 +540,18 @@ def test_clip_and_vit_refuse_another_processor_size_unless_asked(tmp_path):
     with pytest.raises(ValueError, match="yields 40 px images but the vit model expects 32 px"):
         backbones.load(tmp_path, cache_dir=False)
     assert backbones.load(tmp_path, cache_dir=False, image_size=40)[0].grid == (5, 5)
+
+
+def test_dinov2_without_a_processor_config_runs_at_the_size_asked(tmp_path):
+    """Without preprocessor_config.json a DINOv2 directory gets the hub processor (256 -> 224);
+    image_size= still moves it to another grid, and the result is PyTorch's."""
+    src = os.path.join(FIXTURES, "dinov2")
+    for name in os.listdir(src):
+        if name != "preprocessor_config.json":
+            shutil.copy(os.path.join(src, name), tmp_path / name)
+    assert backbones.load(tmp_path, cache_dir=False)[0].image_size == 224
+    bb, params = backbones.load(tmp_path, cache_dir=False, image_size=84)
+    g = np.load(os.path.join(FIXTURES, "dinov2_at_84px.npz"))
+    x = bb.preprocess(g["images_uint8"])
+    np.testing.assert_allclose(x, g["pixel_values"], atol=2e-3)
+    np.testing.assert_allclose(bb.forward(params, g["pixel_values"]).tokens, g["last_hidden_state"], atol=ATOL)
