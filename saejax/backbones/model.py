@@ -1,7 +1,9 @@
 """`Backbone`: one pure, jittable ViT forward with residual capture and residual edits.
 
-The transformer blocks, embeddings and norms are `transformers`' own Flax modules, applied
-one block at a time to the matching parameter subtrees, so the numerics are HF's. The params
+The transformer blocks, patch embeddings and norms are `transformers`' own Flax modules,
+applied one block at a time to the matching parameter subtrees, so the numerics are HF's. The
+CLS token and position embeddings are added here, so that the position grid can be
+interpolated to other image sizes as PyTorch does (`_PositionGrid`). The params
 pytree is the parameter tree of HF's Flax model class for the checkpoint (absent heads
 omitted):
 
