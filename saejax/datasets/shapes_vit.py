@@ -8,12 +8,14 @@ colour of the largest object) and writes an ordinary HF checkpoint directory tha
 
 Images are preprocessed on the host by the same `saejax.backbones.preprocess.ImageProcessing`
 that the saved checkpoint's `preprocessor_config.json` describes (and so `Backbone.preprocess`),
-so the training-time logits equal `bb.forward(params, bb.preprocess(images)).logits`. The
-auxiliary per-patch targets are `shapes.patch_labels` of the masks.
+so the training-time logits equal `bb.forward(params, bb.preprocess(images)).logits`. What the
+model is asked for is `task_heads(targets)`: "factorised" (colour and shape of the largest
+object as two heads; per patch, one head per factor of `shapes.FACTORS`) or "conjunction"
+(the 16 colour-shape classes; per patch, `shapes.patch_labels`).
 
->>> result = train_shapes_vit("/tmp/shapes")           # ~2 min on 2 CPU cores; reused if present
+>>> result = train_shapes_vit("/tmp/shapes", image_size=64)   # ~3.5 min on 2 CPU cores; reused if present
 >>> result.path, result.val_accuracy
-('/tmp/shapes/vit', 0.97...)
+('/tmp/shapes/vit', 0.9445)
 >>> bb, params = saejax.backbones.load(result.path)
 """
 
