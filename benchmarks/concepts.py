@@ -5,7 +5,7 @@ PCA dictionaries of the same sizes on the same residuals as the reference points
 
     python -m benchmarks.concepts --workdir=/tmp/saejax-demo                   # the demo's ViT (~6 min)
     python -m benchmarks.concepts --workdir=/tmp/demo-dinov2 --backbone=DIR    # a pretrained DINOv2
-    pip install matplotlib   # for the PNG; without it only the table and JSON are written
+    pip install -e ".[bench]"   # matplotlib, for the PNG; without it only the table and JSON are written
 
 Residuals of the SAE's block (the demo's: block 2 of the world's ViT, two thirds of the way up a
 pretrained model) are harvested once for `--train_images` training images and 1,000 validation
@@ -218,7 +218,7 @@ def main(argv):
     try:
         plot(rows, front, os.path.join(workdir, f"{_NAME.value}.png"), f"{title}, block {layer}")
     except ImportError:
-        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+        print('matplotlib is not installed: no PNG (pip install -e ".[bench]")')
 
 
 if __name__ == "__main__":
