@@ -351,12 +351,15 @@ def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
     sae, bb = summary["sae"], summary["backbone"]
     model = (f"the world's ViT ({bb['targets']} targets), validation accuracy <b>{summary['vit']['val_accuracy']:.4f}</b>"
              if summary["vit"] else f"<b>{html.escape(bb['name'])}</b> ({bb['family']})")
+    prefixes = sae.get("matryoshka_prefixes")
+    matryoshka = f" with Matryoshka prefixes {', '.join(map(str, prefixes))}" if prefixes else ""
     probe_text = ", ".join(f"{key.removesuffix('_accuracy')} {value:.3f}" for key, value in summary["probes"].items())
     body = [f"<p>Finished in {summary['seconds']:.0f} s. Backbone: {model}, at {bb['image_size']} px "
             f"({bb['grid'][0]} x {bb['grid'][1]} patches). Probes on final patch tokens (accuracy): {probe_text}. "
             f"Edits run on {summary['edit_images']} validation images.</p>",
             "<h2>SAE training</h2><div class='row'>", curves, "</div>",
-            f"<p>{sae['architecture']} SAE, {sae['d_sae']} latents, block {sae['layer']}: L0 {sae['l0']:.2f}, "
+            f"<p>{sae['architecture']} SAE{matryoshka}, {sae['d_sae']} latents, k={sae['k']}, block {sae['layer']}: "
+            f"L0 {sae['l0']:.2f}, "
             f"NMSE {sae['nmse']:.4f}, explained variance {sae['explained_variance']:.4f}, dead fraction "
             f"{sae['dead_fraction']:.3f}, dense fraction {sae['dense_fraction']:.3f}.</p>",
             "<h2>Concepts</h2><p>Best latent per concept by patch-level F1; factor: the probe that reads the "

@@ -86,3 +86,4 @@ def test_quick_demo_on_a_pretrained_dinov2_runs_it_at_the_worlds_grid(tmp_path):
     # The report's exemplars are 112 px world images (the backbone's own size, 8 x 8 patches).
     page = open(tmp_path / "run" / "report" / "index.html").read()
     assert "at 112 px (8 x 8 patches)" in page and page.count("data:image/png;base64,") == 15
+    assert "batchtopk SAE with Matryoshka prefixes 8, 16, 32, 64, 64 latents, k=2, block 1" in page
