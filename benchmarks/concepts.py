@@ -76,7 +76,7 @@ def build(architecture: str, d_model: int, d_sae: int, knob) -> tuple[sae.SAE, l
     if architecture == "relu":
         return sae.relu(d_model, d_sae), losses.Objective(sparsity="l1"), train.Hparams.of(2e-3, float(knob))
     ae = (sae.topk if architecture == "topk" else sae.batchtopk)(d_model, d_sae, int(knob))
-    prefixes = (d_sae // 8, d_sae // 4, d_sae // 2, d_sae) if architecture == "matryoshka" else None
+    prefixes = losses.halving_prefixes(d_sae) if architecture == "matryoshka" else None
     objective = losses.Objective(sparsity="none", auxk_coeff=1 / 32, k_aux=64, matryoshka_prefixes=prefixes)
     return ae, objective, train.Hparams.of(2e-3)
 

@@ -53,7 +53,7 @@ from absl import app, flags, logging
 
 from experiments.configs import shapes_demo
 from experiments.sae_training import train_sae
-from saejax import backbones, concept_metrics, features, interventions, probes, segmentation, train, viz
+from saejax import backbones, concept_metrics, features, interventions, losses, probes, segmentation, train, viz
 from saejax import metrics as sae_metrics
 from saejax.datasets import shapes
 from saejax.datasets.shapes_backbones import default_layer, image_sizes
@@ -115,19 +115,6 @@ class Analysis:
             yield start, jnp.asarray(self.bb.preprocess(images[start:start + self.batch_size]))
 
 
-def concept_probe_f1(train_x, train_present, eval_x, eval_present, *, epochs: int) -> np.ndarray:
-    """[C] F1 of a supervised binary linear probe per concept (trained on `train_x`, scored on
-    `eval_x`): how well the residual itself encodes each concept per patch."""
-    f1 = []
-    for c in range(train_present.shape[1]):
-        probe = probes.train_linear_probe(jax.random.key(100 + c), train_x, jnp.asarray(train_present[:, c], jnp.int32),
-                                          2, epochs=epochs, batch_size=2048, learning_rate=1e-2)
-        predicted = np.asarray(probes.predict(probe, eval_x)) == 1
-        present = np.asarray(eval_present[:, c])
-        f1.append(2 * np.sum(predicted & present) / max(predicted.sum() + present.sum(), 1))
-    return np.asarray(f1)
-
-
 def mean_rates(results: list[dict]) -> dict[str, float]:
     """The mean of each rate over several baseline draws."""
     return {key: float(np.mean([r[key] for r in results])) for key in results[0]}
@@ -153,7 +140,7 @@ def configure_sae(config, d_model: int, architecture: str | None, k: int | None,
         config.sae.k, config.sweep.k = k, (k,)
     if architecture == "matryoshka":
         d_sae = config.sae.expansion * d_model
-        config.objective.matryoshka_prefixes = (d_sae // 8, d_sae // 4, d_sae // 2, d_sae)
+        config.objective.matryoshka_prefixes = losses.halving_prefixes(d_sae)
 
 
 def run_demo(workdir: str, quick: bool = False, image_size: int = 64, targets: str = "factorised",
@@ -246,8 +233,8 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64, targets: s
     # What the residual the SAE reads knows per patch: a supervised probe's F1 bounds any latent's.
     probe_concepts = shapes.factor_patch_concepts(probe_world, p).reshape(-1, n_concepts)
     val_concepts = concepts_N.reshape(-1, n_concepts)
-    ceiling_f1 = concept_probe_f1(probe_resids, probe_concepts, resids.reshape(-1, bb.d_model), val_concepts,
-                                  epochs=epochs)
+    ceiling_f1 = concept_metrics.probe_ceiling_f1(probe_resids, probe_concepts, resids.reshape(-1, bb.d_model),
+                                                  val_concepts, epochs=epochs)
     dictionaries = concept_metrics.baseline_dictionaries(
         ae.d_sae, probe_resids, resids.reshape(-1, bb.d_model), probe_codes, codes.reshape(-1, ae.d_sae),
         key=jax.random.key(5))

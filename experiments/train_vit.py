@@ -15,14 +15,12 @@ from __future__ import annotations
 import os
 import time
 
-import jax
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import saejax
 from saejax.datasets import shapes
-from saejax.datasets.shapes_vit import heads_argmax, task_heads, train_shapes_vit
+from saejax.datasets.shapes_vit import evaluate, task_heads, train_shapes_vit
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "shapes_vit.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the ViT checkpoint (<workdir>/vit).", required=True)
@@ -56,11 +54,8 @@ def main(argv):
     bb, params = saejax.backbones.load(result.path)
     val = shapes.source("validation", config.n_val, seed=config.seed, image_size=config.image_size)
     heads = task_heads(config.targets)
-    forward = jax.jit(lambda p, x: heads_argmax(bb.forward(p, x).logits, heads["image_heads"]))
-    preds = np.concatenate([np.asarray(forward(params, bb.preprocess(val.images[i:i + 500])))
-                            for i in range(0, len(val), 500)])
-    targets = val.labels if heads["image_targets"] is None else heads["image_targets"](val.labels)
-    accuracy = float(np.mean(np.all((preds == targets).reshape(len(preds), -1), axis=1)))
+    accuracy = evaluate(lambda p, x: bb.forward(p, x).logits, params, val, processing=bb.processing,
+                        image_heads=heads["image_heads"], image_targets=heads["image_targets"])
     print(f"validation accuracy (saejax.backbones.load + forward): {accuracy:.4f}")
     print(f"total {time.time() - start:.1f} s")
 

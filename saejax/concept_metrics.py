@@ -27,9 +27,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["average_precision", "baseline_dictionaries", "concept_scores", "kmeans", "kmeans_codes", "pca_codes",
-           "probe_1d", "purity_at_k", "summarize"]
+           "probe_1d", "probe_ceiling_f1", "purity_at_k", "summarize"]
 
 
 @functools.partial(jax.jit, static_argnames=("iterations",))
@@ -190,6 +191,22 @@ def concept_scores(train_codes: jax.Array, val_codes: jax.Array, train_present, 
         scores.append({"f1": float(f1), "latent": j, "ap": float(ap), "probe_ce": float(probe_ce),
                        "baseline_ce": float(baseline_ce), "purity": float(purity)})
     return scores
+
+
+def probe_ceiling_f1(train_x, train_present, eval_x, eval_present, *, epochs: int) -> np.ndarray:
+    """[C] F1 of a supervised binary linear probe per concept (columns of `*_present`), trained
+    on `train_x` and scored on `eval_x`: how well the activations themselves encode each concept,
+    the ceiling for any dictionary's single feature."""
+    from saejax import probes  # noqa: PLC0415 - keep this module light
+
+    f1 = []
+    for c in range(train_present.shape[1]):
+        probe = probes.train_linear_probe(jax.random.key(100 + c), train_x, jnp.asarray(train_present[:, c], jnp.int32),
+                                          2, epochs=epochs, batch_size=2048, learning_rate=1e-2)
+        predicted = np.asarray(probes.predict(probe, eval_x)) == 1
+        present = np.asarray(eval_present[:, c])
+        f1.append(2 * np.sum(predicted & present) / max(predicted.sum() + present.sum(), 1))
+    return np.asarray(f1)
 
 
 def summarize(scores: list[dict[str, float]], *, tau: float = 0.3) -> dict[str, float]:

@@ -48,6 +48,12 @@ def l0_penalty(enc: Encoding, params: SAEParams, bandwidth: float) -> jax.Array:
     return jnp.sum(step_function(enc.pre_acts, params.threshold, bandwidth)) / n
 
 
+def halving_prefixes(d_sae: int, levels: int = 4) -> tuple[int, ...]:
+    """Nested Matryoshka prefixes that halve from `d_sae`: `(d_sae / 8, d_sae / 4, d_sae / 2, d_sae)`
+    for 4 levels."""
+    return tuple(d_sae // 2 ** i for i in reversed(range(levels)))
+
+
 def matryoshka_bounds(prefixes: tuple[int, ...], d_sae: int) -> tuple[int, ...]:
     """Validated, increasing prefix sizes ending at `d_sae`."""
     bounds = tuple(sorted(set(prefixes) | {d_sae}))
