@@ -13,8 +13,9 @@ Families: "clip" (CLIPVisionModel / CLIPModel checkpoints), "dinov2", "dinov2_re
 (ViTForImageClassification with its head, or ViTModel).
 """
 
+from saejax.backbones.families import FAMILIES, OWN_FAMILIES
 from saejax.backbones.loading import KNOWN_MODELS, MODEL_TYPES, default_processing, find_weights, load, resolve
-from saejax.backbones.model import FAMILIES, Backbone, ForwardOutput, LoadInfo, TokenLayout, make_backbone
+from saejax.backbones.model import Backbone, ForwardOutput, LoadInfo, TokenLayout, make_backbone
 from saejax.backbones.preprocess import ImageProcessing
 from saejax.backbones.random import create_random
 
@@ -22,6 +23,7 @@ __all__ = [
     "FAMILIES",
     "KNOWN_MODELS",
     "MODEL_TYPES",
+    "OWN_FAMILIES",
     "Backbone",
     "ForwardOutput",
     "ImageProcessing",

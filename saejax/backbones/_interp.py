@@ -42,27 +42,42 @@ def bicubic_matrix(in_size: int, out_size: int, *, antialias: bool) -> np.ndarra
     Returns:
         float64 array [out_size, in_size]: `y = W @ x` resizes `x` along that axis.
     """
+    if antialias:
+        return _antialiased_matrix(in_size, out_size, lambda x: _cubic(x, -0.5), support=2.0)
     w = np.zeros((out_size, in_size), np.float64)
     scale = in_size / out_size
-    if not antialias:
-        a = -0.75
-        for i in range(out_size):
-            real = scale * (i + 0.5) - 0.5
-            base = math.floor(real)
-            t = real - base
-            coeffs = (_cubic(t + 1.0, a), _cubic(t, a), _cubic(1.0 - t, a), _cubic(2.0 - t, a))
-            for k, c in enumerate(coeffs):
-                j = min(max(base - 1 + k, 0), in_size - 1)
-                w[i, j] += c
-        return w
-    a = -0.5
-    support = 2.0 * scale if scale >= 1.0 else 2.0
-    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    a = -0.75
+    for i in range(out_size):
+        real = scale * (i + 0.5) - 0.5
+        base = math.floor(real)
+        t = real - base
+        coeffs = (_cubic(t + 1.0, a), _cubic(t, a), _cubic(1.0 - t, a), _cubic(2.0 - t, a))
+        for k, c in enumerate(coeffs):
+            j = min(max(base - 1 + k, 0), in_size - 1)
+            w[i, j] += c
+    return w
+
+
+def bilinear_antialiased_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """1-D weights of torch's `F.interpolate(mode="bilinear", align_corners=False,
+    antialias=True)` (SigLIP 2 NaFlex resizes its position grid this way); [out_size, in_size]."""
+    return _antialiased_matrix(in_size, out_size, lambda x: max(0.0, 1.0 - abs(x)), support=1.0)
+
+
+def _antialiased_matrix(in_size, out_size, kernel, *, support) -> np.ndarray:
+    # torch's `_compute_indices_weights_aa`: the kernel is stretched by the downscale factor and
+    # the weights are renormalised where they meet the border.
+    w = np.zeros((out_size, in_size), np.float64)
+    scale = in_size / out_size
+    if scale >= 1.0:
+        support, invscale = support * scale, 1.0 / scale
+    else:
+        invscale = 1.0
     for i in range(out_size):
         center = scale * (i + 0.5)
         xmin = max(int(center - support + 0.5), 0)
         xmax = min(int(center + support + 0.5), in_size)
-        weights = np.array([_cubic((j - center + 0.5) * invscale, a) for j in range(xmin, xmax)])
+        weights = np.array([kernel((j - center + 0.5) * invscale) for j in range(xmin, xmax)])
         total = weights.sum()
         if total != 0.0:
             weights = weights / total

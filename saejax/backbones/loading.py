@@ -30,7 +30,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from saejax.backbones import _hf
 from saejax.checkpoint.errors import CheckpointError
 from saejax.checkpoint.safetensors_header import check_finite, read_header
-from saejax.backbones.model import FAMILIES, Backbone, LoadInfo, make_backbone
+from saejax.backbones.families import FAMILIES, OWN_FAMILIES
+from saejax.backbones.layers import convert_torch
+from saejax.backbones.model import Backbone, LoadInfo, make_backbone
 from saejax.backbones.preprocess import (
     BICUBIC,
     BILINEAR,
@@ -62,6 +64,7 @@ KNOWN_MODELS = {
     "google/vit-base-patch16-224": "vit",
     "google/vit-large-patch16-224": "vit",
     "google/vit-base-patch16-224-in21k": "vit",
+    **{hub_id: family.name for family in OWN_FAMILIES.values() for hub_id in family.hub_ids},
 }
 
 # config.json `model_type` -> family.
@@ -71,6 +74,7 @@ MODEL_TYPES = {
     "dinov2": "dinov2",
     "dinov2_with_registers": "dinov2_registers",
     "vit": "vit",
+    **{model_type: family.name for family in OWN_FAMILIES.values() for model_type in family.model_types},
 }
 ROOTS = {"clip": "vision_model", "dinov2": "dinov2", "dinov2_registers": "dinov2_with_registers", "vit": "vit"}
 
@@ -128,8 +132,12 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
         processing = at_resolution(processing, family, vision_cfg, image_size, path)
     kind, files = find_weights(path)
 
-    root = ROOTS[family]
-    if kind == FLAX_MSGPACK:
+    own = OWN_FAMILIES.get(family)
+    if own is not None:
+        flat, info = _load_own(own, path, kind, files, vision_cfg, processing, cache_dir)
+        heads = _Heads()
+    elif kind == FLAX_MSGPACK:
+        root = ROOTS[family]
         flat = _read_msgpack(files[0], root)
         heads = _heads_from_flax(flat, root)
         with _config_errors(path):
@@ -137,24 +145,48 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
         flat = _check(flat, target, files[0], family, vision_cfg.num_hidden_layers)
         info = LoadInfo(path=path, weight_files=tuple(files), cache_file=None, from_cache=False)
     else:
+        root = ROOTS[family]
         heads = _heads_from_torch(_safetensors_shapes(files), root)
         with _config_errors(path):
             target = _target_shapes(family, vision_cfg, full_cfg, heads)
-        cache_file = None if cache_dir is False else _cache_file(cache_dir, family, path, files)
-        flat = _read_cache(cache_file, target)
-        from_cache = flat is not None
-        if flat is None:
-            state = _read_safetensors(files, kind)
-            flat = _check(_convert(state, target, root), target, path, family, vision_cfg.num_hidden_layers,
-                          names=list(state))
-            _write_cache(cache_file, flat, path)
-        info = LoadInfo(path=path, weight_files=tuple(files), cache_file=cache_file, from_cache=from_cache)
+        flat, info = _convert_cached(path, family, kind, files, target, cache_dir,
+                                     lambda state: _convert(state, target, root), vision_cfg.num_hidden_layers)
 
     with _config_errors(path):
         bb = make_backbone(family, vision_cfg, dtype=dtype, n_classes=heads.n_classes, processing=processing,
                            load_info=info, interpolate=image_size is not None)
     params = unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     return bb, params
+
+
+def _convert_cached(path, family, kind, files, target, cache_dir, convert, n_layers):
+    """Converted params from the cache, or read from PyTorch safetensors, converted, checked and cached."""
+    cache_file = None if cache_dir is False else _cache_file(cache_dir, family, path, files)
+    flat = _read_cache(cache_file, target)
+    from_cache = flat is not None
+    if flat is None:
+        state = _read_safetensors(files, kind)
+        flat = _check(convert(state), target, path, family, n_layers, names=list(state))
+        _write_cache(cache_file, flat, path)
+    return flat, LoadInfo(path=path, weight_files=tuple(files), cache_file=cache_file, from_cache=from_cache)
+
+
+def _load_own(own, path, kind, files, cfg, processing, cache_dir):
+    """Params of an own-module family (`saejax.backbones.layers`) from PyTorch safetensors."""
+    if kind == FLAX_MSGPACK:
+        raise FileNotFoundError(f"{path}: the {own.name} family loads PyTorch safetensors ({SAFETENSORS}); "
+                                f"{FLAX_MSGPACK} is a transformers Flax format that {own.name} never had")
+    size = processing.output_size[0]
+    with _config_errors(path):
+        target = own.build(cfg, jnp.float32, (size // int(cfg.patch_size),) * 2).param_shapes()
+
+    def convert(state):
+        flat, unused = convert_torch(state, own.renames, target)
+        if unused:
+            log.debug("ignoring %d checkpoint weights the model does not use: %s", len(unused), unused[:10])
+        return flat
+
+    return _convert_cached(path, own.name, kind, files, target, cache_dir, convert, cfg.num_hidden_layers)
 
 
 # ---------------------------------------------------------------------- resolving names
@@ -245,6 +277,8 @@ def _configs(cfg_json: Mapping, path: str):
                          f"{', '.join(MODEL_TYPES)} (families {', '.join(FAMILIES)})")
     t = _hf.hf()
     with _hf.quiet(), _config_errors(path):
+        if family in OWN_FAMILIES:
+            return family, OWN_FAMILIES[family].vision_config(cfg_json, t), None
         if model_type == "clip":
             full = t.CLIPConfig.from_dict(dict(cfg_json))
             return family, full.vision_config, full
@@ -265,8 +299,14 @@ def _configs(cfg_json: Mapping, path: str):
 
 def _processing(path, family, cfg) -> ImageProcessing:
     file = os.path.join(path, "preprocessor_config.json")
+    own = OWN_FAMILIES.get(family)
     if os.path.isfile(file):
-        return ImageProcessing.from_hf(_read_json(file, what="preprocessor_config.json"), square_size=family == "vit")
+        processor = _read_json(file, what="preprocessor_config.json")
+        if own is not None:
+            return own.processing_from_hf(processor, cfg)
+        return ImageProcessing.from_hf(processor, square_size=family == "vit")
+    if own is not None:
+        return own.default_processing(cfg)
     return default_processing(family, int(cfg.image_size))
 
 
@@ -278,7 +318,7 @@ def at_resolution(processing: ImageProcessing, family: str, cfg, image_size, pat
             or image_size % patch:
         raise ValueError(f"{path}: image_size must be a positive multiple of the patch size {patch}, got {image_size!r}")
     s = int(image_size)
-    if family == "vit":
+    if family == "vit" or (family in OWN_FAMILIES and OWN_FAMILIES[family].resize_square):
         return dataclasses.replace(processing, resize_shortest=None, resize_to=(s, s), crop=None)
     return dataclasses.replace(processing, resize_shortest=s, resize_to=None, crop=(s, s))
 

@@ -38,7 +38,6 @@ from saejax.backbones import _hf
 from saejax.backbones._interp import bicubic_matrix
 from saejax.backbones.preprocess import ImageProcessing
 
-FAMILIES = ("clip", "dinov2", "dinov2_registers", "vit")
 
 Edit = Callable[[jax.Array], jax.Array]
 
@@ -430,18 +429,29 @@ def make_backbone(family, cfg, *, dtype, n_classes, processing, load_info=None,
     """Builds a `Backbone` for an HF vision config (no weights involved). CLIP and ViT run at
     another size than their config's only with `interpolate=True` (PyTorch's
     `interpolate_pos_encoding=True`); DINOv2 families always interpolate, as in PyTorch."""
+    from saejax.backbones.families import FAMILIES, OWN_FAMILIES  # noqa: PLC0415  (the family files import this module)
+
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known families: {', '.join(FAMILIES)}")
+    own = OWN_FAMILIES.get(family)
     patch = int(cfg.patch_size)
     size = processing.output_size
     if size[0] != size[1]:
         raise ValueError(f"the image processor yields non-square {size} images; saejax backbones need square inputs")
     image_size = int(size[0])
-    if family in ("clip", "vit") and image_size != cfg.image_size and not interpolate:
+    on_request = own.interpolate == "on_request" if own else family in ("clip", "vit")
+    if on_request and image_size != cfg.image_size and not interpolate:
         raise ValueError(f"the image processor yields {image_size} px images but the {family} model expects "
                          f"{cfg.image_size} px (config.image_size); pass image_size= to load() to interpolate its "
                          "position embeddings")
+    if image_size % patch:
+        raise ValueError(f"the image processor yields {image_size} px images, not a multiple of the patch size {patch}")
     grid = (image_size // patch, image_size // patch)
+    if own is not None:
+        return Backbone(family=family, d_model=int(cfg.hidden_size), n_layers=int(cfg.num_hidden_layers),
+                        patch_size=patch, image_size=image_size, grid=grid, layout=own.layout(cfg, grid),
+                        n_classes=int(n_classes), dtype=dtype, processing=processing, config=cfg,
+                        load_info=load_info, _impl=own.build(cfg, dtype, grid))
     n_patches = grid[0] * grid[1]
     n_reg = int(getattr(cfg, "num_register_tokens", 0)) if family == "dinov2_registers" else 0
     layout = TokenLayout(cls=0, registers=(1, 1 + n_reg), patches=(1 + n_reg, 1 + n_reg + n_patches),

@@ -1,0 +1,104 @@
+"""DINOv3 ViTs as own Flax modules (`DINOv3ViTModel`; `transformers` has no Flax class).
+
+`facebook/dinov3-vits16-pretrain-lvd1689m` through ViT-L and ViT-H+ (and the 7B). A Conv2d
+patch embedding, a CLS token and (usually 4) register tokens, no learned positions: axial
+rotary embeddings on the patch tokens (`layers.rope_2d`, normalised patch coordinates, so any
+multiple of the patch size works with no interpolation), layer scale on both branches, and a
+GELU MLP or, in the larger sizes, SwiGLU (`use_gated_mlp`).
+
+Token layout: CLS at 0, registers 1 .. R, then the patches. `tokens` are the final layernorm
+of every token (HF `last_hidden_state`); `pooled` is its CLS row (HF `pooler_output`).
+The training-time position augmentations (`pos_embed_shift/jitter/rescale`) are off, as in
+PyTorch `eval()`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from saejax.backbones.layers import Block, OwnFamily, OwnModel, rope_2d
+from saejax.backbones.model import TokenLayout
+from saejax.backbones.preprocess import BILINEAR, IMAGENET_MEAN, IMAGENET_STD, ImageProcessing
+
+RENAMES = (
+    (r"^embeddings\.patch_embeddings\.", "embed.patch."),
+    (r"^embeddings\.cls_token$", "embed.cls"),
+    (r"^embeddings\.register_tokens$", "embed.registers"),
+    (r"^layer\.", "blocks."),
+    (r"\.norm([12])\.", r".ln\1."),
+    (r"\.attention\.([qkv])_proj\.", r".attn.\1."),
+    (r"\.attention\.o_proj\.", ".attn.o."),
+    (r"\.layer_scale([12])\.lambda1$", r".ls\1.scale"),
+    (r"\.mlp\.(up|gate|down)_proj\.", r".mlp.\1."),
+    (r"^norm\.", "readout.norm."),
+)
+
+
+class Dinov3Embed(nn.Module):
+    hidden: int
+    patch: int
+    n_registers: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        patches = nn.Conv(self.hidden, (self.patch,) * 2, strides=(self.patch,) * 2, padding="VALID",
+                          dtype=self.dtype, name="patch")(x)
+        b = patches.shape[0]
+        cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.hidden), jnp.float32)
+        parts = [jnp.broadcast_to(cls.astype(patches.dtype), (b, 1, self.hidden))]
+        if self.n_registers:
+            reg = self.param("registers", nn.initializers.normal(0.02), (1, self.n_registers, self.hidden), jnp.float32)
+            parts.append(jnp.broadcast_to(reg.astype(patches.dtype), (b, self.n_registers, self.hidden)))
+        return jnp.concatenate(parts + [patches.reshape(b, -1, self.hidden)], axis=1)
+
+
+class Dinov3Readout(nn.Module):
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h):
+        tokens = nn.LayerNorm(self.eps, dtype=self.dtype, name="norm")(h)
+        return tokens, tokens[:, 0], None
+
+
+def _build(cfg, dtype, grid):
+    heads = int(cfg.num_attention_heads)
+    block = Block(heads, int(cfg.intermediate_size), cfg.hidden_act, float(cfg.layer_norm_eps),
+                  gated=bool(cfg.use_gated_mlp), layer_scale=True,
+                  qkv_bias=(bool(cfg.query_bias), bool(cfg.key_bias), bool(cfg.value_bias)),
+                  o_bias=bool(cfg.proj_bias), mlp_bias=bool(cfg.mlp_bias), dtype=dtype)
+    embed = Dinov3Embed(int(cfg.hidden_size), int(cfg.patch_size), int(cfg.num_register_tokens), dtype=dtype)
+    rope = rope_2d(tuple(grid), int(cfg.hidden_size) // heads, float(cfg.rope_theta))
+    return OwnModel(embed, block, Dinov3Readout(float(cfg.layer_norm_eps), dtype=dtype),
+                    n_layers=int(cfg.num_hidden_layers), image_size=grid[0] * int(cfg.patch_size), rope=rope)
+
+
+def _layout(cfg, grid):
+    r = int(cfg.num_register_tokens)
+    n = grid[0] * grid[1]
+    return TokenLayout(cls=0, registers=(1, 1 + r), patches=(1 + r, 1 + r + n), n_tokens=1 + r + n)
+
+
+def _processing(cfg):
+    # The hub's DINOv3ViTImageProcessorFast: resize to image_size x image_size, bilinear, ImageNet stats.
+    s = int(cfg.image_size)
+    return ImageProcessing(resize_to=(s, s), resample=BILINEAR, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+DINOV3 = OwnFamily(
+    name="dinov3",
+    model_types=("dinov3_vit",),
+    hub_ids=tuple(f"facebook/dinov3-{size}-pretrain-lvd1689m" for size in
+                  ("vits16", "vits16plus", "vitb16", "vitl16", "vith16plus", "vit7b16")),
+    vision_config=lambda cfg_json, t: t.DINOv3ViTConfig.from_dict(dict(cfg_json)),
+    build=_build,
+    layout=_layout,
+    renames=RENAMES,
+    default_processing=_processing,
+    processing_from_hf=lambda processor, cfg: ImageProcessing.from_hf(processor, square_size=True),
+    interpolate="always",
+    resize_square=True,
+)

@@ -1,0 +1,194 @@
+"""SigLIP and SigLIP 2 vision towers as own Flax modules (`transformers` has no Flax class).
+
+"siglip": `SiglipModel` / `SiglipVisionModel` checkpoints (`google/siglip-base-patch16-224`,
+and the fixed-resolution SigLIP 2 checkpoints such as `google/siglip2-base-patch16-224`, which
+`transformers` also loads as `SiglipModel`). A Conv2d patch embedding plus learned positions,
+pre-norm blocks, `post_layernorm` on every token, and the attention-pooling head.
+
+"siglip2": the NaFlex checkpoints (`google/siglip2-base-patch16-naflex`, `Siglip2Model`). The
+same blocks and head, but patches are flattened (row, column, channel) and embedded by a
+Linear layer, and the 16 x 16 learned position grid is always resized to the image's grid
+(bilinear, antialiased). saejax runs NaFlex at one fixed square size (default: the largest
+square its `max_num_patches` allows, 256 px for patch 16 and 256 patches); its processor's
+aspect-preserving resize and padding are not used, so every token is a real patch.
+
+Token layout: patches only. There is no CLS token (`tokens="cls"` is an error); `pooled` is
+the attention-pooling head's output (HF `pooler_output`), and `tokens` are
+`post_layernorm(residual)` (HF `last_hidden_state`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from saejax.backbones._interp import bicubic_matrix, bilinear_antialiased_matrix
+from saejax.backbones.layers import AttentionPool, Block, OwnFamily, OwnModel
+from saejax.backbones.model import TokenLayout
+from saejax.backbones.preprocess import BICUBIC, BILINEAR, HALF, ImageProcessing
+
+RENAMES = (
+    (r"^vision_model\.", ""),
+    (r"^embeddings\.patch_embedding\.", "embed.patch."),
+    (r"^embeddings\.position_embedding\.weight$", "embed.positions"),
+    (r"^encoder\.layers\.", "blocks."),
+    (r"\.layer_norm([12])\.", r".ln\1."),
+    (r"\.self_attn\.([qkv])_proj\.", r".attn.\1."),
+    (r"\.self_attn\.out_proj\.", ".attn.o."),
+    (r"\.mlp\.fc1\.", ".mlp.up."),
+    (r"\.mlp\.fc2\.", ".mlp.down."),
+    (r"^post_layernorm\.", "readout.norm."),
+    (r"^head\.attention\.out_proj\.", "head.attn.o."),
+    (r"^head\.attention\.", "head.attn."),
+    (r"^head\.layernorm\.", "head.ln."),
+    (r"^head\.", "readout.head."),
+)
+
+
+def _resize_grid(pe, side, grid, matrix):
+    """[side * side, D] learned positions -> [rows * cols, D] on the model's grid."""
+    if tuple(grid) == (side, side):
+        return pe
+    wh, ww = (jnp.asarray(matrix(side, n).astype(np.float32)) for n in grid)
+    d = pe.shape[-1]
+    out = jnp.einsum("ia,jb,abd->ijd", wh, ww, pe.reshape(side, side, d).astype(jnp.float32),
+                     precision="highest")
+    return out.reshape(-1, d).astype(pe.dtype)
+
+
+class SiglipEmbed(nn.Module):
+    hidden: int
+    patch: int
+    n_positions: int
+    grid: tuple[int, int]
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        patches = nn.Conv(self.hidden, (self.patch,) * 2, strides=(self.patch,) * 2, padding="VALID",
+                          dtype=self.dtype, name="patch")(x)
+        b = patches.shape[0]
+        positions = self.param("positions", nn.initializers.normal(0.02), (self.n_positions, self.hidden), jnp.float32)
+        side = math.isqrt(self.n_positions)
+        # HF `interpolate_pos_encoding`: bicubic, align_corners=False, no antialias.
+        pe = _resize_grid(positions, side, self.grid, lambda a, n: bicubic_matrix(a, n, antialias=False))
+        return patches.reshape(b, -1, self.hidden) + pe.astype(patches.dtype)[None]
+
+
+class NaflexEmbed(nn.Module):
+    hidden: int
+    patch: int
+    n_positions: int
+    grid: tuple[int, int]
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        p = self.patch
+        # Siglip2ImageProcessor's patch order: (row, column, channel) within each patch.
+        flat = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
+        patches = nn.Dense(self.hidden, dtype=self.dtype, name="patch")(flat)
+        positions = self.param("positions", nn.initializers.normal(0.02), (self.n_positions, self.hidden), jnp.float32)
+        pe = _resize_grid(positions, math.isqrt(self.n_positions), self.grid, bilinear_antialiased_matrix)
+        return patches + pe.astype(patches.dtype)[None]
+
+
+class SiglipReadout(nn.Module):
+    n_heads: int
+    mlp_dim: int
+    act: str
+    eps: float
+    use_head: bool
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h):
+        tokens = nn.LayerNorm(self.eps, dtype=self.dtype, name="norm")(h)
+        pooled = None
+        if self.use_head:
+            pooled = AttentionPool(self.n_heads, self.mlp_dim, self.act, self.eps, dtype=self.dtype,
+                                   name="head")(tokens)
+        return tokens, pooled, None
+
+
+def _build(cfg, dtype, grid, *, naflex):
+    embed_cls = NaflexEmbed if naflex else SiglipEmbed
+    n_positions = int(cfg.num_patches) if naflex else (int(cfg.image_size) // int(cfg.patch_size)) ** 2
+    if math.isqrt(n_positions) ** 2 != n_positions:
+        raise ValueError(f"{n_positions} position embeddings do not form a square grid")
+    embed = embed_cls(int(cfg.hidden_size), int(cfg.patch_size), n_positions, tuple(grid), dtype=dtype)
+    block = Block(int(cfg.num_attention_heads), int(cfg.intermediate_size), cfg.hidden_act, float(cfg.layer_norm_eps),
+                  dtype=dtype)
+    readout = SiglipReadout(int(cfg.num_attention_heads), int(cfg.intermediate_size), cfg.hidden_act,
+                            float(cfg.layer_norm_eps), bool(getattr(cfg, "vision_use_head", True)), dtype=dtype)
+    return OwnModel(embed, block, readout, n_layers=int(cfg.num_hidden_layers), image_size=grid[0] * int(cfg.patch_size))
+
+
+def _layout(cfg, grid):
+    n = grid[0] * grid[1]
+    return TokenLayout(cls=None, registers=(0, 0), patches=(0, n), n_tokens=n)
+
+
+def _vision_config(cfg_json, t, *, full, vision):
+    if cfg_json.get("model_type", "").endswith("_vision_model"):
+        return getattr(t, vision).from_dict(dict(cfg_json))
+    return getattr(t, full).from_dict(dict(cfg_json)).vision_config
+
+
+def _siglip_processing(cfg):
+    s = int(cfg.image_size)
+    return ImageProcessing(resize_to=(s, s), resample=BICUBIC, mean=HALF, std=HALF)
+
+
+def naflex_image_size(cfg, max_num_patches: int | None = None) -> int:
+    """The side of the largest square grid NaFlex allows: `isqrt(max_num_patches) * patch`."""
+    n = int(max_num_patches or cfg.num_patches)
+    return math.isqrt(n) * int(cfg.patch_size)
+
+
+def _naflex_processing(cfg, max_num_patches=None):
+    s = naflex_image_size(cfg, max_num_patches)
+    return ImageProcessing(resize_to=(s, s), resample=BILINEAR, mean=HALF, std=HALF)
+
+
+def _naflex_from_hf(processor, cfg):
+    base = ImageProcessing.from_hf({k: v for k, v in processor.items() if k not in ("size", "max_num_patches")}
+                                   | {"do_resize": False}, square_size=True)
+    size = _naflex_processing(cfg, processor.get("max_num_patches")).resize_to
+    return ImageProcessing(resize_to=size, resample=int(processor.get("resample", BILINEAR)), rescale=base.rescale,
+                           mean=base.mean, std=base.std)
+
+
+SIGLIP = OwnFamily(
+    name="siglip",
+    model_types=("siglip", "siglip_vision_model"),
+    hub_ids=("google/siglip-base-patch16-224", "google/siglip-base-patch16-384", "google/siglip-large-patch16-384",
+             "google/siglip-so400m-patch14-384", "google/siglip2-base-patch16-224", "google/siglip2-large-patch16-256",
+             "google/siglip2-so400m-patch14-384"),
+    vision_config=lambda cfg_json, t: _vision_config(cfg_json, t, full="SiglipConfig", vision="SiglipVisionConfig"),
+    build=lambda cfg, dtype, grid: _build(cfg, dtype, grid, naflex=False),
+    layout=_layout,
+    renames=RENAMES,
+    default_processing=_siglip_processing,
+    processing_from_hf=lambda processor, cfg: ImageProcessing.from_hf(processor, square_size=True),
+    interpolate="on_request",
+    resize_square=True,
+)
+
+SIGLIP2_NAFLEX = OwnFamily(
+    name="siglip2",
+    model_types=("siglip2", "siglip2_vision_model"),
+    hub_ids=("google/siglip2-base-patch16-naflex", "google/siglip2-so400m-patch16-naflex"),
+    vision_config=lambda cfg_json, t: _vision_config(cfg_json, t, full="Siglip2Config", vision="Siglip2VisionConfig"),
+    build=lambda cfg, dtype, grid: _build(cfg, dtype, grid, naflex=True),
+    layout=_layout,
+    renames=RENAMES,
+    default_processing=_naflex_processing,
+    processing_from_hf=_naflex_from_hf,
+    interpolate="always",
+    resize_square=True,
+)
