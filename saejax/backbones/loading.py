@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from saejax.backbones import _hf
+from saejax.backbones import _hf, open_clip
 from saejax.checkpoint.errors import CheckpointError
 from saejax.checkpoint.safetensors_header import check_finite, read_header
 from saejax.backbones.families import FAMILIES, OWN_FAMILIES
@@ -65,6 +65,11 @@ KNOWN_MODELS = {
     "google/vit-large-patch16-224": "vit",
     "google/vit-base-patch16-224-in21k": "vit",
     **{hub_id: family.name for family in OWN_FAMILIES.values() for hub_id in family.hub_ids},
+    # open_clip checkpoints (saejax.backbones.open_clip): OpenAI CLIP as open_clip builds it, BioCLIP.
+    "timm/vit_base_patch16_clip_224.openai": "clip",
+    "timm/vit_large_patch14_clip_224.openai": "clip",
+    "imageomics/bioclip": "clip",
+    "imageomics/bioclip-2": "clip",
 }
 
 # config.json `model_type` -> family.
@@ -123,6 +128,8 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
     ('clip', 768, 12, (14, 14))
     """
     path = resolve(name_or_dir)
+    if open_clip.is_open_clip(path):
+        return _load_open_clip(path, dtype, cache_dir, image_size)
     cfg_json = _read_json(os.path.join(path, "config.json"), what="config.json")
     family, vision_cfg, full_cfg = _configs(cfg_json, path)
     with _config_errors(path):
@@ -159,16 +166,38 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
     return bb, params
 
 
-def _convert_cached(path, family, kind, files, target, cache_dir, convert, n_layers):
-    """Converted params from the cache, or read from PyTorch safetensors, converted, checked and cached."""
-    cache_file = None if cache_dir is False else _cache_file(cache_dir, family, path, files)
+def _convert_cached(path, family, kind, files, target, cache_dir, convert, n_layers, *, read=None,
+                    config_file="config.json"):
+    """Converted params from the cache, or read (default: PyTorch safetensors), converted, checked and cached."""
+    cache_file = None if cache_dir is False else _cache_file(cache_dir, family, path, files, config_file)
     flat = _read_cache(cache_file, target)
     from_cache = flat is not None
     if flat is None:
-        state = _read_safetensors(files, kind)
+        state = read() if read else _read_safetensors(files, kind)
         flat = _check(convert(state), target, path, family, n_layers, names=list(state))
         _write_cache(cache_file, flat, path)
     return flat, LoadInfo(path=path, weight_files=tuple(files), cache_file=cache_file, from_cache=from_cache)
+
+
+def _load_open_clip(path, dtype, cache_dir, image_size):
+    """An open_clip directory as a "clip" Backbone (see `saejax.backbones.open_clip`)."""
+    config = _read_json(os.path.join(path, open_clip.CONFIG), what=open_clip.CONFIG)
+    fields, projection = open_clip.vision_config(config, path)
+    with _hf.quiet(), _config_errors(path):
+        cfg = _hf.hf().CLIPVisionConfig(**fields)
+    processing = open_clip.processing(config, cfg.image_size, path)
+    if image_size is not None:
+        processing = at_resolution(processing, "clip", cfg, image_size, path)
+    files = open_clip.find_weights(path)
+    with _config_errors(path):
+        target = _target_shapes("clip", cfg, None, _Heads(projection=projection))
+    flat, info = _convert_cached(path, "clip", None, files, target, cache_dir,
+                                 lambda state: _convert(state, target, ROOTS["clip"]), cfg.num_hidden_layers,
+                                 read=lambda: open_clip.read_state(files[0]), config_file=open_clip.CONFIG)
+    with _config_errors(path):
+        bb = make_backbone("clip", cfg, dtype=dtype, n_classes=0, processing=processing, load_info=info,
+                           interpolate=image_size is not None)
+    return bb, unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
 
 
 def _load_own(own, path, kind, files, cfg, processing, cache_dir):
@@ -211,11 +240,13 @@ def _download(repo_id: str) -> str:
     """Fetches config, preprocessor config and weights of a hub model (HF cache); clear error offline."""
     import huggingface_hub as hub  # noqa: PLC0415
 
-    base = ["config.json", "preprocessor_config.json"]
+    base = ["config.json", "preprocessor_config.json", open_clip.CONFIG]
     errors = []
     try:
         available = set(hub.list_repo_files(repo_id))
-        if SAFETENSORS in available:
+        if open_clip.CONFIG in available and "config.json" not in available:
+            weights = [next((w for w in open_clip.WEIGHT_FILES if w in available), open_clip.PICKLE)]
+        elif SAFETENSORS in available:
             weights = [SAFETENSORS]
         elif SAFETENSORS_INDEX in available:
             weights = [SAFETENSORS_INDEX, "model-*-of-*.safetensors"]
@@ -229,7 +260,7 @@ def _download(repo_id: str) -> str:
     try:  # a snapshot already in the local HF cache works offline
         return hub.snapshot_download(repo_id, local_files_only=True,
                                      allow_patterns=base + [SAFETENSORS, SAFETENSORS_INDEX, "model-*-of-*.safetensors",
-                                                            FLAX_MSGPACK])
+                                                            FLAX_MSGPACK, *open_clip.WEIGHT_FILES])
     except Exception as e:  # noqa: BLE001
         errors.append(e)
     first = errors[0]
@@ -535,11 +566,11 @@ def _check(flat, target, source, family, n_layers: int, names=None) -> dict[tupl
 
 
 # ---------------------------------------------------------------------- cache
-def _cache_file(cache_dir, family, path, files) -> str:
+def _cache_file(cache_dir, family, path, files, config_file="config.json") -> str:
     cache_dir = cache_dir or os.environ.get("SAEJAX_CACHE") or os.path.join("~", ".cache", "saejax")
     h = hashlib.sha256(CACHE_FORMAT.encode())
     h.update(family.encode())
-    with open(os.path.join(path, "config.json"), "rb") as f:
+    with open(os.path.join(path, config_file), "rb") as f:
         h.update(f.read())
     for file in files:
         st = os.stat(file)

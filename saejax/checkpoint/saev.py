@@ -168,8 +168,10 @@ class _RefusedGlobal(pickle.UnpicklingError):
 class _StateDictUnpickler(pickle.Unpickler):
     """Unpickles a torch state dict into numpy arrays; refuses every other global."""
 
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str, max_elements: int):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str, max_elements: int,
+                 bound: str = "an SAE of the config line's d_vit and exp_factor can hold"):
         super().__init__(file)
+        self._bound = bound
         self._archive = archive
         self._prefix = prefix
         self._byteorder = byteorder
@@ -199,8 +201,8 @@ class _StateDictUnpickler(pickle.Unpickler):
         except KeyError:
             raise pickle.UnpicklingError(f"archive has no storage member {member!r}") from None
         if not 0 <= numel <= self._max_elements or numel > self._budget:
-            raise pickle.UnpicklingError(f"storage {key!r} declares {numel} elements, more than an SAE of the config "
-                                         f"line's d_vit and exp_factor can hold ({self._max_elements} per storage)")
+            raise pickle.UnpicklingError(f"storage {key!r} declares {numel} elements, more than {self._bound} "
+                                         f"({self._max_elements} per storage)")
         self._budget -= numel
         nbytes = numel * storage_type.dtype.itemsize
         if info.compress_type != zipfile.ZIP_STORED:
@@ -317,11 +319,28 @@ def _describe(path: str, header: dict[str, Any]) -> dict[str, Any]:
     return {"d_model": d_model, "d_sae": d_sae, "activation": kinds[name], "k": k, "schema": schema}
 
 
-def _read_state_dict(path: str, f, start: int, max_elements: int) -> dict[str, np.ndarray]:
+def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A `torch.save`d state dict (e.g. open_clip's `open_clip_pytorch_model.bin`) as numpy
+    arrays, without torch and without running code: the same restricted unpickler as
+    `import_saev`, which builds tensors, storages and OrderedDicts only.
+
+    Raises:
+        CheckpointError: naming the file: not a torch zip archive, truncated or corrupt, a pickle
+            that references anything but tensors, or an entry that is not a named tensor.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        # No storage can hold more elements than the file has bytes.
+        return _read_state_dict(path, f, 0, max(os.path.getsize(path) // 4, 1), what="the file",
+                                bound="a file of this size can hold")
+
+
+def _read_state_dict(path: str, f, start: int, max_elements: int, what: str = "the bytes after the config line",
+                     **bound) -> dict[str, np.ndarray]:
     try:
         archive = zipfile.ZipFile(_OffsetFile(f, start))
     except Exception as e:  # BadZipFile, OSError, struct.error, ... on truncated or corrupt bytes
-        raise CheckpointError(f"{path}: the bytes after the config line are not a readable torch.save zip "
+        raise CheckpointError(f"{path}: {what} are not a readable torch.save zip "
                               f"archive (truncated or corrupt?): {e}") from e
     with archive:
         pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
@@ -337,7 +356,7 @@ def _read_state_dict(path: str, f, start: int, max_elements: int) -> dict[str, n
             if archive.getinfo(pickles[0]).file_size > _MAX_PICKLE_BYTES:
                 raise CheckpointError(f"{path}: {pickles[0]} is implausibly large for a state dict")
             data = archive.read(pickles[0])
-            unpickler = _StateDictUnpickler(io.BytesIO(data), archive, prefix, byteorder, max_elements)
+            unpickler = _StateDictUnpickler(io.BytesIO(data), archive, prefix, byteorder, max_elements, **bound)
             obj = unpickler.load()
         except CheckpointError:
             raise
