@@ -31,7 +31,9 @@ def token_indices(layout, tokens: str) -> np.ndarray:
         return np.arange(layout.n_tokens)
     if tokens == "cls":
         if layout.cls is None:
-            raise ValueError("this backbone has no CLS token")
+            raise ValueError("tokens='cls': this backbone has no CLS token (its token layout is patches only, as in "
+                             "SigLIP, whose pooled output comes from an attention-pooling head); use tokens='patches' "
+                             "or 'all'")
         return np.array([layout.cls])
     if tokens == "patches":
         return np.arange(*layout.patches)

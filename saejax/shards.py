@@ -60,6 +60,9 @@ def write_shards(root: str | os.PathLike, bb, bb_params, source: data.Source, *,
     """
     layers = tuple(int(i) for i in layers)
     bb._check_layers(layers, "layers")  # pylint: disable=protected-access
+    if cls_token and bb.layout.cls is None:
+        raise ValueError(f"cls_token=True, but the {bb.family} backbone has no CLS token (patches only); "
+                         "pass cls_token=False")
     patches = bb.layout.n_patches
     tokens = patches + (1 if cls_token else 0)
     metadata = {"family": family or bb.family, "ckpt": ckpt, "layers": list(layers),

@@ -65,11 +65,7 @@ KNOWN_MODELS = {
     "google/vit-large-patch16-224": "vit",
     "google/vit-base-patch16-224-in21k": "vit",
     **{hub_id: family.name for family in OWN_FAMILIES.values() for hub_id in family.hub_ids},
-    # open_clip checkpoints (saejax.backbones.open_clip): OpenAI CLIP as open_clip builds it, BioCLIP.
-    "timm/vit_base_patch16_clip_224.openai": "clip",
-    "timm/vit_large_patch14_clip_224.openai": "clip",
-    "imageomics/bioclip": "clip",
-    "imageomics/bioclip-2": "clip",
+    **{hub_id: "clip" for hub_id in open_clip.HUB_IDS},  # open_clip's layout, mapped onto CLIP
 }
 
 # config.json `model_type` -> family.
@@ -244,7 +240,7 @@ def _download(repo_id: str) -> str:
     errors = []
     try:
         available = set(hub.list_repo_files(repo_id))
-        if open_clip.CONFIG in available and "config.json" not in available:
+        if repo_id in open_clip.HUB_IDS:
             weights = [next((w for w in open_clip.WEIGHT_FILES if w in available), open_clip.PICKLE)]
         elif SAFETENSORS in available:
             weights = [SAFETENSORS]

@@ -21,6 +21,7 @@ no `ln_pre`, ...) are refused with the config key that differs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -34,6 +35,9 @@ CONFIG = "open_clip_config.json"
 SAFETENSORS = "open_clip_model.safetensors"
 PICKLE = "open_clip_pytorch_model.bin"
 WEIGHT_FILES = (SAFETENSORS, PICKLE)
+# Hub repos in open_clip's layout that `load` fetches by name (OpenAI CLIP as open_clip builds it, BioCLIP).
+HUB_IDS = ("timm/vit_base_patch16_clip_224.openai", "timm/vit_large_patch14_clip_224.openai", "imageomics/bioclip",
+           "imageomics/bioclip-2")
 
 # vision_cfg keys with the value the CLIP architecture needs (open_clip's defaults).
 _MUST_BE = {"ls_init_value": None, "attentional_pool": False, "no_ln_pre": False, "pool_type": "tok",
@@ -58,8 +62,17 @@ _RENAMES = (
 
 
 def is_open_clip(path: str) -> bool:
-    """True for a directory in open_clip's hub layout (open_clip_config.json, no config.json)."""
-    return os.path.isfile(os.path.join(path, CONFIG)) and not os.path.isfile(os.path.join(path, "config.json"))
+    """True for a directory in open_clip's hub layout: open_clip_config.json, and no
+    `transformers` config.json (timm's hub repos add a config.json without a `model_type`)."""
+    if not os.path.isfile(os.path.join(path, CONFIG)):
+        return False
+    try:
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            return "model_type" not in json.loads(f.read())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False  # an unreadable config.json: the transformers path names the file
 
 
 def vision_config(config: Mapping, path: str) -> tuple[dict, int]:

@@ -331,16 +331,16 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = os.fspath(path)
     with open(path, "rb") as f:
         # No storage can hold more elements than the file has bytes.
-        return _read_state_dict(path, f, 0, max(os.path.getsize(path) // 4, 1), what="the file",
+        return _read_state_dict(path, f, 0, max(os.path.getsize(path) // 4, 1), what="it is",
                                 bound="a file of this size can hold")
 
 
-def _read_state_dict(path: str, f, start: int, max_elements: int, what: str = "the bytes after the config line",
+def _read_state_dict(path: str, f, start: int, max_elements: int, what: str = "the bytes after the config line are",
                      **bound) -> dict[str, np.ndarray]:
     try:
         archive = zipfile.ZipFile(_OffsetFile(f, start))
     except Exception as e:  # BadZipFile, OSError, struct.error, ... on truncated or corrupt bytes
-        raise CheckpointError(f"{path}: {what} are not a readable torch.save zip "
+        raise CheckpointError(f"{path}: {what} not a readable torch.save zip "
                               f"archive (truncated or corrupt?): {e}") from e
     with archive:
         pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
