@@ -240,3 +240,25 @@ def test_registry_and_known_models():
     assert backbones.KNOWN_MODELS["facebook/dinov3-vitb16-pretrain-lvd1689m"] == "dinov3"
     assert backbones.KNOWN_MODELS["imageomics/bioclip"] == "clip"
     assert backbones.MODEL_TYPES["dinov3_vit"] == "dinov3" and backbones.MODEL_TYPES["siglip"] == "siglip"
+
+
+@pytest.mark.parametrize("config_name, family, hub_id", [
+    ("siglip2_b16", "siglip", "google/siglip2-base-patch16-224"),
+    ("dinov3_b16", "dinov3", "facebook/dinov3-vitb16-pretrain-lvd1689m"),
+    ("bioclip_b16", "clip", "imageomics/bioclip"),
+])
+def test_family_configs_name_known_models_and_their_small_variant_builds(config_name, family, hub_id, tmp_path):
+    import importlib
+
+    from experiments.sae_training import build_backbone
+
+    module = importlib.import_module(f"experiments.configs.{config_name}")
+    full = module.get_config()
+    assert full.backbone.name == hub_id and backbones.KNOWN_MODELS[hub_id] == family and full.tokens == "patches"
+    small = module.get_config("small")
+    small.backbone.random.directory = str(tmp_path / "backbone")
+    bb, params = build_backbone(small.backbone)
+    assert bb.family == family
+    rows = activations.token_indices(bb.layout, small.tokens)
+    out = bb.forward(params, bb.preprocess(np.full((1, 40, 36, 3), 90, np.uint8)), capture=small.layers, full=False)
+    assert out.captured[small.layers[0]][:, rows].shape == (1, bb.layout.n_patches, bb.d_model)

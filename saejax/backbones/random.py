@@ -1,7 +1,9 @@
 """Tiny randomly initialised backbones, written as ordinary HF checkpoint directories.
 
 For smoke runs and tests that need a backbone but no hub: the directory holds `config.json`,
-`preprocessor_config.json` and `flax_model.msgpack`, and `load` reads it like any checkpoint.
+`preprocessor_config.json` and the weights (`flax_model.msgpack` for the `transformers` Flax
+families; for saejax's own families, `model.safetensors` under saejax's own parameter keys,
+which `load` reads as it reads PyTorch names), and `load` reads it like any checkpoint.
 
 >>> path = create_random("clip", "/tmp/tiny-clip", hidden_size=32, num_hidden_layers=3,
 ...                      num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
@@ -18,12 +20,14 @@ from flax import serialization
 from flax.traverse_util import unflatten_dict
 
 from saejax.backbones import _hf
-from saejax.backbones.loading import FLAX_MSGPACK, _configs, _Heads, _target_shapes
+from saejax.backbones.families import OWN_FAMILIES
+from saejax.backbones.loading import FLAX_MSGPACK, SAFETENSORS, _configs, _Heads, _target_shapes
 from saejax.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from saejax.checkpoint.staging import staged_directory
 
 _CONFIG_CLASSES = {"clip": "CLIPVisionConfig", "dinov2": "Dinov2Config", "dinov2_registers": "Dinov2WithRegistersConfig",
-                   "vit": "ViTConfig"}
+                   "vit": "ViTConfig", "siglip": "SiglipVisionConfig", "siglip2": "Siglip2VisionConfig",
+                   "dinov3": "DINOv3ViTConfig"}
 
 
 def _random_params(shapes, seed: int, std: float = 0.02) -> dict[tuple, np.ndarray]:
@@ -46,10 +50,10 @@ def create_random(family: str, directory: str, *, seed: int = 0, n_classes: int 
     """Write a randomly initialised `family` model to `directory` (reused if already there).
 
     Args:
-        family: "clip", "dinov2", "dinov2_registers" or "vit".
+        family: any of `saejax.backbones.FAMILIES`.
         directory: where to write the checkpoint.
         seed: seed of the random weights.
-        n_classes: a classification head of this size (ViT, DINOv2), 0 for none.
+        n_classes: a classification head of this size (ViT, DINOv2 only), 0 for none.
         **sizes: `transformers` config fields (hidden_size, num_hidden_layers, image_size, ...).
             `image_size` is also the size `preprocess` produces (resize short side + crop).
 
@@ -58,6 +62,8 @@ def create_random(family: str, directory: str, *, seed: int = 0, n_classes: int 
     """
     if family not in _CONFIG_CLASSES:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(_CONFIG_CLASSES)}")
+    if n_classes and family not in ("vit", "dinov2"):
+        raise ValueError(f"n_classes={n_classes}: only vit and dinov2 checkpoints carry a classification head")
     with _hf.quiet():
         cfg = getattr(_hf.hf(), _CONFIG_CLASSES[family])(**sizes)
     config_json = cfg.to_dict()
@@ -65,6 +71,9 @@ def create_random(family: str, directory: str, *, seed: int = 0, n_classes: int 
         config_json["id2label"] = {str(i): f"class_{i}" for i in range(n_classes)}
         config_json["label2id"] = {f"class_{i}": i for i in range(n_classes)}
     config_json["saejax_random_seed"] = seed
+    own = OWN_FAMILIES.get(family)
+    if own is not None:
+        return _write_own(own, cfg, config_json, directory, seed)
     size = int(cfg.image_size)
     mean, std = {"clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), "vit": ((0.5,) * 3, (0.5,) * 3)}.get(
         family, (IMAGENET_MEAN, IMAGENET_STD))
@@ -91,4 +100,29 @@ def create_random(family: str, directory: str, *, seed: int = 0, n_classes: int 
             json.dump(processor, f, indent=2)
         with open(os.path.join(staging, FLAX_MSGPACK), "wb") as f:
             f.write(serialization.msgpack_serialize(unflatten_dict(flat)))
+    return directory
+
+
+def _write_own(own, cfg, config_json, directory, seed) -> str:
+    """An own-family checkpoint: config.json, the family's default processor, model.safetensors."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    processing = own.default_processing(cfg)
+    size = processing.output_size[0]
+    processor = {"do_resize": True, "size": {"height": size, "width": size}, "resample": processing.resample,
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": list(processing.mean), "image_std": list(processing.std)}
+    config_file = os.path.join(directory, "config.json")
+    if os.path.isfile(config_file) and os.path.isfile(os.path.join(directory, SAFETENSORS)):
+        with open(config_file) as f:
+            if json.load(f) == json.loads(json.dumps(config_json)):
+                return directory
+    shapes = own.build(cfg, np.float32, (size // int(cfg.patch_size),) * 2).param_shapes()
+    flat = _random_params(shapes, seed)
+    with staged_directory(directory) as staging:
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(config_json, f, indent=2)
+        with open(os.path.join(staging, "preprocessor_config.json"), "w") as f:
+            json.dump(processor, f, indent=2)
+        save_file({".".join(k): v for k, v in flat.items()}, os.path.join(staging, SAFETENSORS))
     return directory
