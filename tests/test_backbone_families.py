@@ -262,3 +262,19 @@ def test_family_configs_name_known_models_and_their_small_variant_builds(config_
     rows = activations.token_indices(bb.layout, small.tokens)
     out = bb.forward(params, bb.preprocess(np.full((1, 40, 36, 3), 90, np.uint8)), capture=small.layers, full=False)
     assert out.captured[small.layers[0]][:, rows].shape == (1, bb.layout.n_patches, bb.d_model)
+
+
+def test_resize_weights_match_torch():
+    """The 1-D weights behind every position-grid resize, against torch's `F.interpolate`
+    (align_corners=False) up and down: NaFlex's antialiased bilinear, DINOv2's bicubic with
+    (registers) and without antialias."""
+    from saejax.backbones import _interp
+
+    golden = np.load(os.path.join(FIXTURES, "interpolation.npz"))
+    made = {"bilinear_aa": _interp.bilinear_antialiased_matrix,
+            "bicubic_aa": lambda a, b: _interp.bicubic_matrix(a, b, antialias=True),
+            "bicubic": lambda a, b: _interp.bicubic_matrix(a, b, antialias=False)}
+    assert len(golden.files) == 72
+    for key in golden.files:
+        kind, n_in, n_out = key.rsplit("_", 2)
+        np.testing.assert_allclose(made[kind](int(n_in), int(n_out)), golden[key], atol=1e-12, err_msg=key)

@@ -13,9 +13,13 @@ tensors only. OpenAI CLIP as open_clip builds it, the reference's exact backbone
 `--config.backbone.name=timm/vit_base_patch16_clip_224.openai`.
 
 Not yet run at scale (no images of the tree of life, no accelerator here): no expected numbers
-are promised. `:small` is a tiny random CLIP with exact GELU (BioCLIP's activation, where OpenAI
-CLIP uses quick_gelu) on noise images. About 8 s on 2 CPU cores; measured: lr 1e-3 -> L0 62.8 of
-128, NMSE 0.57; lr 3e-3 -> L0 63.1, NMSE 0.17 (a plumbing check)."""
+are promised. The activation is read from `open_clip_config.json` (`quick_gelu`: OpenAI's
+QuickGELU; otherwise exact GELU, open_clip's default).
+
+`:small` is a tiny random CLIP with exact GELU on noise images. About 8 s on 2 CPU cores;
+measured: lr 1e-3 -> L0 62.8 of 128, NMSE 0.57; lr 3e-3 -> L0 63.1, NMSE 0.17 (a plumbing
+check).
+"""
 
 from experiments.configs.paper import paper_config, small_config
 

@@ -14,7 +14,8 @@ here (e.g. `--config.layers=6,7,8,9,10,11`).
 Not yet run at scale (no ImageNet, no accelerator here): no expected numbers are promised.
 `:small` is a tiny random DINOv3 with 4 registers and SwiGLU on noise images (about 8 s on 2 CPU
 cores; measured: lr 1e-3 -> L0 62.7 of 128, NMSE 0.59; lr 3e-3 -> L0 63.0, NMSE 0.17; a plumbing
-check)."""
+check).
+"""
 
 import ml_collections
 

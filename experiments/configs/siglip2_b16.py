@@ -16,7 +16,8 @@ patch16-naflex`, family "siglip2", run at one fixed square size) load by passing
 Not yet run at scale (no ImageNet, no accelerator here): no expected numbers are promised.
 `:small` is a tiny random SigLIP on noise images (about 8 s on 2 CPU cores; measured: lr 1e-3 ->
 L0 63.2 of 128, NMSE 0.60; lr 3e-3 -> L0 63.2, NMSE 0.17; a plumbing check, like
-clip_vit_b16.py:small)."""
+clip_vit_b16.py:small).
+"""
 
 from experiments.configs.paper import paper_config, small_config
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -83,3 +85,13 @@ def _antialiased_matrix(in_size, out_size, kernel, *, support) -> np.ndarray:
             weights = weights / total
         w[i, xmin:xmax] = weights
     return w
+
+
+def resize_grid(pe, side: int, weights: tuple[np.ndarray, np.ndarray]):
+    """Resizes a square grid of embeddings, [side * side, D] -> [rows * cols, D], with 1-D
+    weight matrices `(rows x side, cols x side)` from the functions above (float32 math)."""
+    wh, ww = (jnp.asarray(w, jnp.float32) for w in weights)
+    d = pe.shape[-1]
+    out = jnp.einsum("ia,jb,abd->ijd", wh, ww, pe.reshape(side, side, d).astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(-1, d).astype(pe.dtype)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax.backbones import _hf
-from saejax.backbones._interp import bicubic_matrix
+from saejax.backbones._interp import bicubic_matrix, resize_grid
 from saejax.backbones.preprocess import ImageProcessing
 
 
@@ -122,11 +122,7 @@ class _PositionGrid:
         """[1, 1 + side**2, D] -> [1, 1 + rows * cols, D]."""
         if self.matrices is None:
             return pe
-        wh, ww = self.matrices
-        d = pe.shape[-1]
-        patch = pe[0, 1:].reshape(self.side, self.side, d).astype(jnp.float32)
-        patch = jnp.einsum("ia,jb,abd->ijd", wh, ww, patch, precision=jax.lax.Precision.HIGHEST)
-        return jnp.concatenate([pe[:, :1], patch.reshape(1, -1, d).astype(pe.dtype)], axis=1)
+        return jnp.concatenate([pe[:, :1], resize_grid(pe[0, 1:], self.side, self.matrices)[None]], axis=1)
 
 
 class _Clip:

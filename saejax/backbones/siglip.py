@@ -23,9 +23,8 @@ import math
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
-from saejax.backbones._interp import bicubic_matrix, bilinear_antialiased_matrix
+from saejax.backbones._interp import bicubic_matrix, bilinear_antialiased_matrix, resize_grid
 from saejax.backbones.layers import AttentionPool, Block, OwnFamily, OwnModel
 from saejax.backbones.model import TokenLayout
 from saejax.backbones.preprocess import BICUBIC, BILINEAR, HALF, ImageProcessing
@@ -48,15 +47,12 @@ RENAMES = (
 )
 
 
-def _resize_grid(pe, side, grid, matrix):
+def _on_grid(positions, grid, matrix):
     """[side * side, D] learned positions -> [rows * cols, D] on the model's grid."""
+    side = math.isqrt(positions.shape[0])
     if tuple(grid) == (side, side):
-        return pe
-    wh, ww = (jnp.asarray(matrix(side, n).astype(np.float32)) for n in grid)
-    d = pe.shape[-1]
-    out = jnp.einsum("ia,jb,abd->ijd", wh, ww, pe.reshape(side, side, d).astype(jnp.float32),
-                     precision="highest")
-    return out.reshape(-1, d).astype(pe.dtype)
+        return positions
+    return resize_grid(positions, side, (matrix(side, grid[0]), matrix(side, grid[1])))
 
 
 class SiglipEmbed(nn.Module):
@@ -72,9 +68,8 @@ class SiglipEmbed(nn.Module):
                           dtype=self.dtype, name="patch")(x)
         b = patches.shape[0]
         positions = self.param("positions", nn.initializers.normal(0.02), (self.n_positions, self.hidden), jnp.float32)
-        side = math.isqrt(self.n_positions)
         # HF `interpolate_pos_encoding`: bicubic, align_corners=False, no antialias.
-        pe = _resize_grid(positions, side, self.grid, lambda a, n: bicubic_matrix(a, n, antialias=False))
+        pe = _on_grid(positions, self.grid, lambda a, n: bicubic_matrix(a, n, antialias=False))
         return patches.reshape(b, -1, self.hidden) + pe.astype(patches.dtype)[None]
 
 
@@ -93,7 +88,7 @@ class NaflexEmbed(nn.Module):
         flat = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
         patches = nn.Dense(self.hidden, dtype=self.dtype, name="patch")(flat)
         positions = self.param("positions", nn.initializers.normal(0.02), (self.n_positions, self.hidden), jnp.float32)
-        pe = _resize_grid(positions, math.isqrt(self.n_positions), self.grid, bilinear_antialiased_matrix)
+        pe = _on_grid(positions, self.grid, bilinear_antialiased_matrix)
         return patches + pe.astype(patches.dtype)[None]
 
 
