@@ -1,6 +1,7 @@
 """Vision transformer backbones as pure JAX functions, with residual capture and edits.
 
-The only place in saejax that imports `transformers` (4.x, for its Flax modules; lazily).
+The only place in saejax that imports `transformers` (4.x, for its Flax modules, configs and
+nothing else; lazily).
 
 >>> bb, params = saejax.backbones.load("openai/clip-vit-base-patch16")      # doctest: +SKIP
 >>> x = bb.preprocess(images_uint8)                   # [N, H, W, 3] uint8 -> [N, 224, 224, 3]
@@ -8,9 +9,11 @@ The only place in saejax that imports `transformers` (4.x, for its Flax modules;
 >>> out.captured[10]                                  # [N, 197, 768], residual after block 10
 
 Hook `i` is the residual stream after transformer block `i` (HF `hidden_states[i + 1]`).
-Families: "clip" (CLIPVisionModel / CLIPModel checkpoints), "dinov2", "dinov2_registers"
-(Dinov2WithRegistersModel: Flax DINOv2 blocks + register tokens), "vit"
-(ViTForImageClassification with its head, or ViTModel).
+Families (`FAMILIES`): built on `transformers`' Flax blocks, "clip" (CLIPVisionModel /
+CLIPModel checkpoints, and open_clip checkpoints such as BioCLIP, see `open_clip`), "dinov2",
+"dinov2_registers" (Flax DINOv2 blocks + register tokens) and "vit" (ViTForImageClassification
+with its head, or ViTModel); built from saejax's own Flax modules (`layers`, `OWN_FAMILIES`),
+"siglip" (SigLIP and fixed-size SigLIP 2), "siglip2" (SigLIP 2 NaFlex) and "dinov3".
 """
 
 from saejax.backbones.families import FAMILIES, OWN_FAMILIES

@@ -1,5 +1,10 @@
 """`load`: hub id or local directory -> (`Backbone`, params), converting PyTorch weights without torch.
 
+The family comes from config.json's `model_type` (`MODEL_TYPES`); a directory in open_clip's
+layout (`open_clip_config.json`) loads as CLIP (`saejax.backbones.open_clip`). Own-module
+families (`saejax.backbones.families.OWN_FAMILIES`) rename PyTorch weights with their own table
+(`layers.convert_torch`); the `transformers` Flax families use HF's rule below.
+
 Weights are read from, in this order of preference, `model.safetensors`, sharded
 `model.safetensors.index.json` + `model-0000x-of-0000y.safetensors` (merged here: `transformers`
 4.x Flax cannot load sharded safetensors), or `flax_model.msgpack`. PyTorch safetensors are
@@ -89,10 +94,14 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
 
     Args:
         name_or_dir: A known hub id (see `KNOWN_MODELS`, e.g. "openai/clip-vit-base-patch16",
-            "facebook/dinov2-with-registers-base") or a local directory with `config.json` and
+            "google/siglip2-base-patch16-224", "facebook/dinov3-vitb16-pretrain-lvd1689m",
+            "imageomics/bioclip") or a local directory with `config.json` and
             weights: `model.safetensors`, sharded `model-0000x-of-0000y.safetensors` +
-            `model.safetensors.index.json`, or `flax_model.msgpack`. A `preprocessor_config.json`
-            there defines `preprocess`; without one the family's standard processor is used.
+            `model.safetensors.index.json`, or `flax_model.msgpack` (transformers Flax families
+            only). A `preprocessor_config.json` there defines `preprocess`; without one the
+            family's standard processor is used. Or an open_clip directory:
+            `open_clip_config.json` + `open_clip_model.safetensors` or
+            `open_clip_pytorch_model.bin` (read without running pickle code).
         dtype: Computation dtype of the Flax modules (`dtype=` of HF's Flax modules: matmuls run in
             it; params are kept float32, and the residual stream may stay float32 where float32
             params or residuals are added, as in HF Flax).
@@ -100,10 +109,12 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
             `~/.cache/saejax`); `False` disables the cache.
         image_size: Run at this resolution instead of the processor's: any multiple of the
             patch size. The position embeddings are interpolated to the new grid as
-            `transformers` does (DINOv2 always; CLIP and ViT as with
-            `interpolate_pos_encoding=True`). `preprocess` then yields `image_size` squares with
-            the checkpoint's resampling and normalisation (ViT: resized to the square; the
-            others: short side resized, centre crop); `grid` and the token layout follow.
+            `transformers` does (DINOv2 always; CLIP, ViT and SigLIP as with
+            `interpolate_pos_encoding=True`; SigLIP 2 NaFlex resizes its grid always; DINOv3's
+            rotary embeddings need nothing). `preprocess` then yields `image_size` squares with
+            the checkpoint's resampling and normalisation (ViT, SigLIP, DINOv3: resized to the
+            square; the others: short side resized, centre crop); `grid` and the token layout
+            follow.
             None: the checkpoint's processor decides.
 
     Returns:

@@ -1,6 +1,6 @@
 """`Backbone`: one pure, jittable ViT forward with residual capture and residual edits.
 
-The transformer blocks, patch embeddings and norms are `transformers`' own Flax modules,
+For the `transformers` Flax families below, the transformer blocks, patch embeddings and norms are `transformers`' own Flax modules,
 applied one block at a time to the matching parameter subtrees, so the numerics are HF's. The
 CLS token and position embeddings are added here, so that the position grid can be
 interpolated to other image sizes as PyTorch does (`_PositionGrid`). The params
@@ -15,6 +15,8 @@ clip                `vision_model` (+ `visual_projection`, and for full CLIPMode
 dinov2              `dinov2` (+ `classifier` for Dinov2ForImageClassification)
 dinov2_registers    `dinov2_with_registers` (DINOv2 tree + `embeddings/register_tokens`)
 vit                 `vit` (+ `classifier` for ViTForImageClassification, `pooler` if saved)
+siglip, siglip2,    `embed`, `blocks/<i>`, `readout`: saejax's own modules, one tree for every
+dinov3              own family (`saejax.backbones.layers`); the same `Backbone` drives them
 ==================  ==========================================================================
 
 Hook convention (stated once): hook `i` is the residual stream after transformer block `i`,
@@ -72,13 +74,14 @@ class ForwardOutput(NamedTuple):
     Attributes:
         captured: `{i: [B, T, D]}`, the residual after block i for each requested i (before an
             edit at i is applied; edits at earlier blocks are reflected).
-        tokens: [B, T, D] final tokens. DINOv2 / ViT: after the final layernorm (HF
-            `last_hidden_state`). CLIP: the residual after the last block, WITHOUT
+        tokens: [B, T, D] final tokens. DINOv2 / DINOv3 / ViT / SigLIP: after the final
+            layernorm (HF `last_hidden_state`). CLIP: the residual after the last block, WITHOUT
             `post_layernorm` (HF `last_hidden_state`; HF applies `post_layernorm` to CLS only).
             None when `full=False`.
-        pooled: [B, D] CLS embedding. CLIP: `post_layernorm(CLS)` (HF `pooler_output`);
-            DINOv2 / ViT: final-layernorm CLS (ViT's optional tanh pooler is not applied).
-            None when `full=False`.
+        pooled: [B, D] the model's pooled embedding (HF `pooler_output`). CLIP:
+            `post_layernorm(CLS)`; DINOv2 / DINOv3 / ViT: final-layernorm CLS (ViT's optional
+            tanh pooler is not applied); SigLIP: the attention-pooling head's output. None when
+            `full=False`.
         logits: [B, n_classes] when the checkpoint has a classification head (ViT and DINOv2
             *ForImageClassification), else None.
     """
@@ -231,7 +234,7 @@ class Backbone:
     as a static argument to `jax.jit`.
 
     Attributes:
-        family: "clip" | "dinov2" | "dinov2_registers" | "vit".
+        family: one of `saejax.backbones.FAMILIES`.
         d_model: Residual width D.
         n_layers: Number of transformer blocks; valid hook indices are 0 .. n_layers - 1.
         patch_size: Patch side in pixels.
