@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import saejax.backbones as backbones
+from backbone_checks import check_edit_equals_running_the_remaining_blocks_by_hand
 from saejax.backbones import loading
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "backbones")
@@ -114,24 +115,7 @@ def test_identity_edit_is_exactly_the_plain_forward(loaded, case):
 @pytest.mark.parametrize("case", ["vit", "clip_vision", "dinov2"])
 def test_edit_equals_running_the_remaining_blocks_by_hand(loaded, case):
     bb, params, g = loaded(case)
-    x = g["pixel_values"]
-    shift = jnp.linspace(-1.0, 1.0, bb.d_model)
-
-    def edit(r):
-        return r.at[:, bb.layout.patches[0]:].add(shift)
-
-    out = bb.forward(params, x, capture=(1, 2), edits={1: edit})
-    resid = bb.run_blocks(params, bb.embed(params, x), 0, 2)
-    np.testing.assert_allclose(out.captured[1], resid, atol=1e-6)  # captured[i] is before the edit at i
-    resid = bb.run_blocks(params, edit(resid), 2, bb.n_layers)
-    np.testing.assert_allclose(out.captured[2], resid, atol=1e-6)
-    tokens, pooled, logits = bb.readout(params, resid)
-    np.testing.assert_allclose(out.tokens, tokens, atol=1e-6)
-    np.testing.assert_allclose(out.pooled, pooled, atol=1e-6)
-    if logits is not None:
-        np.testing.assert_allclose(out.logits, logits, atol=1e-6)
-    plain = bb.forward(params, x)
-    assert not np.allclose(plain.tokens, out.tokens, atol=1e-3)  # the edit did something
+    check_edit_equals_running_the_remaining_blocks_by_hand(bb, params, g["pixel_values"])
 
 
 def test_forward_jits_with_edits_and_matches_eager(loaded):

@@ -19,6 +19,7 @@ the attention-pooling head's output (HF `pooler_output`), and `tokens` are
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -56,40 +57,32 @@ def _on_grid(positions, grid, matrix):
 
 
 class SiglipEmbed(nn.Module):
+    """Patch embeddings plus learned positions on the model's grid. `naflex`: patches flattened
+    (row, column, channel) into a Linear layer and the grid resized always (bilinear,
+    antialiased), as SigLIP 2 NaFlex; else a Conv2d and HF's `interpolate_pos_encoding`
+    (bicubic, no antialias)."""
+
     hidden: int
     patch: int
     n_positions: int
     grid: tuple[int, int]
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        patches = nn.Conv(self.hidden, (self.patch,) * 2, strides=(self.patch,) * 2, padding="VALID",
-                          dtype=self.dtype, name="patch")(x)
-        b = patches.shape[0]
-        positions = self.param("positions", nn.initializers.normal(0.02), (self.n_positions, self.hidden), jnp.float32)
-        # HF `interpolate_pos_encoding`: bicubic, align_corners=False, no antialias.
-        pe = _on_grid(positions, self.grid, lambda a, n: bicubic_matrix(a, n, antialias=False))
-        return patches.reshape(b, -1, self.hidden) + pe.astype(patches.dtype)[None]
-
-
-class NaflexEmbed(nn.Module):
-    hidden: int
-    patch: int
-    n_positions: int
-    grid: tuple[int, int]
+    naflex: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         b, h, w, c = x.shape
         p = self.patch
-        # Siglip2ImageProcessor's patch order: (row, column, channel) within each patch.
-        flat = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
-        patches = nn.Dense(self.hidden, dtype=self.dtype, name="patch")(flat)
+        if self.naflex:
+            flat = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
+            patches = nn.Dense(self.hidden, dtype=self.dtype, name="patch")(flat)
+            matrix = bilinear_antialiased_matrix
+        else:
+            patches = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                              name="patch")(x).reshape(b, -1, self.hidden)
+            matrix = functools.partial(bicubic_matrix, antialias=False)
         positions = self.param("positions", nn.initializers.normal(0.02), (self.n_positions, self.hidden), jnp.float32)
-        pe = _on_grid(positions, self.grid, bilinear_antialiased_matrix)
-        return patches + pe.astype(patches.dtype)[None]
+        return patches + _on_grid(positions, self.grid, matrix).astype(patches.dtype)[None]
 
 
 class SiglipReadout(nn.Module):
@@ -111,11 +104,10 @@ class SiglipReadout(nn.Module):
 
 
 def _build(cfg, dtype, grid, *, naflex):
-    embed_cls = NaflexEmbed if naflex else SiglipEmbed
     n_positions = int(cfg.num_patches) if naflex else (int(cfg.image_size) // int(cfg.patch_size)) ** 2
     if math.isqrt(n_positions) ** 2 != n_positions:
         raise ValueError(f"{n_positions} position embeddings do not form a square grid")
-    embed = embed_cls(int(cfg.hidden_size), int(cfg.patch_size), n_positions, tuple(grid), dtype=dtype)
+    embed = SiglipEmbed(int(cfg.hidden_size), int(cfg.patch_size), n_positions, tuple(grid), naflex, dtype=dtype)
     block = Block(int(cfg.num_attention_heads), int(cfg.intermediate_size), cfg.hidden_act, float(cfg.layer_norm_eps),
                   dtype=dtype)
     readout = SiglipReadout(int(cfg.num_attention_heads), int(cfg.intermediate_size), cfg.hidden_act,
