@@ -11,6 +11,13 @@ pure functions over an explicit `SAEParams` pytree:
 Shapes: N inputs, D = `d_model`, F = `d_sae` latents, K = `k` (the static top-k size).
 All architectures share `pre = (x - b_dec) @ w_enc + b_enc` (the reference's forward, bit for
 bit) and `x_hat = z @ w_dec + b_dec`; they differ in how `z` is made from `pre`.
+
+Mixed precision: `SAE.compute_dtype` (e.g. `jnp.bfloat16`) casts the inputs of the encoder and
+decoder matmuls, forward and backward, and accumulates them in float32
+(`preferred_element_type`). Everything else stays in the parameters' float32: the
+pre-activations, the code, the reconstruction, the loss, the gradients, Adam and the decoder
+renormalisation. A TopK code's sparse decode and K-sparse encoder gradient are gathers and
+scatter-adds, not matmuls, and stay float32.
 """
 
 from __future__ import annotations
@@ -90,25 +97,57 @@ def _scatter_rows(idx_NK, vals_NK, d_sae):
     return jnp.zeros((n, d_sae), vals_NK.dtype).at[jnp.arange(n)[:, None], idx_NK].set(vals_NK)
 
 
+def matmul(a, b, compute_dtype=None):
+    """`a @ b`; with a `compute_dtype`, its inputs are cast to it and the product is
+    accumulated and returned in float32, and so are the two matmuls of its gradient."""
+    if compute_dtype is None:
+        return a @ b
+    return _mixed_matmul(a, b, compute_dtype)
+
+
+def _low_matmul(a, b, compute_dtype):
+    return jnp.matmul(a.astype(compute_dtype), b.astype(compute_dtype), preferred_element_type=jnp.float32)
+
+
+# Autodiff of a matmul with float32 output would run its gradient matmuls on the float32
+# cotangent; these run them in `compute_dtype` as well.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_matmul(a, b, compute_dtype):
+    return _low_matmul(a, b, compute_dtype)
+
+
+def _mixed_matmul_fwd(a, b, compute_dtype):
+    return _low_matmul(a, b, compute_dtype), (a, b)
+
+
+def _mixed_matmul_bwd(compute_dtype, residuals, g):
+    a, b = residuals
+    return (_low_matmul(g, b.T, compute_dtype).astype(a.dtype),
+            _low_matmul(a.T, g, compute_dtype).astype(b.dtype))
+
+
+_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
 # (x - b) @ w, with a backward pass that sums the b gradient over the batch *before* the
 # matmul: one [D, F] vector-matrix product instead of a full [N, D] x [D, F] matmul.
-@jax.custom_vjp
-def centered_matmul(x_ND, b_D, w_DF):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def centered_matmul(x_ND, b_D, w_DF, compute_dtype=None):
     """`(x - b) @ w` whose gradient for `b` costs a vector-matrix product, not a matmul."""
-    return (x_ND - b_D) @ w_DF
+    return matmul(x_ND - b_D, w_DF, compute_dtype)
 
 
-def _centered_matmul_fwd(x_ND, b_D, w_DF):
+def _centered_matmul_fwd(x_ND, b_D, w_DF, compute_dtype):
     centered_ND = x_ND - b_D
-    return centered_ND @ w_DF, (centered_ND, w_DF)
+    return matmul(centered_ND, w_DF, compute_dtype), (centered_ND, w_DF)
 
 
-def _centered_matmul_bwd(residuals, g_NF):
+def _centered_matmul_bwd(compute_dtype, residuals, g_NF):
     centered_ND, w_DF = residuals
-    g_x_ND = g_NF @ w_DF.T  # dead code (removed by XLA) unless the caller differentiates x
+    g_x_ND = matmul(g_NF, w_DF.T, compute_dtype)  # dead code (removed by XLA) unless x is differentiated
     g_b_D = -(jnp.sum(g_NF, axis=0) @ w_DF.T)
-    g_w_DF = centered_ND.T @ g_NF
-    return g_x_ND, g_b_D, g_w_DF
+    g_w_DF = matmul(centered_ND.T, g_NF, compute_dtype)  # (a bare `matmul`: the backward is not differentiated)
+    return g_x_ND.astype(centered_ND.dtype), g_b_D, g_w_DF.astype(w_DF.dtype)
 
 
 centered_matmul.defvjp(_centered_matmul_fwd, _centered_matmul_bwd)
@@ -255,6 +294,9 @@ class SAE:
         bandwidth: JumpReLU straight-through kernel width.
         threshold_decay: BatchTopK: the inference threshold is an exponential moving average
             of each batch's smallest kept value, with this weight on the old value.
+        compute_dtype: None (float32 throughout) or a dtype such as `jnp.bfloat16` for the
+            inputs of the encoder and decoder matmuls, accumulated in float32 (see the module
+            docstring). How to run, not what the SAE is: `to_config` leaves it out.
         mesh: the mesh a jitted training step runs on, with inputs split over its `data` axis:
             top-k selections then run per device (`distributed_top_k`, the same results).
         shard_latents: the latents are split over the mesh's `model` axis.
@@ -269,6 +311,7 @@ class SAE:
     threshold_init: float = 1e-3
     bandwidth: float = 1e-3
     threshold_decay: float = 0.99
+    compute_dtype: Any = None
     mesh: Mesh | None = None
     shard_latents: bool = False
 
@@ -280,6 +323,11 @@ class SAE:
         if self.architecture in ("topk", "batchtopk"):
             if self.k is None or not 0 < self.k <= self.d_sae:
                 raise ValueError(f"{self.architecture} needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
+        if self.compute_dtype is not None:
+            dtype = jnp.dtype(self.compute_dtype)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"compute_dtype must be a float dtype such as bfloat16, got {self.compute_dtype!r}")
+            object.__setattr__(self, "compute_dtype", None if dtype == jnp.float32 else dtype)
 
     # ----------------------------------------------------------------------------- params
 
@@ -335,7 +383,7 @@ class SAE:
 
     def pre_activations(self, params: SAEParams, x_ND: jax.Array) -> jax.Array:
         """[N, D] -> [N, F]: `(x - b_dec) @ w_enc + b_enc`."""
-        return centered_matmul(x_ND, params.b_dec, params.w_enc) + params.b_enc
+        return centered_matmul(x_ND, params.b_dec, params.w_enc, self.compute_dtype) + params.b_enc
 
     def encode(self, params: SAEParams, x_ND: jax.Array, *, k: jax.Array | int | None = None) -> jax.Array:
         """Inference code. [N, D] -> [N, F].
@@ -386,7 +434,7 @@ class SAE:
 
     def decode(self, params: SAEParams, z_NF: jax.Array) -> jax.Array:
         """[N, F] -> [N, D]: `z @ w_dec + b_dec`."""
-        return z_NF @ params.w_dec + params.b_dec
+        return matmul(z_NF, params.w_dec, self.compute_dtype) + params.b_dec
 
     def decode_sparse(self, params: SAEParams, idx_NK: jax.Array, vals_NK: jax.Array) -> jax.Array:
         """Decode a sparse code by gathering K decoder rows per input. -> [N, D]."""
@@ -421,7 +469,7 @@ class SAE:
     def to_config(self) -> dict[str, Any]:
         """JSON-ready description; `from_config` inverts it."""
         config = dataclasses.asdict(self)
-        del config["mesh"], config["shard_latents"]
+        del config["mesh"], config["shard_latents"], config["compute_dtype"]
         return config
 
     @classmethod
@@ -433,27 +481,30 @@ class SAE:
         return cls(**config)
 
 
-def relu(d_model: int, d_sae: int, *, tied_init: bool = False) -> SAE:
+def relu(d_model: int, d_sae: int, *, tied_init: bool = False, compute_dtype=None) -> SAE:
     """The paper's SAE: `z = relu((x - b_dec) @ w_enc + b_enc)`, trained with an L1 penalty."""
-    return SAE("relu", d_model, d_sae, tied_init=tied_init)
+    return SAE("relu", d_model, d_sae, tied_init=tied_init, compute_dtype=compute_dtype)
 
 
-def topk(d_model: int, d_sae: int, k: int, *, tied_init: bool = True) -> SAE:
+def topk(d_model: int, d_sae: int, k: int, *, tied_init: bool = True, compute_dtype=None) -> SAE:
     """TopK SAE (Gao et al. 2024): keep the k largest pre-activations (then ReLU)."""
-    return SAE("topk", d_model, d_sae, k=k, tied_init=tied_init)
+    return SAE("topk", d_model, d_sae, k=k, tied_init=tied_init, compute_dtype=compute_dtype)
 
 
-def batchtopk(d_model: int, d_sae: int, k: int, *, tied_init: bool = True, threshold_decay: float = 0.99) -> SAE:
+def batchtopk(d_model: int, d_sae: int, k: int, *, tied_init: bool = True, threshold_decay: float = 0.99,
+              compute_dtype=None) -> SAE:
     """BatchTopK SAE (Bussmann et al. 2024): top k*N activations over the batch in training;
     at inference a threshold estimated during training (`SAEParams.threshold`)."""
-    return SAE("batchtopk", d_model, d_sae, k=k, tied_init=tied_init, threshold_decay=threshold_decay)
+    return SAE("batchtopk", d_model, d_sae, k=k, tied_init=tied_init, threshold_decay=threshold_decay,
+               compute_dtype=compute_dtype)
 
 
 def jumprelu(d_model: int, d_sae: int, *, threshold_init: float = 1e-3, bandwidth: float = 1e-3,
-             tied_init: bool = True) -> SAE:
+             tied_init: bool = True, compute_dtype=None) -> SAE:
     """JumpReLU SAE (Rajamanoharan et al. 2024): `z = pre * (pre > threshold)` with a trained,
     directly stored threshold and straight-through gradients; pair with the L0 penalty."""
-    return SAE("jumprelu", d_model, d_sae, tied_init=tied_init, threshold_init=threshold_init, bandwidth=bandwidth)
+    return SAE("jumprelu", d_model, d_sae, tied_init=tied_init, threshold_init=threshold_init, bandwidth=bandwidth,
+               compute_dtype=compute_dtype)
 
 
 # ------------------------------------------------------------------------ b_dec initialisers
