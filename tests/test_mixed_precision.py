@@ -98,3 +98,26 @@ def test_bf16_training_recovers_the_same_planted_features(architecture):
     assert np.mean(match16 == match32) >= 0.9
     if architecture == "topk":
         assert best32.min() > 0.9 and best16.min() > 0.9  # every planted feature recovered in both
+
+
+@pytest.mark.parametrize("case, dense_per_block", [("clip_vision", 6), ("dinov2", 6), ("dinov3", 6), ("siglip", 6)])
+def test_bf16_harvest_runs_dense_matmuls_in_bf16_and_keeps_the_residual_float32(case, dense_per_block):
+    """`load(dtype=bfloat16)`: every dense layer's matmul (q, k, v, o, fc1, fc2 per block) takes
+    bf16 inputs and returns float32; the attention scores, norms and the residual stream stay
+    float32, as under torch.autocast. The captured residuals stay within 2% of PyTorch's."""
+    directory = os.path.join(FIXTURES, case)
+    golden = np.load(os.path.join(FIXTURES, f"{case}.npz"))
+    size = golden["pixel_values"].shape[1]
+    bb, params = backbones.load(directory, dtype=jnp.bfloat16, cache_dir=False, image_size=size)
+    x = golden["pixel_values"]
+    forward = jax.jit(lambda p, im: bb.forward(p, im, capture=(0, 1, 2), full=False))
+    dots = _dots(forward.lower(params, x).as_text())
+    low = [t for t in dots if t[:2] == ("bf16", "bf16")]
+    assert len(low) == dense_per_block * 3 and all(t[2] == "f32" for t in low), dots
+    assert all(t == ("f32", "f32", "f32") for t in dots if t not in low)  # attention scores and values
+    out = forward(params, x)
+    for i in range(3):
+        resid, want = np.asarray(out.captured[i]), golden["hidden_states"][i + 1]
+        assert resid.dtype == np.float32
+        rel = np.linalg.norm(resid - want) / np.linalg.norm(want)
+        assert 1e-5 < rel < 2e-2, (i, rel)

@@ -14,6 +14,7 @@ with Block params `ln1/{scale,bias}`, `attn/{q,k,v,o}/{kernel,bias}`, `ln2`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -27,6 +28,33 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+
+
+@contextlib.contextmanager
+def low_precision_matmuls(dtype):
+    """Inside this context, every Flax `nn.Dense` applied runs its matmul with inputs cast to
+    `dtype` (e.g. bf16) and float32 accumulation and output (`preferred_element_type`).
+
+    This is saejax's one mixed-precision policy for every backbone family, the `transformers`
+    Flax modules included: the modules themselves are built in float32, so LayerNorm, softmax,
+    GELU, the attention scores and the residual stream stay float32, as under PyTorch's
+    `torch.autocast(dtype=torch.bfloat16)` (its LayerNorm and softmax run in float32, and its
+    residual adds promote to float32). The patch-embedding convolution (under 1% of a ViT's
+    FLOPs) stays float32.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, nn.Dense):
+            return next_fun(*args, **kwargs)
+        (x,) = args
+        params = module.variables["params"]
+        y = jax.lax.dot_general(x.astype(dtype), params["kernel"].astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        return y + params["bias"] if module.use_bias else y
+
+    with nn.intercept_methods(interceptor):
+        yield
 
 
 def _quick_gelu(x):

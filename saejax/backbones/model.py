@@ -26,6 +26,7 @@ is after `pre_layrnorm`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable, Mapping
@@ -38,6 +39,7 @@ import numpy as np
 
 from saejax.backbones import _hf
 from saejax.backbones._interp import bicubic_matrix, resize_grid
+from saejax.backbones.layers import low_precision_matmuls
 from saejax.backbones.preprocess import ImageProcessing
 
 
@@ -242,8 +244,10 @@ class Backbone:
         grid: `(rows, cols)` of patches.
         layout: `TokenLayout` of the residual's token axis.
         n_classes: Classifier outputs (0 when the checkpoint has no head).
-        dtype: Computation dtype of the Flax modules (params stay float32). As in HF Flax, the
-            residual stream may stay float32 where float32 params or residuals are added.
+        dtype: The matmul dtype. float32, or e.g. bfloat16: every dense layer's matmul gets
+            bf16 inputs and accumulates in float32 (`layers.low_precision_matmuls`); params,
+            norms, softmax, the residual stream and the captured activations stay float32, as
+            under PyTorch's `torch.autocast`.
         processing: The `ImageProcessing` that `preprocess` applies.
         config: The HF (vision) config object.
         load_info: Where the weights came from (`LoadInfo`), or None.
@@ -292,7 +296,8 @@ class Backbone:
             [B, T, D] residual.
         """
         self._check_images(images)
-        return self._impl.embed(params, images)
+        with self._matmuls():
+            return self._impl.embed(params, images)
 
     def run_blocks(self, params, resid: jax.Array, start: int, stop: int) -> jax.Array:
         """Runs blocks `start, ..., stop - 1` on a residual.
@@ -313,8 +318,9 @@ class Backbone:
             raise ValueError(f"run_blocks needs 0 <= start <= stop <= n_layers={self.n_layers}; "
                              f"got start={start!r}, stop={stop!r}")
         self._check_resid(resid, "run_blocks")
-        for i in range(start, stop):
-            resid = self._impl.block(params, resid, i)
+        with self._matmuls():
+            for i in range(start, stop):
+                resid = self._impl.block(params, resid, i)
         return resid
 
     def readout(self, params, resid: jax.Array):
@@ -329,7 +335,8 @@ class Backbone:
             `ForwardOutput`.
         """
         self._check_resid(resid, "readout")
-        return self._impl.readout(params, resid, self.layout)
+        with self._matmuls():
+            return self._impl.readout(params, resid, self.layout)
 
     def forward(self, params, images: jax.Array, *, capture=(), edits: Mapping[int, Edit] | None = None,
                 full: bool = True) -> ForwardOutput:
@@ -380,10 +387,10 @@ class Backbone:
         h = self.embed(params, images)
         captured = {}
         for i in range(stop):
-            h = self._impl.block(params, h, i)
+            h = self.run_blocks(params, h, i, i + 1)
             if i in wanted:
                 captured[i] = h
-            if i in edits:
+            if i in edits:  # (outside the low-precision context: an edit runs as its author wrote it)
                 edited = edits[i](h)
                 if getattr(edited, "shape", None) != h.shape:
                     raise ValueError(f"edits[{i}] returned shape {getattr(edited, 'shape', None)}; "
@@ -391,10 +398,15 @@ class Backbone:
                 h = edited.astype(h.dtype)
         if not full:
             return ForwardOutput(captured, None, None, None)
-        tokens, pooled, logits = self._impl.readout(params, h, self.layout)
+        tokens, pooled, logits = self.readout(params, h)
         return ForwardOutput(captured, tokens, pooled, logits)
 
     # ------------------------------------------------------------------ checks
+    def _matmuls(self):
+        if jnp.dtype(self.dtype) == jnp.float32:
+            return contextlib.nullcontext()
+        return low_precision_matmuls(self.dtype)
+
     def _check_layers(self, layers, what):
         layers = tuple(layers)
         for i in layers:
@@ -450,18 +462,18 @@ def make_backbone(family, cfg, *, dtype, n_classes, processing, load_info=None,
         return Backbone(family=family, d_model=int(cfg.hidden_size), n_layers=int(cfg.num_hidden_layers),
                         patch_size=patch, image_size=image_size, grid=grid, layout=own.layout(cfg, grid),
                         n_classes=int(n_classes), dtype=dtype, processing=processing, config=cfg,
-                        load_info=load_info, _impl=own.build(cfg, dtype, grid))
+                        load_info=load_info, _impl=own.build(cfg, jnp.float32, grid))
     n_patches = grid[0] * grid[1]
     n_reg = int(getattr(cfg, "num_register_tokens", 0)) if family == "dinov2_registers" else 0
     layout = TokenLayout(cls=0, registers=(1, 1 + n_reg), patches=(1 + n_reg, 1 + n_reg + n_patches),
                          n_tokens=1 + n_reg + n_patches)
     if family == "clip":
-        impl = _Clip(cfg, dtype, n_classes, grid)
+        impl = _Clip(cfg, jnp.float32, n_classes, grid)
     elif family == "vit":
-        impl = _Vit(cfg, dtype, n_classes, grid)
+        impl = _Vit(cfg, jnp.float32, n_classes, grid)
     else:
         registers = family == "dinov2_registers"
-        impl = _Dinov2(cfg, dtype, n_classes, root="dinov2_with_registers" if registers else "dinov2",
+        impl = _Dinov2(cfg, jnp.float32, n_classes, root="dinov2_with_registers" if registers else "dinov2",
                        n_registers=n_reg, antialias=registers, grid=grid)
     return Backbone(family=family, d_model=int(cfg.hidden_size), n_layers=int(cfg.num_hidden_layers),
                     patch_size=patch, image_size=image_size, grid=grid, layout=layout, n_classes=int(n_classes),
