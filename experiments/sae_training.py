@@ -50,6 +50,17 @@ def build_source(cfg: ml_collections.ConfigDict, split: str) -> data.Source:
     raise ValueError(f"unknown data kind {cfg.kind!r}; expected tfds, folder, shapes or random")
 
 
+def compute_dtype(name: str | None):
+    """A config's precision: "float32", "bfloat16", or "auto" = bfloat16 on TPU and GPU (bf16
+    matrix units: the matmuls run 2x or more faster and the state stays float32) and float32
+    on CPU (where bf16 is slower without AMX, and where results are compared bit for bit)."""
+    if name in (None, "auto"):
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype {name!r}: expected 'float32', 'bfloat16' or 'auto'")
+    return jnp.dtype(name)
+
+
 def build_backbone(cfg: ml_collections.ConfigDict):
     """`(bb, params)`: a hub id or local directory (`name`, run at `image_size` px when given, see
     `saejax.backbones.load`), or a tiny random one (`random`)."""
@@ -57,15 +68,17 @@ def build_backbone(cfg: ml_collections.ConfigDict):
         path = backbones.create_random(cfg.random.family, cfg.random.directory, seed=cfg.random.seed,
                                        **cfg.random.sizes)
         return backbones.load(path, cache_dir=False)
-    return backbones.load(cfg.name, dtype=jnp.dtype(cfg.get("dtype", "float32")), image_size=cfg.get("image_size"))
+    return backbones.load(cfg.name, dtype=compute_dtype(cfg.get("dtype", "float32")), image_size=cfg.get("image_size"))
 
 
 def build_trainer(config: ml_collections.ConfigDict, d_model: int) -> tuple[train.Trainer, train.Hparams]:
     """The trainer and the sweep's hyperparameters. `config.sae`: `architecture`, `d_sae` or
-    `expansion` (x d_model), and `k` for topk / batchtopk."""
+    `expansion` (x d_model), `k` for topk / batchtopk, and `compute_dtype` for the matmuls
+    (see `compute_dtype`; float32 when absent)."""
     s = config.sae
     d_sae = s.get("d_sae") or s.expansion * d_model
     kwargs = {"k": s.k} if s.architecture in ("topk", "batchtopk") else {}
+    kwargs["compute_dtype"] = compute_dtype(s.get("compute_dtype", "float32"))
     ae = getattr(sae, s.architecture)(d_model, d_sae, **kwargs)
     trainer = train.make_trainer(
         ae, objective=Objective(**config.objective), dead_after_tokens=config.dead_after_tokens,

@@ -121,3 +121,21 @@ def test_bf16_harvest_runs_dense_matmuls_in_bf16_and_keeps_the_residual_float32(
         assert resid.dtype == np.float32
         rel = np.linalg.norm(resid - want) / np.linalg.norm(want)
         assert 1e-5 < rel < 2e-2, (i, rel)
+
+
+def test_configs_choose_bf16_on_accelerators_and_float32_on_cpu():
+    import ml_collections
+
+    from experiments.configs import clip_vit_b16
+    from experiments.sae_training import build_trainer, compute_dtype
+
+    assert jax.default_backend() == "cpu"
+    assert compute_dtype("auto") == jnp.float32 and compute_dtype("bfloat16") == jnp.bfloat16
+    with pytest.raises(ValueError, match="dtype 'fp16': expected 'float32', 'bfloat16' or 'auto'"):
+        compute_dtype("fp16")
+    paper = clip_vit_b16.get_config()
+    assert paper.backbone.dtype == "auto" and paper.sae.compute_dtype == "auto"
+    config = ml_collections.ConfigDict(dict(paper))
+    config.sae.update(expansion=2, compute_dtype="bfloat16")
+    trainer, _ = build_trainer(config, d_model=16)
+    assert trainer.ae.compute_dtype == jnp.bfloat16 and trainer.ae.d_sae == 32
