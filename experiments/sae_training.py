@@ -289,7 +289,7 @@ def finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_s
         results = loop.evaluate(trainer.ae, layer_states, batches, normalization=norms[layer], max_rows=max_rows)
         sweep_params = jax.device_get(jax.jit(lambda s: s.params, out_shardings=sharding.replicated(mesh))(layer_states))
         for i, result in enumerate(results):
-            summary = {k: v for k, v in result.items() if k not in ("frequency", "mean_when_firing")}
+            summary = {k: v for k, v in result.items() if k not in loop.PER_LATENT_KEYS}
             info = {"backbone": config.backbone.get("name") or "random", "layer": layer, "tokens": config.tokens,
                     "steps": total_steps, "batch_size": config.batch_size, "eval": summary}
             params = jax.tree.map(lambda a: a[i], sweep_params)  # noqa: B023

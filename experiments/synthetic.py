@@ -75,7 +75,7 @@ def main(argv):
     for i, result in enumerate(results):
         member = train.member(states, i)
         recovered, mean_cos = synthetic.feature_recovery(world.features, member.params.w_dec)
-        result = {k: v for k, v in result.items() if k not in ("frequency", "mean_when_firing")}
+        result = {k: v for k, v in result.items() if k not in loop.PER_LATENT_KEYS}
         result.update(features_recovered=float(recovered), mean_best_cosine=float(mean_cos))
         path = save_sae(os.path.join(workdir, "sae", f"member_{i}"), trainer.ae, member.params, normalization=norm,
                         info={"source": "experiments.synthetic", "steps": config.steps, **result})

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from saejax import sharding as shd
 from saejax import train
 from saejax.checkpoint import TrainCheckpointer
+from saejax import metrics
 from saejax.metrics import FiringStats
 from saejax.normalization import Normalization
 from saejax.sae import SAE
@@ -251,26 +252,38 @@ def _latest(checkpointer: TrainCheckpointer | None):
     return None if checkpointer is None else checkpointer.latest_step()
 
 
+PER_LATENT_KEYS = ("frequency", "mean_when_firing", "encoder_decoder_cosine", "max_decoder_cosine")
+NEAR_DUPLICATE_COSINE = 0.9
+
+
 def evaluate(ae: SAE, states: train.TrainState, batches: Iterable[jax.Array], *,
              normalization: Normalization | None = None, max_rows: int | None = None) -> list[dict[str, Any]]:
     """Every metric of the SAE core for each member of a stacked sweep, streamed over raw
     activation batches `[N, D]` (normalised here with `normalization`).
 
-    NMSE and explained variance use the variance of all the rows seen, accumulated as sums,
-    so the result equals `saejax.metrics` on the concatenated rows.
+    NMSE, explained variance and the reconstruction ratios use sums over all the rows seen, so
+    the result equals `saejax.metrics` on the concatenated rows.
 
     Returns:
-        Per member: learning_rate, sparsity_coeff, k, l0, mse, nmse, explained_variance,
-        dead_fraction, dense_fraction, tokens, and the per-latent lists frequency and
-        mean_when_firing.
+        Per member: learning_rate, sparsity_coeff, k, tokens; reconstruction: l0, mse, nmse,
+        explained_variance, cosine (mean cos(x, x_hat)), l2_ratio (mean ||x_hat|| / ||x||),
+        relative_reconstruction_bias (gamma; < 1 is shrinkage); firing: dead_fraction,
+        dense_fraction, log10_frequency_histogram (`{"edges", "counts", "dead"}`); dictionary:
+        mean_encoder_decoder_cosine, near_duplicate_fraction (latents whose decoder row has
+        cosine > 0.9 with another's); and the per-latent lists `PER_LATENT_KEYS`.
     """
     members = int(states.step.shape[0])
 
     def one(stats, sums, params, x):
         z = ae.encode(params, x)
-        resid = x - ae.decode(params, z)
+        x_hat = ae.decode(params, z)
+        resid = x - x_hat
+        norm_x, norm_hat = jnp.linalg.norm(x, axis=-1), jnp.linalg.norm(x_hat, axis=-1)
         add = {"n": x.shape[0], "sq_err": jnp.sum(resid**2), "x": jnp.sum(x, 0), "x2": jnp.sum(x**2, 0),
-               "r": jnp.sum(resid, 0), "r2": jnp.sum(resid**2, 0)}
+               "r": jnp.sum(resid, 0), "r2": jnp.sum(resid**2, 0),
+               "cos": jnp.sum(jnp.sum(x * x_hat, -1) / jnp.maximum(norm_x * norm_hat, 1e-8)),
+               "ratio": jnp.sum(norm_hat / jnp.maximum(norm_x, 1e-8)), "hat2": jnp.sum(x_hat**2),
+               "hat_x": jnp.sum(x_hat * x)}
         return stats.update(z), jax.tree.map(jnp.add, sums, add)
 
     @jax.jit
@@ -278,10 +291,16 @@ def evaluate(ae: SAE, states: train.TrainState, batches: Iterable[jax.Array], *,
         x = raw if normalization is None else normalization.apply(raw)
         return jax.vmap(one, in_axes=(0, 0, 0, None))(stats, sums, params, x)
 
+    @jax.jit
+    def dictionary(params):
+        return jax.vmap(lambda p: (metrics.encoder_decoder_cosine(p.w_enc, p.w_dec),
+                                   metrics.max_decoder_cosine(p.w_dec)))(params)
+
     d = ae.d_model
     stats = jax.vmap(lambda _: FiringStats.zeros(ae.d_sae))(jnp.arange(members))
     zeros = lambda *shape: jnp.zeros((members, *shape))  # noqa: E731
-    sums = {"n": zeros(), "sq_err": zeros(), "x": zeros(d), "x2": zeros(d), "r": zeros(d), "r2": zeros(d)}
+    sums = {"n": zeros(), "sq_err": zeros(), "x": zeros(d), "x2": zeros(d), "r": zeros(d), "r2": zeros(d),
+            "cos": zeros(), "ratio": zeros(), "hat2": zeros(), "hat_x": zeros()}
     for raw in batches:
         stats, sums = update(stats, sums, states.params, raw)
         if max_rows is not None and float(sums["n"][0]) >= max_rows:
@@ -289,6 +308,7 @@ def evaluate(ae: SAE, states: train.TrainState, batches: Iterable[jax.Array], *,
     stats, sums = jax.device_get((stats, sums))
     if float(sums["n"][0]) == 0:
         raise ValueError("evaluate: the batches held no rows")
+    enc_dec, max_dec = jax.device_get(dictionary(states.params))
     hparams = jax.device_get(states.hparams)
     results = []
     for i in range(members):
@@ -296,14 +316,24 @@ def evaluate(ae: SAE, states: train.TrainState, batches: Iterable[jax.Array], *,
         var_x = np.sum(sums["x2"][i] / n - (sums["x"][i] / n) ** 2)
         var_r = np.sum(sums["r2"][i] / n - (sums["r"][i] / n) ** 2)
         mse = sums["sq_err"][i] / (n * d)
-        member = jax.tree.map(lambda a: a[i], stats)
+        member = jax.tree.map(lambda a: a[i], stats)  # noqa: B023
+        frequency = member.frequency()
+        counts, dead = metrics.log10_frequency_histogram(frequency)
         results.append({
             "learning_rate": float(hparams.learning_rate[i]), "sparsity_coeff": float(hparams.sparsity_coeff[i]),
             "k": int(hparams.k[i]), "l0": float(np.sum(member.counts) / member.n_inputs), "mse": float(mse),
             "nmse": float(mse * d / var_x), "explained_variance": float(1 - var_r / var_x),
+            "cosine": float(sums["cos"][i] / n), "l2_ratio": float(sums["ratio"][i] / n),
+            "relative_reconstruction_bias": float(sums["hat2"][i] / sums["hat_x"][i]),
             "dead_fraction": float(member.dead_fraction()), "dense_fraction": float(member.dense_fraction()),
-            "tokens": int(n), "frequency": np.asarray(member.frequency()).tolist(),
+            "mean_encoder_decoder_cosine": float(np.mean(enc_dec[i])),
+            "near_duplicate_fraction": float(np.mean(max_dec[i] > NEAR_DUPLICATE_COSINE)),
+            "log10_frequency_histogram": {"edges": list(metrics.LOG10_FREQUENCY_BINS),
+                                          "counts": np.asarray(counts).tolist(), "dead": int(dead)},
+            "tokens": int(n), "frequency": np.asarray(frequency).tolist(),
             "mean_when_firing": np.asarray(member.mean_when_firing()).tolist(),
+            "encoder_decoder_cosine": np.asarray(enc_dec[i]).tolist(),
+            "max_decoder_cosine": np.asarray(max_dec[i]).tolist(),
         })
     return results
 

@@ -1,8 +1,10 @@
-"""SAE quality metrics: pure, jittable functions of inputs, reconstructions and codes.
+"""SAE quality metrics: pure, jittable functions of inputs, reconstructions, codes and weights.
 
-Per batch: `l0`, `mse`, `normalized_mse`, `explained_variance`. Over an evaluation window,
-accumulate `FiringStats` batch by batch (`update`), then read per-latent firing frequency,
-mean activation when firing, and the dead and dense fractions.
+Per batch: `l0`, `mse`, `normalized_mse`, `explained_variance`, `cosine_similarity`,
+`l2_ratio`, `relative_reconstruction_bias`. Over an evaluation window, accumulate
+`FiringStats` batch by batch (`update`), then read per-latent firing frequency, mean
+activation when firing, the dead and dense fractions, and `log10_frequency_histogram`. Of the
+dictionary itself: `encoder_decoder_cosine` and `max_decoder_cosine` (near-duplicate latents).
 """
 
 from __future__ import annotations
@@ -34,6 +36,63 @@ def explained_variance(x_ND: jax.Array, x_hat_ND: jax.Array) -> jax.Array:
     constant offset of the reconstruction is not counted against it."""
     residual_var = jnp.sum(jnp.var(x_ND - x_hat_ND, axis=0))
     return 1.0 - residual_var / jnp.sum(jnp.var(x_ND, axis=0))
+
+
+def cosine_similarity(x_ND: jax.Array, x_hat_ND: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Mean over inputs of cos(x, x_hat)."""
+    dot = jnp.sum(x_ND * x_hat_ND, axis=-1)
+    return jnp.mean(dot / jnp.maximum(jnp.linalg.norm(x_ND, axis=-1) * jnp.linalg.norm(x_hat_ND, axis=-1), eps))
+
+
+def l2_ratio(x_ND: jax.Array, x_hat_ND: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Mean over inputs of ||x_hat|| / ||x|| (SAELens' `l2_ratio`): below 1 means shrinkage."""
+    return jnp.mean(jnp.linalg.norm(x_hat_ND, axis=-1) / jnp.maximum(jnp.linalg.norm(x_ND, axis=-1), eps))
+
+
+def relative_reconstruction_bias(x_ND: jax.Array, x_hat_ND: jax.Array) -> jax.Array:
+    """gamma = E[||x_hat||^2] / E[x_hat . x] (Rajamanoharan et al. 2024, Gated SAEs): the scale
+    `gamma` minimising E||x_hat / gamma - x||^2. 1 is unbiased; below 1, the SAE shrinks."""
+    return jnp.sum(x_hat_ND**2) / jnp.sum(x_hat_ND * x_ND)
+
+
+def encoder_decoder_cosine(w_enc_DF: jax.Array, w_dec_FD: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """[F] cosine between each latent's encoder column and its decoder row."""
+    dot = jnp.sum(w_enc_DF.T * w_dec_FD, axis=-1)
+    return dot / jnp.maximum(jnp.linalg.norm(w_enc_DF, axis=0) * jnp.linalg.norm(w_dec_FD, axis=-1), eps)
+
+
+def max_decoder_cosine(w_dec_FD: jax.Array, *, block: int = 1024) -> jax.Array:
+    """[F] each latent's largest decoder cosine with any OTHER latent (near 1: a near-duplicate).
+
+    Computed `block` rows at a time, so the [F, F] cosine matrix never exists (131k latents:
+    a 69 GB matrix otherwise)."""
+    f = w_dec_FD.shape[0]
+    rows = w_dec_FD / jnp.maximum(jnp.linalg.norm(w_dec_FD, axis=-1, keepdims=True), 1e-8)
+    block = min(block, f)
+    n_blocks = -(-f // block)
+    padded = jnp.pad(rows, ((0, n_blocks * block - f), (0, 0)))
+
+    def one(i):
+        cos = jax.lax.dynamic_slice_in_dim(padded, i * block, block) @ rows.T  # [block, F]
+        own = i * block + jnp.arange(block)
+        return jnp.max(jnp.where(own[:, None] == jnp.arange(f)[None, :], -jnp.inf, cos), axis=-1)
+
+    return jax.lax.map(one, jnp.arange(n_blocks)).reshape(-1)[:f]
+
+
+LOG10_FREQUENCY_BINS = tuple(x / 4 for x in range(-32, 1))  # 10^-8 .. 10^0 in quarter decades
+
+
+def log10_frequency_histogram(frequency_F: jax.Array, edges=LOG10_FREQUENCY_BINS) -> tuple[jax.Array, jax.Array]:
+    """`(counts, n_dead)`: latents per bin of log10(firing frequency) between consecutive
+    `edges` (a frequency below the first edge counts in the first bin), and the latents that
+    never fired (frequency 0, which has no log)."""
+    edges = jnp.asarray(edges, jnp.float32)
+    alive = frequency_F > 0
+    log_f = jnp.log10(jnp.where(alive, frequency_F, 1.0))
+    index = jnp.clip(jnp.searchsorted(edges, log_f, side="right") - 1, 0, len(edges) - 2)
+    counts = jnp.zeros((len(edges) - 1,), jnp.int32).at[index].add(alive.astype(jnp.int32))
+    return counts, jnp.sum(~alive)
 
 
 @flax.struct.dataclass

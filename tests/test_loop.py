@@ -97,6 +97,15 @@ def test_evaluate_equals_saejax_metrics_on_the_same_rows():
         np.testing.assert_allclose(r["l0"], metrics.l0(z), rtol=1e-6)
         stats = metrics.FiringStats.zeros(32).update(z)
         np.testing.assert_allclose(r["frequency"], stats.frequency(), rtol=1e-6)
+        np.testing.assert_allclose(r["cosine"], metrics.cosine_similarity(x, x_hat), rtol=1e-5)
+        np.testing.assert_allclose(r["l2_ratio"], metrics.l2_ratio(x, x_hat), rtol=1e-5)
+        np.testing.assert_allclose(r["relative_reconstruction_bias"], metrics.relative_reconstruction_bias(x, x_hat),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(r["encoder_decoder_cosine"], metrics.encoder_decoder_cosine(params.w_enc, params.w_dec),
+                                   rtol=1e-5, atol=1e-6)
+        counts, dead = metrics.log10_frequency_histogram(stats.frequency())
+        assert r["log10_frequency_histogram"]["counts"] == np.asarray(counts).tolist()
+        assert r["log10_frequency_histogram"]["dead"] == int(dead) == round(32 * r["dead_fraction"])
         assert r["tokens"] == 96 and r["learning_rate"] == pytest.approx([1e-3, 3e-3][i])
     with pytest.raises(ValueError, match="held no rows"):
         loop.evaluate(trainer.ae, states, iter([]))

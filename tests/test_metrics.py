@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from saejax import metrics
 
@@ -36,3 +37,37 @@ def test_firing_stats_accumulate_over_batches():
     np.testing.assert_allclose(stats.dense_fraction(), np.mean(freq > 1e-2))
     np.testing.assert_allclose(stats.maxes, np.max(np.asarray(z), axis=0))
     assert set(stats.summary()) == {"dead_fraction", "dense_fraction", "frequency", "mean_when_firing", "max"}
+
+
+def test_reconstruction_ratios_by_hand():
+    x = jnp.array([[3.0, 4.0], [1.0, 0.0]])
+    x_hat = jnp.array([[3.0, 4.0], [0.0, 2.0]])  # exact, then orthogonal and twice as long
+    assert float(metrics.cosine_similarity(x, x_hat)) == pytest.approx((1.0 + 0.0) / 2)
+    assert float(metrics.l2_ratio(x, x_hat)) == pytest.approx((1.0 + 2.0) / 2)
+    # gamma = sum ||x_hat||^2 / sum x_hat . x = (25 + 4) / (25 + 0)
+    assert float(metrics.relative_reconstruction_bias(x, x_hat)) == pytest.approx(29 / 25)
+    shrunk = 0.8 * x
+    assert float(metrics.relative_reconstruction_bias(x, shrunk)) == pytest.approx(0.8)
+    assert float(metrics.l2_ratio(x, shrunk)) == pytest.approx(0.8)
+
+
+def test_dictionary_cosines_by_hand():
+    w_dec = jnp.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, -1.0]])
+    w_enc = jnp.array([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])  # [D, F]
+    np.testing.assert_allclose(metrics.encoder_decoder_cosine(w_enc, w_dec), [1.0, 1.0, 0.0, -1.0], atol=1e-6)
+    # latent 2 is 0.6 / 0.8 along latents 0 / 1; latent 3 is orthogonal to all
+    for block in (1, 3, 1024):  # blocks that divide F, do not, and exceed it
+        np.testing.assert_allclose(metrics.max_decoder_cosine(w_dec, block=block), [0.6, 0.8, 0.8, 0.0], atol=1e-6)
+
+
+def test_log10_frequency_histogram_by_hand():
+    frequency = jnp.array([0.0, 0.0, 1e-9, 1e-3, 0.0011, 0.5, 1.0])
+    counts, dead = metrics.log10_frequency_histogram(frequency)
+    edges = metrics.LOG10_FREQUENCY_BINS
+    assert int(dead) == 2 and int(counts.sum()) == 5 and len(counts) == len(edges) - 1
+    expected = np.zeros(len(counts), int)
+    expected[0] += 1                     # 1e-9: below the first edge (-8), counted in the first bin
+    expected[edges.index(-3.0)] += 2     # 1e-3 and 1.1e-3: [-3, -2.75)
+    expected[edges.index(-0.5)] += 1     # 0.5 = 10^-0.30: [-0.5, -0.25)
+    expected[-1] += 1                    # 1.0 = 10^0: the last bin
+    np.testing.assert_array_equal(counts, expected)
