@@ -1,0 +1,221 @@
+"""Spliced-in fidelity: how much of a vision model's behaviour survives when an SAE's
+reconstruction replaces its activations (the vision analogue of SAELens' CE-loss score).
+
+The model runs three ways on the same images:
+
+* clean;
+* spliced: at `layer`, the SAE's reconstruction (error term dropped) replaces the tokens it was
+  trained on, and the model finishes its forward pass from there;
+* ablated: those tokens replaced by their mean activation (mean-ablated), or by zeros
+  (zero-ablated).
+
+A head turns each run's final tokens / pooled embedding / logits into class logits: the
+checkpoint's classifier (`classifier_head`), a linear probe on the pooled embedding
+(`linear_probe_head`), or CLIP zero-shot logits against text embeddings (`zero_shot_head`).
+With `head=None` only the pooled embedding is compared.
+
+Reported per sweep member (`spliced_fidelity`):
+
+* `kl_spliced`, `kl_mean_ablated`, `kl_zero_ablated`: mean KL(clean || run) of the heads'
+  class distributions;
+* `accuracy_*` and `ce_*` for clean, spliced, mean- and zero-ablated runs, against the labels
+  (or, without labels, against the clean model's predictions);
+* `fidelity = (KL_ablated - KL_spliced) / (KL_ablated - KL_clean)` with KL_clean = 0 and the
+  mean ablation: 1 when splicing changes nothing, 0 when it is as bad as erasing the tokens;
+  `fidelity_ce`, the same with the cross-entropy (SAELens' CE-loss score);
+  `fidelity_pooled`, the same with the squared distance of the pooled embedding to clean;
+* `pooled_cosine`: mean cosine of the final pooled embedding, clean against spliced.
+
+`fidelity_sums` is the pure, jittable core over one batch; `spliced_fidelity` streams it over
+a `saejax.data.Source`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saejax import activations, data
+from saejax.normalization import Normalization
+from saejax.sae import SAE, SAEParams
+
+Head = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]  # (tokens, pooled, logits) -> [B, C]
+ABLATIONS = ("mean_ablated", "zero_ablated")
+
+
+def classifier_head(tokens, pooled, logits):
+    """The checkpoint's own classification head (ViT / DINOv2 *ForImageClassification)."""
+    if logits is None:
+        raise ValueError("classifier_head: this backbone has no classification head (logits is None); use "
+                         "linear_probe_head, zero_shot_head or head=None")
+    return logits
+
+
+def linear_probe_head(w_DC: jax.Array, b_C: jax.Array) -> Head:
+    """A linear probe on the pooled embedding: `pooled @ w + b`."""
+    return lambda tokens, pooled, logits: pooled @ w_DC + b_C
+
+
+def zero_shot_head(projection_DP: jax.Array, text_embeds_CP: jax.Array, logit_scale: float = 100.0) -> Head:
+    """CLIP zero-shot logits: the cosine of the projected pooled embedding
+    (`pooled @ params["visual_projection"]["kernel"]`) with each class's text embedding, times
+    `logit_scale` (CLIP's learned `exp(logit_scale)`, 100 for OpenAI's models)."""
+    text = text_embeds_CP / jnp.linalg.norm(text_embeds_CP, axis=-1, keepdims=True)
+
+    def head(tokens, pooled, logits):
+        image = pooled @ projection_DP
+        return logit_scale * (image / jnp.linalg.norm(image, axis=-1, keepdims=True)) @ text.T
+
+    return head
+
+
+def _stats(logits, clean_logp, targets):
+    """KL(clean || run), cross-entropy against `targets` and correct counts, summed over images."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    kl = jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp))
+    ce = -jnp.sum(jnp.take_along_axis(logp, targets[:, None], axis=-1))
+    correct = jnp.sum(jnp.argmax(logits, axis=-1) == targets)
+    return {"kl": kl, "ce": ce, "correct": correct}
+
+
+def fidelity_sums(bb, bb_params, ae: SAE, sae_params: SAEParams, images: jax.Array, labels: jax.Array | None, *,
+                  layer: int, token_index, head: Head | None, normalization: Normalization,
+                  ablation_mean: jax.Array) -> dict[str, Any]:
+    """Sums over one batch of images for `spliced_fidelity` (pure, jittable; close over the
+    static arguments `bb`, `ae`, `layer`, `token_index` and `head`).
+
+    Args:
+        sae_params: one SAE's params, or a sweep's stacked along a leading member axis [M].
+        images: float [B, S, S, 3] from `bb.preprocess`.
+        labels: int [B], or None to score against the clean model's predictions.
+        token_index: the token positions the SAE reads (`activations.token_indices`).
+        normalization: maps raw activations to the SAE's input space and back.
+        ablation_mean: [D] raw activation that mean ablation writes.
+
+    Returns:
+        `{"n": B, "clean": {...}, "spliced": {...} with [M] leaves, "mean_ablated": {...},
+        "zero_ablated": {...}}`; each holds sums of `kl`, `ce`, `correct` (with a head) and
+        `pooled_sq` (squared distance of the pooled embedding to clean), and "spliced" also
+        `pooled_cos`.
+    """
+    stacked = sae_params.b_dec.ndim == 2
+    params = sae_params if stacked else jax.tree.map(lambda a: a[None], sae_params)
+    out = bb.forward(bb_params, images, capture=(layer,))
+    resid = out.captured[layer]
+    index = jnp.asarray(token_index)
+    x = resid[:, index]
+
+    def finish(new_tokens):
+        edited = resid.at[:, index].set(new_tokens.astype(resid.dtype))
+        tokens, pooled, logits = bb.readout(bb_params, bb.run_blocks(bb_params, edited, layer + 1, bb.n_layers))
+        return (None if head is None else head(tokens, pooled, logits)), pooled
+
+    def reconstruct(p):
+        x_hat = ae(p, normalization.apply(x.reshape(-1, x.shape[-1])))
+        return normalization.invert(x_hat).reshape(x.shape)
+
+    clean_logits = None if head is None else head(out.tokens, out.pooled, out.logits)
+    runs = {"clean": (clean_logits, out.pooled),
+            "spliced": jax.vmap(lambda p: finish(reconstruct(p)))(params),
+            "mean_ablated": finish(jnp.broadcast_to(ablation_mean, x.shape)),
+            "zero_ablated": finish(jnp.zeros_like(x))}
+    sums = {"n": jnp.asarray(images.shape[0], jnp.float32)}
+    clean_logp = None
+    if head is not None:
+        clean_logp = jax.nn.log_softmax(clean_logits.astype(jnp.float32))
+        targets = jnp.argmax(clean_logits, axis=-1) if labels is None else labels
+    for name, (logits, pooled) in runs.items():
+        sq = lambda pl: jnp.sum((pl - out.pooled) ** 2)  # noqa: E731
+        entry = {"pooled_sq": jax.vmap(sq)(pooled) if name == "spliced" else sq(pooled)}
+        if head is not None:
+            stats = (jax.vmap(lambda lg: _stats(lg, clean_logp, targets))(logits) if name == "spliced"
+                     else _stats(logits, clean_logp, targets))
+            entry.update(stats)
+        if name == "spliced":
+            unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-8)  # noqa: E731
+            entry["pooled_cos"] = jnp.sum(unit(pooled) * unit(out.pooled)[None], axis=(-2, -1))
+        sums[name] = entry
+    return sums
+
+
+def spliced_fidelity(bb, bb_params, ae: SAE, sae_params: SAEParams, source: data.Source, *, layer: int,
+                     tokens: str = "patches", head: Head | None = classifier_head,
+                     normalization: Normalization | None = None, ablation_mean: jax.Array | None = None,
+                     batch_size: int = 32, max_images: int | None = None) -> list[dict[str, Any]]:
+    """Spliced-in fidelity of an SAE (or each member of a stacked sweep) over a source's images.
+
+    Args:
+        bb, bb_params: the backbone and its params.
+        ae, sae_params: the SAE and its params (one SAE, or a sweep stacked along axis 0).
+        source: images (and labels, if it has them; otherwise the clean predictions are the
+            targets).
+        layer: the hook the SAE reads.
+        tokens: the token set it was trained on ("patches", "cls", "registers", "all").
+        head: `classifier_head`, `linear_probe_head(...)`, `zero_shot_head(...)`, or None (pooled
+            embedding only: no KL, accuracy or CE).
+        normalization: the SAE's input normalisation (identity when None).
+        ablation_mean: [D] the raw activation mean ablation writes; default the
+            normalisation's mean, or without one the mean over the first batch's tokens.
+        batch_size: images per jitted call.
+        max_images: stop after this many images (None: the whole source).
+
+    Returns:
+        One dict per member; see the module docstring for the keys.
+    """
+    bb._check_layers((layer,), "layer")  # pylint: disable=protected-access
+    token_index = tuple(int(i) for i in activations.token_indices(bb.layout, tokens))
+    if ablation_mean is None and normalization is not None:
+        ablation_mean = normalization.mean
+    normalization = normalization or Normalization.identity(bb.d_model)
+    step = jax.jit(lambda bp, sp, im, lb, mean: fidelity_sums(
+        bb, bp, ae, sp, im, lb, layer=layer, token_index=token_index, head=head, normalization=normalization,
+        ablation_mean=mean))
+    capture = jax.jit(lambda bp, im: bb.forward(bp, im, capture=(layer,), full=False).captured[layer])
+    total, has_labels = None, None
+    for batch in data.batches(source, batch_size, shuffle=False, epochs=1, drop_remainder=False):
+        images = jnp.asarray(bb.preprocess(batch.images))
+        if ablation_mean is None:
+            ablation_mean = jnp.mean(capture(bb_params, images)[:, jnp.asarray(token_index)], axis=(0, 1))
+        labels = None if batch.labels is None else jnp.asarray(batch.labels, jnp.int32)
+        has_labels = labels is not None
+        sums = step(bb_params, sae_params, images, labels, ablation_mean)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        if max_images is not None and float(total["n"]) >= max_images:
+            break
+    if total is None:
+        raise ValueError("spliced_fidelity: the source holds no images")
+    return _results(jax.device_get(total), head is not None, has_labels)
+
+
+def _results(total, with_head: bool, has_labels: bool) -> list[dict[str, Any]]:
+    n = float(total["n"])
+    members = int(np.shape(total["spliced"]["pooled_sq"])[0])
+    results = []
+    for i in range(members):
+        spliced = {k: float(v[i]) / n for k, v in total["spliced"].items()}
+        ablated = {name: {k: float(v) / n for k, v in total[name].items()} for name in ABLATIONS}
+        r = {"n_images": int(n), "pooled_cosine": spliced["pooled_cos"],
+             "fidelity_pooled": _score(ablated["mean_ablated"]["pooled_sq"], spliced["pooled_sq"], 0.0)}
+        if with_head:
+            clean = {k: float(v) / n for k, v in total["clean"].items()}
+            r["targets"] = "labels" if has_labels else "clean predictions"
+            for metric, key in (("kl", "kl"), ("accuracy", "correct"), ("ce", "ce")):
+                r[f"{metric}_clean"] = clean[key] if metric != "kl" else 0.0
+                r[f"{metric}_spliced"] = spliced[key]
+                for name in ABLATIONS:
+                    r[f"{metric}_{name}"] = ablated[name][key]
+            r["fidelity"] = _score(r["kl_mean_ablated"], r["kl_spliced"], 0.0)
+            r["fidelity_zero_ablated"] = _score(r["kl_zero_ablated"], r["kl_spliced"], 0.0)
+            r["fidelity_ce"] = _score(r["ce_mean_ablated"], r["ce_spliced"], r["ce_clean"])
+        results.append(r)
+    return results
+
+
+def _score(ablated: float, spliced: float, clean: float) -> float:
+    """`(ablated - spliced) / (ablated - clean)`; NaN when ablating changes nothing."""
+    gap = ablated - clean
+    return float((ablated - spliced) / gap) if gap != 0 else float("nan")

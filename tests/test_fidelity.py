@@ -1,0 +1,104 @@
+"""Spliced-in fidelity on tiny models: an exact SAE scores 1 with KL 0, a zero SAE scores the
+zero ablation, an SAE that writes the mean scores the mean ablation, and the numbers match a
+hand computation with `bb.forward(edits=...)`."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saejax import backbones, data, fidelity, sae
+from saejax.normalization import Normalization
+from saejax.sae import SAEParams
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "backbones")
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def setting():
+    bb, params = backbones.load(os.path.join(FIXTURES, "vit"), cache_dir=False)  # a 7-class ViT classifier
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    source = data.ArraySource(images, labels=rng.integers(0, 7, 10))
+    d = bb.d_model
+    ae = sae.relu(d, 2 * d)
+    eye = jnp.eye(d)
+    exact = SAEParams(w_enc=jnp.concatenate([eye, -eye], 1), b_enc=jnp.zeros(2 * d),
+                      w_dec=jnp.concatenate([eye, -eye], 0), b_dec=jnp.zeros(d))  # relu(x) - relu(-x) = x
+    zero = jax.tree.map(jnp.zeros_like, exact)
+    mean = jnp.linspace(-0.5, 0.5, d)
+    writes_mean = zero.replace(b_dec=mean)  # decodes every input to `mean`
+    sweep = jax.tree.map(lambda *a: jnp.stack(a), exact, zero, writes_mean)
+    return bb, params, source, ae, sweep, mean
+
+
+def test_exact_zero_and_mean_saes_score_1_and_the_ablations(setting):
+    bb, params, source, ae, sweep, mean = setting
+    results = fidelity.spliced_fidelity(bb, params, ae, sweep, source, layer=LAYER, ablation_mean=mean, batch_size=4)
+    exact, zero, writes_mean = results
+    assert exact["n_images"] == 10 and exact["targets"] == "labels"
+    assert exact["kl_spliced"] == pytest.approx(0.0, abs=1e-7)
+    assert exact["fidelity"] == pytest.approx(1.0, abs=1e-6) and exact["fidelity_ce"] == pytest.approx(1.0, abs=1e-5)
+    assert exact["pooled_cosine"] == pytest.approx(1.0, abs=1e-6) and exact["fidelity_pooled"] == pytest.approx(1.0)
+    assert exact["accuracy_spliced"] == exact["accuracy_clean"]
+    # the zero SAE's reconstruction is the zero ablation; the mean-writing one is the mean ablation
+    assert zero["kl_spliced"] == pytest.approx(zero["kl_zero_ablated"], rel=1e-5)
+    assert zero["accuracy_spliced"] == zero["accuracy_zero_ablated"]
+    assert zero["fidelity_zero_ablated"] == pytest.approx(0.0, abs=1e-5)
+    assert writes_mean["kl_spliced"] == pytest.approx(writes_mean["kl_mean_ablated"], rel=1e-5)
+    assert writes_mean["fidelity"] == pytest.approx(0.0, abs=1e-5)
+    assert writes_mean["fidelity_pooled"] == pytest.approx(0.0, abs=1e-5)
+    assert zero["kl_zero_ablated"] > 1e-3  # the ablation really changes the model's output
+
+
+def test_matches_a_hand_computation_with_forward_edits(setting):
+    bb, params, source, ae, sweep, mean = setting
+    images = jnp.asarray(bb.preprocess(np.stack([source[i].image for i in range(len(source))])))
+    labels = np.asarray([source[i].label for i in range(len(source))])
+    start, stop = bb.layout.patches
+
+    def edited(fn):
+        return bb.forward(params, images, edits={LAYER: lambda r: r.at[:, start:stop].set(fn(r[:, start:stop]))})
+
+    clean = bb.forward(params, images)
+    zero_out = edited(jnp.zeros_like)
+    p, q = jax.nn.log_softmax(clean.logits), jax.nn.log_softmax(zero_out.logits)
+    kl = float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
+    ce = float(-jnp.mean(q[jnp.arange(10), labels]))
+    accuracy = float(np.mean(np.argmax(zero_out.logits, -1) == labels))
+    (r,) = fidelity.spliced_fidelity(bb, params, ae, jax.tree.map(lambda a: a[1], sweep), source, layer=LAYER,
+                                     ablation_mean=mean, batch_size=3)  # one SAE (unstacked); uneven batches
+    assert r["kl_zero_ablated"] == pytest.approx(kl, rel=1e-5)
+    assert r["ce_zero_ablated"] == pytest.approx(ce, rel=1e-5)
+    assert r["accuracy_zero_ablated"] == pytest.approx(accuracy)
+    assert r["accuracy_clean"] == pytest.approx(float(np.mean(np.argmax(clean.logits, -1) == labels)))
+    cos = jnp.sum(zero_out.pooled * clean.pooled, -1) / (jnp.linalg.norm(zero_out.pooled, axis=-1)
+                                                         * jnp.linalg.norm(clean.pooled, axis=-1))
+    assert r["pooled_cosine"] == pytest.approx(float(jnp.mean(cos)), rel=1e-5)
+
+
+def test_normalization_probe_head_and_no_head(setting):
+    bb, params, source, ae, sweep, mean = setting
+    norm = Normalization(mean=mean, scalar=jnp.asarray(3.0))
+    exact = jax.tree.map(lambda a: a[0], sweep)  # exact in any normalised space too
+    probe = fidelity.linear_probe_head(jax.random.normal(jax.random.key(0), (bb.d_model, 4)), jnp.zeros(4))
+    unlabelled = data.ArraySource(np.stack([source[i].image for i in range(len(source))]))
+    (r,) = fidelity.spliced_fidelity(bb, params, ae, exact, unlabelled, layer=LAYER, head=probe, normalization=norm)
+    assert r["targets"] == "clean predictions" and r["accuracy_clean"] == 1.0
+    assert r["kl_spliced"] == pytest.approx(0.0, abs=1e-7) and r["fidelity"] == pytest.approx(1.0, abs=1e-6)
+    (r,) = fidelity.spliced_fidelity(bb, params, ae, exact, source, layer=LAYER, head=None, max_images=4,
+                                     batch_size=4)
+    assert r["n_images"] == 4 and "kl_spliced" not in r and r["pooled_cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_errors_name_the_problem(setting):
+    bb, params, source, ae, sweep, _ = setting
+    with pytest.raises(ValueError, match="block index 3 out of range"):
+        fidelity.spliced_fidelity(bb, params, ae, sweep, source, layer=3)
+    clip, clip_params = backbones.load(os.path.join(FIXTURES, "clip_vision"), cache_dir=False)
+    with pytest.raises(ValueError, match="this backbone has no classification head"):
+        fidelity.spliced_fidelity(clip, clip_params, sae.relu(32, 64), sae.relu(32, 64).init(jax.random.key(0)),
+                                  data.ArraySource(np.zeros((2, 32, 32, 3), np.uint8)), layer=1)
