@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from saejax import activations, backbones, data, loop, sae, sharding, stream, train
+from saejax import activations, backbones, data, fidelity, loop, sae, sharding, stream, train
 from saejax.checkpoint import CheckpointError, TrainCheckpointer, save_sae
 from saejax.checkpoint.workdir import WorkdirLock, check_resume, config_changes
 from saejax.losses import Objective
@@ -144,7 +144,7 @@ def load_or_estimate_normalization(config, workdir, bb, bb_params, source, mesh)
 # Keys a resumed run may change without saying so: how long it runs, how it reports, and
 # whether it skips images that cannot be decoded anyway.
 RESUMABLE_KEYS = ("total_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "eval_images",
-                  "data.skip_unreadable")
+                  "data.skip_unreadable", "fidelity")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -276,10 +276,23 @@ def close_all(*closers) -> None:
         raise first
 
 
+def fidelity_head(bb, name: str):
+    """`config.fidelity.head`: "auto" (the checkpoint's classifier when it has one, else none),
+    "classifier", or "none" (compare the pooled embedding only)."""
+    if name == "auto":
+        name = "classifier" if bb.n_classes else "none"
+    if name not in ("classifier", "none"):
+        raise ValueError(f"fidelity.head {name!r}: expected 'auto', 'classifier' or 'none'")
+    return fidelity.classifier_head if name == "classifier" else None
+
+
 def finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_steps, frozen=None) -> dict[str, Any]:
-    """Evaluation on `eval_images` validation images, and the portable export of every member
-    (`sae/layer_<L>/member_<i>`); writes `eval.json`."""
+    """Evaluation on `eval_images` validation images (reconstruction, firing and dictionary
+    metrics) and on `fidelity.images` of them (spliced-in fidelity, `saejax.fidelity`), and the
+    portable export of every member (`sae/layer_<L>/member_<i>`); writes `eval.json`."""
     source = build_source(config.data, "validation")
+    fidelity_config = config.get("fidelity", {})
+    fidelity_images = fidelity_config.get("images", min(config.eval_images, 512))
     members = []
     for layer, layer_states in states.items():
         batches = (acts[layer] for acts in stream.activation_batches(
@@ -288,6 +301,13 @@ def finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_s
         max_rows = config.eval_images * len(activations.token_indices(bb.layout, config.tokens))
         results = loop.evaluate(trainer.ae, layer_states, batches, normalization=norms[layer], max_rows=max_rows)
         sweep_params = jax.device_get(jax.jit(lambda s: s.params, out_shardings=sharding.replicated(mesh))(layer_states))
+        if fidelity_images:
+            spliced = fidelity.spliced_fidelity(
+                bb, bb_params, trainer.ae, sweep_params, source,
+                layer=layer, tokens=config.tokens, head=fidelity_head(bb, fidelity_config.get("head", "auto")),
+                normalization=norms[layer], batch_size=config.image_batch_size, max_images=fidelity_images)
+            for result, extra in zip(results, spliced, strict=True):
+                result.update(extra)
         for i, result in enumerate(results):
             summary = {k: v for k, v in result.items() if k not in loop.PER_LATENT_KEYS}
             info = {"backbone": config.backbone.get("name") or "random", "layer": layer, "tokens": config.tokens,
@@ -303,8 +323,10 @@ def finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_s
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(evaluation, f)
         for r in members:
+            score = (f", fidelity {r['fidelity']:.3f}" if "fidelity" in r else
+                     f", pooled fidelity {r['fidelity_pooled']:.3f}" if "fidelity_pooled" in r else "")
             print(f"layer {r['layer']} member {r['member']}: lr {r['learning_rate']:.2g} lambda "
                   f"{r['sparsity_coeff']:.2g} -> L0 {r['l0']:.1f}, NMSE {r['nmse']:.3f}, explained variance "
-                  f"{r['explained_variance']:.3f}, dead {r['dead_fraction']:.3f}, dense {r['dense_fraction']:.3f}",
-                  flush=True)
+                  f"{r['explained_variance']:.3f}, dead {r['dead_fraction']:.3f}, dense {r['dense_fraction']:.3f}"
+                  f"{score}", flush=True)
     return evaluation

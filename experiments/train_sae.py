@@ -14,8 +14,11 @@ Workdir layout:
     checkpoints/<step>/           orbax: the stacked TrainState per layer, the config, the stream position
     metrics.jsonl                 one line per logged step, layer and sweep member
     tensorboard/                  event files (tensorboard --logdir DIR/tensorboard)
-    eval.json                     final evaluation per layer and member (L0, MSE, NMSE, explained
-                                  variance, dead/dense fraction, per-latent frequency and mean value)
+    eval.json                     final evaluation per layer and member: reconstruction (L0, MSE, NMSE,
+                                  explained variance, cosine, l2_ratio, relative reconstruction bias),
+                                  firing (dead/dense fraction, log10 frequency histogram), dictionary
+                                  (encoder-decoder cosine, near duplicates), spliced-in fidelity
+                                  (saejax.fidelity), and per-latent lists
     sae/layer_<L>/member_<i>/     portable SAEs (saejax.checkpoint.load_sae)
 
 Resuming: rerunning the same command continues from the latest checkpoint and ends with the same

@@ -37,6 +37,9 @@ def paper_config(backbone: str, data_image_size: int) -> ml_collections.ConfigDi
     c.log_every = 10
     c.keep_checkpoints = 2
     c.eval_images = 10_000
+    # Spliced-in fidelity (saejax.fidelity) on this many of the evaluation images; head "auto":
+    # the checkpoint's classifier if it has one, else the pooled embedding only.
+    c.fidelity = dict(images=512, head="auto")
     return c
 
 
@@ -63,4 +66,5 @@ def small_config(family: str, image_size: int, patch_size: int) -> ml_collection
     c.checkpoint_every = 20
     c.log_every = 1
     c.eval_images = 64
+    c.fidelity = dict(images=32, head="auto")
     return c
