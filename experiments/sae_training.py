@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from saejax import activations, backbones, data, fidelity, loop, sae, sharding, stream, train
+from saejax import activations, backbones, data, fidelity, loop, report, sae, sharding, stream, train
 from saejax.checkpoint import CheckpointError, TrainCheckpointer, save_sae
 from saejax.checkpoint.workdir import WorkdirLock, check_resume, config_changes
 from saejax.losses import Objective
@@ -322,6 +322,7 @@ def finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_s
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(evaluation, f)
+        report.write_sweep_report(workdir)
         for r in members:
             score = (f", fidelity {r['fidelity']:.3f}" if "fidelity" in r else
                      f", pooled fidelity {r['fidelity_pooled']:.3f}" if "fidelity_pooled" in r else "")

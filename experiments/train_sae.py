@@ -19,6 +19,8 @@ Workdir layout:
                                   firing (dead/dense fraction, log10 frequency histogram), dictionary
                                   (encoder-decoder cosine, near duplicates), spliced-in fidelity
                                   (saejax.fidelity), and per-latent lists
+    report.html                   the sweep on one page (saejax.report): L0 vs NMSE and vs fidelity
+                                  with the Pareto front, loss curves, density histograms, every metric
     sae/layer_<L>/member_<i>/     portable SAEs (saejax.checkpoint.load_sae)
 
 Resuming: rerunning the same command continues from the latest checkpoint and ends with the same

@@ -307,7 +307,7 @@ def _write_latent_page(directory, latent, collected, source, classes, near, cos,
             f"max {collected['max'][latent]:.3g} &middot; p99 {collected['p99'][latent]:.3g}</p>{labels}"
             f"<h2>Top images</h2><p>Patches tinted by activation / {vmax:.3g} (this latent's max); hover for the "
             f"plain image.</p><div class='tiles'>{''.join(tiles)}</div>"
-            f"<h2>Activations</h2>{_bars_svg(centres, hist, 'log10 activation where it fires', 'patches')}"
+            f"<h2>Activations</h2>{viz.bars_svg(centres, hist, 'log10 activation where it fires', 'patches')}"
             f"<h2>Nearest latents by decoder cosine</h2><p id='neighbours'>{neighbours}</p>")
     with open(os.path.join(directory, "latents", f"{latent}.html"), "w") as fh:
         fh.write(_page(f"Latent {latent} - {title}", body))
@@ -326,23 +326,7 @@ def _histogram_svg(values: np.ndarray, title: str, unit: str, bins: int = 30) ->
     if values.size == 0:
         return f"<svg width='420' height='200'><text x='10' y='20'>{html.escape(title)}: no live latents</text></svg>"
     counts, edges = np.histogram(values, bins=bins)
-    return _bars_svg((edges[:-1] + edges[1:]) / 2, counts, title, unit)
-
-
-def _bars_svg(x: np.ndarray, counts: np.ndarray, title: str, unit: str, width: int = 420, height: int = 200) -> str:
-    left, right, top, bottom = 44, 10, 24, 28
-    peak = max(int(np.max(counts)) if len(counts) else 0, 1)
-    bar = (width - left - right) / max(len(counts), 1)
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-family='sans-serif' "
-             f"font-size='11'><text x='{left}' y='14' font-weight='bold'>{html.escape(title)}</text>"]
-    for i, c in enumerate(counts):
-        h = (height - top - bottom) * float(c) / peak
-        parts.append(f"<rect x='{left + i * bar:.1f}' y='{height - bottom - h:.1f}' width='{max(bar - 1, 1):.1f}' "
-                     f"height='{h:.1f}' fill='#4c72b0'><title>{x[i]:.2f}: {int(c)} {unit}</title></rect>")
-    parts.append(f"<text x='{left - 4}' y='{top + 8}' text-anchor='end'>{peak}</text>"
-                 f"<text x='{left}' y='{height - 8}'>{x[0]:.2f}</text>"
-                 f"<text x='{width - right}' y='{height - 8}' text-anchor='end'>{x[-1]:.2f}</text></svg>")
-    return "".join(parts)
+    return viz.bars_svg((edges[:-1] + edges[1:]) / 2, counts, title, unit)
 
 
 def _scatter_svg(x: np.ndarray, y: np.ndarray, title: str, width: int = 420, height: int = 200,

@@ -151,6 +151,63 @@ def line_chart_svg(series: dict[str, Sequence[tuple[float, float]]], *, title: s
     return "".join(parts)
 
 
+def bars_svg(x: np.ndarray, counts: np.ndarray, title: str, unit: str, width: int = 420, height: int = 200) -> str:
+    """A small inline SVG bar chart: `counts` over bin centres `x` (hover a bar for its count)."""
+    left, right, top, bottom = 44, 10, 24, 28
+    peak = max(int(np.max(counts)) if len(counts) else 0, 1)
+    bar = (width - left - right) / max(len(counts), 1)
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-family='sans-serif' "
+             f"font-size='11'><text x='{left}' y='14' font-weight='bold'>{html.escape(title)}</text>"]
+    for i, c in enumerate(counts):
+        h = (height - top - bottom) * float(c) / peak
+        parts.append(f"<rect x='{left + i * bar:.1f}' y='{height - bottom - h:.1f}' width='{max(bar - 1, 1):.1f}' "
+                     f"height='{h:.1f}' fill='#4c72b0'><title>{x[i]:.2f}: {int(c)} {unit}</title></rect>")
+    parts.append(f"<text x='{left - 4}' y='{top + 8}' text-anchor='end'>{peak}</text>"
+                 f"<text x='{left}' y='{height - 8}'>{x[0]:.2f}</text>"
+                 f"<text x='{width - right}' y='{height - 8}' text-anchor='end'>{x[-1]:.2f}</text></svg>")
+    return "".join(parts)
+
+
+def scatter_svg(points: Sequence[tuple[float, float, str]], *, title: str, x_label: str, y_label: str,
+                highlight: Sequence[bool] | None = None, width: int = 420, height: int = 260) -> str:
+    """A small inline SVG scatter of labelled points `(x, y, label)`; `highlight[i]` points are
+    drawn filled and joined by a line in x order (e.g. a Pareto front), the others hollow."""
+    finite = [(x, y, label, bool(highlight[i]) if highlight is not None else False)
+              for i, (x, y, label) in enumerate(points) if np.isfinite(x) and np.isfinite(y)]
+    if not finite:
+        return f"<svg width='{width}' height='{height}'><text x='10' y='20'>{html.escape(title)}: no data</text></svg>"
+    xs, ys = [p[0] for p in finite], [p[1] for p in finite]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    pad_x, pad_y = (x1 - x0) * 0.08 or 1.0, (y1 - y0) * 0.08 or 0.05
+    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+    left, right, top, bottom = 52, 14, 24, 40
+    sx = lambda v: left + (v - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
+    sy = lambda v: height - bottom - (v - y0) / (y1 - y0) * (height - top - bottom)  # noqa: E731
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-family='sans-serif' "
+             f"font-size='11' class='scatter'><text x='{left}' y='14' font-weight='bold'>{html.escape(title)}</text>",
+             f"<line x1='{left}' y1='{height - bottom}' x2='{width - right}' y2='{height - bottom}' stroke='#888'/>",
+             f"<line x1='{left}' y1='{top}' x2='{left}' y2='{height - bottom}' stroke='#888'/>",
+             f"<text x='{left}' y='{height - bottom + 14}'>{x0 + pad_x:.3g}</text>"
+             f"<text x='{width - right}' y='{height - bottom + 14}' text-anchor='end'>{x1 - pad_x:.3g}</text>"
+             f"<text x='{(left + width - right) / 2}' y='{height - 6}' text-anchor='middle'>{html.escape(x_label)}</text>"
+             f"<text x='{left - 4}' y='{sy(y1 - pad_y) + 4:.1f}' text-anchor='end'>{y1 - pad_y:.3g}</text>"
+             f"<text x='{left - 4}' y='{sy(y0 + pad_y) + 4:.1f}' text-anchor='end'>{y0 + pad_y:.3g}</text>"
+             f"<text x='12' y='{(top + height - bottom) / 2}' text-anchor='middle' "
+             f"transform='rotate(-90 12 {(top + height - bottom) / 2})'>{html.escape(y_label)}</text>"]
+    front = sorted((x, y) for x, y, _, h in finite if h)
+    if len(front) > 1:
+        pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in front)
+        parts.append(f"<polyline class='front' fill='none' stroke='#d62728' stroke-width='1.2' points='{pts}'/>")
+    for x, y, label, h in finite:
+        style = "fill='#d62728'" if h else "fill='white' stroke='#1f77b4' stroke-width='1.5'"
+        parts.append(f"<circle class='{'point front-point' if h else 'point'}' cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='4' "
+                     f"{style}><title>{html.escape(label)}: {x:.4g}, {y:.4g}</title></circle>"
+                     f"<text x='{sx(x) + 6:.1f}' y='{sy(y) - 5:.1f}' font-size='10'>{html.escape(label)}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def html_page(title: str, body: str) -> str:
     """A complete HTML document with a small built-in style sheet."""
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}"

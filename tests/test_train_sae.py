@@ -70,14 +70,63 @@ def test_small_config_trains_logs_evaluates_and_exports(uninterrupted):
     assert evaluation["steps"] == 150 and len(evaluation["members"]) == 2
     for member in evaluation["members"]:
         assert {"l0", "mse", "nmse", "explained_variance", "dead_fraction", "dense_fraction", "frequency",
-                "mean_when_firing"} <= set(member)
+                "mean_when_firing", "cosine", "l2_ratio", "relative_reconstruction_bias", "log10_frequency_histogram",
+                "encoder_decoder_cosine", "max_decoder_cosine", "near_duplicate_fraction", "fidelity_pooled",
+                "pooled_cosine"} <= set(member)
         assert len(member["frequency"]) == 128 and 0 < member["nmse"] < 1.5
+        assert member["n_images"] == 32 and "kl_spliced" not in member  # a random CLIP: no head, pooled fidelity
     lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert [r["step"] for r in lines if r["member"] == 0] == list(range(1, 151))
     assert {r["layer"] for r in lines} == {1}
     assert os.listdir(workdir / "tensorboard")
     ae, params, info = load_sae(workdir / "sae" / "layer_1" / "member_0")
     assert (ae.d_model, ae.d_sae) == (32, 128) and info["layer"] == 1 and info["normalization"] is not None
+
+
+def test_the_sweep_report_in_headless_chromium(uninterrupted, tmp_path):
+    """report.html as a person reads it: both scatter plots with a point per member and the
+    Pareto front marked, loss curves, a density histogram per member, and a table whose numbers
+    are eval.json's."""
+    from playwright.sync_api import sync_playwright
+
+    workdir, _, _ = uninterrupted
+    members = json.load(open(workdir / "eval.json"))["members"]
+    errors = []
+    with sync_playwright() as p:
+        chrome = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                   args=["--no-sandbox"])
+        page = chrome.new_page(viewport={"width": 1200, "height": 1400})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"file://{workdir / 'report.html'}")
+        scatters = page.locator("svg.scatter")
+        assert scatters.count() == 2  # L0 vs NMSE, L0 vs fidelity
+        for i in range(2):
+            assert scatters.nth(i).locator("circle.point").count() == 2
+            assert scatters.nth(i).locator("circle.front-point").count() >= 1
+        assert "L0 vs fidelity_pooled" in scatters.nth(1).text_content()
+        assert page.locator("polyline").count() >= 2  # loss and NMSE curves, one line per member
+        assert page.locator(".density svg").count() == 2
+        rows = page.locator("table.metrics tr.member")
+        assert rows.count() == 2
+        header = page.locator("table.metrics th").all_inner_texts()
+        nmse_column = header.index("NMSE")
+        for row, member in zip(range(2), members):
+            cells = rows.nth(row).locator("td").all_inner_texts()
+            assert float(cells[nmse_column]) == pytest.approx(member["nmse"], abs=1e-4)
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        chrome.close()
+    assert not errors
+
+
+def test_pareto_front_by_hand():
+    from saejax.report import pareto_front
+
+    l0 = [10, 20, 30, 20, 5, float("nan")]
+    nmse = [0.5, 0.2, 0.1, 0.3, 0.9, 0.0]
+    np.testing.assert_array_equal(pareto_front(l0, nmse), [True, True, True, False, True, False])
+    fidelity = [0.9, 0.8, 0.95, 0.95, 0.1, 1.0]
+    np.testing.assert_array_equal(pareto_front(l0, fidelity, maximize=True), [True, False, False, True, True, False])
 
 
 def test_preempted_and_killed_runs_resume_to_the_same_parameters(uninterrupted, tmp_path):
