@@ -113,6 +113,7 @@ class LossTerms(NamedTuple):
     penalty: jax.Array  # the raw penalty (L1 or L0)
     auxk: jax.Array  # auxk_coeff * AuxK loss
     l0: jax.Array  # mean number of active latents
+    auxiliary: jax.Array  # the architecture's own term (Gated: reconstruction through the gate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +147,8 @@ class Objective:
 
     def check(self, ae: SAE) -> None:
         """Raises ValueError when this objective does not fit `ae`."""
-        if self.sparsity == "l0" and ae.architecture != "jumprelu":
-            raise ValueError(f"the l0 penalty needs a jumprelu SAE, got {ae.architecture}")
+        if self.sparsity == "l0" and not ae.arch.trains_threshold:
+            raise ValueError(f"the l0 penalty needs an SAE with a trained threshold (jumprelu), got {ae.architecture}")
         if self.matryoshka_prefixes is not None:
             matryoshka_bounds(self.matryoshka_prefixes, ae.d_sae)
 
@@ -183,10 +184,12 @@ class Objective:
             per_prefix = jnp.mean((x_hat_GND - x_ND) ** 2, axis=(1, 2))
             reconstruction, full_mse, x_hat = jnp.mean(per_prefix), per_prefix[-1], x_hat_GND[-1]
 
+        # An architecture may penalise other activations than its code (Gated: relu(pi_gate)).
+        penalised = enc if enc.gate is None else Encoding(enc.pre_acts, z=enc.gate)
         if self.sparsity == "l1":
-            penalty = l1_penalty(enc)
+            penalty = l1_penalty(penalised)
         elif self.sparsity == "l1_decoder_norm":
-            penalty = l1_decoder_norm_penalty(enc, params)
+            penalty = l1_decoder_norm_penalty(penalised, params)
         elif self.sparsity == "l0":
             penalty = l0_penalty(enc, params, ae.bandwidth)
         else:
@@ -199,6 +202,7 @@ class Objective:
                 raise ValueError("auxk_coeff > 0 needs dead_F, the mask of dead latents")
             auxk = self.auxk_coeff * auxk_loss(ae, params, enc, x_ND, x_hat, dead_F, self.k_aux)
 
-        loss = reconstruction + sparsity + auxk
+        auxiliary = ae.arch.auxiliary_loss(ae, params, x_ND, enc)
+        loss = reconstruction + sparsity + auxk + auxiliary
         l0 = enc.l0()
-        return loss, (enc, LossTerms(loss, full_mse, reconstruction, sparsity, penalty, auxk, l0))
+        return loss, (enc, LossTerms(loss, full_mse, reconstruction, sparsity, penalty, auxk, l0, auxiliary))

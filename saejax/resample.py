@@ -60,19 +60,19 @@ def resample_dead(ae: SAE, optimizer: optax.GradientTransformation, params: SAEP
         w_enc=jnp.where(dead_F[None, :], enc_scale * directions_FD.T, params.w_enc),
         b_enc=jnp.where(dead_F, 0.0, params.b_enc),
         w_dec=jnp.where(dead_F[:, None], directions_FD, params.w_dec),
+        **{name: jnp.where(dead_F, 0.0, getattr(params, name)) for name in ae.arch.resampled_params},
     )
-    reset = _latent_mask(params, dead_F)
+    reset = _latent_mask(ae, params, dead_F)
     opt_state = optax.tree_map_params(
         optimizer, lambda leaf, mask: jnp.where(mask, jnp.zeros_like(leaf), leaf), opt_state, reset)
     return new_params, opt_state, jnp.sum(dead_F)
 
 
-def _latent_mask(params: SAEParams, dead_F: jax.Array) -> SAEParams:
-    """A params-shaped tree of masks selecting the entries that belong to `dead_F` latents."""
-    return params.replace(
-        w_enc=dead_F[None, :],
-        b_enc=dead_F,
-        w_dec=dead_F[:, None],
-        b_dec=jnp.zeros((1,), bool),
-        threshold=None if params.threshold is None else jnp.zeros((1,), bool),
-    )
+def _latent_mask(ae, params: SAEParams, dead_F: jax.Array) -> SAEParams:
+    """A params-shaped tree of masks selecting the entries that belong to `dead_F` latents
+    (whose Adam moments are reset); an architecture's other extra params (a threshold) keep
+    theirs."""
+    extra = {name: (dead_F if name in ae.arch.resampled_params else jnp.zeros((1,), bool))
+             for name in ae.arch.extra_params}
+    return params.replace(w_enc=dead_F[None, :], b_enc=dead_F, w_dec=dead_F[:, None], b_dec=jnp.zeros((1,), bool),
+                          **extra)

@@ -1,4 +1,4 @@
-"""Sparse autoencoder architectures: ReLU (the paper), TopK, BatchTopK and JumpReLU.
+"""Sparse autoencoder architectures: ReLU (the paper), TopK, BatchTopK, JumpReLU and Gated.
 
 Each constructor closes over static sizes and returns an `SAE`, a frozen (hashable) bundle of
 pure functions over an explicit `SAEParams` pytree:
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.struct
 import jax
@@ -33,7 +33,6 @@ from jax.sharding import Mesh, PartitionSpec
 
 from saejax.sharding import DATA, MODEL
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 
 
 @flax.struct.dataclass
@@ -46,7 +45,9 @@ class SAEParams:
         w_dec: [F, D] decoder weights.
         b_dec: [D] decoder bias, also subtracted before encoding.
         threshold: [F] JumpReLU thresholds (trained) or the BatchTopK inference threshold
-            (estimated during training); None for ReLU and TopK.
+            (estimated during training); None for the others.
+        r_mag: [F] Gated: the magnitude path's per-latent log-rescale of `w_enc`'s columns.
+        b_mag: [F] Gated: the magnitude path's bias (`b_enc` is the gate's bias).
     """
 
     w_enc: jax.Array
@@ -54,6 +55,8 @@ class SAEParams:
     w_dec: jax.Array
     b_dec: jax.Array
     threshold: jax.Array | None = None
+    r_mag: jax.Array | None = None
+    b_mag: jax.Array | None = None
 
 
 class Encoding(NamedTuple):
@@ -65,6 +68,8 @@ class Encoding(NamedTuple):
         top_idx: [N, K] latent ids of a TopK code (None otherwise).
         top_vals: [N, K] their values; slots past a member's dynamic k hold 0.
         batch_threshold: scalar, the smallest kept value of a BatchTopK batch (else None).
+        gate: [N, F] Gated: `relu(pi_gate)`, what the sparsity penalty and the auxiliary
+            reconstruction read (else None).
     """
 
     pre_acts: jax.Array
@@ -72,6 +77,7 @@ class Encoding(NamedTuple):
     top_idx: jax.Array | None = None
     top_vals: jax.Array | None = None
     batch_threshold: jax.Array | None = None
+    gate: jax.Array | None = None
 
     def firing_counts(self) -> jax.Array:
         """[F] number of inputs on which each latent is non-zero."""
@@ -269,6 +275,200 @@ def _step_bwd(bandwidth, residuals, g_NF):
 step_function.defvjp(_step_fwd, _step_bwd)
 
 
+# ------------------------------------------------------------------------ the architectures
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How one SAE architecture makes its code, and what it adds to the parameters and the loss.
+
+    A new architecture is a subclass (a frozen dataclass) with its `name`, the `SAE` config
+    fields it reads (`uses`, all `to_config` writes for it), the `SAEParams` fields it owns
+    (`extra_params`, each [F]), and `encode_train`; `register` it and a constructor function
+    builds `SAE(name, ...)`. The hooks below have defaults that fit most architectures.
+    """
+
+    name: ClassVar[str]
+    uses: ClassVar[tuple[str, ...]] = ()  # SAE fields among k, threshold_init, bandwidth, threshold_decay
+    extra_params: ClassVar[tuple[str, ...]] = ()  # SAEParams fields beyond w_enc, b_enc, w_dec, b_dec
+    resampled_params: ClassVar[tuple[str, ...]] = ()  # extra params reset to 0 for a resampled latent
+    trains_threshold: ClassVar[bool] = False  # a learned threshold: the L0 penalty applies
+
+    def check(self, ae: SAE) -> None:
+        """Raises ValueError when `ae`'s config does not fit this architecture."""
+
+    def init_extra(self, ae: SAE, dtype) -> dict[str, jax.Array]:
+        """Initial values of `extra_params`."""
+        return {}
+
+    def encode_train(self, ae: SAE, params: SAEParams, x_ND: jax.Array, k) -> Encoding:
+        """The training-time code (see `SAE.encode_train`)."""
+        raise NotImplementedError
+
+    def encode(self, ae: SAE, params: SAEParams, x_ND: jax.Array, k) -> jax.Array:
+        """The inference code [N, F] (see `SAE.encode`)."""
+        return self.encode_train(ae, params, x_ND, k).dense()
+
+    def after_update(self, ae: SAE, params: SAEParams, enc: Encoding, step: jax.Array) -> SAEParams:
+        """What a training step does to `params` after the optimizer update."""
+        return params
+
+    def auxiliary_loss(self, ae: SAE, params: SAEParams, x_ND: jax.Array, enc: Encoding) -> jax.Array:
+        """A loss term of the architecture itself, added with weight 1 (0 for most)."""
+        return jnp.zeros(())
+
+
+ARCHITECTURE_REGISTRY: dict[str, Architecture] = {}
+
+
+def register(architecture: type[Architecture]) -> type[Architecture]:
+    """Class decorator: makes `SAE(architecture.name, ...)` build this architecture."""
+    ARCHITECTURE_REGISTRY[architecture.name] = architecture()
+    return architecture
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ReluArchitecture(Architecture):
+    """The paper's: `z = relu(pre)`."""
+
+    name: ClassVar[str] = "relu"
+
+    def encode_train(self, ae, params, x_ND, k):
+        pre = ae.pre_activations(params, x_ND)
+        return Encoding(pre, z=jax.nn.relu(pre))
+
+
+def _needs_k(ae):
+    if ae.k is None or not 0 < ae.k <= ae.d_sae:
+        raise ValueError(f"{ae.architecture} needs 0 < k <= d_sae={ae.d_sae}, got k={ae.k}")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class TopKArchitecture(Architecture):
+    """Keep the k largest pre-activations (then ReLU); the code stays sparse for the decode."""
+
+    name: ClassVar[str] = "topk"
+    uses: ClassVar[tuple[str, ...]] = ("k",)
+
+    def check(self, ae):
+        _needs_k(ae)
+
+    def encode_train(self, ae, params, x_ND, k):
+        pre = ae.pre_activations(params, x_ND)
+        # The dense `pre` only chooses the latents; the chosen values carry a K-sparse
+        # gradient (`take_topk`). `pre_acts` stays differentiable for AuxK.
+        chosen = jax.lax.stop_gradient(pre)
+        vals, idx = ae.top_k(chosen, ae.k)
+        vals = jax.nn.relu(take_topk(vals, idx, x_ND, params.b_dec, params.w_enc, params.b_enc))
+        if k is not None:
+            vals = jnp.where(jnp.arange(ae.k) < k, vals, 0.0)
+        return Encoding(pre, top_idx=idx, top_vals=vals)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class BatchTopKArchitecture(Architecture):
+    """The k*N largest (positive) activations of the whole batch in training; at inference a
+    threshold estimated during training, so one input's code never depends on others."""
+
+    name: ClassVar[str] = "batchtopk"
+    uses: ClassVar[tuple[str, ...]] = ("k", "threshold_decay")
+    extra_params: ClassVar[tuple[str, ...]] = ("threshold",)
+
+    def check(self, ae):
+        _needs_k(ae)
+
+    def init_extra(self, ae, dtype):
+        return {"threshold": jnp.zeros((ae.d_sae,), dtype)}
+
+    def encode_train(self, ae, params, x_ND, k):
+        pre = ae.pre_activations(params, x_ND)
+        n = x_ND.shape[0]
+        acts = jax.nn.relu(pre)
+        top = jax.lax.top_k(acts.reshape(-1), ae.k * n)[0]
+        kth = top[-1] if k is None else top[k * n - 1]
+        keep = (acts >= kth) & (acts > 0)
+        smallest_kept = jnp.min(jnp.where(keep, acts, jnp.inf))
+        return Encoding(pre, z=jnp.where(keep, acts, 0.0), batch_threshold=smallest_kept)
+
+    def encode(self, ae, params, x_ND, k):
+        pre = ae.pre_activations(params, x_ND)
+        return jnp.where(pre > params.threshold, pre, 0.0)
+
+    def after_update(self, ae, params, enc, step):
+        """This batch's smallest kept value is folded into the inference threshold (the first
+        batch sets it)."""
+        batch = jnp.broadcast_to(enc.batch_threshold, params.threshold.shape)
+        ema = ae.threshold_decay * params.threshold + (1 - ae.threshold_decay) * batch
+        return params.replace(threshold=jnp.where(step == 0, batch, ema))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class JumpReluArchitecture(Architecture):
+    """`z = pre * (pre > threshold)` with a trained threshold and straight-through gradients."""
+
+    name: ClassVar[str] = "jumprelu"
+    uses: ClassVar[tuple[str, ...]] = ("threshold_init", "bandwidth")
+    extra_params: ClassVar[tuple[str, ...]] = ("threshold",)
+    trains_threshold: ClassVar[bool] = True
+
+    def init_extra(self, ae, dtype):
+        return {"threshold": jnp.full((ae.d_sae,), ae.threshold_init, dtype)}
+
+    def encode_train(self, ae, params, x_ND, k):
+        pre = ae.pre_activations(params, x_ND)
+        return Encoding(pre, z=jump_relu(pre, params.threshold, ae.bandwidth))
+
+    def after_update(self, ae, params, enc, step):
+        """Thresholds are kept non-negative."""
+        return params.replace(threshold=jnp.maximum(params.threshold, 0.0))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class GatedArchitecture(Architecture):
+    """Gated SAE (Rajamanoharan et al. 2024): a gate decides which latents fire, a magnitude
+    path sharing the encoder decides how much.
+
+        pi_gate = (x - b_dec) @ w_enc + b_enc                   (b_enc is the gate's bias)
+        pi_mag  = (x - b_dec) @ (w_enc * exp(r_mag)) + b_mag
+        z       = 1[pi_gate > 0] * relu(pi_mag)
+
+    The sparsity penalty reads `relu(pi_gate)` (`Encoding.gate`), and `auxiliary_loss` asks
+    the gate alone to reconstruct the input through the decoder: with the decoder frozen
+    (`stop_gradient`, the paper's choice) unless `gated_aux_decoder_grad`, which is SAELens'
+    (6.x) choice. The magnitude path reuses the gate's matmul: scaling `w_enc`'s columns by
+    `exp(r_mag)` scales the product's columns alike.
+    """
+
+    name: ClassVar[str] = "gated"
+    uses: ClassVar[tuple[str, ...]] = ("gated_aux_decoder_grad",)
+    extra_params: ClassVar[tuple[str, ...]] = ("r_mag", "b_mag")
+    resampled_params: ClassVar[tuple[str, ...]] = ("r_mag", "b_mag")
+
+    def init_extra(self, ae, dtype):
+        return {"r_mag": jnp.zeros((ae.d_sae,), dtype), "b_mag": jnp.zeros((ae.d_sae,), dtype)}
+
+    def encode_train(self, ae, params, x_ND, k):
+        pi_gate = ae.pre_activations(params, x_ND)
+        pi_mag = (pi_gate - params.b_enc) * jnp.exp(params.r_mag) + params.b_mag
+        z = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
+        return Encoding(pi_gate, z=z, gate=jax.nn.relu(pi_gate))
+
+    def auxiliary_loss(self, ae, params, x_ND, enc):
+        w_dec, b_dec = params.w_dec, params.b_dec
+        if not ae.gated_aux_decoder_grad:
+            w_dec, b_dec = jax.lax.stop_gradient(w_dec), jax.lax.stop_gradient(b_dec)
+        via_gate = matmul(enc.gate, w_dec, ae.compute_dtype) + b_dec
+        return jnp.mean((via_gate - x_ND) ** 2)
+
+
+ARCHITECTURES = tuple(ARCHITECTURE_REGISTRY)
+
+
 def _kaiming_uniform(key, shape, fan_in, dtype):
     # torch.nn.init.kaiming_uniform_ defaults (a=0, fan_in, leaky_relu gain sqrt(2)).
     bound = (6.0 / fan_in) ** 0.5
@@ -279,11 +479,12 @@ def _kaiming_uniform(key, shape, fan_in, dtype):
 class SAE:
     """A sparse autoencoder architecture: static configuration plus pure functions.
 
-    Build one with `relu`, `topk`, `batchtopk` or `jumprelu`. Hashable, so it can be a static
-    argument of `jax.jit`. Fields are static; everything numeric lives in `SAEParams`.
+    Build one with `relu`, `topk`, `batchtopk`, `jumprelu` or `gated`. Hashable, so it can be
+    a static argument of `jax.jit`. Fields are static; everything numeric lives in
+    `SAEParams`. What differs between architectures lives in their `Architecture` (`arch`).
 
     Attributes:
-        architecture: one of `ARCHITECTURES`.
+        architecture: a name in `ARCHITECTURE_REGISTRY` (`ARCHITECTURES`).
         d_model: D, the width of the activations.
         d_sae: F, the number of latents.
         k: TopK/BatchTopK: latents kept per input (the static maximum; a smaller dynamic k can
@@ -294,6 +495,8 @@ class SAE:
         bandwidth: JumpReLU straight-through kernel width.
         threshold_decay: BatchTopK: the inference threshold is an exponential moving average
             of each batch's smallest kept value, with this weight on the old value.
+        gated_aux_decoder_grad: Gated: the auxiliary reconstruction also trains the decoder
+            (SAELens); False freezes it there (the paper).
         compute_dtype: None (float32 throughout) or a dtype such as `jnp.bfloat16` for the
             inputs of the encoder and decoder matmuls, accumulated in float32 (see the module
             docstring). How to run, not what the SAE is: `to_config` leaves it out.
@@ -311,23 +514,28 @@ class SAE:
     threshold_init: float = 1e-3
     bandwidth: float = 1e-3
     threshold_decay: float = 0.99
+    gated_aux_decoder_grad: bool = False
     compute_dtype: Any = None
     mesh: Mesh | None = None
     shard_latents: bool = False
 
     def __post_init__(self):
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown SAE architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
+        if self.architecture not in ARCHITECTURE_REGISTRY:
+            raise ValueError(f"unknown SAE architecture {self.architecture!r}; expected one of "
+                             f"{tuple(ARCHITECTURE_REGISTRY)}")
         if self.d_model <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_model and d_sae must be positive, got d_model={self.d_model}, d_sae={self.d_sae}")
-        if self.architecture in ("topk", "batchtopk"):
-            if self.k is None or not 0 < self.k <= self.d_sae:
-                raise ValueError(f"{self.architecture} needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
+        self.arch.check(self)
         if self.compute_dtype is not None:
             dtype = jnp.dtype(self.compute_dtype)
             if not jnp.issubdtype(dtype, jnp.floating):
                 raise ValueError(f"compute_dtype must be a float dtype such as bfloat16, got {self.compute_dtype!r}")
             object.__setattr__(self, "compute_dtype", None if dtype == jnp.float32 else dtype)
+
+    @property
+    def arch(self) -> Architecture:
+        """This SAE's `Architecture` (from the registry)."""
+        return ARCHITECTURE_REGISTRY[self.architecture]
 
     # ----------------------------------------------------------------------------- params
 
@@ -353,25 +561,19 @@ class SAE:
         if decoder_norm is not None:
             w_dec = decoder_norm * w_dec / jnp.linalg.norm(w_dec, axis=1, keepdims=True)
         w_enc = w_dec.T if self.tied_init else _kaiming_uniform(k_enc, (d, f), f, dtype)
-        threshold = None
-        if self.architecture == "jumprelu":
-            threshold = jnp.full((f,), self.threshold_init, dtype)
-        elif self.architecture == "batchtopk":
-            threshold = jnp.zeros((f,), dtype)
         return SAEParams(
             w_enc=w_enc,
             b_enc=jnp.zeros((f,), dtype),
             w_dec=w_dec,
             b_dec=jnp.zeros((d,), dtype) if b_dec is None else jnp.asarray(b_dec, dtype),
-            threshold=threshold,
+            **self.arch.init_extra(self, dtype),
         )
 
     def check_params(self, params: SAEParams, where: str = "params") -> None:
         """Raises ValueError naming the field when `params` do not fit this architecture."""
         d, f = self.d_model, self.d_sae
-        expected = {"w_enc": (d, f), "b_enc": (f,), "w_dec": (f, d), "b_dec": (d,)}
-        if self.architecture in ("jumprelu", "batchtopk"):
-            expected["threshold"] = (f,)
+        expected = {"w_enc": (d, f), "b_enc": (f,), "w_dec": (f, d), "b_dec": (d,),
+                    **{name: (f,) for name in self.arch.extra_params}}
         for name, shape in expected.items():
             value = getattr(params, name)
             if value is None:
@@ -394,10 +596,7 @@ class SAE:
             k: TopK only: a dynamic k <= `self.k` (may be traced). BatchTopK uses its
                 learned threshold at inference, so one input's code never depends on others.
         """
-        if self.architecture == "batchtopk":
-            pre = self.pre_activations(params, x_ND)
-            return jnp.where(pre > params.threshold, pre, 0.0)
-        return self.encode_train(params, x_ND, k=k).dense()
+        return self.arch.encode(self, params, x_ND, k)
 
     def encode_train(self, params: SAEParams, x_ND: jax.Array, *, k: jax.Array | int | None = None) -> Encoding:
         """Training code: an `Encoding` with the pre-activations (AuxK needs them).
@@ -405,28 +604,7 @@ class SAE:
         TopK keeps its code sparse (`top_idx`, `top_vals`) so the decode can gather rows;
         BatchTopK keeps the k*N largest activations of the whole batch.
         """
-        pre = self.pre_activations(params, x_ND)
-        if self.architecture == "relu":
-            return Encoding(pre, z=jax.nn.relu(pre))
-        if self.architecture == "jumprelu":
-            return Encoding(pre, z=jump_relu(pre, params.threshold, self.bandwidth))
-        if self.architecture == "topk":
-            # The dense `pre` only chooses the latents; the chosen values carry a K-sparse
-            # gradient (`take_topk`). `pre_acts` stays differentiable for AuxK.
-            chosen = jax.lax.stop_gradient(pre)
-            vals, idx = self.top_k(chosen, self.k)
-            vals = jax.nn.relu(take_topk(vals, idx, x_ND, params.b_dec, params.w_enc, params.b_enc))
-            if k is not None:
-                vals = jnp.where(jnp.arange(self.k) < k, vals, 0.0)
-            return Encoding(pre, top_idx=idx, top_vals=vals)
-        # batchtopk: the k*N largest (positive) activations over the whole batch.
-        n = x_ND.shape[0]
-        acts = jax.nn.relu(pre)
-        top = jax.lax.top_k(acts.reshape(-1), self.k * n)[0]
-        kth = top[-1] if k is None else top[k * n - 1]
-        keep = (acts >= kth) & (acts > 0)
-        smallest_kept = jnp.min(jnp.where(keep, acts, jnp.inf))
-        return Encoding(pre, z=jnp.where(keep, acts, 0.0), batch_threshold=smallest_kept)
+        return self.arch.encode_train(self, params, x_ND, k)
 
     def top_k(self, x_NF: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
         """`jax.lax.top_k` over latents, per device under `mesh` (`distributed_top_k`)."""
@@ -456,25 +634,20 @@ class SAE:
         JumpReLU: thresholds are kept non-negative. BatchTopK: this batch's smallest kept value
         is folded into the inference threshold (the first batch sets it).
         """
-        if self.architecture == "jumprelu":
-            return params.replace(threshold=jnp.maximum(params.threshold, 0.0))
-        if self.architecture != "batchtopk":
-            return params
-        batch = jnp.broadcast_to(enc.batch_threshold, params.threshold.shape)
-        ema = self.threshold_decay * params.threshold + (1 - self.threshold_decay) * batch
-        return params.replace(threshold=jnp.where(step == 0, batch, ema))
+        return self.arch.after_update(self, params, enc, step)
 
     # ---------------------------------------------------------------------- serialisation
 
     def to_config(self) -> dict[str, Any]:
-        """JSON-ready description; `from_config` inverts it."""
-        config = dataclasses.asdict(self)
-        del config["mesh"], config["shard_latents"], config["compute_dtype"]
-        return config
+        """JSON-ready description: the shared fields and those its architecture `uses`;
+        `from_config` inverts it."""
+        names = ("architecture", "d_model", "d_sae", "tied_init") + self.arch.uses
+        return {name: getattr(self, name) for name in names}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SAE:
-        fields = {f.name for f in dataclasses.fields(cls)}
+        """An SAE from `to_config` output (also older configs, which listed every field)."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"mesh", "shard_latents", "compute_dtype"}
         unknown = set(config) - fields
         if unknown:
             raise ValueError(f"unknown SAE config keys {sorted(unknown)}; expected a subset of {sorted(fields)}")
@@ -496,6 +669,14 @@ def batchtopk(d_model: int, d_sae: int, k: int, *, tied_init: bool = True, thres
     """BatchTopK SAE (Bussmann et al. 2024): top k*N activations over the batch in training;
     at inference a threshold estimated during training (`SAEParams.threshold`)."""
     return SAE("batchtopk", d_model, d_sae, k=k, tied_init=tied_init, threshold_decay=threshold_decay,
+               compute_dtype=compute_dtype)
+
+
+def gated(d_model: int, d_sae: int, *, tied_init: bool = False, aux_decoder_grad: bool = False,
+          compute_dtype=None) -> SAE:
+    """Gated SAE (Rajamanoharan et al. 2024; see `GatedArchitecture`); train with the "l1" (or
+    "l1_decoder_norm", SAELens') penalty, which then reads the gate's activations."""
+    return SAE("gated", d_model, d_sae, tied_init=tied_init, gated_aux_decoder_grad=aux_decoder_grad,
                compute_dtype=compute_dtype)
 
 

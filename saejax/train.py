@@ -234,7 +234,7 @@ class Trainer:
             return shd.Logical(*lead, *names)
 
         params = SAEParams(w_enc=axes("embed", "latent"), b_enc=axes("latent"), w_dec=axes("latent", "embed"),
-                           b_dec=axes("embed"), threshold=None if state.params.threshold is None else axes("latent"))
+                           b_dec=axes("embed"), **{name: axes("latent") for name in self.ae.arch.extra_params})
         opt_state = optax.tree_map_params(
             self.optimizer(1.0), lambda _, names: names, state.opt_state, params,
             transform_non_params=lambda leaf: axes(*([None] * (leaf.ndim - len(lead)))),

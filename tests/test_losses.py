@@ -107,7 +107,7 @@ def test_sparsity_warmup_schedule():
 def test_objective_errors():
     with pytest.raises(ValueError, match="unknown sparsity penalty 'l2'"):
         Objective(sparsity="l2")
-    with pytest.raises(ValueError, match="l0 penalty needs a jumprelu SAE, got relu"):
+    with pytest.raises(ValueError, match=r"l0 penalty needs an SAE with a trained threshold \(jumprelu\), got relu"):
         Objective(sparsity="l0").check(sae.relu(4, 8))
     with pytest.raises(ValueError, match="prefixes must lie in 1..d_sae=8"):
         Objective(matryoshka_prefixes=(0, 4)).check(sae.relu(4, 8))

@@ -93,7 +93,7 @@ def load_sae(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]]:
         ae = SAE.from_config(config["sae"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_path}: bad SAE description: {e}") from e
-    needed = ["w_enc", "b_enc", "w_dec", "b_dec"] + (["threshold"] if ae.architecture in ("jumprelu", "batchtopk") else [])
+    needed = ["w_enc", "b_enc", "w_dec", "b_dec", *ae.arch.extra_params]
     if config.get("normalized_inputs"):
         needed += ["norm_mean", "norm_scalar"]
     d, f_ = ae.d_model, ae.d_sae
