@@ -77,7 +77,7 @@ def build_trainer(config: ml_collections.ConfigDict, d_model: int) -> tuple[trai
     (see `compute_dtype`; float32 when absent)."""
     s = config.sae
     d_sae = s.get("d_sae") or s.expansion * d_model
-    kwargs = {"k": s.k} if s.architecture in ("topk", "batchtopk") else {}
+    kwargs = {"k": s.k} if "k" in sae.ARCHITECTURE_REGISTRY[s.architecture].uses else {}
     kwargs["compute_dtype"] = compute_dtype(s.get("compute_dtype", "float32"))
     ae = getattr(sae, s.architecture)(d_model, d_sae, **kwargs)
     trainer = train.make_trainer(
@@ -169,9 +169,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     layers = config.get("layers")
     if not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
         problems.append(f"layers must be a non-empty tuple of block indices, got {layers!r}")
-    if config.sae.architecture not in ("relu", "topk", "batchtopk", "jumprelu"):
-        problems.append(f"sae.architecture must be relu, topk, batchtopk or jumprelu, got {config.sae.architecture!r}")
-    if config.sae.architecture in ("topk", "batchtopk"):
+    if config.sae.architecture not in sae.ARCHITECTURES:
+        problems.append(f"sae.architecture must be one of {', '.join(sae.ARCHITECTURES)}, got "
+                        f"{config.sae.architecture!r}")
+    elif "k" in sae.ARCHITECTURE_REGISTRY[config.sae.architecture].uses:
         positive("sae.k", config.sae.get("k"))
     if config.get("on_nonfinite", "stop") not in ("stop", "freeze"):
         problems.append(f"on_nonfinite must be 'stop' or 'freeze', got {config.on_nonfinite!r}")

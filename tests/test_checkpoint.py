@@ -16,7 +16,7 @@ from saejax.train import Hparams
 
 from conftest import sparse_data
 
-ARCHITECTURES = [sae.relu(8, 32), sae.topk(8, 32, k=4), sae.batchtopk(8, 32, k=4), sae.jumprelu(8, 32)]
+ARCHITECTURES = [sae.relu(8, 32), sae.topk(8, 32, k=4), sae.batchtopk(8, 32, k=4), sae.jumprelu(8, 32), sae.gated(8, 32)]
 
 
 def assert_trees_equal(a, b):

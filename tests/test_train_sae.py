@@ -165,7 +165,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
-@pytest.mark.parametrize("architecture", ["relu", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("architecture", ["relu", "topk", "batchtopk", "jumprelu", "gated"])
 def test_one_builder_makes_every_architecture_from_a_config(architecture):
     config = clip_vit_b16.get_config("small")
     config.sae.architecture, config.sae.k = architecture, 4
@@ -259,6 +259,10 @@ def test_bad_configs_fail_before_any_work():
     config.sae.architecture = "topk"  # --config.sae.architecture=topk alone works: k has a default
     validate_config(config)
     assert build_trainer(config, d_model=32)[0].ae.k == 8
+    config.sae.architecture = "gelu"
+    with pytest.raises(ValueError, match="sae.architecture must be one of relu, topk, batchtopk, jumprelu, gated, "
+                                         "got 'gelu'"):
+        validate_config(config)
 
 
 def test_normalization_statistics_are_keyed_to_backbone_layers_and_tokens(uninterrupted):

@@ -39,9 +39,8 @@ def _raw_params(ae: SAE, params: SAEParams, normalization: Normalization | None)
     ae.check_params(params, where="export")
     if normalization is not None:
         params = fold_normalization(params, normalization)
-    return {name: np.asarray(getattr(params, name), np.float32) for name in ("w_enc", "b_enc", "w_dec", "b_dec",
-                                                                            "threshold")
-            if getattr(params, name) is not None}
+    return {name: np.asarray(getattr(params, name), np.float32)
+            for name in ("w_enc", "b_enc", "w_dec", "b_dec", *ae.arch.extra_params)}
 
 
 def export_saev(path: str | os.PathLike, ae: SAE, params: SAEParams, *,
@@ -136,20 +135,24 @@ def torch_save_bytes(state: dict[str, np.ndarray], prefix: str = "archive") -> b
 
 
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
-_SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+_SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
+                         "gated": "gated"}
+# saejax's Gated SAE keeps the gate's bias in `b_enc`; SAELens calls it `b_gate` and has no `b_enc`.
+_SAELENS_NAMES = {"gated": {"w_enc": "W_enc", "b_enc": "b_gate", "r_mag": "r_mag", "b_mag": "b_mag",
+                            "w_dec": "W_dec", "b_dec": "b_dec"}}
+_PLAIN_NAMES = {"w_enc": "W_enc", "b_enc": "b_enc", "w_dec": "W_dec", "b_dec": "b_dec", "threshold": "threshold"}
 
 
 def export_saelens(directory: str | os.PathLike, ae: SAE, params: SAEParams, *,
                    normalization: Normalization | None = None, metadata: dict[str, Any] | None = None) -> str:
     """Write `ae` as an SAELens directory (`cfg.json` + `sae_weights.safetensors`, SAELens 6),
-    which `sae_lens.SAE.load_from_disk` reads: "standard" for ReLU, "topk", and "jumprelu" for
-    JumpReLU and for BatchTopK at inference (a per-latent threshold). `metadata` goes into
-    the config's `metadata` (e.g. `{"model_name": ..., "hook_name": ...}`)."""
+    which `sae_lens.SAE.load_from_disk` reads: "standard" for ReLU, "topk", "gated", and
+    "jumprelu" for JumpReLU and for BatchTopK at inference (a per-latent threshold).
+    `metadata` goes into the config's `metadata` (e.g. `{"model_name": ..., "hook_name": ...}`)."""
     p = _raw_params(ae, params, normalization)
-    tensors = {"W_enc": p["w_enc"], "b_enc": p["b_enc"], "W_dec": p["w_dec"], "b_dec": p["b_dec"]}
     architecture = _SAELENS_ARCHITECTURE[ae.architecture]
-    if architecture == "jumprelu":
-        tensors["threshold"] = p["threshold"]
+    names = _SAELENS_NAMES.get(architecture, _PLAIN_NAMES)
+    tensors = {names[ours]: value for ours, value in p.items()}
     cfg = {"architecture": architecture, "d_in": ae.d_model, "d_sae": ae.d_sae, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": dict(metadata or {}, saejax_architecture=ae.architecture, saejax_k=ae.k)}
@@ -163,8 +166,8 @@ def export_saelens(directory: str | os.PathLike, ae: SAE, params: SAEParams, *,
 
 
 def import_saelens(directory: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]]:
-    """Read an SAELens directory ("standard", "topk" or "jumprelu", `apply_b_dec_to_input` true,
-    no activation normalisation) as a saejax SAE.
+    """Read an SAELens directory ("standard", "topk", "jumprelu" or "gated",
+    `apply_b_dec_to_input` true, no activation normalisation) as a saejax SAE.
 
     Raises:
         CheckpointError: naming the file: a missing file, an architecture or option saejax does
@@ -180,16 +183,18 @@ def import_saelens(directory: str | os.PathLike) -> tuple[SAE, SAEParams, dict[s
     except ValueError as e:
         raise CheckpointError(f"{cfg_path}: not JSON: {e}") from e
     architecture = cfg.get("architecture", "standard")
-    if architecture not in ("standard", "topk", "jumprelu"):
+    if architecture not in ("standard", "topk", "jumprelu", "gated"):
         raise CheckpointError(f"{cfg_path}: architecture {architecture!r} is not one saejax reads "
-                              f"(standard, topk, jumprelu)")
+                              f"(standard, topk, jumprelu, gated)")
     if not cfg.get("apply_b_dec_to_input", True) or cfg.get("normalize_activations", "none") != "none":
         raise CheckpointError(f"{cfg_path}: apply_b_dec_to_input=false or normalize_activations="
                               f"{cfg.get('normalize_activations')!r} is not reproduced by saejax")
     d, f_ = int(cfg["d_in"]), int(cfg["d_sae"])
-    shapes = {"W_enc": (d, f_), "b_enc": (f_,), "W_dec": (f_, d), "b_dec": (d,)}
-    if architecture == "jumprelu":
-        shapes["threshold"] = (f_,)
+    names = dict(_SAELENS_NAMES.get(architecture, _PLAIN_NAMES))
+    if architecture in ("standard", "topk"):
+        del names["threshold"]
+    shapes = {theirs: {"w_enc": (d, f_), "w_dec": (f_, d), "b_dec": (d,)}.get(ours, (f_,))
+              for ours, theirs in names.items()}
     header = read_header(weights_path)
     for name, shape in shapes.items():
         if name not in header:
@@ -207,9 +212,9 @@ def import_saelens(directory: str | os.PathLike) -> tuple[SAE, SAEParams, dict[s
         ae = sae_module.topk(d, f_, k=int(cfg["k"]))
     elif meta.get("saejax_architecture") == "batchtopk":  # saejax's own export: a BatchTopK SAE at inference
         ae = sae_module.batchtopk(d, f_, k=int(meta["saejax_k"]))
+    elif architecture == "gated":
+        ae = sae_module.gated(d, f_)
     else:
         ae = sae_module.jumprelu(d, f_)
-    params = SAEParams(**{ours: jnp.asarray(tensors[theirs], jnp.float32) for ours, theirs in (
-        ("w_enc", "W_enc"), ("b_enc", "b_enc"), ("w_dec", "W_dec"), ("b_dec", "b_dec"))},
-        threshold=jnp.asarray(tensors["threshold"], jnp.float32) if "threshold" in tensors else None)
+    params = SAEParams(**{ours: jnp.asarray(tensors[theirs], jnp.float32) for ours, theirs in names.items()})
     return ae, params, {"config": cfg, "source": directory, "format": "saelens"}

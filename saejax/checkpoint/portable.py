@@ -2,12 +2,15 @@
 
 `config.json` holds the format tag, the architecture (`SAE.to_config()`), whether
 normalisation statistics are present, and free-form training provenance. The tensors are
-`w_enc [D, F]`, `b_enc [F]`, `w_dec [F, D]`, `b_dec [D]`, optional `threshold [F]`, and, when
+`w_enc [D, F]`, `b_enc [F]`, `w_dec [F, D]`, `b_dec [D]`, the architecture's own [F] params
+(`threshold` for JumpReLU and BatchTopK, `r_mag` and `b_mag` for Gated), and, when
 the SAE was trained on normalised activations, `norm_mean [D]` and `norm_scalar []`. Any
 safetensors reader (torch, numpy, JAX) can open it.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import json
 import os
@@ -27,7 +30,7 @@ FORMAT = "saejax-sae"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "sae.safetensors"
-_PARAM_FIELDS = ("w_enc", "b_enc", "w_dec", "b_dec", "threshold")
+_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SAEParams))
 
 
 def save_sae(path: str | os.PathLike, ae: SAE, params: SAEParams, *, normalization: Normalization | None = None,
@@ -97,8 +100,8 @@ def load_sae(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]]:
     if config.get("normalized_inputs"):
         needed += ["norm_mean", "norm_scalar"]
     d, f_ = ae.d_model, ae.d_sae
-    shapes = {"w_enc": (d, f_), "b_enc": (f_,), "w_dec": (f_, d), "b_dec": (d,), "threshold": (f_,),
-              "norm_mean": (d,), "norm_scalar": ()}
+    shapes = {"w_enc": (d, f_), "b_enc": (f_,), "w_dec": (f_, d), "b_dec": (d,),
+              **{name: (f_,) for name in ae.arch.extra_params}, "norm_mean": (d,), "norm_scalar": ()}
     header = read_header(tensors_path)  # names, dtypes and shapes are checked before any data is read
     missing = [name for name in needed if name not in header]
     if missing:
