@@ -11,7 +11,8 @@ The model runs three ways on the same images:
 
 A head turns each run's final tokens / pooled embedding / logits into class logits: the
 checkpoint's classifier (`classifier_head`), a linear probe on the pooled embedding
-(`linear_probe_head`), or CLIP zero-shot logits against text embeddings (`zero_shot_head`).
+(`linear_probe_head`), or CLIP zero-shot logits against text embeddings (`zero_shot_head`,
+with `saejax.backbones.clip_text_embeddings` of a full CLIPModel checkpoint's prompts).
 With `head=None` only the pooled embedding is compared.
 
 Reported per sweep member (`spliced_fidelity`):

@@ -6,6 +6,7 @@ tests/fixtures/make_open_clip_fixtures.py (open_clip 3.3.0). Tiny random configs
 weight perturbed; the suite reads them without torch.
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -266,3 +267,26 @@ def test_resize_weights_match_torch():
     for key in golden.files:
         kind, n_in, n_out = key.rsplit("_", 2)
         np.testing.assert_allclose(made[kind](int(n_in), int(n_out)), golden[key], atol=1e-12, err_msg=key)
+
+
+def test_clip_text_tower_and_zero_shot_logits_match_pytorch():
+    """A full CLIPModel's text embeddings (`get_text_features`) and zero-shot logits
+    (`logits_per_image`) against PyTorch. The golden was made with `eos_token_id=2`, as in
+    OpenAI's hub configs (pool at each sequence's highest id), so the test sets it too."""
+    import copy
+
+    from saejax import fidelity
+
+    bb, params = backbones.load(os.path.join(FIXTURES, "clip_full"), cache_dir=False)
+    text_config = copy.deepcopy(bb.text_config)
+    text_config.eos_token_id = 2
+    bb = dataclasses.replace(bb, text_config=text_config)
+    g = np.load(os.path.join(FIXTURES, "clip_full_text.npz"))
+    text = backbones.clip_text_embeddings(bb, params, g["input_ids"], g["attention_mask"])
+    np.testing.assert_allclose(text, g["text_embeds"], atol=ATOL)
+    head = fidelity.zero_shot_head(params["visual_projection"]["kernel"], text, float(jnp.exp(params["logit_scale"])))
+    out = bb.forward(params, np.load(os.path.join(FIXTURES, "clip_full.npz"))["pixel_values"])
+    np.testing.assert_allclose(head(out.tokens, out.pooled, out.logits), g["logits_per_image"], atol=ATOL)
+    vision_only, vision_params = backbones.load(os.path.join(FIXTURES, "clip_vision"), cache_dir=False)
+    with pytest.raises(ValueError, match="needs a full CLIPModel checkpoint with its text tower"):
+        backbones.clip_text_embeddings(vision_only, vision_params, g["input_ids"])

@@ -21,6 +21,7 @@ from saejax.backbones.loading import KNOWN_MODELS, MODEL_TYPES, default_processi
 from saejax.backbones.model import Backbone, ForwardOutput, LoadInfo, TokenLayout, make_backbone
 from saejax.backbones.preprocess import ImageProcessing
 from saejax.backbones.random import create_random
+from saejax.backbones.text import clip_text_embeddings
 
 __all__ = [
     "FAMILIES",
@@ -32,6 +33,7 @@ __all__ = [
     "ImageProcessing",
     "LoadInfo",
     "TokenLayout",
+    "clip_text_embeddings",
     "create_random",
     "default_processing",
     "find_weights",

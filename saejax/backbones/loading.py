@@ -169,6 +169,8 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
     with _config_errors(path):
         bb = make_backbone(family, vision_cfg, dtype=dtype, n_classes=heads.n_classes, processing=processing,
                            load_info=info, interpolate=image_size is not None)
+    if full_cfg is not None and heads.has_text:
+        bb = dataclasses.replace(bb, text_config=full_cfg.text_config)
     params = unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
     return bb, params
 
@@ -247,7 +249,9 @@ def _download(repo_id: str) -> str:
     """Fetches config, preprocessor config and weights of a hub model (HF cache); clear error offline."""
     import huggingface_hub as hub  # noqa: PLC0415
 
-    base = ["config.json", "preprocessor_config.json", open_clip.CONFIG]
+    # (+ CLIP's tokenizer files, for prompts to `clip_text_embeddings`; absent files are skipped)
+    base = ["config.json", "preprocessor_config.json", open_clip.CONFIG, "vocab.json", "merges.txt",
+            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
     errors = []
     try:
         available = set(hub.list_repo_files(repo_id))

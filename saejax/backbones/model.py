@@ -251,6 +251,8 @@ class Backbone:
         processing: The `ImageProcessing` that `preprocess` applies.
         config: The HF (vision) config object.
         load_info: Where the weights came from (`LoadInfo`), or None.
+        text_config: A full CLIP checkpoint's text config (for `text.clip_text_embeddings`),
+            else None.
     """
 
     family: str
@@ -266,6 +268,7 @@ class Backbone:
     config: Any = dataclasses.field(repr=False)
     load_info: LoadInfo | None = dataclasses.field(default=None, repr=False)
     _impl: Any = dataclasses.field(default=None, repr=False)
+    text_config: Any = dataclasses.field(default=None, repr=False)
 
     # ------------------------------------------------------------------ preprocessing
     def preprocess(self, images) -> np.ndarray:
