@@ -80,7 +80,7 @@ def main(argv):
         path = save_sae(os.path.join(workdir, "sae", f"member_{i}"), trainer.ae, member.params, normalization=norm,
                         info={"source": "experiments.synthetic", "steps": config.steps, **result})
         summary["members"].append({**result, "path": path})
-        print(f"member {i}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        print(f"member {i}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, (int, float))))
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"wrote {os.path.join(workdir, 'summary.json')}")

@@ -126,7 +126,7 @@ def _layer_section(layer: int, members: list[dict], curves: list[dict]) -> str:
         hist = m.get("log10_frequency_histogram")
         if hist:
             edges = np.asarray(hist["edges"])
-            histograms.append(f"<div class='card density'>" + viz.bars_svg(
+            histograms.append("<div class='card density'>" + viz.bars_svg(
                 (edges[:-1] + edges[1:]) / 2, np.asarray(hist["counts"]),
                 f"#{m['member']}: log10 firing frequency ({hist['dead']} dead)", "latents", width=300, height=160)
                 + "</div>")

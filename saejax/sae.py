@@ -152,7 +152,7 @@ def _centered_matmul_bwd(compute_dtype, residuals, g_NF):
     centered_ND, w_DF = residuals
     g_x_ND = matmul(g_NF, w_DF.T, compute_dtype)  # dead code (removed by XLA) unless x is differentiated
     g_b_D = -(jnp.sum(g_NF, axis=0) @ w_DF.T)
-    g_w_DF = matmul(centered_ND.T, g_NF, compute_dtype)  # (a bare `matmul`: the backward is not differentiated)
+    g_w_DF = matmul(centered_ND.T, g_NF, compute_dtype)
     return g_x_ND.astype(centered_ND.dtype), g_b_D, g_w_DF.astype(w_DF.dtype)
 
 
