@@ -277,13 +277,21 @@ def close_all(*closers) -> None:
         raise first
 
 
-def fidelity_head(bb, name: str):
+def fidelity_head(bb, bb_params, name: str, prompts=()):
     """`config.fidelity.head`: "auto" (the checkpoint's classifier when it has one, else none),
-    "classifier", or "none" (compare the pooled embedding only)."""
+    "classifier", "zero_shot" (a full CLIP checkpoint: its zero-shot logits over
+    `fidelity.prompts`, one per class, in the labels' order), or "none" (compare the pooled
+    embedding only)."""
     if name == "auto":
         name = "classifier" if bb.n_classes else "none"
+    if name == "zero_shot":
+        if not prompts:
+            raise ValueError("fidelity.head 'zero_shot' needs fidelity.prompts, one text prompt per class")
+        text = backbones.clip_text_embeddings(bb, bb_params, *backbones.clip_tokenize(bb, prompts))
+        return fidelity.zero_shot_head(bb_params["visual_projection"]["kernel"], text,
+                                       float(jnp.exp(bb_params["logit_scale"])))
     if name not in ("classifier", "none"):
-        raise ValueError(f"fidelity.head {name!r}: expected 'auto', 'classifier' or 'none'")
+        raise ValueError(f"fidelity.head {name!r}: expected 'auto', 'classifier', 'zero_shot' or 'none'")
     return fidelity.classifier_head if name == "classifier" else None
 
 
@@ -294,6 +302,7 @@ def finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_s
     source = build_source(config.data, "validation")
     fidelity_config = config.get("fidelity", {})
     fidelity_images = fidelity_config.get("images", min(config.eval_images, 512))
+    head = fidelity_head(bb, bb_params, fidelity_config.get("head", "auto"), fidelity_config.get("prompts", ()))
     members = []
     for layer, layer_states in states.items():
         batches = (acts[layer] for acts in stream.activation_batches(
@@ -305,7 +314,7 @@ def finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_s
         if fidelity_images:
             spliced = fidelity.spliced_fidelity(
                 bb, bb_params, trainer.ae, sweep_params, source,
-                layer=layer, tokens=config.tokens, head=fidelity_head(bb, fidelity_config.get("head", "auto")),
+                layer=layer, tokens=config.tokens, head=head,
                 normalization=norms[layer], batch_size=config.image_batch_size, max_images=fidelity_images)
             for result, extra in zip(results, spliced, strict=True):
                 result.update(extra)

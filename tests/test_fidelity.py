@@ -102,3 +102,51 @@ def test_errors_name_the_problem(setting):
     with pytest.raises(ValueError, match="this backbone has no classification head"):
         fidelity.spliced_fidelity(clip, clip_params, sae.relu(32, 64), sae.relu(32, 64).init(jax.random.key(0)),
                                   data.ArraySource(np.zeros((2, 32, 32, 3), np.uint8)), layer=1)
+
+
+def _clip_with_tokenizer(directory):
+    """The clip_full fixture plus a tiny CLIP tokenizer (ids below its 64-token vocabulary, end
+    of text the highest), with `eos_token_id` 2 as in OpenAI's configs (pool at the highest id)."""
+    import json
+    import shutil
+
+    shutil.copytree(os.path.join(FIXTURES, "clip_full"), directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = 2
+    (directory / "config.json").write_text(json.dumps(config))
+    vocab = {"<|startoftext|>": 0, "<|unk|>": 1, "a</w>": 5, "photo</w>": 9, "of</w>": 12, "cat</w>": 20,
+             "dog</w>": 21, "<|endoftext|>": 63}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\np h\nph o\npho t\nphot o</w>\no f</w>\nc a\nca t</w>\n"
+                                          "d o\ndo g</w>\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"unk_token": "<|unk|>", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+         "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}))
+    return directory
+
+
+def test_zero_shot_head_from_prompts(tmp_path):
+    from experiments.sae_training import fidelity_head
+
+    bb, params = backbones.load(_clip_with_tokenizer(tmp_path / "clip"), cache_dir=False)
+    ids, mask = backbones.clip_tokenize(bb, ["a photo of a cat", "a dog"])
+    np.testing.assert_array_equal(ids, [[0, 5, 9, 12, 5, 20, 63], [0, 5, 21, 63, 63, 63, 63]])
+    np.testing.assert_array_equal(mask, [[1] * 7, [1] * 4 + [0] * 3])
+    head = fidelity_head(bb, params, "zero_shot", ["a photo of a cat", "a dog"])
+    text = backbones.clip_text_embeddings(bb, params, ids, mask)
+    images = np.load(os.path.join(FIXTURES, "clip_full.npz"))["pixel_values"]
+    out = bb.forward(params, images)
+    expected = fidelity.zero_shot_head(params["visual_projection"]["kernel"], text,
+                                       float(jnp.exp(params["logit_scale"])))(out.tokens, out.pooled, out.logits)
+    np.testing.assert_allclose(head(out.tokens, out.pooled, out.logits), expected, rtol=1e-6)
+    ae = sae.relu(bb.d_model, 2 * bb.d_model)
+    (r,) = fidelity.spliced_fidelity(bb, params, ae, ae.init(jax.random.key(0)),
+                                     data.ArraySource(np.random.default_rng(0).integers(0, 256, (4, 40, 40, 3),
+                                                                                        dtype=np.uint8)),
+                                     layer=1, head=head)
+    assert r["targets"] == "clean predictions" and r["kl_spliced"] >= 0 and np.isfinite(r["fidelity"])
+    with pytest.raises(ValueError, match="needs fidelity.prompts"):
+        fidelity_head(bb, params, "zero_shot")
+    plain, plain_params = backbones.load(os.path.join(FIXTURES, "clip_full"), cache_dir=False)
+    with pytest.raises(FileNotFoundError, match="no CLIP tokenizer \\(vocab.json and merges.txt\\) in"):
+        backbones.clip_tokenize(plain, ["a cat"])

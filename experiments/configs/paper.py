@@ -38,7 +38,8 @@ def paper_config(backbone: str, data_image_size: int) -> ml_collections.ConfigDi
     c.keep_checkpoints = 2
     c.eval_images = 10_000
     # Spliced-in fidelity (saejax.fidelity) on this many of the evaluation images; head "auto":
-    # the checkpoint's classifier if it has one, else the pooled embedding only.
+    # the checkpoint's classifier if it has one, else the pooled embedding only; "zero_shot"
+    # with prompts=("a photo of a tench", ...), one per class in label order, for a full CLIP.
     c.fidelity = dict(images=512, head="auto")
     return c
 

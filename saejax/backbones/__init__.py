@@ -21,7 +21,7 @@ from saejax.backbones.loading import KNOWN_MODELS, MODEL_TYPES, default_processi
 from saejax.backbones.model import Backbone, ForwardOutput, LoadInfo, TokenLayout, make_backbone
 from saejax.backbones.preprocess import ImageProcessing
 from saejax.backbones.random import create_random
-from saejax.backbones.text import clip_text_embeddings
+from saejax.backbones.text import clip_text_embeddings, clip_tokenize
 
 __all__ = [
     "FAMILIES",
@@ -34,6 +34,7 @@ __all__ = [
     "LoadInfo",
     "TokenLayout",
     "clip_text_embeddings",
+    "clip_tokenize",
     "create_random",
     "default_processing",
     "find_weights",

@@ -1,12 +1,13 @@
 """CLIP's text tower, for zero-shot heads (`saejax.fidelity.zero_shot_head`).
 
 >>> bb, params = saejax.backbones.load("openai/clip-vit-base-patch16")   # a full CLIPModel checkpoint
+>>> input_ids, attention_mask = clip_tokenize(bb, ["a photo of a cat", "a photo of a dog"])
 >>> text = clip_text_embeddings(bb, params, input_ids, attention_mask)   # [C, P], CLIPModel.get_text_features
 >>> head = saejax.fidelity.zero_shot_head(params["visual_projection"]["kernel"], text,
 ...                                       float(jnp.exp(params["logit_scale"])))
 
-Token ids come from CLIP's tokenizer (`transformers.CLIPTokenizer.from_pretrained(model_dir)`,
-prompts padded to one length); the text transformer is `transformers`' Flax CLIP text module,
+Token ids come from CLIP's tokenizer in the checkpoint's directory (`clip_tokenize`: prompts
+padded to the longest); the text transformer is `transformers`' Flax CLIP text module,
 pooled at each sequence's highest token id (CLIP's end-of-text token) and projected by
 `text_projection`.
 """
@@ -37,3 +38,22 @@ def clip_text_embeddings(bb, params, input_ids, attention_mask=None) -> jax.Arra
     with _hf.quiet():
         out = m.FlaxCLIPTextTransformer(text_config).apply({"params": params["text_model"]}, input_ids, mask, positions)
     return out.pooler_output @ params["text_projection"]["kernel"]
+
+
+def clip_tokenize(bb, prompts) -> tuple[jax.Array, jax.Array]:
+    """`(input_ids, attention_mask)` [C, L] of `prompts` with the CLIP tokenizer saved next to
+    the checkpoint (`vocab.json` + `merges.txt`), padded to the longest prompt.
+
+    Raises:
+        FileNotFoundError: the checkpoint's directory has no tokenizer files (the message names it).
+    """
+    import os  # noqa: PLC0415
+
+    path = getattr(bb.load_info, "path", None)
+    if path is None or not all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
+        raise FileNotFoundError(f"no CLIP tokenizer (vocab.json and merges.txt) in {path!r}; download the checkpoint "
+                                "with its tokenizer files, or tokenize the prompts yourself")
+    with _hf.quiet():
+        tokenizer = _hf.hf().CLIPTokenizer.from_pretrained(path)
+        batch = tokenizer(list(prompts), padding=True, return_tensors="np")
+    return jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(batch["attention_mask"], jnp.int32)
