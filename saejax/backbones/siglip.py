@@ -19,6 +19,7 @@ the attention-pooling head's output (HF `pooler_output`), and `tokens` are
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -137,17 +138,17 @@ def naflex_image_size(cfg, max_num_patches: int | None = None) -> int:
     return math.isqrt(n) * int(cfg.patch_size)
 
 
-def _naflex_processing(cfg, max_num_patches=None):
-    s = naflex_image_size(cfg, max_num_patches)
+def _naflex_processing(cfg):
+    s = naflex_image_size(cfg)
     return ImageProcessing(resize_to=(s, s), resample=BILINEAR, mean=HALF, std=HALF)
 
 
 def _naflex_from_hf(processor, cfg):
-    base = ImageProcessing.from_hf({k: v for k, v in processor.items() if k not in ("size", "max_num_patches")}
-                                   | {"do_resize": False}, square_size=True)
-    size = _naflex_processing(cfg, processor.get("max_num_patches")).resize_to
-    return ImageProcessing(resize_to=size, resample=int(processor.get("resample", BILINEAR)), rescale=base.rescale,
-                           mean=base.mean, std=base.std)
+    """The NaFlex processor's rescaling and normalisation, resizing to the largest square its
+    `max_num_patches` allows."""
+    base = ImageProcessing.from_hf({**processor, "do_resize": False}, square_size=True)
+    s = naflex_image_size(cfg, processor.get("max_num_patches"))
+    return dataclasses.replace(base, resize_to=(s, s), resample=int(processor.get("resample", BILINEAR)))
 
 
 SIGLIP = OwnFamily(
