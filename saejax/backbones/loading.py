@@ -102,9 +102,10 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
             family's standard processor is used. Or an open_clip directory:
             `open_clip_config.json` + `open_clip_model.safetensors` or
             `open_clip_pytorch_model.bin` (read without running pickle code).
-        dtype: Computation dtype of the Flax modules (`dtype=` of HF's Flax modules: matmuls run in
-            it; params are kept float32, and the residual stream may stay float32 where float32
-            params or residuals are added, as in HF Flax).
+        dtype: The matmul dtype: float32, or bfloat16 for bf16 inputs to every dense layer's
+            matmul with float32 accumulation; params, norms, softmax, the residual stream and
+            the captured activations stay float32, as under `torch.autocast` (see
+            `Backbone.dtype`).
         cache_dir: Where converted params are cached (default `$SAEJAX_CACHE` or
             `~/.cache/saejax`); `False` disables the cache.
         image_size: Run at this resolution instead of the processor's: any multiple of the
