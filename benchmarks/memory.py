@@ -43,8 +43,9 @@ float32 values). Splitting the batch (`data`) or the latents (`model`) divides t
 from __future__ import annotations
 
 import os
+import sys
 
-if "jax" not in os.sys.modules:  # 8 fake devices for the sharded layouts (before jax is imported)
+if "jax" not in sys.modules:  # 8 fake devices for the sharded layouts (before jax is imported)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import time  # noqa: E402

@@ -53,7 +53,7 @@ from absl import app, flags, logging
 
 from experiments.configs import shapes_demo
 from experiments.sae_training import train_sae
-from saejax import backbones, concept_metrics, features, interventions, losses, probes, segmentation, train, viz
+from saejax import backbones, concept_metrics, features, interventions, loop, losses, probes, segmentation, train, viz
 from saejax import metrics as sae_metrics
 from saejax.datasets import shapes
 from saejax.datasets.shapes_backbones import default_layer, image_sizes
@@ -332,7 +332,7 @@ def run_demo(workdir: str, quick: bool = False, image_size: int = 64, targets: s
 
 
 def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
-    rows = [json.loads(line) for line in open(os.path.join(sae_dir, "metrics.jsonl")) if '"member": 0' in line]
+    rows = [r for r in loop.read_metrics(sae_dir) if r["member"] == 0]
     curves = "".join(viz.line_chart_svg({key: [(r["step"], r[key]) for r in rows]}, title=key, log_y=key == "loss")
                      for key in ("loss", "l0", "nmse"))
     sae, bb = summary["sae"], summary["backbone"]

@@ -287,9 +287,7 @@ def fidelity_head(bb, bb_params, name: str, prompts=()):
     if name == "zero_shot":
         if not prompts:
             raise ValueError("fidelity.head 'zero_shot' needs fidelity.prompts, one text prompt per class")
-        text = backbones.clip_text_embeddings(bb, bb_params, *backbones.clip_tokenize(bb, prompts))
-        return fidelity.zero_shot_head(bb_params["visual_projection"]["kernel"], text,
-                                       float(jnp.exp(bb_params["logit_scale"])))
+        return fidelity.clip_zero_shot_head(bb, bb_params, prompts)
     if name not in ("classifier", "none"):
         raise ValueError(f"fidelity.head {name!r}: expected 'auto', 'classifier', 'zero_shot' or 'none'")
     return fidelity.classifier_head if name == "classifier" else None

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import activations, data
+from saejax import activations, backbones, data
 from saejax.normalization import Normalization
 from saejax.sae import SAE, SAEParams
 
@@ -72,6 +72,15 @@ def zero_shot_head(projection_DP: jax.Array, text_embeds_CP: jax.Array, logit_sc
         return logit_scale * (image / jnp.linalg.norm(image, axis=-1, keepdims=True)) @ text.T
 
     return head
+
+
+def clip_zero_shot_head(bb, bb_params, prompts) -> Head:
+    """`zero_shot_head` for a full CLIP checkpoint over text prompts (one per class, in the
+    labels' order), tokenized with the checkpoint's own tokenizer."""
+    if not prompts:
+        raise ValueError("a zero-shot head needs text prompts, one per class")
+    text = backbones.clip_text_embeddings(bb, bb_params, *backbones.clip_tokenize(bb, prompts))
+    return zero_shot_head(bb_params["visual_projection"]["kernel"], text, float(jnp.exp(bb_params["logit_scale"])))
 
 
 def _stats(logits, clean_logp, targets):

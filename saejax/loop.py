@@ -408,6 +408,22 @@ def _drop_lines_after(path: str, step: int) -> None:
         os.replace(tmp, path)
 
 
+def read_metrics(directory: str | os.PathLike) -> list[dict[str, Any]]:
+    """The lines of `<directory>/metrics.jsonl` (`MetricsLog`) as dicts; none if there is no
+    file, and a line cut short by a kill is skipped."""
+    path = os.path.join(os.fspath(directory), "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
 class ProgressBar:
     """A metrics hook: a tqdm bar with tokens/s and member 0's L0 and NMSE (process 0 only)."""
 

@@ -21,11 +21,10 @@ import html
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from saejax import viz
+from saejax import loop, viz
 
 # (key in eval.json, column header, format); rows missing a key show "-".
 COLUMNS = (
@@ -63,13 +62,6 @@ def _fidelity_key(members: Sequence[dict]) -> str | None:
     return None
 
 
-def _read_metrics(path: str) -> list[dict[str, Any]]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def write_sweep_report(workdir: str | os.PathLike, *, title: str | None = None) -> str:
     """Writes `<workdir>/report.html` from `eval.json` (and `metrics.jsonl` if present).
 
@@ -85,7 +77,7 @@ def write_sweep_report(workdir: str | os.PathLike, *, title: str | None = None) 
         raise FileNotFoundError(f"no eval.json in {workdir!r}: the report is made from a finished run's evaluation")
     with open(eval_path) as f:
         evaluation = json.load(f)
-    curves = _read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    curves = loop.read_metrics(workdir)
     members = evaluation["members"]
     layers = sorted({m["layer"] for m in members})
     body = [f"<p>{len(members)} SAEs ({len(layers)} layer{'s' if len(layers) > 1 else ''}), "
