@@ -42,17 +42,22 @@ import grain
 import numpy as np
 
 __all__ = [
+    "RESAMPLING",
     "ArraySource",
     "Batch",
     "Example",
     "FileListSource",
     "ImageFolderSource",
+    "Resizing",
     "Source",
     "TfdsSource",
     "UnreadableImageError",
     "batches",
+    "match_mask",
+    "one_pass",
     "patch_mode_labels",
     "permutation",
+    "read_image",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff",
@@ -112,12 +117,19 @@ class Source:
         has_masks: whether examples carry per-pixel masks.
         skip_unreadable: whether `batches` skips unreadable images (else it raises).
         skipped: image id -> error message, for every image skipped so far.
+        resizing: how images are brought to one size (`Resizing`), or None.
     """
 
     classes: tuple[str, ...] | None = None
     has_labels: bool = False
     has_masks: bool = False
     skip_unreadable: bool = False
+    resizing: Resizing | None = None
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(height, width) of every image, or None when images keep their own sizes."""
+        return None if self.resizing is None else self.resizing.size
 
     def __init__(self) -> None:
         self.skipped: dict[int, str] = {}
@@ -217,18 +229,23 @@ class ImageFolderSource(Source):
     Two layouts: `root/<class name>/**/<image>` (labels are indices into the sorted class
     names, `classes`), or a flat `root/<image>` folder (no labels). Files are found by extension
     (`IMAGE_EXTENSIONS`, any case) and sorted, so image id `i` is `paths[i]`; hidden files and
-    folders are ignored. Grayscale, palette, CMYK and RGBA images are converted to RGB (alpha is
-    dropped).
+    folders are ignored. Every pixel format is made RGB by `read_image`'s policy (EXIF
+    orientation applied, alpha dropped, 16-bit grey scaled).
 
     Images of different sizes only batch when `image_size` is given: each image is then resized
-    with PIL at load time, either `resize="crop"` (scale so the image covers `image_size`, keeping
-    its aspect ratio, then take the centre; the default) or `resize="stretch"` (plain resize to
-    `image_size`). Both use bicubic filtering with antialiasing.
+    with PIL at load time (`Resizing`), either `resize="crop"` (the short side to `short_side`,
+    or just enough to cover `image_size`, aspect ratio kept, then the centre; the default) or
+    `resize="stretch"` (plain resize to `image_size`), with PIL's antialiased `resample` filter.
+    Any image size works, 1 x 1 px to tens of thousands a side. `bb.processing.source_resizing()`
+    is a backbone's own geometry: with it, the source and `bb.preprocess` give exactly the pixels
+    of the model's HF image processor.
 
     Args:
         root: the folder.
         image_size: None (keep each image's size), an int (square) or (height, width).
         resize: "crop" or "stretch", see above.
+        short_side: with "crop": the short side after resizing (>= max(image_size)), or None.
+        resample: "bicubic" (default), "bilinear", "lanczos", ... (a key of `RESAMPLING`).
         skip_unreadable: if False (default) an unreadable image raises `UnreadableImageError`
             naming the file; if True `batches` skips it (see `batches`) and records it in
             `skipped` (image id -> error).
@@ -245,11 +262,11 @@ class ImageFolderSource(Source):
     """
 
     def __init__(self, root: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
-                 resize: str = "crop", skip_unreadable: bool = False):
+                 resize: str = "crop", short_side: int | None = None, resample: str = "bicubic",
+                 skip_unreadable: bool = False):
         super().__init__()
         self.root = os.fspath(root)
-        self.image_size = _check_image_size(image_size, resize)
-        self.resize = resize
+        self.resizing = Resizing.of(image_size, resize, short_side, resample)
         self.skip_unreadable = bool(skip_unreadable)
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"image folder {self.root!r} does not exist or is not a folder")
@@ -286,11 +303,10 @@ class ImageFolderSource(Source):
         return self.paths[index]
 
     def _load(self, index: int) -> Example:
-        path = self.paths[index]
-        image = _read_image(path)
-        if self.image_size is not None:
-            image = _resize_pil(image, self.image_size, self.resize, _pil().Image.BICUBIC)
-        return Example(np.asarray(image), None if self.labels is None else int(self.labels[index]), None)
+        image = read_image(self.paths[index])
+        if self.resizing is not None:
+            image = self.resizing.apply(image)
+        return Example(image, None if self.labels is None else int(self.labels[index]), None)
 
 
 class FileListSource(Source):
@@ -301,21 +317,26 @@ class FileListSource(Source):
         paths: image files.
         labels: [N] integer labels, or None.
         mask_paths: a mask image per image (PNG of integer labels; palette and greyscale PNGs
-            are read as their indices / values), or None.
+            are read as their indices / values, a grey mask saved as RGB as its grey), or None.
+        max_label: the largest valid mask value, or None: a mask with a larger one is
+            unreadable (an `UnreadableImageError` naming it), never a label clamped downstream.
         classes: class names, or None.
-        image_size: None (keep sizes), an int or (height, width).
-        resize: "crop" or "stretch" (see `ImageFolderSource`).
-        short_side: with `image_size` and `resize="crop"`: scale the short side to this length,
-            then take the centre `image_size` (the "resize 256, crop 224" of many models).
-            Default: scale so the image just covers `image_size`.
-        skip_unreadable: as in `ImageFolderSource`.
+        image_size, resize, short_side, resample: as in `ImageFolderSource` (e.g. "resize 256,
+            crop 224": `image_size=224, short_side=256`).
+        skip_unreadable: as in `ImageFolderSource`; a mask that cannot be read or does not fit
+            its image counts as unreadable too.
 
-    Masks are resized with the image's geometry and nearest-neighbour sampling.
+    Masks are resized with the image's geometry (`Resizing.plan`) and nearest-neighbour
+    sampling, so mask and image stay aligned pixel for pixel. A mask of the same picture at
+    another resolution (aspect ratio within 2%) is first resized to its image; one of another
+    shape is an error naming both files. When an image carries an EXIF orientation and its mask
+    has the stored image's shape, the mask is turned with it (it was drawn on the stored pixels).
     """
 
     def __init__(self, paths: Sequence[str], *, labels=None, mask_paths: Sequence[str] | None = None,
-                 classes: Sequence[str] | None = None, image_size: int | tuple[int, int] | None = None,
-                 resize: str = "crop", short_side: int | None = None, skip_unreadable: bool = False):
+                 max_label: int | None = None, classes: Sequence[str] | None = None, image_size: int | tuple[int, int] | None = None,
+                 resize: str = "crop", short_side: int | None = None, resample: str = "bicubic",
+                 skip_unreadable: bool = False):
         super().__init__()
         if not paths:
             raise ValueError("paths is empty")
@@ -326,9 +347,9 @@ class FileListSource(Source):
         self.mask_paths = None if mask_paths is None else [os.fspath(p) for p in mask_paths]
         if self.mask_paths is not None and len(self.mask_paths) != len(self.paths):
             raise ValueError(f"{len(self.mask_paths)} mask paths for {len(self.paths)} images")
+        self.max_label = max_label
         self.classes = None if classes is None else tuple(classes)
-        self.image_size = _check_image_size(image_size, resize)
-        self.resize, self.short_side = resize, short_side
+        self.resizing = Resizing.of(image_size, resize, short_side, resample)
         self.skip_unreadable = bool(skip_unreadable)
         self.has_labels, self.has_masks = self.labels is not None, self.mask_paths is not None
 
@@ -339,20 +360,21 @@ class FileListSource(Source):
         return self.paths[index]
 
     def _load(self, index: int) -> Example:
-        pil = _pil().Image
-        image = np.asarray(_read_image(self.paths[index]))
+        image, transpose, stored_shape = _read_oriented(self.paths[index])
         mask = None
         if self.mask_paths is not None:
             mask = _read_mask(self.mask_paths[index])
-            if mask.shape != image.shape[:2]:
-                raise UnreadableImageError(f"mask {self.mask_paths[index]} is {mask.shape}, its image "
-                                           f"{self.paths[index]} is {image.shape[:2]}")
-        if self.image_size is not None:
-            h, w = image.shape[:2]
-            box = _crop_box(w, h, self.image_size, self.resize, self.short_side)
-            image = _resize_array(image, self.image_size, box, pil.BICUBIC)
+            if self.max_label is not None and mask.size and int(mask.max()) > self.max_label:
+                raise UnreadableImageError(f"mask {self.mask_paths[index]}: label {int(mask.max())} is out of "
+                                           f"range 0..{self.max_label}")
+            if transpose is not None and mask.shape == stored_shape:
+                mask = np.asarray(_pil().Image.fromarray(mask.astype(np.int32), "I").transpose(transpose),
+                                  mask.dtype)
+            mask = match_mask(mask, image.shape[:2], f"{self.mask_paths[index]} (mask of {self.paths[index]})")
+        if self.resizing is not None:
+            image = self.resizing.apply(image)
             if mask is not None:
-                mask = _resize_array(mask, self.image_size, box, pil.NEAREST)
+                mask = self.resizing.apply(mask, mask=True)
         return Example(image, None if self.labels is None else int(self.labels[index]), mask)
 
 
@@ -401,9 +423,9 @@ class TfdsSource(Source):
         image_key: feature holding the image ([H, W, C] uint8, C in 1, 3, 4; made RGB).
         label_key: feature holding the label, or None for no labels.
         mask_key: feature holding a per-pixel mask ([H, W] or [H, W, 1]), or None.
-        image_size: None, an int or (height, width); as in `ImageFolderSource`. Masks are
-            resized with the same geometry and nearest-neighbour sampling.
-        resize: "crop" or "stretch", as in `ImageFolderSource`.
+        image_size, resize, short_side, resample: as in `ImageFolderSource`. Masks are resized
+            with the same geometry and nearest-neighbour sampling; a mask at another resolution
+            of its image is brought to the image first (as in `FileListSource`).
         skip_unreadable: as in `ImageFolderSource`.
         download: let tfds download and prepare the dataset when it is missing (most builders
             need TensorFlow to prepare).
@@ -420,12 +442,12 @@ class TfdsSource(Source):
     def __init__(self, name_or_builder, split: str, *, data_dir: str | os.PathLike | None = None,
                  image_key: str = "image", label_key: str | None = "label", mask_key: str | None = None,
                  image_size: int | tuple[int, int] | None = None, resize: str = "crop",
-                 skip_unreadable: bool = False, download: bool = False):
+                 short_side: int | None = None, resample: str = "bicubic", skip_unreadable: bool = False,
+                 download: bool = False):
         super().__init__()
         import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-        self.image_size = _check_image_size(image_size, resize)
-        self.resize = resize
+        self.resizing = Resizing.of(image_size, resize, short_side, resample)
         self.skip_unreadable = bool(skip_unreadable)
         self.split = split
         if isinstance(name_or_builder, str):
@@ -485,17 +507,11 @@ class TfdsSource(Source):
             if mask.ndim != 2:
                 raise ValueError(f"mask {self.mask_key!r} of {self.describe(index)} must be [H, W] or "
                                  f"[H, W, 1], got {mask.shape}")
-        if self.image_size is not None:
-            pil = _pil().Image
-            box = _crop_box(image.shape[1], image.shape[0], self.image_size, self.resize)
-            if mask is not None:  # same relative geometry, even at another resolution
-                sx, sy = mask.shape[1] / image.shape[1], mask.shape[0] / image.shape[0]
-                mbox = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-                mask = _resize_array(mask, self.image_size, mbox, pil.NEAREST)
-            image = _resize_array(image, self.image_size, box, pil.BICUBIC)
-        elif mask is not None and mask.shape != image.shape[:2]:
-            raise ValueError(f"mask {self.mask_key!r} of {self.describe(index)} has shape {mask.shape}, "
-                             f"image {image.shape[:2]}; pass image_size= to resize both")
+            mask = match_mask(mask, image.shape[:2], f"mask {self.mask_key!r} of {self.describe(index)}")
+        if self.resizing is not None:
+            image = self.resizing.apply(image)
+            if mask is not None:
+                mask = self.resizing.apply(mask, mask=True)
         return Example(image, label, mask)
 
 
@@ -516,7 +532,7 @@ def permutation(n: int, *, seed: int, epoch: int) -> np.ndarray:
 def batches(source: Source, batch_size: int, *, seed: int | None = None, start: int = 0,
             shuffle: bool = True, drop_remainder: bool = True, process_index: int = 0,
             process_count: int = 1, epochs: int | None = None, num_threads: int | None = None,
-            prefetch: int = 2) -> Iterator[Batch]:
+            prefetch: int = 2, refill_skipped: bool = True) -> Iterator[Batch]:
     """Iterate over `source` in seeded, resumable, per-process batches.
 
     Every process runs the same stream (see the module docstring): global batch `g` is the next
@@ -530,7 +546,9 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, start: 
     Unreadable images raise `UnreadableImageError`, unless the source was made with
     `skip_unreadable=True`: then the image is recorded in `source.skipped` and its slot is
     filled by the next readable example of the epoch's order (wrapping around), so batches keep
-    their size and stay deterministic; that example then appears twice in the epoch.
+    their size and stay deterministic; that example then appears twice in the epoch. With
+    `refill_skipped=False` (a pass that evaluates every image once) the batch is smaller
+    instead, and may be empty.
 
     Args:
         source: an `ArraySource`, `ImageFolderSource`, `TfdsSource` or other `Source`.
@@ -546,6 +564,8 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, start: 
             `start`); None: never stop.
         num_threads: grain threads decoding images (default: the CPUs this process may use).
         prefetch: batches decoded ahead of the consumer.
+        refill_skipped: whether a skipped image's slot is filled by the next readable one (see
+            above); else the batch goes without it.
 
     Returns:
         An iterator of `Batch`; arguments are checked when `batches` is called.
@@ -581,7 +601,26 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, start: 
                          f"drop_remainder=True no batch can be made")
     return _iterate(source, n, int(batch_size), int(process_index), int(process_count),
                     None if seed is None else int(seed), int(start), shuffle, drop_remainder,
-                    epochs, num_threads, prefetch)
+                    epochs, num_threads, prefetch, bool(refill_skipped))
+
+
+def one_pass(source: Source, batch_size: int, *, limit: int | None = None) -> Iterator[Batch]:
+    """Every image of `source` once, in index order, in batches of `batch_size` (the last one
+    smaller), up to `limit` images: the pass an evaluation makes. With `skip_unreadable`, the
+    unreadable images are left out (and named in `source.skipped`), never replaced."""
+    seen = 0
+    for batch in batches(source, batch_size, shuffle=False, drop_remainder=False, epochs=1, refill_skipped=False):
+        if limit is not None and seen >= limit:
+            return
+        if not len(batch.ids):
+            continue
+        if limit is not None and seen + len(batch.ids) > limit:
+            keep = limit - seen
+            batch = batch._replace(images=batch.images[:keep], ids=batch.ids[:keep],
+                                   labels=None if batch.labels is None else batch.labels[:keep],
+                                   masks=None if batch.masks is None else batch.masks[:keep])
+        seen += len(batch.ids)
+        yield batch
 
 
 def _plan(n: int, global_batch: int, start: int, drop_remainder: bool, epochs: int | None):
@@ -609,10 +648,11 @@ def _process_rows(take: int, global_batch: int, batch_size: int, index: int, cou
     return lo, lo + sizes[index]
 
 
-def _fetch(source: Source, order: np.ndarray, slot: int) -> tuple[int, Example]:
-    """The example in `slot` of an epoch's order, skipping unreadable ones if the source allows."""
+def _fetch(source: Source, order: np.ndarray, slot: int, refill: bool) -> tuple[int, Example | None]:
+    """The example in `slot` of an epoch's order. An unreadable one, if the source skips them,
+    is replaced by the next readable example (`refill`) or by None."""
     n = len(order)
-    for t in range(n):
+    for t in range(n if refill else 1):
         index = int(order[(slot + t) % n])
         if index in source.skipped:
             continue
@@ -622,10 +662,13 @@ def _fetch(source: Source, order: np.ndarray, slot: int) -> tuple[int, Example]:
             if not source.skip_unreadable:
                 raise
             source._record_skip(index, e)  # pylint: disable=protected-access
+    if not refill:
+        return int(order[slot]), None
     raise UnreadableImageError(f"no readable image in {source!r}: all {n} were skipped")
 
 
-def _assemble(source: Source, loaded: list[tuple[int, Example]], position: int) -> Batch:
+def _assemble(source: Source, loaded: list[tuple[int, Example | None]], position: int) -> Batch:
+    loaded = [(i, ex) for i, ex in loaded if ex is not None]
     if not loaded:  # this process's share of a small last batch
         h, w = getattr(source, "image_size", None) or (0, 0)
         return Batch(np.zeros((0, h, w, 3), np.uint8), np.zeros((0,), np.int64),
@@ -671,7 +714,7 @@ class _ProcessSlots:
 
 
 def _iterate(source, n, batch_size, process_index, process_count, seed, start, shuffle,
-             drop_remainder, epochs, num_threads, prefetch) -> Iterator[Batch]:
+             drop_remainder, epochs, num_threads, prefetch, refill_skipped) -> Iterator[Batch]:
     global_batch = batch_size * process_count
 
     @functools.lru_cache(maxsize=4)
@@ -703,7 +746,7 @@ def _iterate(source, n, batch_size, process_index, process_count, seed, start, s
     # grain reads ahead with `num_threads` threads, in order; the batches are cut here by the plan.
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, prefetch * batch_size, 1))
     examples = iter(grain.MapDataset.source(slots)
-                    .map(lambda slot: _fetch(source, order_of(slot[0]), slot[1]))
+                    .map(lambda slot: _fetch(source, order_of(slot[0]), slot[1], refill_skipped))
                     .to_iter_dataset(read))
     for _, lo, hi, after in plan(start):
         yield _assemble(source, [next(examples) for _ in range(hi - lo)], after)
@@ -728,19 +771,6 @@ def _check_index(index, n: int) -> int:
     return index % n
 
 
-def _check_image_size(image_size, resize: str) -> tuple[int, int] | None:
-    if resize not in _RESIZE_MODES:
-        raise ValueError(f"resize must be one of {_RESIZE_MODES}, got {resize!r}")
-    if image_size is None:
-        return None
-    if isinstance(image_size, (int, np.integer)):
-        image_size = (image_size, image_size)
-    image_size = tuple(int(s) for s in image_size)
-    if len(image_size) != 2 or min(image_size) < 1:
-        raise ValueError(f"image_size must be None, a positive int or (height, width), got {image_size}")
-    return image_size
-
-
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -753,39 +783,86 @@ def _find_images(folder: str) -> list[str]:
     return found
 
 
-def _read_image(path: str):
-    """The PIL RGB image at `path`, fully decoded, or `UnreadableImageError` naming it."""
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """The image file at `path` as uint8 RGB [H, W, 3], by one policy for every pixel format.
+
+    - Orientation: the EXIF orientation tag is applied (as `transformers.image_utils.load_image`
+      does and as viewers show the photo; torchvision's `ImageFolder` ignores it).
+    - RGB, L, 1-bit, P, CMYK, YCbCr: PIL's `convert("RGB")`, what the HF image processors
+      (`convert_rgb`) and torchvision's loader do. Adobe CMYK JPEGs are decoded inverted by PIL as
+      they should be; no ICC profile is applied.
+    - LA, RGBA, PA, P with transparency: the alpha channel is dropped, not composited, as HF and
+      torchvision do (the reference's activations come from such pixels).
+    - 16 bits a channel: the high byte. PIL reads 16-bit RGB PNGs so; 16-bit grey (`I;16`, `I`)
+      is scaled the same way here, where HF and torchvision clip it at 255 and turn most such
+      images white.
+    - Animated GIF / WebP / multi-page TIFF: the first frame.
+    - Unreadable: a zero-byte, truncated or corrupt file, 32-bit float pixels (mode F), or a
+      decompression bomb (PIL's limit) raises `UnreadableImageError` naming the file;
+      `skip_unreadable=True` sources skip it and count it.
+
+    Raises:
+        UnreadableImageError: see above.
+    """
+    return _read_oriented(os.fspath(path))[0]
+
+
+def _read_oriented(path: str) -> tuple[np.ndarray, int | None, tuple[int, int]]:
+    """`(uint8 RGB [H, W, 3] upright, the EXIF transpose applied or None, the stored (H, W))`,
+    or `UnreadableImageError` naming the file."""
     pil = _pil()
     try:
         with pil.Image.open(path) as image:
             image.load()
-            return _pil_rgb(image)
+            transpose = _EXIF_TRANSPOSE.get(image.getexif().get(0x0112, 1))  # 0x0112: "Orientation"
+            stored_shape = (image.height, image.width)
+            image = _pil_rgb(image)
+            return np.asarray(image if transpose is None else image.transpose(transpose)), transpose, stored_shape
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... on bad files
         raise UnreadableImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
+# EXIF orientation -> the PIL transpose that shows the photo upright (as PIL.ImageOps.exif_transpose).
+_EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
+
+
 def _read_mask(path: str) -> np.ndarray:
-    """An integer [H, W] label image (palette PNGs give their indices), or `UnreadableImageError`."""
+    """An integer [H, W] label image (palette PNGs give their indices; a grey mask saved as RGB,
+    all three channels equal, gives one of them), or `UnreadableImageError`."""
     pil = _pil()
     try:
         with pil.Image.open(path) as image:
             image.load()
+            if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+                return np.asarray(image).astype(np.int64)
+            if image.mode in ("L", "P", "1"):
+                return np.asarray(image.convert("L") if image.mode == "1" else image)
+            if image.mode == "LA":
+                return np.asarray(image)[..., 0]
             if image.mode in ("RGB", "RGBA"):
-                raise ValueError(f"mode {image.mode}: a mask must be a single-channel (L, P, I) image")
-            return np.asarray(image).astype(np.int64) if image.mode in ("I", "I;16") else np.asarray(image)
+                rgb = np.asarray(image)[..., :3]
+                if (rgb == rgb[..., :1]).all():
+                    return rgb[..., 0].copy()
+            raise ValueError(f"mode {image.mode}: a mask must be a single-channel (L, P, I) image")
     except Exception as e:  # noqa: BLE001
         raise UnreadableImageError(f"cannot read mask {path}: {type(e).__name__}: {e}") from e
 
 
 def _pil_rgb(image):
+    """`image` in RGB by the pixel-format policy of `read_image`."""
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte
-        high = (np.asarray(image, np.uint16) >> 8).astype(np.uint8)
-        return _pil().Image.fromarray(high, "L").convert("RGB")
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey: scale, do not clip
+        wide = np.asarray(image, np.int64)
+        if wide.min() < 0 or wide.max() > 65535:
+            raise ValueError(f"mode {image.mode} with values in [{wide.min()}, {wide.max()}]: not a 16-bit image")
+        grey = (wide >> 8).astype(np.uint8)  # the high byte, as PIL reads 16-bit RGB PNGs
+        return _pil().Image.fromarray(grey, "L").convert("RGB")
+    if image.mode == "F":
+        raise ValueError("mode F (32-bit float pixels) has no agreed mapping to 8-bit RGB")
     if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
+        image = image.convert("RGBA")  # what convert("RGB") does too, without PIL's warning
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LA, RGBA, ...: PIL's conversion, alpha dropped
 
 
 def _rgb(images: np.ndarray, what: str = "images") -> np.ndarray:
@@ -799,34 +876,118 @@ def _rgb(images: np.ndarray, what: str = "images") -> np.ndarray:
     return images[..., :3]
 
 
-def _crop_box(width: int, height: int, size: tuple[int, int], resize: str,
-              short_side: int | None = None) -> tuple[float, float, float, float]:
-    """The region (left, top, right, bottom) of a width x height image that maps onto `size`
-    (with `short_side`: the centre of the image scaled so its short side is `short_side`)."""
-    if resize == "stretch":
-        return (0.0, 0.0, float(width), float(height))
-    target_h, target_w = size
-    scale = max(target_w / width, target_h / height) if short_side is None else short_side / min(width, height)
-    box_w, box_h = target_w / scale, target_h / scale
-    left, top = (width - box_w) / 2, (height - box_h) / 2
-    return (left, top, left + box_w, top + box_h)
+# --------------------------------------------------------------------------------------------
+# Geometry: every image of a source to one size
 
 
-def _resize_pil(image, size: tuple[int, int], resize: str, resample):
-    box = _crop_box(image.width, image.height, size, resize)
-    if image.size == (size[1], size[0]) and box == (0.0, 0.0, float(image.width), float(image.height)):
-        return image
-    return image.resize((size[1], size[0]), resample, box=box)
+RESAMPLING = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+# Past this ratio of resized to output area (an aspect ratio beyond ~16:1), the plan resizes
+# only the region it keeps, so a 1 x 600 image at 518 px never allocates a 518 x 310,800 one.
+_MAX_RESIZED_AREA_RATIO = 16
 
 
-def _resize_array(array: np.ndarray, size: tuple[int, int], box, resample) -> np.ndarray:
-    """Resize an [H, W] or [H, W, 3] array (uint8, or a mask of any integer dtype) with PIL."""
-    if array.shape[:2] == size and box == (0.0, 0.0, float(array.shape[1]), float(array.shape[0])):
-        return array
-    pil = _pil().Image
-    if array.ndim == 2 and array.dtype != np.uint8:  # masks with labels > 255: resize as int32
-        if resample != pil.NEAREST:
-            raise ValueError("only nearest-neighbour resizing for non-uint8 arrays")
-        out = pil.fromarray(array.astype(np.int32), "I").resize((size[1], size[0]), resample, box=box)
-        return np.asarray(out).astype(array.dtype)
-    return np.asarray(pil.fromarray(array).resize((size[1], size[0]), resample, box=box))
+class Resizing(NamedTuple):
+    """How a source brings each image to one size, the way the HF image processors do.
+
+    Attributes:
+        size: (height, width) of every output image.
+        mode: "crop": resize so the image covers `size` (the short side to `short_side`, or
+            just enough), keeping its aspect ratio, then cut out the centre; "stretch": resize
+            to `size`, aspect ratio not kept.
+        short_side: with "crop": the short side's length after resizing (the "resize 256, crop
+            224" of DINOv2); at least `max(size)`. None: just cover `size`.
+        resample: the PIL filter, a key of `RESAMPLING` ("bicubic", "bilinear", ...).
+    """
+
+    size: tuple[int, int]
+    mode: str = "crop"
+    short_side: int | None = None
+    resample: str = "bicubic"
+
+    @classmethod
+    def of(cls, image_size, mode: str = "crop", short_side: int | None = None,
+           resample: str = "bicubic") -> Resizing | None:
+        """Checked `Resizing`, or None when `image_size` is None (images keep their size)."""
+        if mode not in _RESIZE_MODES:
+            raise ValueError(f"resize must be one of {_RESIZE_MODES}, got {mode!r}")
+        if resample not in RESAMPLING:
+            raise ValueError(f"resample must be one of {tuple(RESAMPLING)}, got {resample!r}")
+        if image_size is None:
+            if short_side is not None:
+                raise ValueError("short_side needs image_size")
+            return None
+        if isinstance(image_size, (int, np.integer)):
+            image_size = (image_size, image_size)
+        image_size = tuple(int(s) for s in image_size)
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise ValueError(f"image_size must be None, a positive int or (height, width), got {image_size}")
+        if short_side is not None:
+            if mode != "crop":
+                raise ValueError(f"short_side goes with resize='crop', not {mode!r}")
+            if int(short_side) < max(image_size):
+                raise ValueError(f"short_side={short_side} is shorter than image_size={image_size}: the crop "
+                                 f"would not fit in the resized image")
+            short_side = int(short_side)
+        return cls(image_size, mode, short_side, resample)
+
+    def plan(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """`((resized_width, resized_height), (left, top))`: resize the whole width x height image
+        to the first, then crop `size` at the second, which always lies inside it.
+
+        Integer arithmetic throughout, and the HF processors' rules: the short side becomes
+        `short_side` and the long one `int(short_side * long / short)`; the crop starts at
+        `(resized - size) // 2`.
+        """
+        if width < 1 or height < 1:
+            raise ValueError(f"an image of {width} x {height} px has no pixels")
+        out_h, out_w = self.size
+        if self.mode == "stretch":
+            return (out_w, out_h), (0, 0)
+        if self.short_side is not None:
+            s = self.short_side
+            new_w, new_h = (s, s * height // width) if width <= height else (s * width // height, s)
+        elif out_w * height >= out_h * width:  # width is the binding side
+            new_w, new_h = out_w, max(out_h, out_w * height // width)
+        else:
+            new_w, new_h = max(out_w, out_h * width // height), out_h
+        return (new_w, new_h), ((new_w - out_w) // 2, (new_h - out_h) // 2)
+
+    def apply(self, image: np.ndarray, *, mask: bool = False) -> np.ndarray:
+        """`image` ([H, W] or [H, W, 3] uint8, or an integer [H, W] mask with `mask=True`,
+        resampled nearest-neighbour) at `size`, by `plan`."""
+        height, width = image.shape[:2]
+        (new_w, new_h), (left, top) = self.plan(width, height)
+        out_h, out_w = self.size
+        if (new_w, new_h) == (width, height):
+            return image[top:top + out_h, left:left + out_w]
+        pil = _pil().Image
+        resample = pil.NEAREST if mask else RESAMPLING[self.resample]
+        wide = image.ndim == 2 and image.dtype != np.uint8  # labels > 255: resize as int32
+        picture = pil.fromarray(image.astype(np.int32), "I") if wide else pil.fromarray(image)
+        if new_w * new_h <= _MAX_RESIZED_AREA_RATIO * out_w * out_h:
+            # Resize all, then crop: what the HF processors do, pixel for pixel.
+            picture = picture.resize((new_w, new_h), resample)
+            picture = picture.crop((left, top, left + out_w, top + out_h))
+        else:  # the same region and filter scale, without the huge intermediate image
+            # Products before divisions: the box is exact, hence inside [0, width] x [0, height].
+            box = (left * width / new_w, top * height / new_h,
+                   (left + out_w) * width / new_w, (top + out_h) * height / new_h)
+            picture = picture.resize((out_w, out_h), resample, box=box)
+        out = np.asarray(picture)
+        return out.astype(image.dtype) if wide else out
+
+
+def match_mask(mask: np.ndarray, image_shape: tuple[int, int], what: str) -> np.ndarray:
+    """`mask` at the image's `(height, width)`: as it is, or resized (nearest) when it is the
+    same picture at another resolution (aspect ratios within 2%, as a few CUB masks are).
+
+    Raises:
+        UnreadableImageError: a mask of another shape, naming `what` and both shapes.
+    """
+    if mask.shape == tuple(image_shape):
+        return mask
+    (mh, mw), (ih, iw) = mask.shape, image_shape
+    if mh and mw and abs((mh / mw) / (ih / iw) - 1) <= 0.02:
+        return Resizing.of((ih, iw), "stretch").apply(mask, mask=True)
+    raise UnreadableImageError(f"{what}: the mask is {mh} x {mw} (h x w), its image {ih} x {iw}: not the "
+                               f"same picture")

@@ -99,6 +99,30 @@ class ImageProcessing:
                    resample=int(cfg.get("resample", BILINEAR if square_size else BICUBIC)),
                    crop=crop, rescale=rescale, mean=mean, std=std)
 
+    def source_resizing(self) -> dict[str, Any]:
+        """The keyword arguments (`image_size`, `resize`, `short_side`, `resample`) that make an
+        image source (`saejax.data.ImageFolderSource`, `FileListSource`, `TfdsSource`, the data
+        sets) do this processor's resizing, so that images of any size batch and `__call__` on
+        the source's images gives the HF processor's pixels on the original images exactly.
+
+        A short-side resize with a centre crop yields the resized short side's centre square;
+        `__call__` then crops it (a crop of a centre crop is the same centre crop).
+
+        Raises:
+            ValueError: a processor a source cannot imitate (a crop larger than the resized
+                short side, which HF zero-pads; a crop of odd margin within it; a fixed resize
+                followed by a crop).
+        """
+        resample = {NEAREST: "nearest", LANCZOS: "lanczos", BILINEAR: "bilinear", BICUBIC: "bicubic", BOX: "box",
+                    HAMMING: "hamming"}[self.resample]
+        if self.resize_to is not None and self.crop is None:
+            return {"image_size": self.resize_to, "resize": "stretch", "short_side": None, "resample": resample}
+        short = self.resize_shortest
+        if short is not None and self.crop is not None and all(c <= short and (short - c) % 2 == 0 for c in self.crop):
+            return {"image_size": (short, short), "resize": "crop", "short_side": None, "resample": resample}
+        raise ValueError(f"a source cannot resize as {self}: it needs a fixed resize without a crop, or a short-side "
+                         f"resize at least as long as the crop, with an even margin")
+
     def __call__(self, images) -> np.ndarray:
         """Preprocesses a batch of uint8 RGB images.
 
