@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.paper_builders import build_backbone, build_sae, ensure_tiny_tree, image_batches, run_binary
+from experiments.paper_builders import build_backbone, build_sae, ensure_tiny_tree, run_binary, skipped_report
 from saejax import data, probes, segmentation
 from saejax.datasets import ade20k
 from saejax.probe_edits import Readout, cropped_processing
@@ -36,7 +36,8 @@ def run(config, workdir: str) -> dict:
     ae, sae_params, norm = build_sae(config.sae, bb.d_model)
     root = ensure_tiny_tree(config.data, lambda r: ade20k.write_tiny_tree(r, **config.data.get("tiny_tree", {})))
     size = config.data.image_size
-    train, val = (ade20k.source(root, split, image_size=size, short_side=config.data.short_side)
+    train, val = (ade20k.source(root, split, image_size=size, short_side=config.data.short_side,
+                                skip_unreadable=config.data.get("skip_unreadable", False))
                   for split in ("training", "validation"))
     readout = Readout(bb, bb_params, layer=config.layer, ae=ae, sae_params=sae_params, norm=norm,
                       processing=cropped_processing(bb, size))
@@ -46,7 +47,7 @@ def run(config, workdir: str) -> dict:
         return data.patch_mode_labels(batch.masks, patch, ignore=ade20k.IGNORE).reshape(len(batch.ids), -1)
 
     tokens, labels = [], []
-    for batch in image_batches(train, config.batch_size, config.probe_images):
+    for batch in data.one_pass(train, config.batch_size, limit=config.probe_images):
         tokens.append(np.asarray(readout.encode(batch.images)["tokens"]))
         labels.append(patch_labels(batch))
     x, y = np.concatenate(tokens).reshape(-1, bb.d_model), np.concatenate(labels).reshape(-1)
@@ -60,7 +61,7 @@ def run(config, workdir: str) -> dict:
     # sample of residuals; only the images (uint8) and patch labels are kept for the edits.
     stats = segmentation.PatchLatentStats(ade20k.N_CLASSES, ae.d_sae)
     images, labels, masks, preds, resid = [], [], [], [], []
-    for batch in image_batches(val, config.batch_size, config.eval_images):
+    for batch in data.one_pass(val, config.batch_size, limit=config.eval_images):
         out = readout.encode(batch.images)
         logits = probe.logits(out["tokens"]).reshape(len(batch.ids), *bb.grid, -1)
         preds.append(np.asarray(jnp.argmax(segmentation.upsample_logits(logits, (size, size)), -1)))
@@ -76,7 +77,8 @@ def run(config, workdir: str) -> dict:
     metrics = segmentation.segmentation_metrics(np.concatenate(preds), masks, ade20k.N_CLASSES, ignore=ade20k.IGNORE)
     probe_report = {"miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"],
                     "iou": {val.classes[c]: float(v) for c, v in enumerate(metrics["iou"]) if not np.isnan(v)},
-                    "train_patches": int(keep.sum()), "val_images": n}
+                    "train_patches": int(keep.sum()), "val_images": n,
+                    "skipped_images": skipped_report(training=train, validation=val)}
     json.dump(probe_report, open(os.path.join(workdir, "probe.json"), "w"), indent=2)
     print(f"probe: mIoU {metrics['miou']:.3f}, pixel accuracy {metrics['pixel_accuracy']:.3f} on {n} images", flush=True)
 
@@ -95,7 +97,8 @@ def run(config, workdir: str) -> dict:
         config_latents={int(k): int(v) for k, v in config.get("class_latents", {}).items()},
         value_scale=config.value_scale)
     summary = segmentation.summarize(results)
-    json.dump({"classes": results, "summary": summary, "class_names": {c: val.classes[c] for c in classes}},
+    json.dump({"classes": results, "summary": summary, "class_names": {c: val.classes[c] for c in classes},
+               "skipped_images": probe_report["skipped_images"]},
               open(os.path.join(workdir, "quantitative.json"), "w"), indent=2, default=float)
     with open(os.path.join(workdir, "quantitative.csv"), "w", newline="") as f:
         writer = csv.writer(f)

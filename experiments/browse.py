@@ -22,7 +22,8 @@ def run(config, workdir: str) -> str:
     collected = browser.collect(readout, source, k=config.k, batch_size=config.batch_size, limit=config.images)
     index = browser.write_site(workdir, collected, ae, sae_params, source, title=config.title,
                                max_pages=config.get("max_pages"))
-    print(f"wrote {index} ({collected['images']} images; open it in a browser)", flush=True)
+    skipped = f", {len(source.skipped)} unreadable skipped" if source.skipped else ""
+    print(f"wrote {index} ({collected['images']} images{skipped}; open it in a browser)", flush=True)
     return index
 
 

@@ -24,14 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.paper_builders import build_backbone, build_sae, ensure_tiny_tree, image_batches, run_binary
-from saejax import probe_edits, probes, viz
+from experiments.paper_builders import build_backbone, build_sae, ensure_tiny_tree, run_binary, skipped_report
+from saejax import data, probe_edits, probes, viz
 from saejax.datasets import cub
 
 
 def pooled_features(readout, source, batch_size, limit=None):
     feats, labels = [], []
-    for batch in image_batches(source, batch_size, limit):
+    for batch in data.one_pass(source, batch_size, limit=limit):
         feats.append(np.asarray(readout.encode(batch.images)["pooled"]))
         labels.append(batch.labels)
     return np.concatenate(feats), np.concatenate(labels)
@@ -68,19 +68,21 @@ def run(config, workdir: str) -> dict:
     ae, sae_params, norm = build_sae(config.sae, bb.d_model)
     root = ensure_tiny_tree(config.data, lambda r: cub.write_tiny_tree(r, **config.data.get("tiny_tree", {})))
     size = config.data.image_size
-    train, test = (cub.source(root, split, image_size=size) for split in ("train", "test"))
+    train, test = (cub.source(root, split, image_size=size, skip_unreadable=config.data.get("skip_unreadable", False))
+                   for split in ("train", "test"))
     readout = probe_edits.Readout(bb, bb_params, layer=config.layer, ae=ae, sae_params=sae_params, norm=norm,
                                   processing=probe_edits.cropped_processing(bb, size))
 
     train_x, train_y = pooled_features(readout, train, config.batch_size)
     test_x, test_y = pooled_features(readout, test, config.batch_size)
     probe, probe_report = train_probe(config, train_x, train_y, test_x, test_y, len(train.classes))
+    probe_report["skipped_images"] = skipped_report(train=train, test=test)
     json.dump(probe_report, open(os.path.join(workdir, "probe.json"), "w"), indent=2)
     print(f"probe: test accuracy {probe_report['test_accuracy']:.3f} (lr {probe_report['chosen']['learning_rate']}, "
           f"wd {probe_report['chosen']['weight_decay']})", flush=True)
 
-    stats = probe_edits.latent_stats(readout, (b.images for b in image_batches(test, config.batch_size,
-                                                                              config.stats_images)))
+    stats = probe_edits.latent_stats(readout, (b.images for b in data.one_pass(test, config.batch_size,
+                                                                               limit=config.stats_images)))
     example = test[config.image]
     image = example.image[None]
     mask = probe_edits.patch_token_mask(bb, config.patches)

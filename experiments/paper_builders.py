@@ -14,7 +14,7 @@ from saejax import data, sae
 from saejax.checkpoint import import_saev, load_sae
 from saejax.normalization import Normalization
 
-__all__ = ["build_backbone", "build_sae", "image_batches"]
+__all__ = ["build_backbone", "build_sae"]
 
 
 def build_sae(cfg: ml_collections.ConfigDict, d_model: int):
@@ -48,19 +48,11 @@ def build_sae(cfg: ml_collections.ConfigDict, d_model: int):
     return ae, params, norm
 
 
-def image_batches(source: data.Source, batch_size: int, limit: int | None = None):
-    """The source's batches in index order (the last one smaller), up to `limit` images."""
-    seen = 0
-    for batch in data.batches(source, batch_size, shuffle=False, drop_remainder=False, epochs=1):
-        if limit is not None and seen >= limit:
-            return
-        if limit is not None and seen + len(batch.ids) > limit:
-            keep = limit - seen
-            batch = batch._replace(images=batch.images[:keep], ids=batch.ids[:keep],
-                                   labels=None if batch.labels is None else batch.labels[:keep],
-                                   masks=None if batch.masks is None else batch.masks[:keep])
-        seen += len(batch.ids)
-        yield batch
+def skipped_report(**sources: data.Source) -> dict[str, dict]:
+    """`{name: {"count", "files"}}`: the images each source skipped as unreadable (for the
+    binaries' JSON outputs; `data.skip_unreadable` in their configs)."""
+    return {name: {"count": len(s.skipped), "files": [s.describe(i) + ": " + why for i, why in sorted(s.skipped.items())]}
+            for name, s in sources.items()}
 
 
 def ensure_tiny_tree(cfg, write) -> str:

@@ -7,7 +7,9 @@ designed but never coded: a random-latent F1 distribution and a permutation p-va
 For each model (backbone + SAE + block) and each concept (its positives and the shared
 negatives): every latent's activation summed over an image's patches says "present" when above
 0; F1 per latent; the top 5 latents; the p-value of the best F1 against shuffled labels; the F1
-of random live latents. Writes `DIR/semprobe.json`, `DIR/semprobe.csv` (concepts x models:
+of random live latents. Writes `DIR/semprobe.json` (`{"concepts": {concept: {model: ...}},
+"skipped_images": {"count", "files"}}`; `--config.data.skip_unreadable=True` skips unreadable
+files instead of stopping), `DIR/semprobe.csv` (concepts x models:
 best latent, F1, p-value, random-latent mean and 95th percentile) and
 `DIR/exemplars_<model>_<concept>.png` (the best latent's top images, patches tinted by its
 activation). The logic is `saejax.semprobe`.
@@ -21,24 +23,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.paper_builders import build_backbone, build_sae, ensure_tiny_tree, image_batches, run_binary
-from saejax import probe_edits, semprobe, viz
+from experiments.paper_builders import build_backbone, build_sae, ensure_tiny_tree, run_binary, skipped_report
+from saejax import data, probe_edits, semprobe, viz
 from saejax.datasets import concept_folders
 
 
 def run(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     root = ensure_tiny_tree(config.data, lambda r: concept_folders.write_tiny_tree(r, **config.data.get("tiny_tree", {})))
-    source = concept_folders.source(root, image_size=config.data.image_size)
-    labels = source.labels
+    source = concept_folders.source(root, image_size=config.data.image_size,
+                                    skip_unreadable=config.data.get("skip_unreadable", False))
     table, rows = {}, []
     for m, (name, model) in enumerate(config.models.items()):
         bb, bb_params = build_backbone(model.backbone)
         ae, sae_params, norm = build_sae(model.sae, bb.d_model)
         readout = probe_edits.Readout(bb, bb_params, layer=model.layer, ae=ae, sae_params=sae_params, norm=norm,
                                       processing=probe_edits.cropped_processing(bb, config.data.image_size))
-        sums = np.concatenate([np.asarray(semprobe.image_sums(readout.encode(b.images)["codes"]))
-                               for b in image_batches(source, config.batch_size)])
+        passes = [(b.ids, np.asarray(semprobe.image_sums(readout.encode(b.images)["codes"])))
+                  for b in data.one_pass(source, config.batch_size)]
+        ids = np.concatenate([i for i, _ in passes])  # the readable images; unreadable ones are left out
+        sums, labels = np.concatenate([s for _, s in passes]), source.labels[ids]
         for c, concept in enumerate(source.classes[1:], start=1):
             subset = (labels == c) | (labels == 0)
             result = semprobe.score_concept(jnp.asarray(sums[subset]), jnp.asarray(labels[subset] == c),
@@ -53,12 +57,13 @@ def run(config, workdir: str) -> dict:
             table.setdefault(concept, {})[name] = entry
             rows.append([concept, name, entry["latents"][0], entry["f1"][0], entry["p_value"],
                          entry["random_f1_mean"], entry["random_f1_p95"]])
-            _exemplars(readout, source, np.flatnonzero(subset), entry["latents"][0], config,
+            _exemplars(readout, source, ids[subset], entry["latents"][0], config,
                        os.path.join(workdir, f"exemplars_{name}_{concept}.png"))
             print(f"{concept:>16} {name:>10}: latent {entry['latents'][0]:>6} F1 {entry['f1'][0]:.2f} "
                   f"(p = {entry['p_value']:.3g}; random latents {entry['random_f1_mean']:.2f}, 95th pct "
                   f"{entry['random_f1_p95']:.2f})", flush=True)
-    json.dump(table, open(os.path.join(workdir, "semprobe.json"), "w"), indent=2)
+    json.dump({"concepts": table, "skipped_images": skipped_report(concepts=source)["concepts"]},
+              open(os.path.join(workdir, "semprobe.json"), "w"), indent=2)
     with open(os.path.join(workdir, "semprobe.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["concept", "model", "best_latent", "f1", "p_value", "random_f1_mean", "random_f1_p95"])

@@ -75,7 +75,7 @@ def collect(readout, source: data.Source, *, k: int = 20, batch_size: int = 64, 
     if n_labels is not None:
         state["label_counts"] = jnp.zeros((f, n_labels), jnp.int32)
     images = 0
-    for batch in _batches(source, batch_size, limit):
+    for batch in data.one_pass(source, batch_size, limit=limit):
         codes = readout.encode(batch.images)["codes"]
         labels = jnp.asarray(batch.labels if n_labels is not None else np.zeros(len(batch.ids)), jnp.int32)
         state = reduce(state, codes, jnp.asarray(batch.ids, jnp.int32), labels)
@@ -95,13 +95,13 @@ def collect(readout, source: data.Source, *, k: int = 20, batch_size: int = 64, 
     return out
 
 
-def _batches(source, batch_size, limit):
-    seen = 0
-    for batch in data.batches(source, batch_size, shuffle=False, drop_remainder=False, epochs=1):
-        if limit is not None and seen >= limit:
-            return
-        seen += len(batch.ids)
-        yield batch
+def _skipped_note(source) -> str:
+    """`, N unreadable images skipped` (with their names on hover), or nothing."""
+    skipped = getattr(source, "skipped", {})
+    if not skipped:
+        return ""
+    names = html.escape("\n".join(f"{source.describe(i)}: {why}" for i, why in sorted(skipped.items())), quote=True)
+    return f", <span id='skipped' title=\"{names}\">{len(skipped)} unreadable images skipped</span>"
 
 
 def _percentile_from_hist(hist: np.ndarray, q: float) -> np.ndarray:
@@ -256,7 +256,8 @@ def write_site(directory: str | os.PathLike, collected: dict[str, Any], ae, sae_
         ("id", "latent"), ("frequency", "frequency"), ("mean", "mean"), ("max", "max"), ("p99", "p99"),
         ("label", "top label")))
     body = (f"<h1>{html.escape(title)}</h1>"
-            f"<p>{f} latents, {collected['images']} images, {collected['patches']} patches. "
+            f"<p>{f} latents, {collected['images']} images, {collected['patches']} patches"
+            f"{_skipped_note(source)}. "
             f"<b id='dead'>{dead}</b> dead (never fired), <b id='dense'>{dense}</b> dense (fire on &ge; "
             f"{DENSE_FREQUENCY:g} of patches).</p><div class='charts'>{charts}</div>"
             f"<div class='pager'><button id='prev'>previous</button><span id='page-info'></span>"

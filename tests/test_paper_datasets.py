@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from saejax import data
 from saejax.datasets import ade20k, concept_folders, cub
@@ -25,9 +26,18 @@ def test_patch_mode_labels_drop_the_ignored_label_and_break_ties_low():
 def test_cub_reads_the_official_layout(tmp_path):
     root = cub.write_tiny_tree(tmp_path / "CUB_200_2011", n_classes=3, per_class=4)
     train, test = cub.source(root, "train", image_size=32, masks=True), cub.source(root, "test", image_size=32)
-    assert (len(train), len(test)) == (6, 6) and train.classes == ("001.Bird_0", "002.Bird_1", "003.Bird_2")
-    example = train[0]
-    assert example.image.shape == (32, 32, 3) and example.label == 0 and set(np.unique(example.mask)) == {0, 1}
+    assert (len(train), len(test)) == (6, 6)
+    assert train.classes == ("001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross")
+    assert train.paths[0].endswith("images/001.Black_footed_Albatross/Black_Footed_Albatross_0001_796111.jpg")
+    sizes = {Image.open(p).size for p in train.paths + test.paths}
+    assert len(sizes) >= 8 and any(w < h for w, h in sizes) and any(w > h for w, h in sizes)  # as real CUB
+    for i in range(len(train)):  # grey, progressive, off-by-a-pixel and RGB masks all read, aligned
+        example = train[i]
+        assert example.image.shape == (32, 32, 3) and set(np.unique(example.mask)) == {0, 1}
+        bird = example.image[example.mask == 1].astype(float).mean(0)
+        ground = example.image[example.mask == 0].astype(float).mean(0)
+        assert np.abs(bird - ground).sum() > 60, train.paths[i]
+    assert train[0].label == 0
     assert sorted(int(train[i].label) for i in range(6)) == [0, 0, 1, 1, 2, 2]
     os.remove(os.path.join(root, "train_test_split.txt"))
     with pytest.raises(FileNotFoundError, match="train_test_split.txt: missing"):
@@ -40,12 +50,10 @@ def test_ade20k_crops_image_and_mask_alike(tmp_path):
     assert val.classes[1] == "thing1" and len(val.classes) == ade20k.N_CLASSES
     example = val[0]
     assert example.image.shape == (32, 32, 3) and example.mask.shape == (32, 32)
-    # The crop of the full mask: scale to short side 40 (64 x 80 -> 40 x 50), take the centre 32 x 32.
-    from PIL import Image
-
-    full = np.asarray(Image.open(os.path.join(root, "annotations", "validation", "ADE_val_00000001.png")))
-    want = np.asarray(Image.fromarray(full).resize((32, 32), Image.NEAREST, box=(
-        (80 - 32 * 1.6) / 2, (64 - 32 * 1.6) / 2, (80 + 32 * 1.6) / 2, (64 + 32 * 1.6) / 2)))
+    # As the HF processors do: the short side to 40 (64 x 80 -> 40 x 50), then the centre 32 x 32
+    # at integer offsets ((50 - 32) // 2, (40 - 32) // 2) = (9, 4).
+    full = Image.open(os.path.join(root, "annotations", "validation", "ADE_val_00000001.png"))
+    want = np.asarray(full.resize((50, 40), Image.NEAREST))[4:36, 9:41]
     np.testing.assert_array_equal(example.mask, want)
     os.remove(os.path.join(root, "annotations", "validation", "ADE_val_00000001.png"))
     with pytest.raises(FileNotFoundError, match="1 annotations missing, e.g. .*ADE_val_00000001.png"):

@@ -28,7 +28,7 @@ def get_config(variant: str = ""):
     c.backbone = dict(name="facebook/dinov2-base", dtype="float32")
     c.sae = dict(kind="saev", path="", norm_mean="", norm_scalar=2.0181241035461426)
     c.layer = 10
-    c.data = dict(root="", image_size=224, short_side=256)
+    c.data = dict(root="", image_size=224, short_side=256, skip_unreadable=False)  # True: skip and count unreadable files
     c.batch_size = 64
     c.probe_images = 20_210  # the whole training split
     c.eval_images = 2_000   # the whole validation split
@@ -43,8 +43,8 @@ def get_config(variant: str = ""):
                                                           intermediate_size=64, image_size=32, patch_size=8)))
         c.sae = dict(kind="random", d_sae=128, seed=0)
         c.layer = 1
-        c.data = dict(root="/tmp/saejax-tiny-ade20k", image_size=32, short_side=40,
-                      tiny_tree=dict(n_train=16, n_val=8, size=48))
+        c.data = dict(root="/tmp/saejax-tiny-ade20k-mixed", image_size=32, short_side=40, skip_unreadable=True,
+                      tiny_tree=dict(n_train=16, n_val=8, size=48, unreadable=1))
         c.batch_size = 8
         c.probe_images, c.eval_images = 16, 8
         c.probe = dict(epochs=200, batch_size=256, learning_rate=1e-2, weight_decay=1e-4)

@@ -20,7 +20,7 @@ def get_config(variant: str = ""):
     c.sae = dict(kind="saejax", path="")
     c.layer = 10
     c.data = dict(kind="tfds", name="imagenet2012", train_split="train", validation_split="validation",
-                  data_dir=None, image_size=224, seed=0)
+                  data_dir=None, image_size=224, seed=0, skip_unreadable=False)
     c.split = "validation"
     c.images = 50_000
     c.batch_size = 64
@@ -33,7 +33,7 @@ def get_config(variant: str = ""):
                                                           intermediate_size=64, image_size=40, patch_size=8)))
         c.sae = dict(kind="random", d_sae=128, seed=0)
         c.layer = 1
-        c.data = dict(kind="shapes", validation_images=96, seed=0, image_size=40)
+        c.data = dict(kind="shapes", validation_images=96, seed=0, image_size=40, skip_unreadable=False)
         c.images, c.batch_size, c.k = 96, 32, 8
     elif variant:
         raise ValueError(f"unknown variant {variant!r}; expected '' or 'small'")

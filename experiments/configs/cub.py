@@ -13,8 +13,9 @@ Expected, from the paper (not run here: no GPU, no CUB): test image 680 with pat
 "Clark Nutcracker" 15% -> 32%. Set `--config.image=680 --config.latents="(20356,)"
 --config.slider=-11` to reproduce it; image ids here index the test split in `images.txt` order.
 
-`:small`: a tiny random CLIP, a random SAE and a tiny synthetic tree in the official layout,
-well under a minute on 2 CPU cores.
+`:small`: a tiny random CLIP, a random SAE and a tiny synthetic tree in the official layout
+(images of mixed sizes and formats, one of them truncated and skipped), well under a minute on
+2 CPU cores. `probe.json` counts the skipped files (`skipped_images`).
 """
 
 import ml_collections
@@ -26,7 +27,7 @@ def get_config(variant: str = ""):
     c.backbone = dict(name="openai/clip-vit-base-patch16", dtype="float32")
     c.sae = dict(kind="saev", path="", norm_scalar=0.0)
     c.layer = 10
-    c.data = dict(root="", image_size=224)
+    c.data = dict(root="", image_size=224, skip_unreadable=False)  # True: skip and count unreadable files
     c.batch_size = 64
     c.probe = dict(epochs=20, batch_size=512, learning_rates=(3e-4, 1e-3, 3e-3), weight_decays=(0.01, 0.1))
     c.stats_images = 5_794  # the whole test split: latent frequencies and maxima
@@ -43,7 +44,8 @@ def get_config(variant: str = ""):
                                                           intermediate_size=64, image_size=32, patch_size=8)))
         c.sae = dict(kind="random", d_sae=128, seed=0)
         c.layer = 1
-        c.data = dict(root="/tmp/saejax-tiny-cub", image_size=32, tiny_tree=dict(n_classes=4, per_class=6, size=48))
+        c.data = dict(root="/tmp/saejax-tiny-cub-mixed", image_size=32, skip_unreadable=True,
+                      tiny_tree=dict(n_classes=4, per_class=6, size=48, unreadable=1))
         c.batch_size = 12
         c.probe = dict(epochs=400, batch_size=64, learning_rates=(0.1, 0.3), weight_decays=(1e-4,))
         c.stats_images = 12

@@ -33,7 +33,7 @@ def _random_model(family):
 def get_config(variant: str = ""):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.data = dict(root="", image_size=224)
+    c.data = dict(root="", image_size=224, skip_unreadable=False)  # True: skip and count unreadable files
     c.models = {"clip": dict(layer=10, sae=dict(kind="saev", path="", norm_scalar=0.0),
                              backbone=dict(name="openai/clip-vit-base-patch16", dtype="float32")),
                 "dinov2": dict(layer=10, sae=dict(kind="saev", path="", norm_mean="", norm_scalar=2.0181241035461426),
@@ -44,7 +44,8 @@ def get_config(variant: str = ""):
     c.n_random = 1000
     c.exemplars = 8
     if variant == "small":
-        c.data = dict(root="/tmp/saejax-tiny-concepts", image_size=32, tiny_tree=dict(per_concept=8, negatives=8))
+        c.data = dict(root="/tmp/saejax-tiny-concepts-mixed", image_size=32, skip_unreadable=True,
+                      tiny_tree=dict(per_concept=8, negatives=9, unreadable=1))
         c.models = {"clip": _random_model("clip"), "dinov2": _random_model("dinov2")}
         c.n_permutations, c.n_random = 200, 100
     elif variant:

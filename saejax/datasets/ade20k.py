@@ -23,9 +23,19 @@ N_CLASSES = 151  # 0 = "other" (ignored in the metrics) + 150 classes
 IGNORE = 0
 
 
-def source(root: str | os.PathLike, split: str, *, image_size=224, short_side=256,
+def source(root: str | os.PathLike, split: str, *, image_size=224, short_side=256, resample="bicubic",
            skip_unreadable: bool = False) -> data.FileListSource:
     """The `split` ("training" or "validation") with its per-pixel masks.
+
+    `image_size`, `short_side`, `resample`: as in `saejax.data.FileListSource`; image and mask
+    are resized and cropped alike. `skip_unreadable`: skip and count (`source.skipped`) images
+    or annotations that cannot be read, or whose labels are out of range.
+
+    The data set's quirks, handled here: images run from about 100 px to over 2,000 px a side,
+    in every aspect ratio; a few are greyscale or CMYK JPEGs (made RGB, `saejax.data.read_image`);
+    annotations are 8-bit PNGs whose values are the labels 0..150 (0 = "other"). A value above
+    150 (e.g. a mask saved with 255 for "ignore") is an `UnreadableImageError` naming the file,
+    never a label silently clamped by a probe.
 
     Raises:
         FileNotFoundError: missing folders, or an image without its annotation (named).
@@ -46,8 +56,8 @@ def source(root: str | os.PathLike, split: str, *, image_size=224, short_side=25
     if missing:
         raise FileNotFoundError(f"{len(missing)} annotations missing, e.g. {missing[0]}")
     return data.FileListSource([os.path.join(image_dir, n + ".jpg") for n in names], mask_paths=masks,
-                               classes=_class_names(root), image_size=image_size, short_side=short_side,
-                               skip_unreadable=skip_unreadable)
+                               max_label=N_CLASSES - 1, classes=_class_names(root), image_size=image_size,
+                               short_side=short_side, resample=resample, skip_unreadable=skip_unreadable)
 
 
 def _class_names(root: str) -> tuple[str, ...]:
@@ -63,11 +73,18 @@ def _class_names(root: str) -> tuple[str, ...]:
 
 
 def write_tiny_tree(root: str | os.PathLike, *, n_train: int = 12, n_val: int = 6, size: int = 64,
-                    classes: tuple[int, ...] = (1, 2, 3), seed: int = 0) -> str:
+                    classes: tuple[int, ...] = (1, 2, 3), unreadable: int = 0, seed: int = 0) -> str:
     """A tiny ADEChallengeData2016 tree (for tests and `:small` configs): each image is split
     into regions of a few classes, each class with its own colour and texture, some pixels
-    left 0 ("other"). Returns `root`."""
+    left 0 ("other").
+
+    As in ADE20K: the first image of each split is `size` x `size + 16` (h x w), the others of
+    mixed sizes and aspect ratios (`real_files.photo_size`); the second of each split is a CMYK
+    JPEG, the third training image a grey one. `unreadable` training images are truncated JPEGs (the last
+    ones). Returns `root`."""
     from PIL import Image
+
+    from saejax.datasets import real_files
 
     root = os.fspath(root)
     rng = np.random.default_rng(seed)
@@ -76,18 +93,23 @@ def write_tiny_tree(root: str | os.PathLike, *, n_train: int = 12, n_val: int = 
         os.makedirs(os.path.join(root, "images", split), exist_ok=True)
         os.makedirs(os.path.join(root, "annotations", split), exist_ok=True)
         for i in range(n):
-            mask = np.zeros((size, size + 16), np.uint8)  # wider than tall: the crop matters
-            cuts = sorted(rng.integers(8, size + 8, len(classes) - 1).tolist())
-            edges = [0, *cuts, size + 16]
+            w, h = (size + 16, size) if i == 0 else real_files.photo_size(rng, size)
+            mask = np.zeros((h, w), np.uint8)
+            cuts = sorted(rng.integers(w // 8, w - w // 8, len(classes) - 1).tolist())
+            edges = [0, *cuts, w]
             for c, lo, hi in zip(rng.permutation(list(classes)), edges[:-1], edges[1:]):
                 mask[:, lo:hi] = c
-            mask[: size // 8] = 0  # a strip of "other"
+            mask[: h // 8] = 0  # a strip of "other"
             image = rng.integers(0, 40, mask.shape + (3,)).astype(np.int64)
             for c, colour in colours.items():
                 image[mask == c] += colour
+            image = np.clip(image, 0, 255).astype(np.uint8)
             name = f"ADE_{'train' if split == 'training' else 'val'}_{i + 1:08d}"
-            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
-                os.path.join(root, "images", split, name + ".jpg"), quality=95)
+            path = os.path.join(root, "images", split, name + ".jpg")
+            if split == "training" and i >= n - unreadable:
+                real_files.save_truncated(path, image)
+            else:
+                real_files.save_photo(path, image, {1: "cmyk", 2: "grey" if split == "training" else "rgb"}.get(i, "rgb"))
             Image.fromarray(mask).save(os.path.join(root, "annotations", split, name + ".png"))
     with open(os.path.join(root, "objectInfo150.txt"), "w") as f:
         f.write("Idx\tRatio\tTrain\tVal\tName\n")
