@@ -63,8 +63,8 @@ def compute_dtype(name: str | None):
 
 def build_backbone(cfg: ml_collections.ConfigDict):
     """`(bb, params)`: a hub id or local directory (`name`, run at `image_size` px when given, see
-    `saejax.backbones.load`), or a tiny random one (`random`)."""
-    if cfg.get("random"):
+    `saejax.backbones.load`), or else a tiny random one (`random`), as the `:small` configs have."""
+    if cfg.get("random") and not cfg.get("name"):
         path = backbones.create_random(cfg.random.family, cfg.random.directory, seed=cfg.random.seed,
                                        **cfg.random.sizes)
         return backbones.load(path, cache_dir=False)

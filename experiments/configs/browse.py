@@ -33,7 +33,8 @@ def get_config(variant: str = ""):
                                                           intermediate_size=64, image_size=40, patch_size=8)))
         c.sae = dict(kind="random", d_sae=128, seed=0)
         c.layer = 1
-        c.data = dict(kind="shapes", validation_images=96, seed=0, image_size=40, skip_unreadable=False)
+        c.data = dict(kind="shapes", validation_images=96, seed=0, image_size=40, skip_unreadable=False,
+                      validation_dir="")  # --config.data.kind=folder --config.data.validation_dir=DIR: your images
         c.images, c.batch_size, c.k = 96, 32, 8
     elif variant:
         raise ValueError(f"unknown variant {variant!r}; expected '' or 'small'")

@@ -53,7 +53,7 @@ def small_config(family: str, image_size: int, patch_size: int) -> ml_collection
                                                       patch_size=patch_size)))
     c.layers = (1,)  # second to last of 3 blocks
     c.data = dict(kind="random", train_images=512, validation_images=64, image_size=image_size, seed=0,
-                  skip_unreadable=False)
+                  skip_unreadable=False, train_dir="", validation_dir="")  # kind=folder reads the *_dir folders
     c.image_batch_size = 16
     c.buffer_tokens = 2048
     c.shuffle_groups = 8  # the same stream on 1, 2, 4 or 8 data devices
