@@ -81,7 +81,7 @@ from absl import app, flags
 
 import saejax.backbones
 from benchmarks import peak
-from saejax.activations import make_harvest
+from saejax.data.activations import make_harvest
 
 MODELS = {
     "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,

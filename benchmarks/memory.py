@@ -56,7 +56,7 @@ from absl import app, flags  # noqa: E402
 
 from saejax import sae as sae_lib  # noqa: E402
 from saejax import sharding, train  # noqa: E402
-from saejax.losses import Objective  # noqa: E402
+from saejax.core.losses import Objective  # noqa: E402
 
 GIB = 1024**3
 DEVICES = {"16 GiB": 16 * GIB * 0.9, "80 GiB": 80 * GIB * 0.9}

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import activations, backbones, data, loop, sae, sharding, stream, train
-from saejax.losses import Objective
+from saejax.core.losses import Objective
 
 
 PHOTO_SIZES = {  # the (width, height)s that each row's files cycle through

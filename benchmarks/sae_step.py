@@ -68,7 +68,7 @@ from absl import app, flags, logging
 from benchmarks import peak
 from saejax import sae as sae_lib
 from saejax import train
-from saejax.losses import Objective
+from saejax.core.losses import Objective
 
 _D = flags.DEFINE_integer("d_model", 768, "D, the activation width.")
 _F = flags.DEFINE_integer("d_sae", 12288, "F, the number of latents.")

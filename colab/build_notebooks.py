@@ -31,7 +31,7 @@ def quickstart():
         new_code_cell(INSTALL), new_code_cell(SMALL),
         new_code_cell('''from saejax import backbones, data, loop, sae, stream, train
 from saejax.datasets import shapes
-from saejax.losses import Objective
+from saejax.core.losses import Objective
 
 if SMALL:
     path = backbones.create_random("clip", "/tmp/saejax-nb-clip", hidden_size=32, num_hidden_layers=3,

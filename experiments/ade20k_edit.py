@@ -27,7 +27,7 @@ import numpy as np
 from experiments.paper_builders import build_backbone, build_sae, ensure_tiny_tree, run_binary, skipped_report
 from saejax import data, probes, segmentation
 from saejax.datasets import ade20k
-from saejax.probe_edits import Readout, cropped_processing
+from saejax.analysis.probe_edits import Readout, cropped_processing
 
 
 def run(config, workdir: str) -> dict:

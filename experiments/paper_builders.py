@@ -12,7 +12,7 @@ import numpy as np
 from experiments.sae_training import build_backbone
 from saejax import data, sae
 from saejax.checkpoint import import_saev, load_sae
-from saejax.normalization import Normalization
+from saejax.core.normalization import Normalization
 
 __all__ = ["build_backbone", "build_sae"]
 

@@ -21,8 +21,8 @@ import numpy as np
 from saejax import activations, backbones, data, fidelity, loop, report, sae, sharding, stream, train
 from saejax.checkpoint import CheckpointError, TrainCheckpointer, save_sae
 from saejax.checkpoint.workdir import WorkdirLock, check_resume, config_changes
-from saejax.losses import Objective
-from saejax.normalization import Normalization
+from saejax.core.losses import Objective
+from saejax.core.normalization import Normalization
 
 
 def build_source(cfg: ml_collections.ConfigDict, split: str) -> data.Source:

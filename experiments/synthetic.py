@@ -21,7 +21,7 @@ from experiments.sae_training import build_mesh, build_trainer
 from saejax import loop, sae, train
 from saejax.checkpoint import TrainCheckpointer, save_sae
 from saejax.datasets import synthetic
-from saejax.normalization import estimate_normalization
+from saejax.core.normalization import estimate_normalization
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "synthetic.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the trained SAEs.", required=True)

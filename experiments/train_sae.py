@@ -73,7 +73,7 @@ def main(argv):
         raise app.UsageError("--config and --workdir are required")
     initialize_distributed()
     from experiments.sae_training import train_sae
-    from saejax.loop import Preempted
+    from saejax.run.loop import Preempted
 
     try:
         train_sae(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)

@@ -1,15 +1,28 @@
 """saejax: sparse autoencoders for vision transformers in JAX.
 
-Modules: `sae` (architectures), `losses`, `optim` (optax pieces), `train` (state + step),
-`resample` (dead latents), `normalization`, `metrics`, `fidelity` (spliced-in fidelity),
-`report` (a sweep's page), `checkpoint`, `backbones` (Flax ViTs),
-`data` (host-side images), `activations` (sharded harvest + shuffle buffer), `stream`
-(activation streams), `loop` (fit, evaluate), `interventions`, `sharding` (mesh + logical
-axes), `features`, `probes`, `viz`, `datasets` (synthetic and shapes worlds, and the shapes
-world's ViT in `datasets.shapes_vit`).
+The layers, each importing only those below it:
+
+- `saejax.core`: the SAE (`sae`, `losses`, `optim`, `train`, `resample`, `normalization`,
+  `metrics`), pure JAX; `saejax.sharding` (mesh + logical axes) beside it.
+- `saejax.backbones` (Flax ViTs), `saejax.checkpoint` (orbax, portable files, saev / SAELens).
+- `saejax.data`: image sources and batches, the sharded harvest (`activations`), activation
+  streams (`stream`), saev's shards (`shards`).
+- `saejax.run`: the training loop and evaluation (`loop`).
+- `saejax.analysis`: `interventions`, `fidelity`, `features`, `concept_metrics`, `probes`,
+  `semprobe`, `probe_edits`, `segmentation`.
+- `saejax.pages`: `viz`, `report`, `browser`.
+- `saejax.datasets`: synthetic and shapes worlds, CUB, ADE20K and concept folders.
+
+Each module is also reachable by its short name, `saejax.sae`, `saejax.train`, `saejax.loop`,
+`saejax.interventions`, ... (`from saejax import sae, train`).
 """
 
-from saejax import (activations, backbones, checkpoint, data, features, fidelity, interventions, loop, losses,
-                    metrics, normalization, optim, probes, report, resample, sae, sharding, stream, train, viz)
+from saejax import backbones, checkpoint, data, sharding
+from saejax.analysis import (concept_metrics, features, fidelity, interventions, probe_edits, probes, segmentation,
+                             semprobe)
+from saejax.core import losses, metrics, normalization, optim, resample, sae, train
+from saejax.data import activations, shards, stream
+from saejax.pages import browser, report, viz
+from saejax.run import loop
 
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ import numpy as np
 
 from saejax import backbones, sae
 from saejax.checkpoint import CheckpointError, import_saev, load_sae, save_sae
-from saejax.normalization import estimate_normalization
+from saejax.core.normalization import estimate_normalization
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

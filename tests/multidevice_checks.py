@@ -91,7 +91,7 @@ def check_harvest_sharded_equals_unsharded():
 
 def _trainer(architecture):
     from saejax import sae, train
-    from saejax.losses import Objective
+    from saejax.core.losses import Objective
 
     if architecture == "topk":
         ae, objective = sae.topk(16, 128, k=4), Objective(sparsity="none", auxk_coeff=1 / 32, k_aux=8)

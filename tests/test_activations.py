@@ -7,7 +7,7 @@ import pytest
 
 from saejax import activations as acts
 from saejax import backbones, stream
-from saejax.activations import ShuffleBuffer
+from saejax.data.activations import ShuffleBuffer
 
 
 def fill(buf, chunks):

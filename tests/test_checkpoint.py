@@ -10,9 +10,9 @@ import pytest
 
 from saejax import sae, train
 from saejax.checkpoint import CheckpointError, TrainCheckpointer, load_sae, save_sae
-from saejax.losses import Objective
-from saejax.normalization import estimate_normalization
-from saejax.train import Hparams
+from saejax.core.losses import Objective
+from saejax.core.normalization import estimate_normalization
+from saejax.core.train import Hparams
 
 from conftest import sparse_data
 

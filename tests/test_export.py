@@ -9,7 +9,7 @@ import pytest
 from saejax import sae
 from saejax.checkpoint import CheckpointError, import_saev
 from saejax.checkpoint.export import export_saelens, export_saev, import_saelens
-from saejax.normalization import estimate_normalization
+from saejax.core.normalization import estimate_normalization
 
 
 def trained_like(ae, seed=0):

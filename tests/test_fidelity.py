@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from saejax import backbones, data, fidelity, sae
-from saejax.normalization import Normalization
-from saejax.sae import SAEParams
+from saejax.core.normalization import Normalization
+from saejax.core.sae import SAEParams
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "backbones")
 LAYER = 1

@@ -11,8 +11,8 @@ import pytest
 from saejax import sae, train
 from saejax.checkpoint import TrainCheckpointer, load_sae, save_sae
 from saejax.checkpoint.export import export_saelens, import_saelens
-from saejax.losses import Objective
-from saejax.normalization import Normalization
+from saejax.core.losses import Objective
+from saejax.core.normalization import Normalization
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 G = np.load(os.path.join(FIXTURES, "gated_sae.npz"))

@@ -5,7 +5,7 @@ import pytest
 
 from saejax import interventions as iv
 from saejax import sae
-from saejax.normalization import estimate_normalization
+from saejax.core.normalization import estimate_normalization
 
 
 def setup(ae=None):

@@ -8,8 +8,8 @@ import pytest
 
 from saejax import loop, metrics, sae, train
 from saejax.checkpoint import TrainCheckpointer
-from saejax.losses import Objective
-from saejax.normalization import Normalization
+from saejax.core.losses import Objective
+from saejax.core.normalization import Normalization
 
 
 def setup(lr=(1e-3, 3e-3)):

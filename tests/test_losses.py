@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from saejax import losses, sae
-from saejax.losses import Objective
+from saejax.core.losses import Objective
 
 
 def setup(ae, n=24, seed=0):

@@ -11,8 +11,8 @@ import pytest
 
 from saejax import backbones, sae, train
 from saejax.datasets import synthetic
-from saejax.losses import Objective
-from saejax.normalization import estimate_normalization
+from saejax.core.losses import Objective
+from saejax.core.normalization import estimate_normalization
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "backbones")
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import sae
-from saejax.normalization import Normalization, estimate_normalization, fold_normalization
+from saejax.core.normalization import Normalization, estimate_normalization, fold_normalization
 
 
 def test_estimated_statistics_give_mean_norm_sqrt_d():

@@ -18,7 +18,7 @@ from experiments.paper_builders import build_backbone, build_sae
 from saejax import data, probes
 from saejax.checkpoint import save_sae
 from saejax.datasets import ade20k
-from saejax.probe_edits import Readout, cropped_processing
+from saejax.analysis.probe_edits import Readout, cropped_processing
 
 
 def planted_sae(config, root, latent, target_class, path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from saejax import backbones, probe_edits, sae, segmentation, semprobe, viz
-from saejax.probes import LinearProbe
+from saejax.analysis.probes import LinearProbe
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "backbones")
 

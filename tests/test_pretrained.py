@@ -12,7 +12,7 @@ import pytest
 
 from saejax.checkpoint import CheckpointError, load_pretrained, load_sae, save_sae
 from saejax.checkpoint.pretrained_stats import DINOV2_IN1K_MEAN
-from saejax.normalization import Normalization
+from saejax.core.normalization import Normalization
 from test_saev_import import SAE_PT, _random_sae, _write_torch_sae
 
 
@@ -74,7 +74,7 @@ def test_normalization_clip_is_static_and_jits():
 
 def test_a_clipping_normalization_is_not_folded():
     from saejax import sae
-    from saejax.normalization import fold_normalization
+    from saejax.core.normalization import fold_normalization
 
     ae = sae.relu(4, 8)
     with pytest.raises(ValueError, match=r"clips activations to \(-1.0, 1.0\) cannot be folded"):

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 
 from saejax import resample, sae, train
-from saejax.train import Hparams
+from saejax.core.train import Hparams
 
 from conftest import sparse_data
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from saejax import sae
-from saejax.sae import SAEParams
+from saejax.core.sae import SAEParams
 
 
 def random_params(ae, key, bias_scale=0.1):

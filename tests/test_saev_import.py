@@ -19,7 +19,7 @@ import pytest
 
 from saejax.checkpoint import CheckpointError, import_saev
 from saejax.checkpoint.export import _Global, _StorageRef, _TorchPickler  # the writer torch-free exports use
-from saejax.sae import SAEParams
+from saejax.core.sae import SAEParams
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 SAE_PT = FIXTURES / "saev_sae.pt"

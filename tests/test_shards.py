@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from saejax import backbones, data, loop, sae, shards, train
-from saejax.losses import Objective
+from saejax.core.losses import Objective
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "backbones")
 

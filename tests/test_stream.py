@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from saejax import activations, backbones, data, stream
-from saejax.normalization import Normalization
+from saejax.core.normalization import Normalization
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "backbones")
 

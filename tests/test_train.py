@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from saejax import sae, train
-from saejax.losses import Objective
-from saejax.train import Hparams
+from saejax.core.losses import Objective
+from saejax.core.train import Hparams
 
 from conftest import sparse_data
 

@@ -120,7 +120,7 @@ def test_the_sweep_report_in_headless_chromium(uninterrupted, tmp_path):
 
 
 def test_pareto_front_by_hand():
-    from saejax.report import pareto_front
+    from saejax.pages.report import pareto_front
 
     l0 = [10, 20, 30, 20, 5, float("nan")]
     nmse = [0.5, 0.2, 0.1, 0.3, 0.9, 0.0]

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from saejax import sae as sae_module
+from saejax.core import sae as sae_module
 from saejax.checkpoint.errors import CheckpointError
 from saejax.checkpoint.safetensors_header import FLOAT_DTYPES, check_finite, read_header
 from saejax.checkpoint.staging import staged_directory
-from saejax.normalization import Normalization, fold_normalization
-from saejax.sae import SAE, SAEParams
+from saejax.core.normalization import Normalization, fold_normalization
+from saejax.core.sae import SAE, SAEParams
 
 __all__ = ["export_saelens", "export_saev", "import_saelens", "torch_save_bytes"]
 

@@ -23,8 +23,8 @@ import safetensors.numpy
 from saejax.checkpoint.errors import CheckpointError
 from saejax.checkpoint.safetensors_header import FLOAT_DTYPES, check_finite, read_header
 from saejax.checkpoint.staging import staged_directory
-from saejax.normalization import Normalization
-from saejax.sae import SAE, SAEParams
+from saejax.core.normalization import Normalization
+from saejax.core.sae import SAE, SAEParams
 
 FORMAT = "saejax-sae"
 FORMAT_VERSION = 1

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from saejax.checkpoint.errors import CheckpointError
 from saejax.checkpoint.pretrained_stats import DINOV2_IN1K_CLAMP, DINOV2_IN1K_MEAN, DINOV2_IN1K_SCALAR
 from saejax.checkpoint.saev import import_saev
-from saejax.normalization import Normalization
+from saejax.core.normalization import Normalization
 
 __all__ = ["PRETRAINED", "load_pretrained"]
 

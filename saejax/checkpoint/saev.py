@@ -52,8 +52,8 @@ import numpy as np
 
 from saejax.checkpoint.errors import CheckpointError
 from saejax.checkpoint.safetensors_header import check_finite
-from saejax import sae as sae_module
-from saejax.sae import SAE, SAEParams, relu
+from saejax.core import sae as sae_module
+from saejax.core.sae import SAE, SAEParams, relu
 
 FORMAT = "saev-0.1.0"  # the header-less era; files with a schema report "saev-schema-<N>"
 FILENAME = "sae.pt"

@@ -40,7 +40,7 @@ def source(root: str | os.PathLike, *, image_size=224, short_side=None, resample
         raise FileNotFoundError(f"{positives}: no concept folders")
     paths, labels = [], []
     for label, folder in [(0, negatives)] + [(i + 1, os.path.join(positives, c)) for i, c in enumerate(concepts)]:
-        found = data._find_images(folder)  # pylint: disable=protected-access
+        found = data.find_images(folder)
         if not found:
             raise FileNotFoundError(f"{folder}: no images")
         paths += found

@@ -27,12 +27,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from saejax import sharding as shd
-from saejax import train
+from saejax.core import train
 from saejax.checkpoint import TrainCheckpointer
-from saejax import metrics
-from saejax.metrics import FiringStats
-from saejax.normalization import Normalization
-from saejax.sae import SAE
+from saejax.core import metrics
+from saejax.core.metrics import FiringStats
+from saejax.core.normalization import Normalization
+from saejax.core.sae import SAE
 
 __all__ = ["MetricsLog", "NonFiniteLossError", "Preempted", "ProgressBar", "evaluate", "fit"]
 

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from saejax.normalization import Normalization
-from saejax.sae import SAE, SAEParams
+from saejax.core.normalization import Normalization
+from saejax.core.sae import SAE, SAEParams
 
 
 def _masked(z, edited, mask):

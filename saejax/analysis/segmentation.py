@@ -174,7 +174,7 @@ def quantitative_test(predict: Callable, labels_N, stats: PatchLatentStats, resi
         `random_direction`, `config`) its feature (`latent`, `f1`, `threshold`) and the rates
         `all_tokens` and `where_active` (`change_rates`).
     """
-    from saejax import interventions as iv  # noqa: PLC0415 - interventions imports nothing from here
+    from saejax.analysis import interventions as iv  # noqa: PLC0415 - interventions imports nothing from here
 
     labels = np.asarray(labels_N)
     before = np.asarray(predict(None))

@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import data, viz
-from saejax.features import DENSE_FREQUENCY
+from saejax import data
+from saejax.pages import viz
+from saejax.analysis.features import DENSE_FREQUENCY
 
 __all__ = ["collect", "nearest_by_decoder", "write_site"]
 

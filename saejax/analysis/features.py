@@ -21,7 +21,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from saejax.metrics import DENSE_FREQUENCY
+from saejax.core.metrics import DENSE_FREQUENCY
 
 
 @flax.struct.dataclass

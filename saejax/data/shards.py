@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 
 from saejax import data
 from saejax import sharding as shd
-from saejax.normalization import Normalization
+from saejax.core.normalization import Normalization
 
 __all__ = ["PROTOCOL", "ShardStream", "read_metadata", "write_shards"]
 

@@ -40,9 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import activations, backbones, data
-from saejax.normalization import Normalization
-from saejax.sae import SAE, SAEParams
+from saejax import backbones, data
+from saejax.data import activations
+from saejax.core.normalization import Normalization
+from saejax.core.sae import SAE, SAEParams
 
 Head = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]  # (tokens, pooled, logits) -> [B, C]
 ABLATIONS = ("mean_ablated", "zero_ablated")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from saejax.sae import SAE, SAEParams
+from saejax.core.sae import SAE, SAEParams
 
 
 def resample_dead(ae: SAE, optimizer: optax.GradientTransformation, params: SAEParams, opt_state: optax.OptState,

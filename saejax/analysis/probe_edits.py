@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import interventions as iv
-from saejax.features import propose_latents
-from saejax.probes import LinearProbe
+from saejax.analysis import interventions as iv
+from saejax.analysis.features import propose_latents
+from saejax.analysis.probes import LinearProbe
 
 __all__ = ["Readout", "check_choice", "cropped_processing", "latent_stats", "patch_token_mask", "propose_latents",
            "slider_curve"]

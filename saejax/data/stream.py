@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from saejax import activations, data
+from saejax import data
+from saejax.data import activations
 from saejax import sharding as shd
-from saejax.normalization import Normalization, estimate_normalization
+from saejax.core.normalization import Normalization, estimate_normalization
 
 __all__ = ["ActivationStream", "activation_batches", "estimate_layer_normalization"]
 

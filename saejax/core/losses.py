@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from saejax.sae import SAE, Encoding, SAEParams, step_function
+from saejax.core.sae import SAE, Encoding, SAEParams, step_function
 
 SPARSITY_PENALTIES = ("l1", "l1_decoder_norm", "l0", "none")
 

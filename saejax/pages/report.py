@@ -24,7 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from saejax import loop, viz
+from saejax.pages import viz
+from saejax.run import loop
 
 # (key in eval.json, column header, format); rows missing a key show "-".
 COLUMNS = (

@@ -27,10 +27,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from saejax import sharding as shd
-from saejax.losses import Objective
-from saejax.optim import learning_rate_schedule, make_optimizer
-from saejax.resample import resample_dead
-from saejax.sae import SAE, SAEParams
+from saejax.core.losses import Objective
+from saejax.core.optim import learning_rate_schedule, make_optimizer
+from saejax.core.resample import resample_dead
+from saejax.core.sae import SAE, SAEParams
 
 # Counters saturate here instead of overflowing int32 (about 10^9 tokens).
 _COUNTER_LIMIT = 2**30

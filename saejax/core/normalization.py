@@ -13,7 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from saejax.sae import SAEParams
+from saejax.core.sae import SAEParams
 
 
 @flax.struct.dataclass

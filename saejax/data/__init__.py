@@ -1,0 +1,17 @@
+"""Images in, activations out: the host-side sources and their batches (`sources`, `images`,
+`batching`, all re-exported here as `saejax.data.X`), the sharded harvest and device shuffle
+buffer (`activations`), the activation streams that feed training (`stream`), and saev's
+activation shards (`shards`).
+
+>>> source = saejax.data.ImageFolderSource("/data/flowers", image_size=224)
+>>> batch = next(saejax.data.batches(source, 64, seed=0))      # uint8 [64, 224, 224, 3] on the host
+"""
+
+from saejax.data.batching import Batch, batches, one_pass, permutation
+from saejax.data.images import (IMAGE_EXTENSIONS, RESAMPLING, Resizing, UnreadableImageError, find_images,
+                                match_mask, patch_mode_labels, read_image)
+from saejax.data.sources import ArraySource, Example, FileListSource, ImageFolderSource, Source, TfdsSource
+
+__all__ = ["IMAGE_EXTENSIONS", "RESAMPLING", "ArraySource", "Batch", "Example", "FileListSource", "ImageFolderSource",
+           "Resizing", "Source", "TfdsSource", "UnreadableImageError", "batches", "find_images", "match_mask",
+           "one_pass", "patch_mode_labels", "permutation", "read_image"]
