@@ -177,7 +177,7 @@ def concept_scores(train_codes: jax.Array, val_codes: jax.Array, train_present, 
       inputs where the concept is present); `latent` is the pick.
     `summarize` turns the list into the follow-up's table row.
     """
-    from saejax import segmentation  # noqa: PLC0415 - segmentation is the heavier module; keep this one light
+    from saejax.analysis import segmentation  # noqa: PLC0415 - segmentation is the heavier module; keep this one light
 
     scores = []
     for c in range(train_present.shape[1]):
@@ -197,7 +197,7 @@ def probe_ceiling_f1(train_x, train_present, eval_x, eval_present, *, epochs: in
     """[C] F1 of a supervised binary linear probe per concept (columns of `*_present`), trained
     on `train_x` and scored on `eval_x`: how well the activations themselves encode each concept,
     the ceiling for any dictionary's single feature."""
-    from saejax import probes  # noqa: PLC0415 - keep this module light
+    from saejax.analysis import probes  # noqa: PLC0415 - keep this module light
 
     f1 = []
     for c in range(train_present.shape[1]):

@@ -14,6 +14,8 @@ renamed / transposed to the Flax layout with `transformers`' own rule
 under `cache_dir` (default `~/.cache/saejax`, or `$SAEJAX_CACHE`) keyed by a hash of the
 source files' names, sizes and modification times plus `config.json`, so the second load
 skips the conversion.
+
+Long because it is the whole loading path (hub names, configs, weight conversion, the cache); moving the weight readers and the cache into modules of their own is still open.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ dinov3              own family (`saejax.backbones.layers`); the same `Backbone` 
 Hook convention (stated once): hook `i` is the residual stream after transformer block `i`,
 which is HF's `hidden_states[i + 1]` (`hidden_states[0]` is the embedding output; for CLIP it
 is after `pre_layrnorm`).
+
+Long because it holds the Backbone contract and the three `transformers`-Flax families; giving each family a file of its own is still open.
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ loading an untrusted file never runs its code.
 >>> z = ae.encode(params, x)            # [N, D] -> [N, F]
 >>> info["config"]["sparsity_coeff"]
 0.0004
+
+Long because it reads every era of saev's files (0.1.0, schemas 1 to 5) through one restricted unpickler, and the eras share its bounds checks.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ decoder matmuls, forward and backward, and accumulates them in float32
 pre-activations, the code, the reconstruction, the loss, the gradients, Adam and the decoder
 renormalisation. A TopK code's sparse decode and K-sparse encoder gradient are gathers and
 scatter-adds, not matmuls, and stay float32.
+
+Long because it holds every registered architecture with its custom VJPs; each is short, and they share the SAE bundle and its checks.
 """
 
 from __future__ import annotations

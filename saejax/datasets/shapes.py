@@ -45,6 +45,8 @@ Everything is a deterministic function of the seed, and generation is vectorised
 >>> batch.images, batch.labels, batch.masks        # uint8 [64, 40, 40, 3], int64 [64], uint8 [64, 40, 40]
 >>> patch_concepts(batch.masks, 8)                 # bool [64, 5, 5, 9]: the ViT's 5 x 5 patch grid
 >>> train.world.concepts[batch.ids]                # bool [64, 9] image-level labels
+
+Long because the world's generator, its factors and its concept labels are one definition that must stay consistent.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ object as two heads; per patch, one head per factor of `shapes.FACTORS`) or "con
 >>> result.path, result.val_accuracy
 ('/tmp/shapes/vit', 0.9445)
 >>> bb, params = saejax.backbones.load(result.path)
+
+Long because it is one training program (model, task heads, loop, evaluation) for the demo's ViT.
 """
 
 from __future__ import annotations

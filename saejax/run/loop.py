@@ -9,6 +9,8 @@ logs) live here, at the edge; the step itself is `saejax.train`'s pure function.
 `fit` dispatches step t+1 before it reads step t's metrics, so the host never stalls the
 device; a NaN or Inf loss stops it (`NonFiniteLossError`), and SIGTERM or SIGINT saves a
 checkpoint and raises `Preempted`. Checkpoints are written by orbax in the background.
+
+Long because fit, evaluate and the metric hooks share the step's bookkeeping (metrics fetched one step late, stops, checkpoints).
 """
 
 from __future__ import annotations
