@@ -5,8 +5,6 @@ configs use; the format tests write each kind of file a real data set holds and 
 `saejax.data.read_image`'s documented policy says comes out.
 """
 
-import io
-import os
 import struct
 import zlib
 

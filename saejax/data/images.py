@@ -35,13 +35,6 @@ def _pil():
     return PIL
 
 
-def _check_index(index, n: int) -> int:
-    index = int(index)
-    if not -n <= index < n:
-        raise IndexError(f"index {index} out of range for a source of {n} examples")
-    return index % n
-
-
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 

@@ -19,10 +19,17 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from saejax.data.images import (IMAGE_EXTENSIONS, Resizing, UnreadableImageError, _check_index, _is_image, _pil,
+from saejax.data.images import (IMAGE_EXTENSIONS, Resizing, UnreadableImageError, _is_image, _pil,
                                 _read_mask, _read_oriented, _rgb, find_images, match_mask, read_image)
 
 __all__ = ["ArraySource", "Example", "FileListSource", "ImageFolderSource", "Source", "TfdsSource"]
+
+
+def _check_index(index, n: int) -> int:
+    index = int(index)
+    if not -n <= index < n:
+        raise IndexError(f"index {index} out of range for a source of {n} examples")
+    return index % n
 
 
 class Example(NamedTuple):
