@@ -1,28 +1,25 @@
-"""Config -> objects for `experiments.train_sae` and the demo, and the run's workdir glue.
+"""Config -> objects for `experiments.train_sae` and the demo.
 
-Everything that trains lives in the library (`saejax.stream.ActivationStream`,
-`saejax.loop.fit`, `saejax.loop.evaluate`); this module builds those objects from an
-ml_collections config and lays out the workdir (see `experiments.train_sae`).
+The run itself (resume, the normalisation cache, training, evaluation, export, the report) is
+`saejax.run.run_training`; this module turns an ml_collections config into its `RunSpec`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sys
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from saejax import activations, backbones, data, fidelity, loop, report, sae, sharding, stream, train
-from saejax.checkpoint import CheckpointError, TrainCheckpointer, save_sae
-from saejax.checkpoint.workdir import WorkdirLock, check_resume, config_changes
+from saejax import backbones, data, fidelity, sae, sharding, train
 from saejax.core.losses import Objective
-from saejax.core.normalization import Normalization
+from saejax.run.training import RESUMABLE_KEYS, RunSpec, TrainedRun, run_training
+
+__all__ = ["RESUMABLE_KEYS", "TrainedRun", "build_backbone", "build_run", "build_source", "build_trainer",
+           "compute_dtype", "normalization_identity", "train_sae", "validate_config"]
 
 
 def build_source(cfg: ml_collections.ConfigDict, split: str) -> data.Source:
@@ -79,7 +76,7 @@ def build_trainer(config: ml_collections.ConfigDict, d_model: int) -> tuple[trai
     d_sae = s.get("d_sae") or s.expansion * d_model
     kwargs = {"k": s.k} if "k" in sae.ARCHITECTURE_REGISTRY[s.architecture].uses else {}
     kwargs["compute_dtype"] = compute_dtype(s.get("compute_dtype", "float32"))
-    ae = getattr(sae, s.architecture)(d_model, d_sae, **kwargs)
+    ae = sae.create(s.architecture, d_model, d_sae, **kwargs)
     trainer = train.make_trainer(
         ae, objective=Objective(**config.objective), dead_after_tokens=config.dead_after_tokens,
         resample_every=config.resample_every, resample_until=config.get("resample_until"), **config.optimizer)
@@ -91,13 +88,6 @@ def build_mesh(config: ml_collections.ConfigDict):
     return sharding.make_mesh(model=config.get("mesh", {}).get("model", 1))
 
 
-def build_stream(config, bb, bb_params, source, mesh, norms, key, position=None) -> stream.ActivationStream:
-    return stream.ActivationStream(
-        bb, bb_params, source, layers=config.layers, tokens=config.tokens, batch_size=config.batch_size,
-        image_batch_size=config.image_batch_size, buffer_tokens=config.buffer_tokens, normalization=norms,
-        mesh=mesh, key=key, seed=config.data.seed, groups=config.get("shuffle_groups"), position=position)
-
-
 def normalization_identity(config) -> dict[str, Any]:
     """What a run's normalisation statistics depend on besides the layer: the backbone (not
     where a random one is cached) and the token set."""
@@ -105,46 +95,6 @@ def normalization_identity(config) -> dict[str, Any]:
     if backbone.get("random"):
         backbone["random"] = {k: v for k, v in backbone["random"].items() if k != "directory"}
     return json.loads(json.dumps({"backbone": backbone, "tokens": config.tokens}))
-
-
-def load_or_estimate_normalization(config, workdir, bb, bb_params, source, mesh) -> dict[int, Normalization]:
-    """`{layer: Normalization}` saved in the workdir, or estimated from `normalization_samples`
-    activations drawn across the training images (and then saved, keyed to the backbone,
-    layers and token set).
-
-    Raises:
-        ValueError: the saved statistics were made for another backbone, token set or layers.
-    """
-    path = os.path.join(workdir, "normalization.npz")
-    identity = normalization_identity(config)
-    if os.path.exists(path):
-        stored = np.load(path)
-        saved = json.loads(str(stored["identity"])) if "identity" in stored else None
-        missing = [i for i in config.layers if f"mean_{i}" not in stored]
-        if saved != identity or missing:
-            what = (f"layers {missing} are not in it" if saved == identity else
-                    "it was estimated for " + "; ".join(f"{k}: {v!r} -> {n!r}" for k, (v, n) in
-                                                        config_changes(saved or {}, identity).items()))
-            raise ValueError(f"{path} does not fit this run: {what}. Delete it to estimate it again, or use "
-                             f"another workdir")
-        return {i: Normalization(jnp.asarray(stored[f"mean_{i}"]), jnp.asarray(stored[f"scalar_{i}"]))
-                for i in config.layers}
-    batches = stream.activation_batches(bb, bb_params, source, layers=config.layers, tokens=config.tokens,
-                                        image_batch_size=config.image_batch_size, mesh=mesh,
-                                        seed=config.data.seed + 1, epochs=None)
-    norms = stream.estimate_layer_normalization(batches, config.normalization_samples, jax.random.key(config.seed + 1))
-    if jax.process_index() == 0:
-        tmp = path + ".tmp.npz"
-        arrays = {f"{name}_{i}": np.asarray(getattr(n, name)) for i, n in norms.items() for name in ("mean", "scalar")}
-        np.savez(tmp, identity=np.asarray(json.dumps(identity)), **arrays)
-        os.replace(tmp, path)
-    return norms
-
-
-# Keys a resumed run may change without saying so: how long it runs, how it reports, and
-# whether it skips images that cannot be decoded anyway.
-RESUMABLE_KEYS = ("total_tokens", "log_every", "checkpoint_every", "keep_checkpoints", "eval_images",
-                  "data.skip_unreadable", "fidelity")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -169,8 +119,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     layers = config.get("layers")
     if not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
         problems.append(f"layers must be a non-empty tuple of block indices, got {layers!r}")
-    if config.sae.architecture not in sae.ARCHITECTURES:
-        problems.append(f"sae.architecture must be one of {', '.join(sae.ARCHITECTURES)}, got "
+    if config.sae.architecture not in sae.architectures():
+        problems.append(f"sae.architecture must be one of {', '.join(sae.architectures())}, got "
                         f"{config.sae.architecture!r}")
     elif "k" in sae.ARCHITECTURE_REGISTRY[config.sae.architecture].uses:
         positive("sae.k", config.sae.get("k"))
@@ -180,19 +130,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("bad config: " + "; ".join(problems))
 
 
-class TrainedRun(NamedTuple):
-    """What `train_sae` returns: everything needed to use the SAEs without reading the disk."""
-
-    trainer: train.Trainer
-    states: dict[int, train.TrainState]
-    normalization: dict[int, Normalization]
-    evaluation: dict[str, Any]
-    bb: Any
-    bb_params: Any
+def build_run(config: ml_collections.ConfigDict) -> RunSpec:
+    """The `saejax.run.RunSpec` a training config describes (loads the backbone)."""
+    validate_config(config)
+    bb, bb_params = build_backbone(config.backbone)
+    trainer, hparams = build_trainer(config, bb.d_model)
+    fidelity_config = config.get("fidelity", {})
+    return RunSpec(
+        bb, bb_params, build_source(config.data, "train"), build_source(config.data, "validation"), trainer, hparams,
+        layers=tuple(config.layers), total_tokens=config.total_tokens, tokens=config.tokens,
+        batch_size=config.batch_size, image_batch_size=config.image_batch_size, buffer_tokens=config.buffer_tokens,
+        shuffle_groups=config.get("shuffle_groups"), normalization_samples=config.normalization_samples,
+        seed=config.seed, data_seed=config.data.seed, mesh=build_mesh(config), log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.get("keep_checkpoints", 2),
+        on_nonfinite=config.get("on_nonfinite", "stop"), eval_images=config.eval_images,
+        fidelity_images=fidelity_config.get("images", min(config.eval_images, 512)),
+        fidelity_head=fidelity_head(bb, bb_params, fidelity_config.get("head", "auto"),
+                                    fidelity_config.get("prompts", ())),
+        backbone_name=config.backbone.get("name") or "random", provenance=config.to_dict(),
+        normalization_identity=normalization_identity(config))
 
 
 def train_sae(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=()) -> TrainedRun:
-    """Run (or resume) a training run in `workdir`; see `experiments.train_sae`.
+    """Run (or resume) the training run `config` describes in `workdir`; see
+    `experiments.train_sae` and `saejax.run.run_training`.
 
     Raises:
         ValueError: a bad config (before any work starts).
@@ -200,81 +161,7 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, allow_config_c
         ConfigChangedError: resuming with a config that differs in keys other than
             `RESUMABLE_KEYS` and `allow_config_change`.
     """
-    validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock:
-        if getattr(lock, "took_over_from", None):
-            print(f"took over the workdir lock left by PID {lock.took_over_from['pid']} on host "
-                  f"{lock.took_over_from.get('host')} (that process is gone)", flush=True)
-        return _train_sae(config, workdir, RESUMABLE_KEYS + tuple(allow_config_change))
-
-
-def _train_sae(config, workdir, allowed_changes) -> TrainedRun:
-    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_checkpoints", 2))
-    if ckpt.latest_step() is not None:  # refuse a changed config before any work
-        with contextlib.suppress(CheckpointError):  # a broken newest step: checked after the fallback below
-            check_resume(config_changes(ckpt.saved_config(), config.to_dict()), allowed_changes)
-    bb, bb_params = build_backbone(config.backbone)
-    mesh = build_mesh(config)
-    source = build_source(config.data, "train")
-    trainer, hparams = build_trainer(config, bb.d_model)
-    total_steps = config.total_tokens // config.batch_size
-    norms = load_or_estimate_normalization(config, workdir, bb, bb_params, source, mesh)
-
-    init_key, shuffle_key = jax.random.split(jax.random.key(config.seed))
-    # One layer keeps the run's init key (runs made before several layers were possible stay the same).
-    layer_keys = {i: init_key if len(config.layers) == 1 else jax.random.fold_in(init_key, i) for i in config.layers}
-    states = {i: trainer.init_sweep_sharded(layer_keys[i], hparams, mesh) for i in config.layers}
-    step, position, frozen = 0, None, {}
-    if ckpt.latest_step() is not None:
-        run = ckpt.restore({str(i): s for i, s in states.items()})
-        for skipped_step, why in run.skipped:
-            print(f"skipped checkpoint {skipped_step}: {why}", flush=True)
-        check_resume(config_changes(run.config, config.to_dict()), allowed_changes)
-        # The sweep's numbers come from the config (the same, or changed on purpose).
-        states = {i: run.state[str(i)].replace(hparams=jax.tree.map(
-            lambda new, old: jax.device_put(new, old.sharding), hparams, run.state[str(i)].hparams))
-            for i in config.layers}
-        step, position = run.step, run.extra["stream"]
-        frozen = {int(layer): members for layer, members in run.extra.get("frozen", {}).items()}
-        print(f"resuming from step {step} ({ckpt.directory})", flush=True)
-    batches = build_stream(config, bb, bb_params, source, mesh, norms, shuffle_key, position)
-    log = loop.MetricsLog(workdir, start_step=step, extra=lambda: {"skipped_images": len(source.skipped)})
-    bar = loop.ProgressBar(total_steps, batch_size=config.batch_size, start_step=step)
-
-    def record_frozen(_, metrics):
-        frozen.update({layer: np.flatnonzero(m["frozen"]).tolist() for layer, m in metrics.items() if "frozen" in m})
-
-    try:
-        states = loop.fit(trainer, states, batches, steps=total_steps, mesh=mesh, start_step=step,
-                          log_every=config.log_every, hooks=[log, bar, record_frozen], checkpointer=ckpt,
-                          checkpoint_every=config.checkpoint_every, checkpoint_config=config.to_dict(),
-                          on_nonfinite=config.get("on_nonfinite", "stop"), frozen=frozen)
-    finally:
-        close_all(batches.close, bar.close, log.close, ckpt.close)
-    if source.skipped:
-        print(f"skipped {len(source.skipped)} unreadable images: {sorted(source.skipped.values())[:3]}", flush=True)
-    for layer, members in frozen.items():
-        if members:
-            print(f"layer {layer}: sweep member(s) {members} diverged (NaN or Inf loss) and were frozen at their "
-                  f"last finite state", flush=True)
-    evaluation = finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_steps, frozen)
-    return TrainedRun(trainer, states, norms, evaluation, bb, bb_params)
-
-
-def close_all(*closers) -> None:
-    """Call every closer. While an exception propagates, their own errors are dropped (the
-    first error is the one to see); otherwise the first of them is raised."""
-    failing = sys.exc_info()[1] is not None
-    first = None
-    for close in closers:
-        try:
-            close()
-        except Exception as e:  # noqa: BLE001
-            first = first or e
-    if first is not None and not failing:
-        raise first
+    return run_training(build_run(config), workdir, allow_changes=tuple(allow_config_change))
 
 
 def fidelity_head(bb, bb_params, name: str, prompts=()):
@@ -291,51 +178,3 @@ def fidelity_head(bb, bb_params, name: str, prompts=()):
     if name not in ("classifier", "none"):
         raise ValueError(f"fidelity.head {name!r}: expected 'auto', 'classifier', 'zero_shot' or 'none'")
     return fidelity.classifier_head if name == "classifier" else None
-
-
-def finish(config, workdir, bb, bb_params, mesh, trainer, states, norms, total_steps, frozen=None) -> dict[str, Any]:
-    """Evaluation on `eval_images` validation images (reconstruction, firing and dictionary
-    metrics) and on `fidelity.images` of them (spliced-in fidelity, `saejax.fidelity`), and the
-    portable export of every member (`sae/layer_<L>/member_<i>`); writes `eval.json`."""
-    source = build_source(config.data, "validation")
-    fidelity_config = config.get("fidelity", {})
-    fidelity_images = fidelity_config.get("images", min(config.eval_images, 512))
-    head = fidelity_head(bb, bb_params, fidelity_config.get("head", "auto"), fidelity_config.get("prompts", ()))
-    members = []
-    for layer, layer_states in states.items():
-        batches = (acts[layer] for acts in stream.activation_batches(
-            bb, bb_params, source, layers=(layer,), tokens=config.tokens, image_batch_size=config.image_batch_size,
-            mesh=mesh))
-        max_rows = config.eval_images * len(activations.token_indices(bb.layout, config.tokens))
-        results = loop.evaluate(trainer.ae, layer_states, batches, normalization=norms[layer], max_rows=max_rows)
-        sweep_params = jax.device_get(jax.jit(lambda s: s.params, out_shardings=sharding.replicated(mesh))(layer_states))
-        if fidelity_images:
-            spliced = fidelity.spliced_fidelity(
-                bb, bb_params, trainer.ae, sweep_params, source,
-                layer=layer, tokens=config.tokens, head=head,
-                normalization=norms[layer], batch_size=config.image_batch_size, max_images=fidelity_images)
-            for result, extra in zip(results, spliced, strict=True):
-                result.update(extra)
-        for i, result in enumerate(results):
-            summary = {k: v for k, v in result.items() if k not in loop.PER_LATENT_KEYS}
-            info = {"backbone": config.backbone.get("name") or "random", "layer": layer, "tokens": config.tokens,
-                    "steps": total_steps, "batch_size": config.batch_size, "eval": summary}
-            params = jax.tree.map(lambda a: a[i], sweep_params)  # noqa: B023
-            path = os.path.join(workdir, "sae", f"layer_{layer}", f"member_{i}")
-            if jax.process_index() == 0:
-                save_sae(path, trainer.ae, params, normalization=norms[layer], info=info)
-            members.append({"layer": layer, "member": i, "path": path, "frozen": i in (frozen or {}).get(layer, []),
-                            **result})
-    evaluation = {"steps": total_steps, "members": members}
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(evaluation, f)
-        report.write_sweep_report(workdir)
-        for r in members:
-            score = (f", fidelity {r['fidelity']:.3f}" if "fidelity" in r else
-                     f", pooled fidelity {r['fidelity_pooled']:.3f}" if "fidelity_pooled" in r else "")
-            print(f"layer {r['layer']} member {r['member']}: lr {r['learning_rate']:.2g} lambda "
-                  f"{r['sparsity_coeff']:.2g} -> L0 {r['l0']:.1f}, NMSE {r['nmse']:.3f}, explained variance "
-                  f"{r['explained_variance']:.3f}, dead {r['dead_fraction']:.3f}, dense {r['dense_fraction']:.3f}"
-                  f"{score}", flush=True)
-    return evaluation

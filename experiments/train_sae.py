@@ -35,6 +35,10 @@ the same key. A NaN or Inf loss stops the run with an error; the last checkpoint
 before it stays the newest. Any other error first saves a checkpoint of the last completed step.
 A checkpoint that cannot be read (or fails its checksums) is skipped for the previous one.
 
+Your own SAE architecture: register it in a module of yours (`saejax.sae.register`, see
+`saejax.sae.Architecture`) and name both: `--import_modules=my_saes
+--config.sae.architecture=my_architecture`.
+
 Several hosts (a TPU pod slice, several GPU nodes): run the same command on every host.
 `--distributed` calls `jax.distributed.initialize()`, which finds its peers by itself on Cloud
 TPU and under SLURM; elsewhere give `--coordinator_address=HOST:PORT --num_processes=N
@@ -54,6 +58,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _ALLOW_CHANGE = flags.DEFINE_list("allow_config_change", [], "Config keys a resumed run may change (a key allows "
                                    "the keys under it: 'sweep' allows 'sweep.learning_rate').")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+_IMPORT_MODULES = flags.DEFINE_list("import_modules", [], "Python modules to import first, e.g. one that registers "
+                                    "an SAE architecture (`saejax.sae.register`) named in --config.sae.architecture.")
 
 
 def initialize_distributed() -> None:
@@ -72,6 +78,10 @@ def main(argv):
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     initialize_distributed()
+    import importlib
+
+    for module in _IMPORT_MODULES.value:
+        importlib.import_module(module)
     from experiments.sae_training import train_sae
     from saejax.run.loop import Preempted
 

@@ -7,10 +7,12 @@ The layers, each importing only those below it:
 - `saejax.backbones` (Flax ViTs), `saejax.checkpoint` (orbax, portable files, saev / SAELens).
 - `saejax.data`: image sources and batches, the sharded harvest (`activations`), activation
   streams (`stream`), saev's shards (`shards`).
-- `saejax.run`: the training loop and evaluation (`loop`).
 - `saejax.analysis`: `interventions`, `fidelity`, `features`, `concept_metrics`, `probes`,
   `semprobe`, `probe_edits`, `segmentation`.
-- `saejax.pages`: `viz`, `report`, `browser`.
+- `saejax.pages`: `viz`, `browser`.
+- `saejax.run`: a whole training run in a workdir (`run.training`: resume, normalisation
+  cache, training, evaluation, export, report), the loop under it (`loop`), its logs and its
+  report page (`report`).
 - `saejax.datasets`: synthetic and shapes worlds, CUB, ADE20K and concept folders.
 
 Each module is also reachable by its short name, `saejax.sae`, `saejax.train`, `saejax.loop`,
@@ -22,7 +24,7 @@ from saejax.analysis import (concept_metrics, features, fidelity, interventions,
                              semprobe)
 from saejax.core import losses, metrics, normalization, optim, resample, sae, train
 from saejax.data import activations, shards, stream
-from saejax.pages import browser, report, viz
-from saejax.run import loop
+from saejax.pages import browser, viz
+from saejax.run import logs, loop, report
 
 __version__ = "0.1.0"

@@ -120,7 +120,7 @@ def test_the_sweep_report_in_headless_chromium(uninterrupted, tmp_path):
 
 
 def test_pareto_front_by_hand():
-    from saejax.pages.report import pareto_front
+    from saejax.run.report import pareto_front
 
     l0 = [10, 20, 30, 20, 5, float("nan")]
     nmse = [0.5, 0.2, 0.1, 0.3, 0.9, 0.0]
@@ -266,23 +266,27 @@ def test_bad_configs_fail_before_any_work():
 
 
 def test_normalization_statistics_are_keyed_to_backbone_layers_and_tokens(uninterrupted):
-    from experiments.sae_training import load_or_estimate_normalization
+    from experiments.sae_training import normalization_identity
+    from saejax.run.training import cached_normalization
+
+    def never():
+        raise AssertionError("the saved statistics should have been read")
 
     straight, _, _ = uninterrupted
+    path = os.path.join(straight, "normalization.npz")
     config = clip_vit_b16.get_config("small")
-    assert set(load_or_estimate_normalization(config, straight, None, None, None, None)) == {1}
+    assert set(cached_normalization(path, normalization_identity(config), (1,), never)) == {1}
     config.tokens = "all"
     with pytest.raises(ValueError, match=r"normalization.npz does not fit this run: it was estimated for "
                                          r"tokens: 'patches' -> 'all'"):
-        load_or_estimate_normalization(config, straight, None, None, None, None)
+        cached_normalization(path, normalization_identity(config), (1,), never)
     config = clip_vit_b16.get_config("small")
-    config.layers = (0, 1)
     with pytest.raises(ValueError, match=r"layers \[0\] are not in it"):
-        load_or_estimate_normalization(config, straight, None, None, None, None)
+        cached_normalization(path, normalization_identity(config), (0, 1), never)
 
 
 def test_close_all_keeps_the_first_error():
-    from experiments.sae_training import close_all
+    from saejax.run.training import close_all
 
     def full_disk():
         raise OSError(28, "No space left on device")

@@ -468,7 +468,9 @@ class GatedArchitecture(Architecture):
         return jnp.mean((via_gate - x_ND) ** 2)
 
 
-ARCHITECTURES = tuple(ARCHITECTURE_REGISTRY)
+def architectures() -> tuple[str, ...]:
+    """The names of every registered architecture, those registered after import included."""
+    return tuple(ARCHITECTURE_REGISTRY)
 
 
 def _kaiming_uniform(key, shape, fan_in, dtype):
@@ -486,7 +488,7 @@ class SAE:
     `SAEParams`. What differs between architectures lives in their `Architecture` (`arch`).
 
     Attributes:
-        architecture: a name in `ARCHITECTURE_REGISTRY` (`ARCHITECTURES`).
+        architecture: a name in `ARCHITECTURE_REGISTRY` (`architectures()`).
         d_model: D, the width of the activations.
         d_sae: F, the number of latents.
         k: TopK/BatchTopK: latents kept per input (the static maximum; a smaller dynamic k can
@@ -688,6 +690,17 @@ def jumprelu(d_model: int, d_sae: int, *, threshold_init: float = 1e-3, bandwidt
     directly stored threshold and straight-through gradients; pair with the L0 penalty."""
     return SAE("jumprelu", d_model, d_sae, tied_init=tied_init, threshold_init=threshold_init, bandwidth=bandwidth,
                compute_dtype=compute_dtype)
+
+
+def create(architecture: str, d_model: int, d_sae: int, **kwargs) -> SAE:
+    """An SAE of any registered architecture by name: a built-in one through its constructor
+    above (with its defaults, e.g. `tied_init=True` for TopK), one registered elsewhere as
+    `SAE(architecture, d_model, d_sae, **kwargs)`."""
+    constructor = {"relu": relu, "topk": topk, "batchtopk": batchtopk, "gated": gated, "jumprelu": jumprelu}.get(
+        architecture)
+    if constructor is None:
+        return SAE(architecture, d_model, d_sae, **kwargs)
+    return constructor(d_model, d_sae, **kwargs)
 
 
 # ------------------------------------------------------------------------ b_dec initialisers

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from saejax.pages import viz
-from saejax.run import loop
+from saejax.run.logs import read_metrics
 
 # (key in eval.json, column header, format); rows missing a key show "-".
 COLUMNS = (
@@ -78,7 +78,7 @@ def write_sweep_report(workdir: str | os.PathLike, *, title: str | None = None) 
         raise FileNotFoundError(f"no eval.json in {workdir!r}: the report is made from a finished run's evaluation")
     with open(eval_path) as f:
         evaluation = json.load(f)
-    curves = loop.read_metrics(workdir)
+    curves = read_metrics(workdir)
     members = evaluation["members"]
     layers = sorted({m["layer"] for m in members})
     body = [f"<p>{len(members)} SAEs ({len(layers)} layer{'s' if len(layers) > 1 else ''}), "
