@@ -17,7 +17,7 @@ import pytest
 
 import saejax.backbones as backbones
 from backbone_checks import check_edit_equals_running_the_remaining_blocks_by_hand
-from saejax.backbones import loading
+from saejax.backbones import weights
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "backbones")
 CASES = {  # case -> (family, n_classes)
@@ -203,7 +203,7 @@ def test_second_load_uses_the_cache(tmp_path, monkeypatch):
     def no_reads(*a, **k):
         raise AssertionError("the source weights were converted again")
 
-    monkeypatch.setattr(loading, "_read_safetensors", no_reads)
+    monkeypatch.setattr(weights, "read_safetensors", no_reads)
     bb2, p2 = backbones.load(src, cache_dir=tmp_path)
     assert bb2.load_info.from_cache and bb2.load_info.cache_file == info.cache_file
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):

@@ -43,3 +43,53 @@ def test_long_modules_say_why_at_their_top():
     unexplained = [name for name, path in modules() if len(path.read_text().splitlines()) > 450
                    and "Long because" not in (ast.get_docstring(ast.parse(path.read_text())) or "")]
     assert not unexplained, unexplained
+
+
+def resolve(imported: str) -> str | None:
+    """The module file an import names: `saejax.backbones._hf` as itself, a name imported from a
+    module as that module (`saejax.backbones.preprocess.BILINEAR` -> `...preprocess`)."""
+    while imported:
+        parts = imported.split(".")[1:]
+        if (ROOT.joinpath(*parts).with_suffix(".py")).is_file() or (ROOT.joinpath(*parts) / "__init__.py").is_file():
+            return imported
+        imported = imported.rpartition(".")[0]
+    return None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """`{module: modules it imports}`, every import counted (function-level ones too). A
+    module's imports of its own packages' faces (`from saejax.backbones import _hf` in a
+    backbones module reads `_hf`, not the face) are resolved to the submodule they name."""
+    graph = {}
+    for name, path in modules():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("saejax"):
+                targets = [resolve(f"{node.module}.{a.name}") for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [resolve(a.name) for a in node.names if a.name.startswith("saejax.")]
+            else:
+                continue
+            edges |= {t for t in targets if t and t != name and not name.startswith(t + ".")}
+        graph[name] = edges
+    return graph
+
+
+def test_the_import_plan_has_no_circle():
+    graph = import_graph()
+    assert "saejax.backbones.weights" in graph["saejax.backbones.open_clip"]  # the graph sees real imports
+    circles, state = [], {}
+
+    def visit(module, trail):
+        state[module] = "open"
+        for nxt in sorted(graph.get(module, ())):
+            if state.get(nxt) == "open":
+                circles.append(" -> ".join(trail[trail.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, circles

@@ -16,15 +16,18 @@ with its head, or ViTModel); built from saejax's own Flax modules (`layers`, `OW
 "siglip" (SigLIP and fixed-size SigLIP 2), "siglip2" (SigLIP 2 NaFlex) and "dinov3".
 """
 
-from saejax.backbones.families import FAMILIES, OWN_FAMILIES
-from saejax.backbones.loading import KNOWN_MODELS, MODEL_TYPES, default_processing, find_weights, load, resolve
-from saejax.backbones.model import Backbone, ForwardOutput, LoadInfo, TokenLayout, make_backbone
+from saejax.backbones.base import ForwardOutput, LoadInfo, TokenLayout
+from saejax.backbones.families import FAMILIES, HF_FAMILIES, OWN_FAMILIES, make_backbone
+from saejax.backbones.loading import KNOWN_MODELS, MODEL_TYPES, default_processing, load, resolve
+from saejax.backbones.model import Backbone
 from saejax.backbones.preprocess import ImageProcessing
 from saejax.backbones.random import create_random
+from saejax.backbones.weights import find_weights
 from saejax.backbones.text import clip_text_embeddings, clip_tokenize
 
 __all__ = [
     "FAMILIES",
+    "HF_FAMILIES",
     "KNOWN_MODELS",
     "MODEL_TYPES",
     "OWN_FAMILIES",

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from saejax.backbones.layers import Block, OwnFamily, OwnModel, rope_2d
-from saejax.backbones.model import TokenLayout
+from saejax.backbones.base import TokenLayout
 from saejax.backbones.preprocess import BILINEAR, IMAGENET_MEAN, IMAGENET_STD, ImageProcessing
 
 RENAMES = (

@@ -15,15 +15,13 @@ under `cache_dir` (default `~/.cache/saejax`, or `$SAEJAX_CACHE`) keyed by a has
 source files' names, sizes and modification times plus `config.json`, so the second load
 skips the conversion.
 
-Long because it is the whole loading path (hub names, configs, weight conversion, the cache); moving the weight readers and the cache into modules of their own is still open.
+Long because it is the whole loading path (hub names, configs, the heads, weight conversion and its checks); the readers are in `weights`, the cache in `cache`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import re
@@ -34,12 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from saejax.backbones import _hf, open_clip
+from saejax.backbones import _hf, cache, open_clip, weights
 from saejax.checkpoint.errors import CheckpointError
-from saejax.checkpoint.safetensors_header import check_finite, read_header
-from saejax.backbones.families import FAMILIES, OWN_FAMILIES
+from saejax.checkpoint.safetensors_header import check_finite
+from saejax.backbones.families import FAMILIES, HF_FAMILIES, OWN_FAMILIES, make_backbone
 from saejax.backbones.layers import convert_torch
-from saejax.backbones.model import Backbone, LoadInfo, make_backbone
+from saejax.backbones.base import LoadInfo
+from saejax.backbones.model import Backbone
 from saejax.backbones.preprocess import (
     BICUBIC,
     BILINEAR,
@@ -84,11 +83,7 @@ MODEL_TYPES = {
     "vit": "vit",
     **{model_type: family.name for family in OWN_FAMILIES.values() for model_type in family.model_types},
 }
-ROOTS = {"clip": "vision_model", "dinov2": "dinov2", "dinov2_registers": "dinov2_with_registers", "vit": "vit"}
 
-SAFETENSORS, SAFETENSORS_INDEX, FLAX_MSGPACK = "model.safetensors", "model.safetensors.index.json", "flax_model.msgpack"
-WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, FLAX_MSGPACK)
-CACHE_FORMAT = "saejax-backbone-params-v1"
 
 
 def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | None = None) -> tuple[Backbone, dict]:
@@ -140,30 +135,30 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
     path = resolve(name_or_dir)
     if open_clip.is_open_clip(path):
         return _load_open_clip(path, dtype, cache_dir, image_size)
-    cfg_json = _read_json(os.path.join(path, "config.json"), what="config.json")
+    cfg_json = weights.read_json(os.path.join(path, "config.json"), what="config.json")
     family, vision_cfg, full_cfg = _configs(cfg_json, path)
     with _config_errors(path):
         vision_cfg.num_hidden_layers = int(vision_cfg.num_hidden_layers)  # a string here fails later, unnamed
         processing = _processing(path, family, vision_cfg)
     if image_size is not None:
         processing = at_resolution(processing, family, vision_cfg, image_size, path)
-    kind, files = find_weights(path)
+    kind, files = weights.find_weights(path)
 
     own = OWN_FAMILIES.get(family)
     if own is not None:
         flat, info = _load_own(own, path, kind, files, vision_cfg, processing, cache_dir)
         heads = _Heads()
-    elif kind == FLAX_MSGPACK:
-        root = ROOTS[family]
-        flat = _read_msgpack(files[0], root)
+    elif kind == weights.FLAX_MSGPACK:
+        root = HF_FAMILIES[family].root
+        flat = weights.read_msgpack(files[0], root)
         heads = _heads_from_flax(flat, root)
         with _config_errors(path):
             target = _target_shapes(family, vision_cfg, full_cfg, heads)
         flat = _check(flat, target, files[0], family, vision_cfg.num_hidden_layers)
         info = LoadInfo(path=path, weight_files=tuple(files), cache_file=None, from_cache=False)
     else:
-        root = ROOTS[family]
-        heads = _heads_from_torch(_safetensors_shapes(files), root)
+        root = HF_FAMILIES[family].root
+        heads = _heads_from_torch(weights.safetensors_shapes(files), root)
         with _config_errors(path):
             target = _target_shapes(family, vision_cfg, full_cfg, heads)
         flat, info = _convert_cached(path, family, kind, files, target, cache_dir,
@@ -181,19 +176,19 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
 def _convert_cached(path, family, kind, files, target, cache_dir, convert, n_layers, *, read=None,
                     config_file="config.json"):
     """Converted params from the cache, or read (default: PyTorch safetensors), converted, checked and cached."""
-    cache_file = None if cache_dir is False else _cache_file(cache_dir, family, path, files, config_file)
-    flat = _read_cache(cache_file, target)
+    cache_file = None if cache_dir is False else cache.cache_file(cache_dir, family, path, files, config_file)
+    flat = cache.read_cache(cache_file, target)
     from_cache = flat is not None
     if flat is None:
-        state = read() if read else _read_safetensors(files, kind)
+        state = read() if read else weights.read_safetensors(files, kind)
         flat = _check(convert(state), target, path, family, n_layers, names=list(state))
-        _write_cache(cache_file, flat, path)
+        cache.write_cache(cache_file, flat, path)
     return flat, LoadInfo(path=path, weight_files=tuple(files), cache_file=cache_file, from_cache=from_cache)
 
 
 def _load_open_clip(path, dtype, cache_dir, image_size):
     """An open_clip directory as a "clip" Backbone (see `saejax.backbones.open_clip`)."""
-    config = _read_json(os.path.join(path, open_clip.CONFIG), what=open_clip.CONFIG)
+    config = weights.read_json(os.path.join(path, open_clip.CONFIG), what=open_clip.CONFIG)
     fields, projection = open_clip.vision_config(config, path)
     with _hf.quiet(), _config_errors(path):
         cfg = _hf.hf().CLIPVisionConfig(**fields)
@@ -204,7 +199,7 @@ def _load_open_clip(path, dtype, cache_dir, image_size):
     with _config_errors(path):
         target = _target_shapes("clip", cfg, None, _Heads(projection=projection))
     flat, info = _convert_cached(path, "clip", None, files, target, cache_dir,
-                                 lambda state: _convert(state, target, ROOTS["clip"]), cfg.num_hidden_layers,
+                                 lambda state: _convert(state, target, HF_FAMILIES["clip"].root), cfg.num_hidden_layers,
                                  read=lambda: open_clip.read_state(files[0]), config_file=open_clip.CONFIG)
     with _config_errors(path):
         bb = make_backbone("clip", cfg, dtype=dtype, n_classes=0, processing=processing, load_info=info,
@@ -214,9 +209,9 @@ def _load_open_clip(path, dtype, cache_dir, image_size):
 
 def _load_own(own, path, kind, files, cfg, processing, cache_dir):
     """Params of an own-module family (`saejax.backbones.layers`) from PyTorch safetensors."""
-    if kind == FLAX_MSGPACK:
-        raise FileNotFoundError(f"{path}: the {own.name} family loads PyTorch safetensors ({SAFETENSORS}); "
-                                f"{FLAX_MSGPACK} is a transformers Flax format that {own.name} never had")
+    if kind == weights.FLAX_MSGPACK:
+        raise FileNotFoundError(f"{path}: the {own.name} family loads PyTorch safetensors ({weights.SAFETENSORS}); "
+                                f"{weights.FLAX_MSGPACK} is a transformers Flax format that {own.name} never had")
     size = processing.output_size[0]
     with _config_errors(path):
         target = own.build(cfg, jnp.float32, (size // int(cfg.patch_size),) * 2).param_shapes()
@@ -259,46 +254,32 @@ def _download(repo_id: str) -> str:
     try:
         available = set(hub.list_repo_files(repo_id))
         if repo_id in open_clip.HUB_IDS:
-            weights = [next((w for w in open_clip.WEIGHT_FILES if w in available), open_clip.PICKLE)]
-        elif SAFETENSORS in available:
-            weights = [SAFETENSORS]
-        elif SAFETENSORS_INDEX in available:
-            weights = [SAFETENSORS_INDEX, "model-*-of-*.safetensors"]
-        elif FLAX_MSGPACK in available:
-            weights = [FLAX_MSGPACK]
+            patterns = [next((w for w in open_clip.WEIGHT_FILES if w in available), open_clip.PICKLE)]
+        elif weights.SAFETENSORS in available:
+            patterns = [weights.SAFETENSORS]
+        elif weights.SAFETENSORS_INDEX in available:
+            patterns = [weights.SAFETENSORS_INDEX, "model-*-of-*.safetensors"]
+        elif weights.FLAX_MSGPACK in available:
+            patterns = [weights.FLAX_MSGPACK]
         else:
-            raise FileNotFoundError(f"hub repo {repo_id!r} has none of {', '.join(WEIGHT_FILES)}")
-        return hub.snapshot_download(repo_id, allow_patterns=base + weights)
+            raise FileNotFoundError(f"hub repo {repo_id!r} has none of {', '.join(weights.WEIGHT_FILES)}")
+        return hub.snapshot_download(repo_id, allow_patterns=base + patterns)
     except Exception as e:  # noqa: BLE001  (network errors come in many types)
         errors.append(e)
     try:  # a snapshot already in the local HF cache works offline
         return hub.snapshot_download(repo_id, local_files_only=True,
-                                     allow_patterns=base + [SAFETENSORS, SAFETENSORS_INDEX, "model-*-of-*.safetensors",
-                                                            FLAX_MSGPACK, *open_clip.WEIGHT_FILES])
+                                     allow_patterns=base + [weights.SAFETENSORS, weights.SAFETENSORS_INDEX, "model-*-of-*.safetensors",
+                                                            weights.FLAX_MSGPACK, *open_clip.WEIGHT_FILES])
     except Exception as e:  # noqa: BLE001
         errors.append(e)
     first = errors[0]
     raise OSError(
         f"could not fetch {repo_id!r} from the Hugging Face hub ({type(first).__name__}: {str(first)[:200]}). "
         "Without network access, pass a local directory with config.json and weights instead "
-        f"({SAFETENSORS}, or {SAFETENSORS_INDEX} + its shards, or {FLAX_MSGPACK}).") from first
+        f"({weights.SAFETENSORS}, or {weights.SAFETENSORS_INDEX} + its shards, or {weights.FLAX_MSGPACK}).") from first
 
 
 # ---------------------------------------------------------------------- configs
-def _read_json(file, *, what):
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {what} in {os.path.dirname(file)!r}: a model directory needs config.json "
-                                f"(from save_pretrained) and weights ({', '.join(WEIGHT_FILES)})")
-    try:
-        with open(file, "rb") as f:
-            value = json.loads(f.read().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{file}: not a readable {what}: {type(e).__name__}: {e}") from e
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{file}: {what} holds a JSON {type(value).__name__}, not an object")
-    return value
-
-
 @contextlib.contextmanager
 def _config_errors(path: str):
     """Errors that a config.json with a bad value raises deep inside `transformers` (KeyError
@@ -346,7 +327,7 @@ def _processing(path, family, cfg) -> ImageProcessing:
     file = os.path.join(path, "preprocessor_config.json")
     own = OWN_FAMILIES.get(family)
     if os.path.isfile(file):
-        processor = _read_json(file, what="preprocessor_config.json")
+        processor = weights.read_json(file, what="preprocessor_config.json")
         if own is not None:
             return own.processing_from_hf(processor, cfg)
         return ImageProcessing.from_hf(processor, square_size=family == "vit")
@@ -388,91 +369,6 @@ def default_processing(family: str, image_size: int) -> ImageProcessing:
     raise ValueError(f"unknown family {family!r}; known families: {', '.join(FAMILIES)}")
 
 
-# ---------------------------------------------------------------------- weights on disk
-def find_weights(path: str) -> tuple[str, list[str]]:
-    """Returns `(kind, files)`: kind is one of WEIGHT_FILES; files are the paths to read."""
-    names = set(os.listdir(path))
-    if SAFETENSORS in names:
-        return SAFETENSORS, [os.path.join(path, SAFETENSORS)]
-    if SAFETENSORS_INDEX in names:
-        index = _read_json(os.path.join(path, SAFETENSORS_INDEX), what=SAFETENSORS_INDEX)
-        shards = sorted(set(index.get("weight_map", {}).values()))
-        missing = [s for s in shards if s not in names]
-        if not shards or missing:
-            raise FileNotFoundError(f"{path}/{SAFETENSORS_INDEX} lists shards that are missing: "
-                                    f"{missing or '(empty weight_map)'}")
-        return SAFETENSORS_INDEX, [os.path.join(path, s) for s in shards]
-    if FLAX_MSGPACK in names:
-        return FLAX_MSGPACK, [os.path.join(path, FLAX_MSGPACK)]
-    hint = ""
-    if names & {"pytorch_model.bin", "pytorch_model.bin.index.json"}:
-        hint = (" Found pytorch_model.bin: torch-free loading needs safetensors; convert it once with torch, e.g. "
-                "Model.from_pretrained(dir).save_pretrained(dir, safe_serialization=True).")
-    elif names & {"flax_model.msgpack.index.json"}:
-        hint = " Sharded Flax msgpack checkpoints are not supported; save as safetensors."
-    raise FileNotFoundError(f"no weights in {path!r}: looked for {SAFETENSORS}, {SAFETENSORS_INDEX} (+ shards "
-                            f"model-0000x-of-0000y.safetensors) and {FLAX_MSGPACK}; found {sorted(names)}.{hint}")
-
-
-def _safetensors_shapes(files) -> dict[str, tuple]:
-    """`{name: shape}` of every tensor in the files, read from the headers only (checked against
-    each file's size, so a truncated or hostile file is refused before any data is read)."""
-    return {name: info.shape for file in files for name, info in read_header(file).items()}
-
-
-def _read_safetensors(files, kind) -> dict[str, np.ndarray]:
-    """Reads (and for shards, merges) PyTorch safetensors into float32 numpy arrays, without torch."""
-    from safetensors import safe_open  # noqa: PLC0415
-
-    state = {}
-    for file in files:
-        try:
-            with safe_open(file, framework="numpy") as f:
-                for k in f.keys():
-                    if k in state:
-                        raise ValueError(f"weight {k!r} appears in more than one shard ({file})")
-                    state[k] = _as_float32(f.get_tensor(k))
-        except ValueError:
-            raise
-        except Exception as e:  # noqa: BLE001 - safetensors' own error types
-            raise CheckpointError(f"{file}: unreadable safetensors file: {type(e).__name__}: {e}") from e
-    if kind == SAFETENSORS_INDEX:
-        index = _read_json(os.path.join(os.path.dirname(files[0]), SAFETENSORS_INDEX), what=SAFETENSORS_INDEX)
-        lost = sorted(set(index["weight_map"]) - set(state))
-        if lost:
-            raise ValueError(f"shards are missing weights listed in {SAFETENSORS_INDEX}: {lost[:10]}")
-    return state
-
-
-def _contiguous(x: np.ndarray) -> np.ndarray:
-    # (np.ascontiguousarray would turn a 0-d array such as CLIP's logit_scale into shape (1,).)
-    return x if x.flags.c_contiguous else np.array(x, order="C")
-
-
-def _as_float32(x: np.ndarray) -> np.ndarray:
-    if x.dtype.name in ("float16", "bfloat16", "float64"):
-        return x.astype(np.float32)
-    return x
-
-
-def _read_msgpack(file, root) -> dict[tuple, np.ndarray]:
-    from flax import serialization  # noqa: PLC0415
-
-    try:
-        with open(file, "rb") as f:
-            tree = serialization.msgpack_restore(f.read())
-    except Exception as e:  # noqa: BLE001 - msgpack raises many types on truncated or corrupt bytes
-        raise CheckpointError(f"{file}: unreadable Flax msgpack file (truncated or corrupt?): "
-                              f"{type(e).__name__}: {e}") from e
-    if not isinstance(tree, Mapping):
-        raise CheckpointError(f"{file}: the msgpack holds a {type(tree).__name__}, not a params tree")
-    if "params" in tree and isinstance(tree["params"], Mapping) and root not in tree:
-        tree = tree["params"]
-    if root not in tree and "embeddings" in tree:  # a base model (e.g. FlaxDinov2Model) saved without prefix
-        tree = {root: {k: v for k, v in tree.items()}}
-    return {k: _as_float32(np.asarray(v)) for k, v in flatten_dict(tree).items()}
-
-
 # ---------------------------------------------------------------------- heads and target shapes
 @dataclasses.dataclass(frozen=True)
 class _Heads:
@@ -509,7 +405,7 @@ def _target_shapes(family, cfg, full_cfg, heads: _Heads) -> dict[tuple, tuple]:
     """Flat `{flax key: shape}` of the params the model needs, from `jax.eval_shape` of HF's Flax modules."""
     key = jax.random.key(0)
     pixels = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
-    root = ROOTS[family]
+    root = HF_FAMILIES[family].root
     if family == "clip":
         m = _hf.flax_module("clip.modeling_flax_clip")
         if heads.has_text and full_cfg is not None:
@@ -548,7 +444,7 @@ def _convert(state: Mapping[str, np.ndarray], target: Mapping[tuple, tuple], roo
             parts = (root,) + parts  # a base-model checkpoint (e.g. Dinov2Model) has no prefix
         flax_key, value = rename(parts, value, target, root)
         if flax_key in target:
-            out[flax_key] = _contiguous(value)
+            out[flax_key] = weights.contiguous(value)
         else:
             unexpected.append(name)
     if unexpected:
@@ -579,48 +475,3 @@ def _check(flat, target, source, family, n_layers: int, names=None) -> dict[tupl
     return {k: flat[k] for k in target}
 
 
-# ---------------------------------------------------------------------- cache
-def _cache_file(cache_dir, family, path, files, config_file="config.json") -> str:
-    cache_dir = cache_dir or os.environ.get("SAEJAX_CACHE") or os.path.join("~", ".cache", "saejax")
-    h = hashlib.sha256(CACHE_FORMAT.encode())
-    h.update(family.encode())
-    with open(os.path.join(path, config_file), "rb") as f:
-        h.update(f.read())
-    for file in files:
-        st = os.stat(file)
-        h.update(f"{os.path.basename(file)}:{st.st_size}:{st.st_mtime_ns};".encode())
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(path)))[:60]
-    return os.path.join(os.path.expanduser(os.fspath(cache_dir)), "backbones", f"{family}-{slug}-{h.hexdigest()[:20]}.safetensors")
-
-
-def _read_cache(cache_file, target):
-    if cache_file is None or not os.path.isfile(cache_file):
-        return None
-    from safetensors.numpy import load_file  # noqa: PLC0415
-
-    try:
-        flat = {tuple(k.split("/")): v for k, v in load_file(cache_file).items()}
-    except Exception as e:  # noqa: BLE001  (a truncated / corrupt cache file is re-made)
-        log.warning("ignoring unreadable backbone cache %s: %s", cache_file, e)
-        return None
-    if set(flat) != set(target) or any(tuple(flat[k].shape) != target[k] for k in target):
-        log.warning("ignoring stale backbone cache %s", cache_file)
-        return None
-    return flat
-
-
-def _write_cache(cache_file, flat, source):
-    if cache_file is None:
-        return
-    from safetensors.numpy import save_file  # noqa: PLC0415
-
-    tmp = f"{cache_file}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        save_file({"/".join(k): _contiguous(v) for k, v in flat.items()}, tmp,
-                  metadata={"format": CACHE_FORMAT, "source": str(source)})
-        os.replace(tmp, cache_file)
-    except OSError as e:
-        log.warning("could not write backbone cache %s: %s", cache_file, e)
-        if os.path.exists(tmp):
-            os.remove(tmp)

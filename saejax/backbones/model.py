@@ -1,9 +1,9 @@
 """`Backbone`: one pure, jittable ViT forward with residual capture and residual edits.
 
-For the `transformers` Flax families below, the transformer blocks, patch embeddings and norms are `transformers`' own Flax modules,
+For the `transformers` Flax families (`clip.py`, `dinov2.py`, `vit.py`), the transformer blocks, patch embeddings and norms are `transformers`' own Flax modules,
 applied one block at a time to the matching parameter subtrees, so the numerics are HF's. The
 CLS token and position embeddings are added here, so that the position grid can be
-interpolated to other image sizes as PyTorch does (`_PositionGrid`). The params
+interpolated to other image sizes as PyTorch does (`base.PositionGrid`). The params
 pytree is the parameter tree of HF's Flax model class for the checkpoint (absent heads
 omitted):
 
@@ -22,212 +22,22 @@ dinov3              own family (`saejax.backbones.layers`); the same `Backbone` 
 Hook convention (stated once): hook `i` is the residual stream after transformer block `i`,
 which is HF's `hidden_states[i + 1]` (`hidden_states[0]` is the embedding output; for CLIP it
 is after `pre_layrnorm`).
-
-Long because it holds the Backbone contract and the three `transformers`-Flax families; giving each family a file of its own is still open.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax.backbones import _hf
-from saejax.backbones._interp import bicubic_matrix, resize_grid
+from saejax.backbones.base import Edit, ForwardOutput, LoadInfo, TokenLayout
 from saejax.backbones.layers import low_precision_matmuls
 from saejax.backbones.preprocess import ImageProcessing
-
-
-Edit = Callable[[jax.Array], jax.Array]
-
-
-class TokenLayout(NamedTuple):
-    """Where each kind of token sits along the token axis T of a residual [B, T, D].
-
-    Attributes:
-        cls: Index of the CLS token (0), or None if the model has none.
-        registers: `(start, stop)` of the register tokens (empty range if none).
-        patches: `(start, stop)` of the patch tokens, row-major over `Backbone.grid`.
-        n_tokens: T.
-    """
-
-    cls: int | None
-    registers: tuple[int, int]
-    patches: tuple[int, int]
-    n_tokens: int
-
-    @property
-    def n_patches(self) -> int:
-        return self.patches[1] - self.patches[0]
-
-    @property
-    def n_registers(self) -> int:
-        return self.registers[1] - self.registers[0]
-
-
-class ForwardOutput(NamedTuple):
-    """What `Backbone.forward` returns (a pytree).
-
-    Attributes:
-        captured: `{i: [B, T, D]}`, the residual after block i for each requested i (before an
-            edit at i is applied; edits at earlier blocks are reflected).
-        tokens: [B, T, D] final tokens. DINOv2 / DINOv3 / ViT / SigLIP: after the final
-            layernorm (HF `last_hidden_state`). CLIP: the residual after the last block, WITHOUT
-            `post_layernorm` (HF `last_hidden_state`; HF applies `post_layernorm` to CLS only).
-            None when `full=False`.
-        pooled: [B, D] the model's pooled embedding (HF `pooler_output`). CLIP:
-            `post_layernorm(CLS)`; DINOv2 / DINOv3 / ViT: final-layernorm CLS (ViT's optional
-            tanh pooler is not applied); SigLIP: the attention-pooling head's output. None when
-            `full=False`.
-        logits: [B, n_classes] when the checkpoint has a classification head (ViT and DINOv2
-            *ForImageClassification), else None.
-    """
-
-    captured: dict[int, jax.Array]
-    tokens: jax.Array | None
-    pooled: jax.Array | None
-    logits: jax.Array | None
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadInfo:
-    """Where a backbone's weights came from (filled by `saejax.backbones.load`).
-
-    Attributes:
-        path: The local model directory (a hub snapshot for hub ids).
-        weight_files: The weight files read (or that the cache was made from).
-        cache_file: The converted-params cache file, or None (Flax msgpack, or caching off).
-        from_cache: True if the params were read from `cache_file` instead of converted.
-    """
-
-    path: str
-    weight_files: tuple[str, ...]
-    cache_file: str | None
-    from_cache: bool
-
-
-class _PositionGrid:
-    """A checkpoint's square grid of patch position embeddings, resized to the model's grid by
-    bicubic interpolation as PyTorch's `interpolate_pos_encoding` does (`F.interpolate` to the
-    new size, `align_corners=False`; see _interp). The first position (CLS) is kept."""
-
-    def __init__(self, cfg, grid, *, antialias=False):
-        side = int(cfg.image_size) // int(cfg.patch_size)
-        self.side = side
-        self.matrices = None if tuple(grid) == (side, side) else (
-            bicubic_matrix(side, grid[0], antialias=antialias).astype(np.float32),
-            bicubic_matrix(side, grid[1], antialias=antialias).astype(np.float32))
-
-    def __call__(self, pe):
-        """[1, 1 + side**2, D] -> [1, 1 + rows * cols, D]."""
-        if self.matrices is None:
-            return pe
-        return jnp.concatenate([pe[:, :1], resize_grid(pe[0, 1:], self.side, self.matrices)[None]], axis=1)
-
-
-class _Clip:
-    root = "vision_model"
-
-    def __init__(self, cfg, dtype, n_classes, grid):
-        m = _hf.flax_module("clip.modeling_flax_clip")
-        self.patch_embedding = nn.Conv(cfg.hidden_size, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2,
-                                       padding="VALID", use_bias=False, dtype=dtype)
-        self.positions = _PositionGrid(cfg, grid)
-        self.layer = m.FlaxCLIPEncoderLayer(cfg, dtype=dtype)
-        self.norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype)
-
-    def embed(self, p, x):
-        # FlaxCLIPVisionEmbeddings, with the position embeddings resized to the grid.
-        v = p[self.root]
-        e = v["embeddings"]
-        patches = self.patch_embedding.apply({"params": e["patch_embedding"]}, x)
-        b, _, _, d = patches.shape
-        cls = jnp.broadcast_to(e["class_embedding"].astype(patches.dtype), (b, 1, d))
-        h = jnp.concatenate([cls, patches.reshape(b, -1, d)], axis=1)
-        h = h + self.positions(e["position_embedding"]["embedding"][None]).astype(h.dtype)
-        return self.norm.apply({"params": v["pre_layrnorm"]}, h)
-
-    def block(self, p, h, i):
-        return self.layer.apply({"params": p[self.root]["encoder"]["layers"][str(i)]}, h, None, deterministic=True)[0]
-
-    def readout(self, p, h, layout):
-        pooled = self.norm.apply({"params": p[self.root]["post_layernorm"]}, h[:, 0])
-        return h, pooled, None
-
-
-class _Dinov2:
-    def __init__(self, cfg, dtype, n_classes, *, root, n_registers, antialias, grid):
-        m = _hf.flax_module("dinov2.modeling_flax_dinov2")
-        # The Flax DINOv2 LayerScale multiplies by `config.layerscale_value` twice (on top of the
-        # learned lambda); PyTorch uses only the learned lambda. Build with 1.0 to match PyTorch.
-        cfg = copy.deepcopy(cfg)
-        cfg.layerscale_value = 1.0
-        self.root, self.n_registers, self.dtype = root, n_registers, dtype
-        self.patch_embeddings = m.FlaxDinov2PatchEmbeddings(cfg, dtype=dtype)
-        self.layer = m.FlaxDinov2Layer(cfg, dtype=dtype)
-        self.norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype)
-        self.classifier = nn.Dense(n_classes, dtype=dtype) if n_classes else None
-        self.positions = _PositionGrid(cfg, grid, antialias=antialias)
-
-    def embed(self, p, x):
-        e = p[self.root]["embeddings"]
-        patches = self.patch_embeddings.apply({"params": e["patch_embeddings"]}, x.astype(self.dtype))
-        b, _, d = patches.shape
-        cls = jnp.broadcast_to(e["cls_token"].astype(patches.dtype), (b, 1, d))
-        h = jnp.concatenate([cls, patches], axis=1)
-        h = h + self.positions(e["position_embeddings"]).astype(h.dtype)
-        if self.n_registers:
-            reg = jnp.broadcast_to(e["register_tokens"].astype(h.dtype), (b, self.n_registers, d))
-            h = jnp.concatenate([h[:, :1], reg, h[:, 1:]], axis=1)
-        return h
-
-    def block(self, p, h, i):
-        return self.layer.apply({"params": p[self.root]["encoder"]["layer"][str(i)]}, h, deterministic=True)[0]
-
-    def readout(self, p, h, layout):
-        tokens = self.norm.apply({"params": p[self.root]["layernorm"]}, h)
-        pooled = tokens[:, 0]
-        logits = None
-        if self.classifier is not None:
-            start, stop = layout.patches
-            features = jnp.concatenate([pooled, tokens[:, start:stop].mean(axis=1)], axis=-1)
-            logits = self.classifier.apply({"params": p["classifier"]}, features)
-        return tokens, pooled, logits
-
-
-class _Vit:
-    root = "vit"
-
-    def __init__(self, cfg, dtype, n_classes, grid):
-        m = _hf.flax_module("vit.modeling_flax_vit")
-        self.patch_embeddings = m.FlaxViTPatchEmbeddings(cfg, dtype=dtype)
-        self.positions = _PositionGrid(cfg, grid)
-        self.layer = m.FlaxViTLayer(cfg, dtype=dtype)
-        self.norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype)
-        self.classifier = nn.Dense(n_classes, dtype=dtype) if n_classes else None
-
-    def embed(self, p, x):
-        # FlaxViTEmbeddings, with the position embeddings resized to the grid.
-        e = p[self.root]["embeddings"]
-        patches = self.patch_embeddings.apply({"params": e["patch_embeddings"]}, x)
-        b, _, d = patches.shape
-        h = jnp.concatenate([jnp.broadcast_to(e["cls_token"].astype(patches.dtype), (b, 1, d)), patches], axis=1)
-        return h + self.positions(e["position_embeddings"]).astype(h.dtype)
-
-    def block(self, p, h, i):
-        return self.layer.apply({"params": p[self.root]["encoder"]["layer"][str(i)]}, h, deterministic=True)[0]
-
-    def readout(self, p, h, layout):
-        tokens = self.norm.apply({"params": p[self.root]["layernorm"]}, h)
-        logits = None if self.classifier is None else self.classifier.apply({"params": p["classifier"]}, tokens[:, 0])
-        return tokens, tokens[:, 0], logits
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -438,48 +248,3 @@ class Backbone:
         if len(shape) != 3 or shape[1:] != (self.layout.n_tokens, self.d_model):
             raise ValueError(f"{what}: residual has shape {shape}; expected "
                              f"[B, {self.layout.n_tokens}, {self.d_model}] [B, T, D]")
-
-
-def make_backbone(family, cfg, *, dtype, n_classes, processing, load_info=None,
-                  interpolate: bool = False) -> Backbone:
-    """Builds a `Backbone` for an HF vision config (no weights involved). CLIP and ViT run at
-    another size than their config's only with `interpolate=True` (PyTorch's
-    `interpolate_pos_encoding=True`); DINOv2 families always interpolate, as in PyTorch."""
-    from saejax.backbones.families import FAMILIES, OWN_FAMILIES  # noqa: PLC0415  (the family files import this module)
-
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; known families: {', '.join(FAMILIES)}")
-    own = OWN_FAMILIES.get(family)
-    patch = int(cfg.patch_size)
-    size = processing.output_size
-    if size[0] != size[1]:
-        raise ValueError(f"the image processor yields non-square {size} images; saejax backbones need square inputs")
-    image_size = int(size[0])
-    on_request = own.interpolate == "on_request" if own else family in ("clip", "vit")
-    if on_request and image_size != cfg.image_size and not interpolate:
-        raise ValueError(f"the image processor yields {image_size} px images but the {family} model expects "
-                         f"{cfg.image_size} px (config.image_size); pass image_size= to load() to interpolate its "
-                         "position embeddings")
-    if image_size % patch:
-        raise ValueError(f"the image processor yields {image_size} px images, not a multiple of the patch size {patch}")
-    grid = (image_size // patch, image_size // patch)
-    if own is not None:
-        return Backbone(family=family, d_model=int(cfg.hidden_size), n_layers=int(cfg.num_hidden_layers),
-                        patch_size=patch, image_size=image_size, grid=grid, layout=own.layout(cfg, grid),
-                        n_classes=int(n_classes), dtype=dtype, processing=processing, config=cfg,
-                        load_info=load_info, _impl=own.build(cfg, jnp.float32, grid))
-    n_patches = grid[0] * grid[1]
-    n_reg = int(getattr(cfg, "num_register_tokens", 0)) if family == "dinov2_registers" else 0
-    layout = TokenLayout(cls=0, registers=(1, 1 + n_reg), patches=(1 + n_reg, 1 + n_reg + n_patches),
-                         n_tokens=1 + n_reg + n_patches)
-    if family == "clip":
-        impl = _Clip(cfg, jnp.float32, n_classes, grid)
-    elif family == "vit":
-        impl = _Vit(cfg, jnp.float32, n_classes, grid)
-    else:
-        registers = family == "dinov2_registers"
-        impl = _Dinov2(cfg, jnp.float32, n_classes, root="dinov2_with_registers" if registers else "dinov2",
-                       n_registers=n_reg, antialias=registers, grid=grid)
-    return Backbone(family=family, d_model=int(cfg.hidden_size), n_layers=int(cfg.num_hidden_layers),
-                    patch_size=patch, image_size=image_size, grid=grid, layout=layout, n_classes=int(n_classes),
-                    dtype=dtype, processing=processing, config=cfg, load_info=load_info, _impl=impl)

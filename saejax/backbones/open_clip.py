@@ -28,6 +28,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from saejax.backbones import weights
 from saejax.backbones.preprocess import BICUBIC, BILINEAR, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessing
 from saejax.checkpoint.errors import CheckpointError
 
@@ -139,9 +140,7 @@ def read_state(file: str) -> dict[str, np.ndarray]:
 
         raw = read_torch_state_dict(file)
     else:
-        from saejax.backbones.loading import _read_safetensors  # noqa: PLC0415
-
-        raw = _read_safetensors([file], SAFETENSORS)
+        raw = weights.read_safetensors([file], weights.SAFETENSORS)
     state = {}
     for name, value in raw.items():
         if name == "visual.proj":  # [width, embed] used as x @ proj; a torch Linear weight is [out, in]

@@ -21,7 +21,8 @@ from flax.traverse_util import unflatten_dict
 
 from saejax.backbones import _hf
 from saejax.backbones.families import OWN_FAMILIES
-from saejax.backbones.loading import FLAX_MSGPACK, SAFETENSORS, _configs, _Heads, _target_shapes
+from saejax.backbones.loading import _configs, _Heads, _target_shapes
+from saejax.backbones.weights import FLAX_MSGPACK, SAFETENSORS
 from saejax.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from saejax.checkpoint.staging import staged_directory
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from saejax.backbones._interp import bicubic_matrix, bilinear_antialiased_matrix, resize_grid
 from saejax.backbones.layers import AttentionPool, Block, OwnFamily, OwnModel
-from saejax.backbones.model import TokenLayout
+from saejax.backbones.base import TokenLayout
 from saejax.backbones.preprocess import BICUBIC, BILINEAR, HALF, ImageProcessing
 
 RENAMES = (
