@@ -74,7 +74,7 @@ def explore():
                           "`load_pretrained` reads saev's published SAE from the hub (without torch); `saejax.browser` collects each latent's "
                           "top images and writes a browsable site; heatmaps show inline."),
         new_code_cell(INSTALL), new_code_cell(SMALL),
-        new_code_cell('''from saejax import backbones, browser, probe_edits, sae, viz
+        new_code_cell('''from saejax import backbones, browser, sae, site, viz
 from saejax.checkpoint import load_pretrained
 from saejax.datasets import shapes
 
@@ -90,7 +90,7 @@ else:
     bb, bb_params = backbones.load(info["backbone"])
     source, layer = saejax.data.ImageFolderSource("/content/images", image_size=224), 10   # your images
 print(ae.d_model, "->", ae.d_sae, "latents")'''),
-        new_code_cell('''readout = probe_edits.Readout(bb, bb_params, layer=layer, ae=ae, sae_params=params)
+        new_code_cell('''readout = site.Site(bb, bb_params, layer=layer, ae=ae, sae_params=params)
 collected = browser.collect(readout, source, k=8, batch_size=32)
 index = browser.write_site("/tmp/saejax-browser", collected, ae, params, source, title="my SAE")
 print("open", index, "-", int((collected["frequency"] == 0).sum()), "dead latents")'''),
@@ -116,7 +116,7 @@ def intervene():
                           "block, let the model finish its pass, and read a linear probe's class probabilities "
                           "(the paper's CUB experiment)."),
         new_code_cell(INSTALL), new_code_cell(SMALL),
-        new_code_cell('''from saejax import backbones, probe_edits, probes, sae, viz
+        new_code_cell('''from saejax import backbones, probe_edits, probes, sae, site, viz
 from saejax.checkpoint import load_pretrained
 from saejax.datasets import cub
 
@@ -134,8 +134,8 @@ else:
     root = "/content/CUB_200_2011"                                        # unpacked CUB_200_2011.tgz
     layer, size, image_index, patches, dense = 10, 224, 680, [63, 64, 77, 78, 79, 93, 94], 1e-2
 train, test = cub.source(root, "train", image_size=size), cub.source(root, "test", image_size=size)
-readout = probe_edits.Readout(bb, bb_params, layer=layer, ae=ae, sae_params=params,
-                              processing=probe_edits.cropped_processing(bb, size))'''),
+readout = site.Site(bb, bb_params, layer=layer, ae=ae, sae_params=params,
+                              processing=site.cropped_processing(bb, size))'''),
         new_code_cell('''def features(source):
     batches = saejax.data.batches(source, 64, shuffle=False, drop_remainder=False, epochs=1)
     pairs = [(np.asarray(readout.encode(b.images)["pooled"]), b.labels) for b in batches]
@@ -156,7 +156,7 @@ latents, sums = probe_edits.propose_latents(codes, jnp.asarray(selected), jnp.as
 print("proposed latents", np.asarray(latents).tolist(), "summed over the patches", np.round(np.asarray(sums), 2))'''),
         new_code_cell('''from IPython.display import Image, display
 
-curve = probe_edits.slider_curve(bb, bb_params, layer=layer, ae=ae, sae_params=params, norm=None, probe=probe)
+curve = probe_edits.slider_curve(readout, probe)
 sliders = jnp.linspace(-20, 20, 9)
 probs = np.asarray(curve(readout.pixels(example.image[None]), jnp.asarray(probe_edits.patch_token_mask(bb, patches)),
                          latents, jnp.asarray(stats["max"])[latents], sliders))          # [sliders, classes], one call

@@ -13,111 +13,28 @@
    rates per class, and their mean +- std over classes.
 
 Writes `DIR/probe.json` (mIoU, pixel accuracy, per-class IoU), `DIR/quantitative.json` (per
-class and summary) and `DIR/quantitative.csv`. The logic is `saejax.segmentation`.
+class and summary) and `DIR/quantitative.csv`. The logic is `saejax.studies.ade20k_edit` (with `saejax.segmentation`).
 """
 
-import csv
-import json
-import os
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from experiments.paper_builders import build_backbone, build_sae, ensure_tiny_tree, run_binary, skipped_report
-from saejax import data, probes, segmentation
+from experiments import builders
+from experiments.entry import run_binary
 from saejax.datasets import ade20k
-from saejax.analysis.probe_edits import Readout, cropped_processing
+from saejax.studies.ade20k_edit import run_ade20k_edit
 
 
 def run(config, workdir: str) -> dict:
-    os.makedirs(workdir, exist_ok=True)
-    bb, bb_params = build_backbone(config.backbone)
-    ae, sae_params, norm = build_sae(config.sae, bb.d_model)
-    root = ensure_tiny_tree(config.data, lambda r: ade20k.write_tiny_tree(r, **config.data.get("tiny_tree", {})))
+    root = builders.ensure_tiny_tree(config.data, lambda r: ade20k.write_tiny_tree(r, **config.data.get("tiny_tree", {})))
     size = config.data.image_size
     train, val = (ade20k.source(root, split, image_size=size, short_side=config.data.short_side,
                                 skip_unreadable=config.data.get("skip_unreadable", False))
                   for split in ("training", "validation"))
-    readout = Readout(bb, bb_params, layer=config.layer, ae=ae, sae_params=sae_params, norm=norm,
-                      processing=cropped_processing(bb, size))
-    patch = size // bb.grid[0]
-
-    def patch_labels(batch):
-        return data.patch_mode_labels(batch.masks, patch, ignore=ade20k.IGNORE).reshape(len(batch.ids), -1)
-
-    tokens, labels = [], []
-    for batch in data.one_pass(train, config.batch_size, limit=config.probe_images):
-        tokens.append(np.asarray(readout.encode(batch.images)["tokens"]))
-        labels.append(patch_labels(batch))
-    x, y = np.concatenate(tokens).reshape(-1, bb.d_model), np.concatenate(labels).reshape(-1)
-    keep = y != ade20k.IGNORE
-    p = config.probe
-    probe = probes.train_linear_probe(jax.random.key(config.seed), jnp.asarray(x[keep]), jnp.asarray(y[keep]),
-                                      ade20k.N_CLASSES, epochs=p.epochs, batch_size=p.batch_size,
-                                      learning_rate=p.learning_rate, weight_decay=p.weight_decay)
-
-    # Validation, streamed: pixel predictions for the metrics, the feature-search statistics, a
-    # sample of residuals; only the images (uint8) and patch labels are kept for the edits.
-    stats = segmentation.PatchLatentStats(ade20k.N_CLASSES, ae.d_sae)
-    images, labels, masks, preds, resid = [], [], [], [], []
-    for batch in data.one_pass(val, config.batch_size, limit=config.eval_images):
-        out = readout.encode(batch.images)
-        logits = probe.logits(out["tokens"]).reshape(len(batch.ids), *bb.grid, -1)
-        preds.append(np.asarray(jnp.argmax(segmentation.upsample_logits(logits, (size, size)), -1)))
-        batch_labels = patch_labels(batch)
-        stats.update(out["codes"].reshape(-1, ae.d_sae), batch_labels.reshape(-1))
-        if sum(len(r) for r in resid) < config.norm_sample_patches:
-            resid.append(np.asarray(out["resid"]).reshape(-1, bb.d_model))
-        images.append(batch.images)
-        labels.append(batch_labels)
-        masks.append(batch.masks)
-    images, labels, masks = np.concatenate(images), np.concatenate(labels).reshape(-1), np.concatenate(masks)
-    n = len(images)
-    metrics = segmentation.segmentation_metrics(np.concatenate(preds), masks, ade20k.N_CLASSES, ignore=ade20k.IGNORE)
-    probe_report = {"miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"],
-                    "iou": {val.classes[c]: float(v) for c, v in enumerate(metrics["iou"]) if not np.isnan(v)},
-                    "train_patches": int(keep.sum()), "val_images": n,
-                    "skipped_images": skipped_report(training=train, validation=val)}
-    json.dump(probe_report, open(os.path.join(workdir, "probe.json"), "w"), indent=2)
-    print(f"probe: mIoU {metrics['miou']:.3f}, pixel accuracy {metrics['pixel_accuracy']:.3f} on {n} images", flush=True)
-
-    def predict(edit):
-        tokens = []
-        for start in range(0, len(images), config.batch_size):
-            chunk = images[start:start + config.batch_size]
-            tokens.append(readout.encode(chunk)["tokens"] if edit is None else readout.edited(edit, chunk)["tokens"])
-        return np.asarray(probes.predict(probe, jnp.concatenate(tokens).reshape(-1, bb.d_model)))
-
-    counts = np.bincount(labels, minlength=ade20k.N_CLASSES)
-    classes = [c for c in range(1, ade20k.N_CLASSES) if counts[c] >= config.min_patches]
-    results = segmentation.quantitative_test(
-        predict, labels, stats, np.concatenate(resid)[: config.norm_sample_patches],
-        ae, sae_params, norm, classes, jax.random.key(config.seed + 1),
-        config_latents={int(k): int(v) for k, v in config.get("class_latents", {}).items()},
-        value_scale=config.value_scale)
-    summary = segmentation.summarize(results)
-    json.dump({"classes": results, "summary": summary, "class_names": {c: val.classes[c] for c in classes},
-               "skipped_images": probe_report["skipped_images"]},
-              open(os.path.join(workdir, "quantitative.json"), "w"), indent=2, default=float)
-    with open(os.path.join(workdir, "quantitative.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", "name", "patches", "method", "latent", "mode", "target_change_rate",
-                         "other_change_rate"])
-        for r in results:
-            for method in ("best_f1", "random_latent", "random_direction", "config"):
-                if method in r:
-                    for mode in ("all_tokens", "where_active"):
-                        writer.writerow([r["class"], val.classes[r["class"]], r["patches"], method,
-                                         r[method].get("latent", ""), mode, r[method][mode]["target_change_rate"],
-                                         r[method][mode]["other_change_rate"]])
-    for method, modes in summary.items():
-        line = "  ".join(f"{mode}: target {v['target_change_rate']['mean']:.2f}+-{v['target_change_rate']['std']:.2f}"
-                         f" other {v['other_change_rate']['mean']:.3f}+-{v['other_change_rate']['std']:.3f}"
-                         for mode, v in modes.items() if mode != "classes")
-        print(f"{method:>16} ({modes['classes']} classes)  {line}", flush=True)
-    return {"probe": probe_report, "summary": summary, "classes": results}
+    return run_ade20k_edit(
+        builders.build_site(config.backbone, config.sae, config.layer, size), train, val, workdir,
+        probe=config.probe.to_dict(), probe_images=config.probe_images, eval_images=config.eval_images,
+        norm_sample_patches=config.norm_sample_patches, min_patches=config.min_patches,
+        class_latents={int(k): int(v) for k, v in config.get("class_latents", {}).items()},
+        value_scale=config.value_scale, batch_size=config.batch_size, seed=config.seed)
 
 
 if __name__ == "__main__":
-    run_binary(run, "experiments/configs/ade20k.py")
+    run_binary("ade20k_edit", run, "ade20k.py")

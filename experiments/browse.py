@@ -9,23 +9,17 @@ Streams `config.images` images of the source through the backbone and the SAE at
 `DIR/latents/<id>.html` (`saejax.browser.write_site`).
 """
 
-from experiments.paper_builders import build_backbone, build_sae, run_binary
-from experiments.sae_training import build_source
-from saejax import browser, probe_edits
+from experiments import builders
+from experiments.entry import run_binary
+from saejax import browser
 
 
 def run(config, workdir: str) -> str:
-    bb, bb_params = build_backbone(config.backbone)
-    ae, sae_params, norm = build_sae(config.sae, bb.d_model)
-    source = build_source(config.data, config.split)
-    readout = probe_edits.Readout(bb, bb_params, layer=config.layer, ae=ae, sae_params=sae_params, norm=norm)
-    collected = browser.collect(readout, source, k=config.k, batch_size=config.batch_size, limit=config.images)
-    index = browser.write_site(workdir, collected, ae, sae_params, source, title=config.title,
-                               max_pages=config.get("max_pages"))
-    skipped = f", {len(source.skipped)} unreadable skipped" if source.skipped else ""
-    print(f"wrote {index} ({collected['images']} images{skipped}; open it in a browser)", flush=True)
-    return index
+    source = builders.build_source(config.data, config.split)
+    return browser.browse(builders.build_site(config.backbone, config.sae, config.layer), source, workdir,
+                          k=config.k, batch_size=config.batch_size, limit=config.images, title=config.title,
+                          max_pages=config.get("max_pages"))
 
 
 if __name__ == "__main__":
-    run_binary(run, "experiments/configs/browse.py", "Where the site goes.")
+    run_binary("browse", run, "browse.py", workdir_help="Where the site goes.")

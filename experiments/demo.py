@@ -52,7 +52,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments.configs import shapes_demo
-from experiments.sae_training import train_sae
+from experiments.builders import train_sae
 from saejax import backbones, concept_metrics, features, interventions, loop, losses, probes, segmentation, train, viz
 from saejax import metrics as sae_metrics
 from saejax.datasets import shapes

@@ -46,60 +46,19 @@ TPU and under SLURM; elsewhere give `--coordinator_address=HOST:PORT --num_proce
 all processes.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "An experiments/configs/*.py file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the trained SAEs.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (peers found automatically "
-                                 "on Cloud TPU, SLURM, ...).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (implies --distributed).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-_ALLOW_CHANGE = flags.DEFINE_list("allow_config_change", [], "Config keys a resumed run may change (a key allows "
-                                   "the keys under it: 'sweep' allows 'sweep.learning_rate').")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
-_IMPORT_MODULES = flags.DEFINE_list("import_modules", [], "Python modules to import first, e.g. one that registers "
-                                    "an SAE architecture (`saejax.sae.register`) named in --config.sae.architecture.")
+from experiments.entry import run_binary
 
 
-def initialize_distributed() -> None:
-    """`jax.distributed.initialize` from the flags, before anything touches the devices."""
-    if _COORDINATOR.value is None and not _DISTRIBUTED.value:
-        return
-    import jax
+def run(config, workdir: str):
+    from experiments.builders import train_sae  # noqa: PLC0415
 
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
-    initialize_distributed()
-    import importlib
-
-    for module in _IMPORT_MODULES.value:
-        importlib.import_module(module)
-    from experiments.sae_training import train_sae
-    from saejax.run.loop import Preempted
-
-    try:
-        train_sae(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
-    except Preempted as e:
-        print(f"\n{e}: saved a checkpoint; rerun the same command to resume.", flush=True)
-        raise SystemExit(128 + e.signum) from None
-    except Exception as e:  # noqa: BLE001 - the traceback, then the first error in one line at the end
-        import sys
-        import traceback
-
-        traceback.print_exc()
-        notes = "; ".join(n for n in getattr(e, "__notes__", []) if n.startswith("saejax:"))
-        line = " ".join(f"{type(e).__name__}: {e}{' (' + notes + ')' if notes else ''}".split())
-        print(f"\ntrain_sae failed: {line}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    return train_sae(config, workdir, allow_config_change=flags.FLAGS.allow_config_change)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flags.DEFINE_list("allow_config_change", [], "Config keys a resumed run may change (a key allows the keys "
+                      "under it: 'sweep' allows 'sweep.learning_rate').")
+    run_binary("train_sae", run, "clip_vit_b16.py", workdir_help="Directory for checkpoints, metrics and the trained "
+               "SAEs.")

@@ -15,21 +15,12 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
 import saejax
+from experiments.entry import run_binary
 from saejax.datasets import shapes
 from saejax.datasets.shapes_vit import evaluate, task_heads, train_shapes_vit
 
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "shapes_vit.py"))
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the ViT checkpoint (<workdir>/vit).", required=True)
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    config, workdir = _CONFIG.value, _WORKDIR.value
+def run(config, workdir: str) -> float:
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
     first = {}
@@ -58,7 +49,8 @@ def main(argv):
                         image_heads=heads["image_heads"], image_targets=heads["image_targets"])
     print(f"validation accuracy (saejax.backbones.load + forward): {accuracy:.4f}")
     print(f"total {time.time() - start:.1f} s")
+    return accuracy
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_binary("train_vit", run, "shapes_vit.py", workdir_help="Directory for the ViT checkpoint (<workdir>/vit).")

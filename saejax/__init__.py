@@ -7,7 +7,7 @@ The layers, each importing only those below it:
 - `saejax.backbones` (Flax ViTs), `saejax.checkpoint` (orbax, portable files, saev / SAELens).
 - `saejax.data`: image sources and batches, the sharded harvest (`activations`), activation
   streams (`stream`), saev's shards (`shards`).
-- `saejax.analysis`: `interventions`, `fidelity`, `features`, `concept_metrics`, `probes`,
+- `saejax.analysis`: `site` (an SAE at a block, what the rest reads through), `interventions`, `fidelity`, `features`, `concept_metrics`, `probes`,
   `semprobe`, `probe_edits`, `segmentation`.
 - `saejax.pages`: `viz`, `browser`.
 - `saejax.run`: a whole training run in a workdir (`run.training`: resume, normalisation
@@ -21,7 +21,7 @@ Each module is also reachable by its short name, `saejax.sae`, `saejax.train`, `
 
 from saejax import backbones, checkpoint, data, sharding
 from saejax.analysis import (concept_metrics, features, fidelity, interventions, probe_edits, probes, segmentation,
-                             semprobe)
+                             semprobe, site)
 from saejax.core import losses, metrics, normalization, optim, resample, sae, train
 from saejax.data import activations, shards, stream
 from saejax.pages import browser, viz

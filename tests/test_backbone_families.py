@@ -239,7 +239,7 @@ def test_registry_and_known_models():
 def test_family_configs_name_known_models_and_their_small_variant_builds(config_name, family, hub_id, tmp_path):
     import importlib
 
-    from experiments.sae_training import build_backbone
+    from experiments.builders import build_backbone
 
     module = importlib.import_module(f"experiments.configs.{config_name}")
     full = module.get_config()

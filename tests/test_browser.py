@@ -11,8 +11,8 @@ import pytest
 
 from experiments import browse
 from experiments.configs import browse as browse_config
-from experiments.paper_builders import build_backbone, build_sae
-from saejax import browser, data, probe_edits
+from experiments.builders import build_backbone, build_sae
+from saejax import browser, data, site
 from saejax.datasets import shapes
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -24,11 +24,11 @@ def small(tmp_path_factory):
     bb, bb_params = build_backbone(config.backbone)
     ae, sae_params, _ = build_sae(config.sae, bb.d_model)
     source = shapes.source("validation", 40, seed=0, image_size=40)
-    readout = probe_edits.Readout(bb, bb_params, layer=1, ae=ae, sae_params=sae_params)
+    readout = site.Site(bb, bb_params, layer=1, ae=ae, sae_params=sae_params)
     collected = browser.collect(readout, source, k=4, batch_size=16)
-    site = tmp_path_factory.mktemp("site")
-    browser.write_site(site, collected, ae, sae_params, source, title="test site", page_size=50)
-    return readout, source, collected, ae, sae_params, site
+    site_dir = tmp_path_factory.mktemp("site")
+    browser.write_site(site_dir, collected, ae, sae_params, source, title="test site", page_size=50)
+    return readout, source, collected, ae, sae_params, site_dir
 
 
 def test_streamed_statistics_equal_a_direct_computation(small):

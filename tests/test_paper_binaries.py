@@ -14,11 +14,11 @@ from experiments import ade20k_edit, cub_edit, semprobe
 from experiments.configs import ade20k as ade20k_config
 from experiments.configs import cub as cub_config
 from experiments.configs import semprobe as semprobe_config
-from experiments.paper_builders import build_backbone, build_sae
+from experiments.builders import build_backbone, build_sae
 from saejax import data, probes
 from saejax.checkpoint import save_sae
 from saejax.datasets import ade20k
-from saejax.analysis.probe_edits import Readout, cropped_processing
+from saejax.analysis.site import Site, cropped_processing
 
 
 def planted_sae(config, root, latent, target_class, path):
@@ -26,7 +26,7 @@ def planted_sae(config, root, latent, target_class, path):
     from the others at the config's layer, firing on one side of the midpoint."""
     bb, bb_params = build_backbone(config.backbone)
     ae, params, _ = build_sae(config.sae, bb.d_model)
-    readout = Readout(bb, bb_params, layer=config.layer, ae=ae, sae_params=params,
+    readout = Site(bb, bb_params, layer=config.layer, ae=ae, sae_params=params,
                       processing=cropped_processing(bb, config.data.image_size))
     source = ade20k.source(root, "training", image_size=config.data.image_size, short_side=config.data.short_side,
                            skip_unreadable=True)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saejax import backbones, probe_edits, sae, segmentation, semprobe, viz
+from saejax import backbones, probe_edits, sae, segmentation, semprobe, site, viz
 from saejax.analysis.probes import LinearProbe
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "backbones")
@@ -49,7 +49,7 @@ def clip():
 
 def test_slider_curve_vmaps_like_separate_calls_and_moves_the_probabilities(clip):
     bb, params, ae, sae_params, probe, pixels = clip
-    curve = probe_edits.slider_curve(bb, params, layer=0, ae=ae, sae_params=sae_params, norm=None, probe=probe)
+    curve = probe_edits.slider_curve(site.Site(bb, params, layer=0, ae=ae, sae_params=sae_params), probe)
     mask = jnp.asarray(probe_edits.patch_token_mask(bb, [0, 1, 5]))
     latents, maxima = jnp.asarray([3, 11]), jnp.asarray([2.0, 1.5])
     sliders = jnp.asarray([-20.0, -2.0, 0.0, 5.0])
@@ -64,8 +64,7 @@ def test_slider_curve_vmaps_like_separate_calls_and_moves_the_probabilities(clip
 def test_an_edit_the_probe_does_not_read_changes_nothing(clip):
     """Patch tokens edited after the last block never reach the pooled CLS the probe reads."""
     bb, params, ae, sae_params, probe, pixels = clip
-    curve = probe_edits.slider_curve(bb, params, layer=bb.n_layers - 1, ae=ae, sae_params=sae_params, norm=None,
-                                     probe=probe)
+    curve = probe_edits.slider_curve(site.Site(bb, params, layer=bb.n_layers - 1, ae=ae, sae_params=sae_params), probe)
     mask = jnp.asarray(probe_edits.patch_token_mask(bb, np.arange(bb.layout.n_patches)))
     probs = curve(pixels, mask, jnp.asarray([3]), jnp.asarray([5.0]), jnp.asarray([-20.0, 0.0, 20.0]))
     np.testing.assert_array_equal(probs[0], probs[1])

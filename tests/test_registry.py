@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import clip_vit_b16
-from experiments.sae_training import train_sae
+from experiments.builders import train_sae
 from saejax import sae
 from saejax.checkpoint import load_sae
 

@@ -13,10 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_binary(workdir, steps):
-    cmd = [sys.executable, "-m", "experiments.synthetic", f"--workdir={workdir}", f"--config.steps={steps}",
-           "--config.batch_size=256", "--config.checkpoint_every=10", "--config.log_every=5",
-           "--config.resample_every=10", "--config.eval_batches=2", "--config.sae.d_sae=128",
-           "--config.world.n_features=64", "--config.world.d_model=16", "--config.normalization_samples=1024"]
+    cmd = [sys.executable, "-m", "experiments.synthetic", f"--workdir={workdir}",
+           f"--config={ROOT}/experiments/configs/synthetic.py:small", f"--config.steps={steps}"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import clip_vit_b16
-from experiments.sae_training import build_trainer
+from experiments.builders import build_trainer
 from saejax.checkpoint import TrainCheckpointer, load_sae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -247,7 +247,7 @@ def test_unreadable_images_stop_the_run_in_one_line_or_are_skipped_and_counted(u
 
 
 def test_bad_configs_fail_before_any_work():
-    from experiments.sae_training import validate_config
+    from experiments.builders import validate_config
 
     config = clip_vit_b16.get_config("small")
     config.log_every, config.checkpoint_every, config.sae.architecture = 0, -1, "topk"
@@ -266,7 +266,7 @@ def test_bad_configs_fail_before_any_work():
 
 
 def test_normalization_statistics_are_keyed_to_backbone_layers_and_tokens(uninterrupted):
-    from experiments.sae_training import normalization_identity
+    from experiments.builders import normalization_identity
     from saejax.run.training import cached_normalization
 
     def never():

@@ -8,12 +8,13 @@ Expected, from `summary.json` (256 planted features in 64 dimensions, 2 active p
 - default, ReLU + L1 (lambda 3e-2), lr 3e-3 / 1e-2: features recovered (a decoder row at
   |cos| > 0.9) 1.00 / 0.996, NMSE 0.17 / 0.21 (L1 shrinkage), L0 6.8 / 3.5.
 - `:topk`, TopK k=4 + AuxK: features recovered 1.00, NMSE 0.073, L0 4.
+`:small` (16 dimensions, 64 features, 30 steps of 256) checks the plumbing in seconds.
 """
 
 import ml_collections
 
 
-def get_config(variant: str = "relu") -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.world = dict(d_model=64, n_features=256, mean_active=2.0, zipf_exponent=0.0, noise=0.01)
@@ -36,6 +37,11 @@ def get_config(variant: str = "relu") -> ml_collections.ConfigDict:
         c.objective = dict(sparsity="none", sparsity_warmup_steps=0, auxk_coeff=1 / 32, k_aux=64)
         c.sweep = dict(learning_rate=(3e-3,), sparsity_coeff=(0.0,), k=(4,))
         c.resample_every = 0
-    elif variant != "relu":
-        raise ValueError(f"unknown variant {variant!r}; expected relu or topk")
+    elif variant == "small":
+        c.world.update(d_model=16, n_features=64)
+        c.sae.d_sae = 128
+        c.normalization_samples, c.batch_size, c.steps = 1024, 256, 30
+        c.checkpoint_every, c.log_every, c.resample_every, c.eval_batches = 10, 5, 10, 2
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r}; expected '', 'topk' or 'small'")
     return c

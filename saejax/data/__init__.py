@@ -10,8 +10,9 @@ activation shards (`shards`).
 from saejax.data.batching import Batch, batches, one_pass, permutation
 from saejax.data.images import (IMAGE_EXTENSIONS, RESAMPLING, Resizing, UnreadableImageError, find_images,
                                 match_mask, patch_mode_labels, read_image)
-from saejax.data.sources import ArraySource, Example, FileListSource, ImageFolderSource, Source, TfdsSource
+from saejax.data.sources import (ArraySource, Example, FileListSource, ImageFolderSource, Source, TfdsSource,
+                                 skipped_report)
 
 __all__ = ["IMAGE_EXTENSIONS", "RESAMPLING", "ArraySource", "Batch", "Example", "FileListSource", "ImageFolderSource",
            "Resizing", "Source", "TfdsSource", "UnreadableImageError", "batches", "find_images", "match_mask",
-           "one_pass", "patch_mode_labels", "permutation", "read_image"]
+           "one_pass", "patch_mode_labels", "permutation", "read_image", "skipped_report"]

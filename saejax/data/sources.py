@@ -22,7 +22,7 @@ import numpy as np
 from saejax.data.images import (IMAGE_EXTENSIONS, Resizing, UnreadableImageError, _is_image, _pil,
                                 _read_mask, _read_oriented, _rgb, find_images, match_mask, read_image)
 
-__all__ = ["ArraySource", "Example", "FileListSource", "ImageFolderSource", "Source", "TfdsSource"]
+__all__ = ["ArraySource", "Example", "FileListSource", "ImageFolderSource", "Source", "TfdsSource", "skipped_report"]
 
 
 def _check_index(index, n: int) -> int:
@@ -429,3 +429,8 @@ class TfdsSource(Source):
         return Example(image, label, mask)
 
 
+def skipped_report(**sources: Source) -> dict[str, dict]:
+    """`{name: {"count", "files"}}`: the images each source skipped as unreadable (for a JSON
+    output next to the results; `skip_unreadable=True` on the sources)."""
+    return {name: {"count": len(s.skipped), "files": [s.describe(i) + ": " + why for i, why in sorted(s.skipped.items())]}
+            for name, s in sources.items()}

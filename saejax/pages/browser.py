@@ -1,6 +1,6 @@
 """A feature browser: a static site to look through every latent of a trained SAE.
 
-`collect` streams images through a `probe_edits.Readout` in bounded memory: per latent, its
+`collect` streams images through a `site.Site` in bounded memory: per latent, its
 patch firing frequency, mean and max activation, a histogram of its activations (p99 from it),
 the labels of the images it fires on, and its top-k images by their max over patches (values
 and image ids only: `[F, k]`, never `[F, k + B, P]`). The patch heatmaps are recomputed for the
@@ -32,7 +32,7 @@ from saejax import data
 from saejax.pages import viz
 from saejax.analysis.features import DENSE_FREQUENCY
 
-__all__ = ["collect", "nearest_by_decoder", "write_site"]
+__all__ = ["browse", "collect", "nearest_by_decoder", "write_site"]
 
 # Activation histogram: log10 bins from 1e-3 to 1e3 (values outside go to the end bins).
 HIST_EDGES = np.logspace(-3, 3, 49)
@@ -349,3 +349,14 @@ def _scatter_svg(x: np.ndarray, y: np.ndarray, title: str, width: int = 420, hei
             f"<text x='{left}' y='{height - 8}'>{x0:.2f}</text><text x='{width - right}' y='{height - 8}' "
             f"text-anchor='end'>{x1:.2f}</text><text x='{left - 4}' y='{top + 8}' text-anchor='end'>{y1:.2f}</text>"
             f"<text x='{left - 4}' y='{height - bottom}' text-anchor='end'>{y0:.2f}</text></svg>")
+
+
+def browse(site, source: data.Source, directory: str | os.PathLike, *, k: int = 20, batch_size: int = 64,
+           limit: int | None = None, title: str = "SAE features", max_pages: int | None = None) -> str:
+    """`collect` then `write_site`: the browser of `site`'s SAE over `source`, in `directory`.
+    Returns the index page's path."""
+    collected = collect(site, source, k=k, batch_size=batch_size, limit=limit)
+    index = write_site(directory, collected, site.ae, site.sae_params, source, title=title, max_pages=max_pages)
+    skipped = f", {len(source.skipped)} unreadable skipped" if source.skipped else ""
+    print(f"wrote {index} ({collected['images']} images{skipped}; open it in a browser)", flush=True)
+    return index

@@ -1,12 +1,13 @@
-"""Config -> objects for `experiments.train_sae` and the demo.
-
-The run itself (resume, the normalisation cache, training, evaluation, export, the report) is
-`saejax.run.run_training`; this module turns an ml_collections config into its `RunSpec`.
+"""Config -> objects, for every binary: the only module of saejax that reads an ml_collections
+ConfigDict. Each binary in `experiments/` is `run(config, workdir)`: the objects built here,
+then one call into the library (`saejax.run.run_training`, `saejax.studies.*`,
+`saejax.browser`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import jax
@@ -14,12 +15,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from saejax import backbones, data, fidelity, sae, sharding, train
+from saejax import backbones, data, fidelity, sae, sharding, site, train
+from saejax.checkpoint import import_saev, load_sae
 from saejax.core.losses import Objective
+from saejax.core.normalization import Normalization
 from saejax.run.training import RESUMABLE_KEYS, RunSpec, TrainedRun, run_training
 
-__all__ = ["RESUMABLE_KEYS", "TrainedRun", "build_backbone", "build_run", "build_source", "build_trainer",
-           "compute_dtype", "normalization_identity", "train_sae", "validate_config"]
+__all__ = ["RESUMABLE_KEYS", "TrainedRun", "build_backbone", "build_mesh", "build_run", "build_sae", "build_site",
+           "build_source", "build_trainer", "compute_dtype", "ensure_tiny_tree", "fidelity_head",
+           "normalization_identity", "train_sae", "validate_config"]
 
 
 def build_source(cfg: ml_collections.ConfigDict, split: str) -> data.Source:
@@ -178,3 +182,51 @@ def fidelity_head(bb, bb_params, name: str, prompts=()):
     if name not in ("classifier", "none"):
         raise ValueError(f"fidelity.head {name!r}: expected 'auto', 'classifier', 'zero_shot' or 'none'")
     return fidelity.classifier_head if name == "classifier" else None
+
+
+def build_sae(cfg: ml_collections.ConfigDict, d_model: int):
+    """`(ae, params, normalization or None)` from `cfg.kind`:
+    "saejax" (`path`: a `save_sae` directory), "saev" (`path`: saev's `sae.pt`, raw activations
+    unless `norm_mean` / `norm_scalar` are given), or "random" (`d_sae`, `seed`: an untrained
+    ReLU SAE whose latents fire, for `:small` plumbing runs)."""
+    if cfg.kind == "saejax":
+        ae, params, info = load_sae(cfg.path)
+        norm = info["normalization"]
+    elif cfg.kind == "saev":
+        ae, params, _ = import_saev(cfg.path)
+        norm = None
+        if cfg.get("norm_scalar"):  # e.g. saev's DINOv2 SAE reads (x - mu) / 2.018...
+            if not cfg.get("norm_mean"):
+                raise ValueError(f"sae.norm_scalar={cfg.norm_scalar} needs sae.norm_mean: an .npy file of the mean "
+                                 f"the SAE subtracts")
+            mean = np.load(cfg.norm_mean)
+            if mean.shape != (d_model,):
+                raise ValueError(f"{cfg.norm_mean}: shape {mean.shape}, expected ({d_model},)")
+            norm = Normalization(jnp.asarray(mean, jnp.float32), jnp.asarray(cfg.norm_scalar, jnp.float32))
+    elif cfg.kind == "random":
+        ae = sae.relu(d_model, cfg.d_sae)
+        params = ae.init(jax.random.key(cfg.seed))
+        params = params.replace(b_enc=jnp.full((cfg.d_sae,), 0.05))
+        norm = None
+    else:
+        raise ValueError(f"sae.kind must be saejax, saev or random, got {cfg.kind!r}")
+    if ae.d_model != d_model:
+        raise ValueError(f"the SAE reads d_model={ae.d_model}, the backbone has {d_model}")
+    return ae, params, norm
+
+
+def ensure_tiny_tree(cfg, write) -> str:
+    """`cfg.root`, written by `write(root)` first when `cfg.tiny_tree` is set and it is missing."""
+    root = os.path.expanduser(cfg.root)
+    if cfg.get("tiny_tree") and not os.path.isdir(root):
+        write(root)
+    return root
+
+
+def build_site(backbone_cfg, sae_cfg, layer: int, image_size: int | None = None) -> site.Site:
+    """The SAE at its block: `build_backbone` + `build_sae`; with `image_size`, for images a
+    source already resized and cropped to that size (`site.cropped_processing`)."""
+    bb, bb_params = build_backbone(backbone_cfg)
+    ae, sae_params, norm = build_sae(sae_cfg, bb.d_model)
+    processing = site.cropped_processing(bb, image_size) if image_size else None
+    return site.Site(bb, bb_params, layer=layer, ae=ae, sae_params=sae_params, norm=norm, processing=processing)
