@@ -2,21 +2,24 @@
 stream on the fly, features matched to ground-truth concepts, and interventions measured.
 
     python -m experiments.demo --workdir=/tmp/saejax-demo          # about 9 min on 2 CPU cores
-    python -m experiments.demo --workdir=/tmp/saejax-demo --quick  # reduced, for tests
-    python -m experiments.demo --workdir=/tmp/demo-dinov2 --backbone=/path/to/hf_dinov2_dir
+    python -m experiments.demo --workdir=/tmp/saejax-demo --config=experiments/configs/shapes_demo.py:small
+    python -m experiments.demo --workdir=/tmp/demo-dinov2 --config.demo.backbone=/path/to/hf_dinov2_dir
+
+The settings are `experiments/configs/shapes_demo.py` (`--config.demo.*`; `:small` is the
+reduced run the tests use).
 
 Steps:
 1. The shapes world (`saejax.datasets.shapes`, 64 px images by default: an 8 x 8 grid of 8 px
    patches) and a small ViT trained on it (`saejax.datasets.shapes_vit.train_shapes_vit`,
-   reused when `<workdir>/vit` matches). `--targets=factorised` (default) asks the ViT for
+   reused when `<workdir>/vit` matches). `demo.targets=factorised` (default) asks the ViT for
    colour and shape as separate heads and, per patch, for each factor (colour, shape, size,
-   background texture); `--targets=conjunction` for the 16 colour-shape classes.
-   `--backbone=<hub id or HF dir>` uses a pretrained model instead: the world is drawn at the
+   background texture); `demo.targets=conjunction` for the 16 colour-shape classes.
+   `demo.backbone=<hub id or HF dir>` uses a pretrained model instead: the world is drawn at the
    size that gives it the same patch grid (DINOv2 at 112 px: 8 x 8 patches of 14 px; a 16 px-patch
    CLIP at 128 px), and the model runs there with interpolated position embeddings.
 2. A BatchTopK SAE (k=4, 16 x width latents) on block 2 of 4 (`experiments/configs/shapes_demo.py`,
-   the setting `benchmarks.concepts` picks; `--architecture`, `--k` and `--expansion` choose
-   another; on a pretrained backbone the block two thirds of the way up, or `--layer`) via
+   the setting `benchmarks.concepts` picks; `demo.architecture`, `demo.k` and `demo.expansion` choose
+   another; on a pretrained backbone the block two thirds of the way up, or `demo.layer`) via
    `experiments.train_sae` in `<workdir>/sae_run` (resumable like any run); the trained states
    come back in memory.
 3. On validation images, for the 15 concepts of `shapes.FACTOR_CONCEPTS` (4 shapes, 4 colours,
@@ -37,102 +40,32 @@ Steps:
    only where the latent fires (`interventions.set(..., where_active=True)`), with its own
    matched random direction.
 5. `<workdir>/report/index.html` (self-contained) and `<workdir>/report/summary.json`.
+
+Steps 3-5 are `saejax.studies.shapes_demo` (`analyse`, `write_page`).
 """
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags, logging
+import ml_collections
 
-from experiments.configs import shapes_demo
-from experiments.builders import train_sae
-from saejax import backbones, concept_metrics, features, interventions, loop, losses, probes, segmentation, train, viz
-from saejax import metrics as sae_metrics
-from saejax.datasets import shapes
+from experiments import builders
+from experiments.entry import run_binary
+from saejax import backbones, losses, site, train
 from saejax.datasets.shapes_backbones import default_layer, image_sizes
-from saejax.datasets.shapes_vit import SHAPES_VIT, TARGETS, train_shapes_vit
+from saejax.datasets.shapes_vit import SHAPES_VIT, train_shapes_vit
+from saejax.studies import shapes_demo
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the ViT, the SAE run and the report go.")
-_QUICK = flags.DEFINE_bool("quick", False, "A reduced run (seconds of training) to check the pipeline.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Image side in px of the world's ViT (8 px patches; objects "
-                                   "scale with it). With --backbone: the grid is image_size / 8 patches a side.")
-_TARGETS = flags.DEFINE_enum("targets", "factorised", TARGETS, "What the world's ViT is trained to predict.")
-_BACKBONE = flags.DEFINE_string("backbone", None, "A pretrained backbone (hub id or local HF directory) instead of "
-                                "the world's ViT.")
-_LAYER = flags.DEFINE_integer("layer", None, "The SAE's block (default: 2 for the world's ViT, two thirds of the "
-                              "way up a pretrained backbone).")
-_ARCHITECTURE = flags.DEFINE_enum("architecture", None, ["topk", "batchtopk", "matryoshka"], "The SAE's "
-                                  "architecture (default: the config's, BatchTopK; matryoshka = BatchTopK with "
-                                  "nested prefixes F/8, F/4, F/2, F).")
-_K = flags.DEFINE_integer("k", None, "The SAE's k (default: the config's, 4).")
-_EXPANSION = flags.DEFINE_integer("expansion", None, "Latents per residual dimension (default: the config's, 16).")
-_EDIT_IMAGES = flags.DEFINE_integer("edit_images", None, "Validation images the edits run on (default: all 1,000 "
-                                    "for the world's ViT, 250 for a pretrained backbone).")
-
-BASELINE_DRAWS = 3
-UNION_SIZE = 4  # enough for a shape stored as one latent per colour
-CONCEPTS = shapes.FACTOR_CONCEPTS
-WORLD_PATCH = SHAPES_VIT["patch_size"]  # --image_size / WORLD_PATCH is the grid
+WORLD_PATCH = SHAPES_VIT["patch_size"]  # demo.image_size / WORLD_PATCH is the grid
 
 
-class Analysis:
-    """Everything computed on the validation images, in batches, with jitted pieces."""
-
-    def __init__(self, bb, bb_params, ae, sae_params, norm, layer, batch_size=128):
-        self.bb, self.bb_params, self.ae, self.params, self.norm, self.layer = bb, bb_params, ae, sae_params, norm, layer
-        self.patches = slice(*bb.layout.patches)
-        self.batch_size = batch_size
-
-        @jax.jit
-        def base(images):
-            """Codes [B, P, F], final patch tokens [B, P, D], normalised residuals [B, P, D] and
-            the whole residual at the layer [B, T, D]."""
-            out = bb.forward(bb_params, images, capture=(layer,))
-            resid = out.captured[layer]
-            patches = resid[:, self.patches]
-            x = norm.apply(patches.reshape(-1, bb.d_model))
-            z = ae.encode(sae_params, x)
-            return (z.reshape(patches.shape[0], patches.shape[1], -1), out.tokens[:, self.patches],
-                    x.reshape(patches.shape), resid)
-
-        @jax.jit
-        def edited_tokens(edit, resid):
-            """Final patch tokens after editing the residual at the layer (later blocks only)."""
-            h = bb.run_blocks(bb_params, edit(resid), layer + 1, bb.n_layers)
-            return bb.readout(bb_params, h)[0][:, self.patches]
-
-        self.base, self.edited_tokens = base, edited_tokens
-
-    def batches(self, images):
-        for start in range(0, len(images), self.batch_size):
-            yield start, jnp.asarray(self.bb.preprocess(images[start:start + self.batch_size]))
-
-
-def mean_rates(results: list[dict]) -> dict[str, float]:
-    """The mean of each rate over several baseline draws."""
-    return {key: float(np.mean([r[key] for r in results])) for key in results[0]}
-
-
-def firing_breakdown(fired, present, coverage, on_object) -> dict[str, int]:
-    """Where a latent fires: patches where the concept is present (covers >= half), partly
-    covered ones, and ones without it (split by what covers most of the patch: an object, or
-    background)."""
-    fired, present, coverage, on_object = (np.asarray(a) for a in (fired, present, coverage, on_object))
-    absent = fired & (coverage == 0)
-    return {"covered": int(np.sum(fired & present)), "partly_covered": int(np.sum(fired & ~present & (coverage > 0))),
-            "other_objects": int(np.sum(absent & on_object)), "background": int(np.sum(absent & ~on_object))}
-
-
-def configure_sae(config, d_model: int, architecture: str | None, k: int | None, expansion: int | None) -> None:
+def configure_sae(config, d_model: int, architecture: str, k: int | None, expansion: int | None) -> None:
     """Overrides the config's SAE (`benchmarks.concepts` names the settings the same way)."""
-    if architecture is not None:
+    if architecture:
         config.sae.architecture = "batchtopk" if architecture == "matryoshka" else architecture
     if expansion is not None:
         config.sae.expansion = expansion
@@ -143,285 +76,66 @@ def configure_sae(config, d_model: int, architecture: str | None, k: int | None,
         config.objective.matryoshka_prefixes = losses.halving_prefixes(d_sae)
 
 
-def run_demo(workdir: str, quick: bool = False, image_size: int = 64, targets: str = "factorised",
-             backbone: str | None = None, layer: int | None = None, edit_images: int | None = None,
-             architecture: str | None = None, k: int | None = None, expansion: int | None = None) -> dict:
+def run(config, workdir: str) -> dict:
+    """The demo from `experiments/configs/shapes_demo.py`'s config; returns `summary.json`'s contents."""
     start_time = time.time()
-    os.makedirs(workdir, exist_ok=True)
+    demo = config.demo
+    config = ml_collections.ConfigDict(config.to_dict())  # the SAE run's config: the demo keys are not part of it
+    del config["demo"]
     report_dir = os.path.join(workdir, "report")
     os.makedirs(report_dir, exist_ok=True)
 
     # 1. The backbone: the world's ViT, trained here, or a pretrained one.
-    config = shapes_demo.get_config("quick" if quick else "")
     vit = None
-    if backbone is None:
-        vit_kwargs = dict(n_train=2_000, n_val=200, steps=60) if quick else {}
-        vit = train_shapes_vit(workdir, seed=0, image_size=image_size, targets=targets, **vit_kwargs)
-        print(f"ViT ({targets}): validation accuracy {vit.val_accuracy:.4f} "
+    if not demo.backbone:
+        vit = train_shapes_vit(workdir, seed=0, image_size=demo.image_size, targets=demo.targets, **demo.vit)
+        print(f"ViT ({demo.targets}): validation accuracy {vit.val_accuracy:.4f} "
               f"({'reused' if vit.reused else f'{vit.seconds:.0f} s'})", flush=True)
-        config.backbone.name, world_size = vit.path, image_size
+        config.backbone.name, world_size = vit.path, demo.image_size
     else:
-        load_size, world_size = image_sizes(backbone, image_size // WORLD_PATCH)
-        config.backbone.name, config.backbone.image_size = backbone, load_size
-        print(f"backbone {backbone} at {world_size} px", flush=True)
+        load_size, world_size = image_sizes(demo.backbone, demo.image_size // WORLD_PATCH)
+        config.backbone.name, config.backbone.image_size = demo.backbone, load_size
+        print(f"backbone {demo.backbone} at {world_size} px", flush=True)
     config.data.image_size = world_size
     model = backbones.load(config.backbone.name, image_size=config.backbone.get("image_size"))[0]
-    if layer is not None or backbone is not None:
-        config.layers = (default_layer(model.n_layers) if layer is None else layer,)
-    configure_sae(config, model.d_model, architecture, k, expansion)
+    if demo.layer is not None or demo.backbone:
+        config.layers = (default_layer(model.n_layers) if demo.layer is None else demo.layer,)
+    configure_sae(config, model.d_model, demo.architecture, demo.k, demo.expansion)
 
     # 2. The SAE, trained on the backbone's residual stream on the fly.
     sae_dir = os.path.join(workdir, "sae_run")
-    run = train_sae(config, sae_dir)  # the trained states come back in memory
+    trained = builders.train_sae(config, sae_dir)  # the trained states come back in memory
     layer = config.layers[0]
-    ae, norm, bb, bb_params = run.trainer.ae, run.normalization[layer], run.bb, run.bb_params
-    sae_params = jax.device_get(train.member(run.states[layer], 0).params)
-    evaluation = run.evaluation
+    sae_site = site.Site(trained.bb, trained.bb_params, layer=layer, ae=trained.trainer.ae,
+                         sae_params=jax.device_get(train.member(trained.states[layer], 0).params),
+                         norm=trained.normalization[layer])
 
-    # 3. Features on validation images.
-    n_val = 200 if quick else 1_000
-    val = shapes.source("validation", n_val, seed=1, image_size=world_size).world
-    images, p, n_concepts = val.images, bb.patch_size, len(CONCEPTS)
-    analysis = Analysis(bb, bb_params, ae, sae_params, norm, layer)
-    concepts_N = shapes.factor_patch_concepts(val, p).reshape(n_val, -1, n_concepts)
-    coverage = shapes.factor_patch_fractions(val, p).reshape(-1, n_concepts)
-    labels = {f: v.reshape(-1) for f, v in shapes.factor_patch_labels(val, p).items()}
-    # Colour-shape conjunctions ("red circle"), present like concepts: covering at least half the patch.
-    class_fractions = shapes.patch_fractions(val.pixel_labels, p).reshape(-1, len(shapes.PIXEL_CLASSES))
-    conjunctions_N = (class_fractions[:, 1:] >= 0.5).reshape(n_val, -1, len(shapes.CLASSES))
-    exemplars = features.TopExemplars.empty(ae.d_sae, k=8, n_patches=bb.layout.n_patches)
-    f1_counts = features.ConceptF1.zeros(ae.d_sae, n_concepts)
-    conjunction_counts = features.ConceptF1.zeros(ae.d_sae, len(shapes.CLASSES))
-    firing = sae_metrics.FiringStats.zeros(ae.d_sae)
-    n_edit = min(n_val, edit_images or (n_val if backbone is None else 250))
-    tokens_before, codes, resids, layer_resids = [], [], [], []
-    for s, x in analysis.batches(images):
-        z, tokens, resid, at_layer = analysis.base(x)
-        b = z.shape[0]
-        exemplars = exemplars.update(z, jnp.arange(s, s + b))
-        flat = z.reshape(-1, ae.d_sae)
-        f1_counts = f1_counts.update(flat, jnp.asarray(concepts_N[s:s + b].reshape(-1, n_concepts)))
-        conjunction_counts = conjunction_counts.update(flat, jnp.asarray(conjunctions_N[s:s + b].reshape(
-            -1, len(shapes.CLASSES))))
-        firing = firing.update(flat)
-        tokens_before.append(tokens)
-        codes.append(z)
-        resids.append(resid)
-        if s < n_edit:
-            layer_resids.append(at_layer[:n_edit - s])
-    tokens_before, codes, resids, layer_resids = map(jnp.concatenate, (tokens_before, codes, resids, layer_resids))
-    best_latent, best_f1 = jax.device_get(f1_counts.best())
-    conjunction_latent, conjunction_f1 = jax.device_get(conjunction_counts.best())
-    max_act = np.asarray(exemplars.max_activation())
-    frequency = np.asarray(firing.frequency())
+    # 3-4. Features, probes and edits on validation images.
+    n_val = demo.validation_images
+    edit_images = demo.edit_images or (n_val if not demo.backbone else 250)
+    results, pictures = shapes_demo.analyse(sae_site, world_size=world_size, n_val=n_val, edit_images=edit_images,
+                                            probe_images=demo.probe_images, probe_epochs=demo.probe_epochs)
 
-    # 4. Probes on final patch tokens (trained on other images), then interventions.
-    probe_world = shapes.source("test", 400 if quick else 2_000, seed=1, image_size=world_size).world
-    probe_labels = {f: v.reshape(-1) for f, v in shapes.factor_patch_labels(probe_world, p).items()}
-    probe_feats, probe_resids, probe_codes = [], [], []
-    for _, x in analysis.batches(probe_world.images):
-        z, tokens, resid, _ = analysis.base(x)
-        probe_feats.append(tokens)
-        probe_resids.append(resid)
-        probe_codes.append(z.reshape(-1, ae.d_sae))
-    probe_feats, probe_resids = (jnp.concatenate(a).reshape(-1, bb.d_model) for a in (probe_feats, probe_resids))
-    probe_codes = jnp.concatenate(probe_codes)
-    epochs = 10 if quick else 30
-    probe = {family: probes.train_linear_probe(jax.random.key(i), probe_feats, jnp.asarray(probe_labels[family]),
-                                               len(classes), epochs=epochs, batch_size=2048, learning_rate=1e-2)
-             for i, (family, classes) in enumerate(shapes.FACTORS.items())}
-    # What the residual the SAE reads knows per patch: a supervised probe's F1 bounds any latent's.
-    probe_concepts = shapes.factor_patch_concepts(probe_world, p).reshape(-1, n_concepts)
-    val_concepts = concepts_N.reshape(-1, n_concepts)
-    ceiling_f1 = concept_metrics.probe_ceiling_f1(probe_resids, probe_concepts, resids.reshape(-1, bb.d_model),
-                                                  val_concepts, epochs=epochs)
-    dictionaries = concept_metrics.baseline_dictionaries(
-        ae.d_sae, probe_resids, resids.reshape(-1, bb.d_model), probe_codes, codes.reshape(-1, ae.d_sae),
-        key=jax.random.key(5))
-    dictionary_scores = {name: concept_metrics.concept_scores(train_codes, val_codes, probe_concepts, val_concepts)
-                         for name, (train_codes, val_codes) in dictionaries.items()}
-    flat_before = tokens_before.reshape(-1, bb.d_model)
-    pred_before = {family: np.asarray(probes.predict(probe[family], flat_before)) for family in probe}
-    probe_accuracy = {family: float(np.mean(pred_before[family] == labels[family])) for family in probe}
-    n_edit_patches = n_edit * bb.layout.n_patches
-
-    def change_rates(edit, family, target_class):
-        tokens = jnp.concatenate([analysis.edited_tokens(edit, layer_resids[i:i + analysis.batch_size])
-                                  for i in range(0, n_edit, analysis.batch_size)])
-        after = np.asarray(probes.predict(probe[family], tokens.reshape(-1, bb.d_model)))
-        return segmentation.change_rates(pred_before[family][:n_edit_patches], after,
-                                         labels[family][:n_edit_patches], target_class, background=0)
-
-    rng = np.random.default_rng(0)
-    alive = np.flatnonzero(frequency > 0)
-    union = jax.jit(features.greedy_latent_union, static_argnums=2)
-    flat_codes = codes.reshape(-1, ae.d_sae)
-    edit_codes = np.asarray(codes[:n_edit]).reshape(-1, ae.d_sae)
-    concept_results = []
-    for c, name in enumerate(CONCEPTS):
-        family, cls = shapes.concept_factor(name)
-        latent = int(best_latent[c])
-        value = -2.0 * float(max_act[latent])
-        union_latents, union_f1 = jax.device_get(union(flat_codes, jnp.asarray(val_concepts[:, c]), UNION_SIZE))
-        size = int(np.argmax(union_f1)) + 1
-        fired_where = firing_breakdown(flat_codes[:, latent] > 0, val_concepts[:, c], coverage[:, c],
-                                       labels["colour"] > 0)
-        edit = interventions.sae_edit(ae, sae_params, interventions.set(latent, value), norm=norm)
-        active_edit = interventions.sae_edit(ae, sae_params, interventions.set(latent, value, where_active=True),
-                                             norm=norm)
-        result = {"name": name, "factor": family, "latent": latent, "f1": float(best_f1[c]),
-                  "max_activation": float(max_act[latent]), "frequency": float(frequency[latent]),
-                  "probe_f1": float(ceiling_f1[c]),
-                  "union": {"latents": union_latents[:size].tolist(), "f1": float(union_f1[size - 1])},
-                  "dictionaries": {d: scores[c] for d, scores in dictionary_scores.items()},
-                  "firing_patches": fired_where,
-                  **change_rates(edit, family, cls), "where_active": change_rates(active_edit, family, cls)}
-        # Baselines, averaged over BASELINE_DRAWS draws (one random latent may be a near-duplicate of the concept's).
-        others = rng.choice(alive[alive != latent], BASELINE_DRAWS, replace=False)
-        result["random_latent"] = {"latents": others.tolist(), **mean_rates([change_rates(interventions.sae_edit(
-            ae, sae_params, interventions.set(o, -2.0 * float(max_act[o])), norm=norm), family, cls) for o in others])}
-        # The concept edit moves a token by |v - f| * ||w_dec|| * scalar; match its mean norm.
-        f_latent = edit_codes[:, latent]
-        decoder_norm = np.linalg.norm(np.asarray(sae_params.w_dec[latent])) * float(norm.scalar)
-        mean_norm = float(np.mean(np.abs(value - f_latent)) * decoder_norm)
-        directions = rng.standard_normal((BASELINE_DRAWS, bb.d_model))
-        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-        result["random_direction"] = mean_rates([change_rates(interventions.direction_edit(d, mean_norm), family, cls)
-                                                 for d in directions])
-        # Matched to the where-active edit: the same tokens, the mean norm of its change there.
-        fires = f_latent > 0
-        active_norm = float(np.mean(np.abs(value - f_latent[fires])) * decoder_norm) if fires.any() else 0.0
-        result["where_active"]["random_direction"] = mean_rates([change_rates(interventions.DirectionWhereFiring(
-            active_edit, jnp.asarray(latent), jnp.asarray(d, jnp.float32), jnp.asarray(active_norm, jnp.float32)),
-            family, cls) for d in directions])
-        concept_results.append(result)
-        rates = "  ".join(f"{key} {r['target_change_rate']:.2f}/{r['other_change_rate']:.3f}" for key, r in (
-            ("edit", result), ("random latent", result["random_latent"]), ("random direction", result["random_direction"]),
-            ("where active", result["where_active"]), ("its random direction", result["where_active"]["random_direction"])))
-        print(f"{name:>10}: latent {latent:4d} F1 {result['f1']:.2f} (union {result['union']['f1']:.2f}, probe "
-              f"{result['probe_f1']:.2f})  {rates}", flush=True)
-
-    print("best latent per conjunction (F1): " + ", ".join(
-        f"{name} {f:.2f}" for name, f in zip(shapes.CLASSES, conjunction_f1)), flush=True)
-    member = evaluation["members"][0]
+    # 5. The summary and the page.
+    bb, ae, member = sae_site.bb, sae_site.ae, trained.evaluation["members"][0]
     summary = {
         "seconds": time.time() - start_time,
-        "backbone": {"name": backbone or "shapes ViT", "path": config.backbone.name, "family": bb.family,
+        "backbone": {"name": demo.backbone or "shapes ViT", "path": config.backbone.name, "family": bb.family,
                      "image_size": bb.image_size, "grid": list(bb.grid), "n_layers": bb.n_layers,
-                     "targets": targets if backbone is None else None},
-        "vit": None if vit is None else {"val_accuracy": vit.val_accuracy, "path": vit.path, "targets": targets},
+                     "targets": demo.targets if not demo.backbone else None},
+        "vit": None if vit is None else {"val_accuracy": vit.val_accuracy, "path": vit.path, "targets": demo.targets},
         "sae": {"l0": member["l0"], "nmse": member["nmse"], "explained_variance": member["explained_variance"],
                 "dead_fraction": member["dead_fraction"], "dense_fraction": member["dense_fraction"],
                 "d_sae": ae.d_sae, "architecture": ae.architecture, "k": getattr(ae, "k", None), "layer": layer,
-                "matryoshka_prefixes": config.objective.get("matryoshka_prefixes"),
-                "path": member["path"]},
-        "probes": {f"{family}_accuracy": accuracy for family, accuracy in probe_accuracy.items()},
-        "edit_images": n_edit,
-        "concepts": concept_results,
-        "dictionaries": {d: concept_metrics.summarize(scores) for d, scores in dictionary_scores.items()},
-        "conjunctions": [{"name": name, "latent": int(j), "f1": float(f)}
-                         for name, j, f in zip(shapes.CLASSES, conjunction_latent, conjunction_f1)],
+                "matryoshka_prefixes": config.objective.get("matryoshka_prefixes"), "path": member["path"]},
+        **results,
     }
-    for d, row in summary["dictionaries"].items():
-        print(f"{d:>7}: " + "  ".join(f"{key} {value:.3f}" for key, value in row.items()), flush=True)
     with open(os.path.join(report_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    write_report(report_dir, summary, sae_dir, images, exemplars, bb.grid)
-    print(f"wrote {os.path.join(report_dir, 'index.html')} ({summary['seconds']:.0f} s)", flush=True)
+    page = shapes_demo.write_page(report_dir, summary, sae_dir, pictures["images"], pictures["exemplars"], bb.grid)
+    print(f"wrote {page} ({summary['seconds']:.0f} s)", flush=True)
     return summary
 
 
-def write_report(report_dir, summary, sae_dir, images, exemplars, grid):
-    rows = [r for r in loop.read_metrics(sae_dir) if r["member"] == 0]
-    curves = "".join(viz.line_chart_svg({key: [(r["step"], r[key]) for r in rows]}, title=key, log_y=key == "loss")
-                     for key in ("loss", "l0", "nmse"))
-    sae, bb = summary["sae"], summary["backbone"]
-    model = (f"the world's ViT ({bb['targets']} targets), validation accuracy <b>{summary['vit']['val_accuracy']:.4f}</b>"
-             if summary["vit"] else f"<b>{html.escape(bb['name'])}</b> ({bb['family']})")
-    prefixes = sae.get("matryoshka_prefixes")
-    matryoshka = f" with Matryoshka prefixes {', '.join(map(str, prefixes))}" if prefixes else ""
-    probe_text = ", ".join(f"{key.removesuffix('_accuracy')} {value:.3f}" for key, value in summary["probes"].items())
-    body = [f"<p>Finished in {summary['seconds']:.0f} s. Backbone: {model}, at {bb['image_size']} px "
-            f"({bb['grid'][0]} x {bb['grid'][1]} patches). Probes on final patch tokens (accuracy): {probe_text}. "
-            f"Edits run on {summary['edit_images']} validation images.</p>",
-            "<h2>SAE training</h2><div class='row'>", curves, "</div>",
-            f"<p>{sae['architecture']} SAE{matryoshka}, {sae['d_sae']} latents, k={sae['k']}, block {sae['layer']}: "
-            f"L0 {sae['l0']:.2f}, "
-            f"NMSE {sae['nmse']:.4f}, explained variance {sae['explained_variance']:.4f}, dead fraction "
-            f"{sae['dead_fraction']:.3f}, dense fraction {sae['dense_fraction']:.3f}.</p>",
-            "<h2>Concepts</h2><p>Best latent per concept by patch-level F1; factor: the probe that reads the "
-            "edit out; union: the best detector made of up "
-            "to 4 latents (greedy); probe: a supervised linear probe on the same residual (what the model encodes "
-            "per patch, a bound on any latent). Intervention: the latent set to -2 x its max on all tokens (or only "
-            "where it fires); rates are fractions of patches whose probe prediction changes, target / other.</p>",
-            "<table><tr><th class='l'>concept</th><th>factor</th><th>latent</th><th>F1</th><th>union F1 (latents)</th>"
-            "<th>probe F1</th><th>fires on: concept / partly / other objects / background</th>"
-            "<th>target change</th><th>other change</th><th>where active (its random direction)</th>"
-            "<th>random latent</th><th>random direction</th></tr>"]
-    for c in summary["concepts"]:
-        # The aim: F1 >= 0.8 and an edit (on all tokens, or where the latent fires) with target >= 0.8, other <= 0.05.
-        matched = c["where_active"]["random_direction"]
-        good = c["f1"] >= 0.8 and any(r["target_change_rate"] >= 0.8 and r["other_change_rate"] <= 0.05
-                                      for r in (c, c["where_active"]))
-        body.append(f"<tr><td class='l {'good' if good else 'bad'}'>{html.escape(c['name'])}</td><td>{c['factor']}</td>"
-                    f"<td>{c['latent']}</td>"
-                    f"<td>{c['f1']:.3f}</td><td>{c['union']['f1']:.3f} ({', '.join(map(str, c['union']['latents']))})</td>"
-                    f"<td>{c['probe_f1']:.3f}</td><td>{' / '.join(str(n) for n in c['firing_patches'].values())}</td>"
-                    f"<td>{c['target_change_rate']:.3f}</td><td>{c['other_change_rate']:.3f}</td>"
-                    + "".join(f"<td>{r['target_change_rate']:.3f} / {r['other_change_rate']:.3f}{extra}</td>"
-                              for r, extra in ((c["where_active"], f" ({matched['target_change_rate']:.2f} / "
-                                                f"{matched['other_change_rate']:.3f})"),
-                                               (c["random_latent"], ""), (c["random_direction"], ""))) + "</tr>")
-    body.append("</table><p>Best latent per colour-shape conjunction (F1): " + ", ".join(
-        f"{html.escape(c['name'])} {c['latent']} ({c['f1']:.2f})" for c in summary["conjunctions"]) + ".</p>")
-    body.append("<h2>Against trivial dictionaries</h2><p>Each dictionary's best single feature per concept, on the "
-                "same normalised residuals: patch-level F1 (best feature and threshold) and the saev follow-up's 1-D "
-                "probe (the feature with the lowest logistic loss on other images), scored on these images: Probe R "
-                "(1 - its cross-entropy / the prevalence-only baseline's, over all concepts), average precision, "
-                "Purity@16 (the share of its 16 top-scoring patches that hold the concept) and Coverage@0.3 (the "
-                "share of concepts with AP >= 0.3). k-means has as many centroids as the SAE has latents (a "
-                "centroid fires on its nearest patches); PCA gives its top components' positive and negative "
-                "halves. The supervised probe is the ceiling.</p><table id='dictionary-summary'><tr>"
-                "<th class='l'>dictionary</th><th>Probe R</th><th>mAP</th><th>Purity@16</th><th>Coverage@0.3</th>"
-                "<th>mean best F1</th></tr>")
-    for name, label in (("sae", "SAE"), ("kmeans", "k-means"), ("pca", "PCA")):
-        row = summary["dictionaries"][name]
-        body.append(f"<tr><td class='l'>{label}</td>" + "".join(
-            f"<td>{row[k]:.3f}</td>" for k in ("probe_r", "map", "purity", "coverage", "mean_f1")) + "</tr>")
-    body.append("</table><table id='dictionaries'><tr><th class='l'>concept</th>"
-                + "".join(f"<th>{name} F1 / AP</th>" for name in ("SAE", "k-means", "PCA")) + "<th>probe F1</th></tr>")
-    for c in summary["concepts"]:
-        d = c["dictionaries"]
-        body.append(f"<tr><td class='l'>{html.escape(c['name'])}</td>" + "".join(
-            f"<td>{d[k]['f1']:.3f} / {d[k]['ap']:.3f}</td>" for k in ("sae", "kmeans", "pca"))
-            + f"<td>{c['probe_f1']:.3f}</td></tr>")
-    body.append("</table>")
-    body.append("<h2>Top exemplars</h2><p>Each concept's latent on its 8 most activating validation images; "
-                "patches where it fires are tinted by activation / max.</p>")
-    values, ids, maps = jax.device_get((exemplars.values, exemplars.image_ids, exemplars.maps))
-    for c in summary["concepts"]:
-        latent, vmax = c["latent"], max(c["max_activation"], 1e-12)
-        tiles = [viz.highlight_patches(images[i], maps[latent, j].reshape(grid), vmax)
-                 for j, i in enumerate(ids[latent]) if i >= 0]
-        png = viz.png_bytes(viz.tile(tiles, columns=8))
-        with open(os.path.join(report_dir, f"exemplars_{c['name']}.png"), "wb") as f:
-            f.write(png)
-        body.append(f"<div class='card'><b>{html.escape(c['name'])}</b> latent {latent} (F1 {c['f1']:.2f}, "
-                    f"max {c['max_activation']:.2f}, frequency {c['frequency']:.4f})<br>"
-                    f"<img src='{viz.data_uri(png)}' alt='exemplars of latent {latent}'></div>")
-    with open(os.path.join(report_dir, "index.html"), "w") as f:
-        f.write(viz.html_page(f"saejax demo: the shapes world on {summary['backbone']['name']}", "".join(body)))
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
-    run_demo(_WORKDIR.value, quick=_QUICK.value, image_size=_IMAGE_SIZE.value, targets=_TARGETS.value,
-             backbone=_BACKBONE.value, layer=_LAYER.value, edit_images=_EDIT_IMAGES.value,
-             architecture=_ARCHITECTURE.value, k=_K.value, expansion=_EXPANSION.value)
-
-
 if __name__ == "__main__":
-    app.run(main)
+    run_binary("demo", run, "shapes_demo.py", workdir_help="Where the ViT, the SAE run and the report go.")

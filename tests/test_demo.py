@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = f"--config={ROOT}/experiments/configs/shapes_demo.py:small"
 
 
-def test_quick_demo_writes_the_report_and_summary(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "experiments.demo", f"--workdir={tmp_path}", "--quick"], cwd=ROOT,
+def test_small_demo_writes_the_report_and_summary(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "experiments.demo", f"--workdir={tmp_path}", SMALL], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     summary = json.load(open(tmp_path / "report" / "summary.json"))
@@ -31,7 +32,7 @@ def test_quick_demo_writes_the_report_and_summary(tmp_path):
         others = concept["random_latent"]["latents"]
         assert len(set(others)) == 3 and concept["latent"] not in others
         # Every patch where the latent fired is counted once: covered, partly covered, or neither.
-        n_patches = 200 * 64  # --quick: 200 validation images of 64 px, 8 px patches
+        n_patches = 200 * 64  # :small: 200 validation images of 64 px, 8 px patches
         assert sum(concept["firing_patches"].values()) == round(concept["frequency"] * n_patches)
         for result in (concept, concept["where_active"], concept["where_active"]["random_direction"],
                        concept["random_latent"], concept["random_direction"]):
@@ -60,26 +61,26 @@ def test_quick_demo_writes_the_report_and_summary(tmp_path):
     assert page.count("<tr>", page.index("id='dictionary-summary'"), page.index("id='dictionaries'")) == 4
 
 
-def test_quick_demo_on_a_pretrained_dinov2_runs_it_at_the_worlds_grid(tmp_path):
-    """`--backbone` swaps the world's ViT for a (here tiny random) DINOv2 directory: the world is
+def test_small_demo_on_a_pretrained_dinov2_runs_it_at_the_worlds_grid(tmp_path):
+    """`demo.backbone` swaps the world's ViT for a (here tiny random) DINOv2 directory: the world is
     drawn at 8 patches of 14 px a side (112 px), the position embeddings are interpolated to that
-    grid, the SAE sits two thirds of the way up, and the edits run on `--edit_images` images.
-    `--architecture`, `--k` and `--expansion` choose the SAE."""
+    grid, the SAE sits two thirds of the way up, and the edits run on `demo.edit_images` images.
+    `demo.architecture`, `demo.k` and `demo.expansion` choose the SAE."""
     from saejax import backbones
 
     model = backbones.create_random("dinov2", str(tmp_path / "dinov2"), seed=0, hidden_size=32, num_hidden_layers=3,
                                     num_attention_heads=2, mlp_ratio=2, image_size=70, patch_size=14)
-    out = subprocess.run([sys.executable, "-m", "experiments.demo", f"--workdir={tmp_path / 'run'}", "--quick",
-                          f"--backbone={model}", "--edit_images=40", "--architecture=matryoshka", "--k=2",
-                          "--expansion=2"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run([sys.executable, "-m", "experiments.demo", f"--workdir={tmp_path / 'run'}", SMALL,
+                          f"--config.demo.backbone={model}", "--config.demo.edit_images=40",
+                          "--config.demo.architecture=matryoshka", "--config.demo.k=2", "--config.demo.expansion=2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     summary = json.load(open(tmp_path / "run" / "report" / "summary.json"))
     assert summary["vit"] is None and not os.path.exists(tmp_path / "run" / "vit")
     assert summary["backbone"] == {"name": model, "path": model, "family": "dinov2", "image_size": 112,
                                    "grid": [8, 8], "n_layers": 3, "targets": None}
     assert summary["sae"]["layer"] == 1 and summary["edit_images"] == 40
-    sae = summary["sae"]  # --architecture=matryoshka: BatchTopK with nested prefixes of the 2 x 32 latents
+    sae = summary["sae"]  # demo.architecture=matryoshka: BatchTopK with nested prefixes of the 2 x 32 latents
     assert (sae["architecture"], sae["k"], sae["d_sae"], sae["matryoshka_prefixes"]) == ("batchtopk", 2, 64,
                                                                                        [8, 16, 32, 64])
     assert len(summary["concepts"]) == 15

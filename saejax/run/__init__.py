@@ -1,2 +1,7 @@
-"""Running training: the loop over an activation stream (`loop.fit`, with checkpoints, resampling
-and signal handling), streamed evaluation (`loop.evaluate`) and the metric hooks."""
+"""A training run, from objects: `run_training(RunSpec(...), workdir)` owns the workdir lock,
+resume, the normalisation cache, training (`loop.fit`), evaluation, export and the report
+(`report`); `loop` and `logs` are the pieces under it."""
+
+from saejax.run.training import RunSpec, TrainedRun, run_training
+
+__all__ = ["RunSpec", "TrainedRun", "run_training"]
