@@ -45,7 +45,7 @@ from saejax import backbones, concept_metrics, features, losses, normalization, 
 from saejax import metrics as sae_metrics
 from saejax.datasets import shapes
 from saejax.datasets.shapes_backbones import default_layer, image_sizes
-from saejax.datasets.shapes_vit import SHAPES_VIT, TARGETS, train_shapes_vit
+from saejax.studies.shapes_vit import SHAPES_VIT, TARGETS, train_shapes_vit
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the world's ViT is (or is trained) and results go.",
                                required=True)

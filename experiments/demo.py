@@ -10,7 +10,7 @@ reduced run the tests use).
 
 Steps:
 1. The shapes world (`saejax.datasets.shapes`, 64 px images by default: an 8 x 8 grid of 8 px
-   patches) and a small ViT trained on it (`saejax.datasets.shapes_vit.train_shapes_vit`,
+   patches) and a small ViT trained on it (`saejax.studies.shapes_vit.train_shapes_vit`,
    reused when `<workdir>/vit` matches). `demo.targets=factorised` (default) asks the ViT for
    colour and shape as separate heads and, per patch, for each factor (colour, shape, size,
    background texture); `demo.targets=conjunction` for the 16 colour-shape classes.
@@ -57,7 +57,7 @@ from experiments import builders
 from experiments.entry import run_binary
 from saejax import backbones, losses, site, train
 from saejax.datasets.shapes_backbones import default_layer, image_sizes
-from saejax.datasets.shapes_vit import SHAPES_VIT, train_shapes_vit
+from saejax.studies.shapes_vit import SHAPES_VIT, train_shapes_vit
 from saejax.studies import shapes_demo
 
 WORLD_PATCH = SHAPES_VIT["patch_size"]  # demo.image_size / WORLD_PATCH is the grid

@@ -18,7 +18,7 @@ import time
 import saejax
 from experiments.entry import run_binary
 from saejax.datasets import shapes
-from saejax.datasets.shapes_vit import evaluate, task_heads, train_shapes_vit
+from saejax.studies.shapes_vit import vit_accuracy, task_heads, train_shapes_vit
 
 def run(config, workdir: str) -> float:
     os.makedirs(workdir, exist_ok=True)
@@ -45,7 +45,7 @@ def run(config, workdir: str) -> float:
     bb, params = saejax.backbones.load(result.path)
     val = shapes.source("validation", config.n_val, seed=config.seed, image_size=config.image_size)
     heads = task_heads(config.targets)
-    accuracy = evaluate(lambda p, x: bb.forward(p, x).logits, params, val, processing=bb.processing,
+    accuracy = vit_accuracy(lambda p, x: bb.forward(p, x).logits, params, val, processing=bb.processing,
                         image_heads=heads["image_heads"], image_targets=heads["image_targets"])
     print(f"validation accuracy (saejax.backbones.load + forward): {accuracy:.4f}")
     print(f"total {time.time() - start:.1f} s")

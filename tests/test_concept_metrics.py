@@ -99,8 +99,8 @@ def test_concept_scores_and_the_follow_ups_summary_by_hand():
         assert s["purity"] == pytest.approx(np.mean(y[np.argsort(-logits, kind="stable")[:16]]))
         assert s["ap"] == pytest.approx(float(cm.average_precision(jnp.asarray(logits), jnp.asarray(y > 0))), rel=1e-5)
     assert float(w[2]) < 0  # concept 1's probe reads its latent reversed, and AP follows the probe
-    summary = cm.summarize(scores, tau=0.3)
+    summary = cm.summarize_scores(scores, tau=0.3)
     assert summary["probe_r"] == pytest.approx(1 - (scores[0]["probe_ce"] + scores[1]["probe_ce"]) /
                                                (scores[0]["baseline_ce"] + scores[1]["baseline_ce"]))
     assert 0.5 < summary["probe_r"] < 1 and summary["map"] > 0.9 and summary["coverage"] == 1.0
-    assert cm.summarize(scores, tau=max(s["ap"] for s in scores))["coverage"] == 0.5
+    assert cm.summarize_scores(scores, tau=max(s["ap"] for s in scores))["coverage"] == 0.5

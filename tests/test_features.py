@@ -28,16 +28,38 @@ def test_concept_f1_matches_a_direct_count():
     present = rng.random((200, 3)) < 0.4
     present[:, 2] = acts[:, 4] > 0  # latent 4 detects concept 2 perfectly
     counts = features.ConceptF1.zeros(5, 3).update(acts[:100], present[:100]).update(acts[100:], present[100:])
-    f1 = np.asarray(counts.f1())
+    f1 = np.asarray(counts.f1())[0]  # threshold 0: "the latent fired"
     for j in range(5):
         for c in range(3):
             fired = acts[:, j] > 0
             tp = np.sum(fired & present[:, c])
             expected = 2 * tp / (fired.sum() + present[:, c].sum())
             np.testing.assert_allclose(f1[j, c], expected, rtol=1e-6)
-    latent, best_f1 = counts.best()
-    assert int(latent[2]) == 4 and float(best_f1[2]) == 1.0
-    np.testing.assert_allclose(counts.precision()[4, 2], 1.0)
+    latent, best_f1, threshold = counts.best()
+    assert int(latent[2]) == 4 and float(best_f1[2]) == 1.0 and counts.thresholds[int(threshold[2])] == 0.0
+    np.testing.assert_allclose(counts.precision()[0, 4, 2], 1.0)
+    np.testing.assert_allclose(counts.max, acts.max(0), rtol=1e-6)
+    assert counts.true_positive.dtype == np.int32  # exact counts past float32's 2**24
+
+
+def test_concept_f1_counts_at_thresholds_merge_and_take_labels():
+    rng = np.random.default_rng(3)
+    acts = np.where(rng.random((120, 6)) < 0.4, rng.random((120, 6)) * 2, 0.0).astype(np.float32)
+    labels = rng.integers(0, 3, 120)
+    acts[:, 5] = np.where(labels == 1, 1.5, 0.2)  # fires everywhere, but above 0.3 only on class 1
+    thresholds = (0.0, 0.3, 1.0)
+    halves = [jax.jit(features.ConceptF1.update_labels)(features.ConceptF1.zeros(6, 3, thresholds), acts[p], labels[p])
+              for p in (slice(0, 50), slice(50, None))]
+    counts = halves[0].merge(halves[1])
+    f1 = np.asarray(counts.f1())
+    for t, threshold in enumerate(thresholds):
+        for c in range(3):
+            fired, present = acts > threshold, (labels == c)[:, None]
+            expected = 2 * np.sum(fired & present, 0) / np.maximum(fired.sum(0) + present.sum(), 1)
+            np.testing.assert_allclose(f1[t, :, c], expected, rtol=1e-6)
+    latent, best_f1, threshold = jax.device_get(counts.best())
+    assert (int(latent[1]), float(best_f1[1]), counts.thresholds[threshold[1]]) == (5, 1.0, 0.3)  # the lowest that works
+    np.testing.assert_array_equal(counts.actual, np.bincount(labels, minlength=3))
 
 
 def test_greedy_latent_union_recovers_a_concept_split_over_latents():
@@ -50,7 +72,7 @@ def test_greedy_latent_union_recovers_a_concept_split_over_latents():
     acts[present & (part > 0), 4] = 2.0
     latents, f1 = features.greedy_latent_union(jnp.asarray(acts), jnp.asarray(present), 3)
     assert latents[:2].tolist() == [4, 1]
-    single = np.asarray(features.ConceptF1.zeros(6, 1).update(acts, present[:, None]).f1())[:, 0]
+    single = np.asarray(features.ConceptF1.zeros(6, 1).update(acts, present[:, None]).f1())[0, :, 0]
     np.testing.assert_allclose(f1[0], single.max(), rtol=1e-6)
     np.testing.assert_allclose(f1[1], 1.0)
     # A third latent only adds false positives: its F1 is the exact count for the union of three.

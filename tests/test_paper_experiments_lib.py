@@ -113,18 +113,21 @@ def test_change_rates_and_best_f1_latent():
 
 
 def test_streamed_patch_statistics_equal_the_in_memory_search():
+    """The ADE20K search streams `features.ConceptF1` over batches; it picks what the search over
+    all patches at once picks."""
+    from saejax.analysis.features import ConceptF1
+
     rng = np.random.default_rng(1)
     codes = np.where(rng.random((90, 16)) < 0.3, rng.random((90, 16)) * 2, 0.0).astype(np.float32)
     labels = rng.integers(0, 4, 90)
     codes[:, 11] = np.where(labels == 2, 1.5, 0.2)
-    stats = segmentation.PatchLatentStats(4, 16)
+    stats = ConceptF1.zeros(16, 4, thresholds=(0.0, 0.1, 0.3, 1.0))
     for part in np.array_split(np.arange(90), 3):
-        stats.update(codes[part], labels[part])
+        stats = stats.update_labels(jnp.asarray(codes[part]), jnp.asarray(labels[part]))
     np.testing.assert_allclose(stats.max, codes.max(0))
+    latent, f1, threshold = jax.device_get(stats.best())
     for c in range(4):
-        for t, threshold in enumerate(stats.thresholds):
-            np.testing.assert_allclose(stats.f1(c)[t], segmentation.patch_f1(jnp.asarray(codes), jnp.asarray(labels == c),
-                                                                             threshold), rtol=1e-6)
-        assert stats.best_latent(c) == pytest.approx(segmentation.best_f1_latent(jnp.asarray(codes),
-                                                                                 jnp.asarray(labels == c)))
-    assert stats.best_latent(2)[:2] == (11, 1.0)
+        assert (int(latent[c]), float(f1[c]), stats.thresholds[threshold[c]]) == pytest.approx(
+            segmentation.best_f1_latent(jnp.asarray(codes), jnp.asarray(labels == c)))
+    assert (int(latent[2]), float(f1[2])) == (11, 1.0)
+

@@ -1,4 +1,4 @@
-"""The shapes world (saejax.datasets.shapes) and its ViT (saejax.datasets.shapes_vit, saejax.backbones.create)."""
+"""The shapes world (saejax.datasets.shapes) and its ViT (saejax.studies.shapes_vit, saejax.backbones.create)."""
 
 import json
 import os
@@ -10,7 +10,7 @@ from flax import serialization
 
 import saejax
 from saejax import data
-from saejax.datasets import shapes_vit as vit_training
+from saejax.studies import shapes_vit as vit_training
 from saejax.backbones.create import create_vit_classifier
 from saejax.datasets import shapes
 

@@ -19,14 +19,14 @@ reuses it. Measured on 2 CPU cores:
 
 import ml_collections
 
-from saejax.datasets.shapes_vit import SHAPES_VIT
+from saejax.studies.shapes_vit import SHAPES_VIT
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     # "factorised": colour and shape as separate heads (image and patch) and per-patch size and
-    # texture heads; "conjunction": the 16 colour-shape classes (saejax.datasets.shapes_vit.task_heads).
+    # texture heads; "conjunction": the 16 colour-shape classes (saejax.studies.shapes_vit.task_heads).
     c.targets = "factorised"
     c.n_train = 30_000
     c.n_val = 2_000

@@ -2,7 +2,7 @@
 
 The saev follow-up (arXiv 2511.17735) scores each latent against each concept with a 1-D
 logistic probe: a logistic fit of the concept on that latent's value alone, the best latent per
-concept being the one with the lowest training loss. On held-out data it reports (`summarize`):
+concept being the one with the lowest training loss. On held-out data it reports (`summarize_scores`):
 - Probe R: `1 - mean probe cross-entropy / mean cross-entropy of the prevalence-only baseline`
   (a pseudo-R^2 over concepts);
 - mAP: the mean over concepts of the best latent's average precision;
@@ -17,7 +17,7 @@ whether the SAE beats trivial dictionaries:
 >>> best = jnp.argmin(loss); ap = average_precision(codes_NF[:, best] * w[best] + b[best], present_N)
 >>> purity = purity_at_k(codes_NF, labels_N, k=16, n_labels=L)   # [F]
 >>> km = kmeans_codes(x_ND, n_centroids=F, key=key)     # [N, F] one-hot, to score like an SAE
->>> summarize(concept_scores(train_codes, val_codes, train_present_NC, val_present_NC))
+>>> summarize_scores(concept_scores(train_codes, val_codes, train_present_NC, val_present_NC))
 {'probe_r': ..., 'map': ..., 'purity': ..., 'coverage': ..., 'mean_f1': ...}
 """
 
@@ -29,8 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saejax.analysis.features import f1_from_counts
+
 __all__ = ["average_precision", "baseline_dictionaries", "concept_scores", "kmeans", "kmeans_codes", "pca_codes",
-           "probe_1d", "probe_ceiling_f1", "purity_at_k", "summarize"]
+           "probe_1d", "probe_ceiling_f1", "purity_at_k", "summarize_scores"]
 
 
 @functools.partial(jax.jit, static_argnames=("iterations",))
@@ -175,7 +177,7 @@ def concept_scores(train_codes: jax.Array, val_codes: jax.Array, train_present, 
       `probe_ce` (its cross-entropy), `baseline_ce` (the cross-entropy of predicting the
       training prevalence everywhere) and `purity` (the share of its `purity_k` highest-scoring
       inputs where the concept is present); `latent` is the pick.
-    `summarize` turns the list into the follow-up's table row.
+    `summarize_scores` turns the list into the follow-up's table row.
     """
     from saejax.analysis import segmentation  # noqa: PLC0415 - segmentation is the heavier module; keep this one light
 
@@ -205,11 +207,11 @@ def probe_ceiling_f1(train_x, train_present, eval_x, eval_present, *, epochs: in
                                           2, epochs=epochs, batch_size=2048, learning_rate=1e-2)
         predicted = np.asarray(probes.predict(probe, eval_x)) == 1
         present = np.asarray(eval_present[:, c])
-        f1.append(2 * np.sum(predicted & present) / max(predicted.sum() + present.sum(), 1))
+        f1.append(float(f1_from_counts(np.sum(predicted & present), predicted.sum(), present.sum())))
     return np.asarray(f1)
 
 
-def summarize(scores: list[dict[str, float]], *, tau: float = 0.3) -> dict[str, float]:
+def summarize_scores(scores: list[dict[str, float]], *, tau: float = 0.3) -> dict[str, float]:
     """The follow-up's row for one dictionary from `concept_scores`: Probe R
     (`1 - mean probe_ce / mean baseline_ce`), mAP, mean Purity@k, Coverage@tau (share of
     concepts with AP >= tau), and the mean best-feature F1."""

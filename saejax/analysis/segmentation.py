@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["PatchLatentStats", "best_f1_latent", "change_rates", "mean_change_norm", "patch_f1", "quantitative_test", "segmentation_metrics",
-           "summarize", "upsample_logits"]
+from saejax.analysis.features import ConceptF1
+
+__all__ = ["best_f1_latent", "change_rates", "mean_change_norm", "quantitative_test", "segmentation_metrics",
+           "summarize_change_rates", "upsample_logits"]
 
 
 def upsample_logits(logits_NhwK: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -75,72 +77,12 @@ def change_rates(before_N, after_N, labels_N, target: int, *, ignore: int | None
     return out
 
 
-def patch_f1(codes_NF: jax.Array, present_N: jax.Array, threshold: float = 0.0) -> jax.Array:
-    """[F] patch-level F1 of "latent > threshold" against a class's patches."""
-    fires, present = (codes_NF > threshold).astype(jnp.float32), present_N.astype(jnp.float32)[:, None]
-    tp = jnp.sum(fires * present, axis=0)
-    return 2 * tp / jnp.maximum(jnp.sum(fires, axis=0) + jnp.sum(present), 1.0)
-
-
 def best_f1_latent(codes_NF: jax.Array, present_N: jax.Array, thresholds=(0.0, 0.1, 0.3, 1.0)) -> tuple[int, float, float]:
-    """`(latent, f1, threshold)`: the best patch-level F1 for a class over `thresholds`."""
-    best = (-1, -1.0, 0.0)
-    for threshold in thresholds:
-        f1 = np.asarray(jax.jit(patch_f1)(codes_NF, present_N, threshold))
-        i = int(np.argmax(f1))
-        if f1[i] > best[1]:
-            best = (i, float(f1[i]), float(threshold))
-    return best
-
-
-class PatchLatentStats:
-    """What the feature search needs from every evaluation patch, accumulated batch by batch in
-    bounded memory: per threshold, how often each latent fires and how often on each class;
-    each class's patch count; each latent's max.
-
-    >>> stats = PatchLatentStats(n_classes=151, d_sae=ae.d_sae)
-    >>> for codes_NF, labels_N in batches: stats.update(codes_NF, labels_N)
-    >>> latent, f1, threshold = stats.best_latent(c)
-    """
-
-    def __init__(self, n_classes: int, d_sae: int, thresholds=(0.0, 0.1, 0.3, 1.0)):
-        self.n_classes, self.thresholds = n_classes, tuple(thresholds)
-        t = len(self.thresholds)
-        self.fires = np.zeros((t, d_sae), np.int64)
-        self.hits = np.zeros((t, n_classes, d_sae), np.int64)
-        self.count = np.zeros(n_classes, np.int64)
-        self.max = np.full(d_sae, -np.inf, np.float32)
-        thresholds_ = jnp.asarray(self.thresholds, jnp.float32)
-
-        @jax.jit
-        def reduce(codes_NF, labels_N):
-            onehot = jax.nn.one_hot(labels_N, n_classes, dtype=jnp.float32)  # [N, C]
-
-            def at(threshold):  # one [N, F] mask at a time; float counts are exact below 2**24 rows
-                fired = (codes_NF > threshold).astype(jnp.float32)
-                return fired.sum(0), onehot.T @ fired
-
-            fires, hits = jax.lax.map(at, thresholds_)
-            return fires, hits, onehot.sum(0), codes_NF.max(0)
-
-        self._reduce = reduce
-
-    def update(self, codes_NF, labels_N) -> None:
-        fires, hits, count, peak = jax.device_get(self._reduce(jnp.asarray(codes_NF), jnp.asarray(labels_N)))
-        self.fires += np.rint(fires).astype(np.int64)
-        self.hits += np.rint(hits).astype(np.int64)
-        self.count += np.rint(count).astype(np.int64)
-        self.max = np.maximum(self.max, peak)
-
-    def f1(self, c: int) -> np.ndarray:
-        """[T, F] patch-level F1 of each latent for class `c` at each threshold."""
-        return 2 * self.hits[:, c] / np.maximum(self.fires + self.count[c], 1)
-
-    def best_latent(self, c: int) -> tuple[int, float, float]:
-        """`(latent, f1, threshold)` with the best F1 for class `c` (the first threshold on ties)."""
-        f1 = self.f1(c)
-        t, latent = np.unravel_index(np.argmax(f1), f1.shape)
-        return int(latent), float(f1[t, latent]), float(self.thresholds[t])
+    """`(latent, f1, threshold)`: the best patch-level F1 for a class over `thresholds` (the
+    first threshold on ties; `features.ConceptF1` streams the same over batches)."""
+    counts = ConceptF1.zeros(codes_NF.shape[1], 1, thresholds).update(codes_NF, present_N[:, None])
+    latent, f1, threshold = jax.device_get(counts.best())
+    return int(latent[0]), float(f1[0]), counts.thresholds[int(threshold[0])]
 
 
 def mean_change_norm(edit, resid_TD: jax.Array) -> float:
@@ -149,7 +91,7 @@ def mean_change_norm(edit, resid_TD: jax.Array) -> float:
     return float(jnp.mean(jnp.linalg.norm(edit(resid_TD[None])[0] - resid_TD, axis=-1)))
 
 
-def quantitative_test(predict: Callable, labels_N, stats: PatchLatentStats, resid_ND, ae, sae_params, norm, classes,
+def quantitative_test(predict: Callable, labels_N, stats: ConceptF1, resid_ND, ae, sae_params, norm, classes,
                       key, *, config_latents: Mapping[int, int] | None = None, value_scale: float = -2.0,
                       ignore: int | None = 0) -> list[dict]:
     """The paper's quantitative test, per class: pick a feature four ways, set it to
@@ -160,8 +102,9 @@ def quantitative_test(predict: Callable, labels_N, stats: PatchLatentStats, resi
             with the residual edit applied at the layer the codes come from (one layer for the
             search and the edit).
         labels_N: true patch labels (flat over images and patches).
-        stats: `PatchLatentStats` of the SAE codes of the same patches at that layer (the
-            best-F1 search, at its thresholds; the max per latent sets the edit values).
+        stats: a `features.ConceptF1` over the classes, of the SAE codes of the same patches at
+            that layer (`update_labels`; the best-F1 search at its thresholds, and the max per
+            latent that sets the edit values).
         resid_ND: raw residuals of some of those patches (to match the random direction's norm).
         ae, sae_params, norm: the SAE.
         classes: the classes to test.
@@ -178,7 +121,8 @@ def quantitative_test(predict: Callable, labels_N, stats: PatchLatentStats, resi
 
     labels = np.asarray(labels_N)
     before = np.asarray(predict(None))
-    maxima = stats.max
+    maxima = np.asarray(stats.max)
+    best_latent, best_f1, best_threshold = (np.asarray(a) for a in jax.device_get(stats.best()))
     live = np.flatnonzero(maxima > 0)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel()[-1])
     results = []
@@ -193,7 +137,7 @@ def quantitative_test(predict: Callable, labels_N, stats: PatchLatentStats, resi
         return every, {"all_tokens": rates(every, c), "where_active": rates(active, c)}
 
     for c in classes:
-        latent, f1, threshold = stats.best_latent(c)
+        latent, f1, threshold = int(best_latent[c]), float(best_f1[c]), stats.thresholds[int(best_threshold[c])]
         best_edit, best = latent_rates(latent, c)
         entry = {"class": int(c), "patches": int(np.sum(labels == c)),
                  "best_f1": {"latent": latent, "f1": f1, "threshold": threshold, **best}}
@@ -211,7 +155,7 @@ def quantitative_test(predict: Callable, labels_N, stats: PatchLatentStats, resi
     return results
 
 
-def summarize(results: list[dict]) -> dict:
+def summarize_change_rates(results: list[dict]) -> dict:
     """Mean and std over classes of each method's target and other change rates, per mode."""
     summary = {}
     for method in ("best_f1", "random_latent", "random_direction", "config"):

@@ -19,6 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from saejax.analysis.features import ConceptF1
+
 __all__ = ["image_sums", "latent_f1", "score_concept"]
 
 
@@ -28,11 +30,10 @@ def image_sums(codes_NPF: jax.Array) -> jax.Array:
 
 
 def latent_f1(fires_NF: jax.Array, present_N: jax.Array) -> jax.Array:
-    """[F] F1 of each latent's "fires on this image" against the labels (0 when it never
-    fires and the concept is absent, as F1 has no positives then)."""
-    fires, present = fires_NF.astype(jnp.float32), present_N.astype(jnp.float32)[:, None]
-    tp = jnp.sum(fires * present, axis=0)
-    return 2 * tp / jnp.maximum(jnp.sum(fires, axis=0) + jnp.sum(present), 1.0)
+    """[F] F1 of each latent's "fires on this image" against the labels (`features.ConceptF1`;
+    0 when it never fires and the concept is absent, as F1 has no positives then)."""
+    counts = ConceptF1.zeros(fires_NF.shape[1], 1).update(fires_NF, present_N[:, None])
+    return counts.f1()[0, :, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("top", "n_permutations", "n_random"))

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import data
-from saejax.analysis import probes, segmentation
+from saejax.analysis import features, probes, segmentation
 from saejax.analysis.site import Site
 from saejax.datasets import ade20k
 
@@ -71,14 +71,15 @@ def run_ade20k_edit(site: Site, train: data.Source, val: data.Source, workdir: s
 
     # Validation, streamed: pixel predictions for the metrics, the feature-search statistics, a
     # sample of residuals; only the images (uint8) and patch labels are kept for the edits.
-    stats = segmentation.PatchLatentStats(ade20k.N_CLASSES, ae.d_sae)
+    stats = features.ConceptF1.zeros(ae.d_sae, ade20k.N_CLASSES, thresholds=(0.0, 0.1, 0.3, 1.0))
+    count = jax.jit(features.ConceptF1.update_labels)
     images, labels, masks, preds, resid = [], [], [], [], []
     for batch in data.one_pass(val, batch_size, limit=eval_images):
         out = readout.encode(batch.images)
         logits = probe.logits(out["tokens"]).reshape(len(batch.ids), *bb.grid, -1)
         preds.append(np.asarray(jnp.argmax(segmentation.upsample_logits(logits, (size, size)), -1)))
         batch_labels = patch_labels(batch)
-        stats.update(out["codes"].reshape(-1, ae.d_sae), batch_labels.reshape(-1))
+        stats = count(stats, out["codes"].reshape(-1, ae.d_sae), jnp.asarray(batch_labels.reshape(-1)))
         if sum(len(r) for r in resid) < norm_sample_patches:
             resid.append(np.asarray(out["resid"]).reshape(-1, bb.d_model))
         images.append(batch.images)
@@ -108,7 +109,7 @@ def run_ade20k_edit(site: Site, train: data.Source, val: data.Source, workdir: s
         predict, labels, stats, np.concatenate(resid)[: norm_sample_patches],
         ae, site.sae_params, site.norm, classes, jax.random.key(seed + 1),
         config_latents={int(k): int(v) for k, v in (class_latents or {}).items()}, value_scale=value_scale)
-    summary = segmentation.summarize(results)
+    summary = segmentation.summarize_change_rates(results)
     json.dump({"classes": results, "summary": summary, "class_names": {c: val.classes[c] for c in classes},
                "skipped_images": probe_report["skipped_images"]},
               open(os.path.join(workdir, "quantitative.json"), "w"), indent=2, default=float)

@@ -115,8 +115,8 @@ def analyse(site: Site, *, world_size: int, n_val: int = 1_000, edit_images: int
         if s < n_edit:
             layer_resids.append(at_layer[:n_edit - s])
     tokens_before, codes, resids, layer_resids = map(jnp.concatenate, (tokens_before, codes, resids, layer_resids))
-    best_latent, best_f1 = jax.device_get(f1_counts.best())
-    conjunction_latent, conjunction_f1 = jax.device_get(conjunction_counts.best())
+    best_latent, best_f1, _ = jax.device_get(f1_counts.best())
+    conjunction_latent, conjunction_f1, _ = jax.device_get(conjunction_counts.best())
     max_act = np.asarray(exemplars.max_activation())
     frequency = np.asarray(firing.frequency())
 
@@ -209,7 +209,7 @@ def analyse(site: Site, *, world_size: int, n_val: int = 1_000, edit_images: int
 
     print("best latent per conjunction (F1): " + ", ".join(
         f"{name} {f:.2f}" for name, f in zip(shapes.CLASSES, conjunction_f1)), flush=True)
-    dictionaries = {d: concept_metrics.summarize(scores) for d, scores in dictionary_scores.items()}
+    dictionaries = {d: concept_metrics.summarize_scores(scores) for d, scores in dictionary_scores.items()}
     for d, row in dictionaries.items():
         print(f"{d:>7}: " + "  ".join(f"{key} {value:.3f}" for key, value in row.items()), flush=True)
     study = {

@@ -3,7 +3,7 @@
 This makes the backbone of the shapes world (`saejax.datasets.shapes`): `train_shapes_vit`
 generates the world, trains `transformers`' Flax ViT classifier on the task (the shape and
 colour of the largest object) and writes an ordinary HF checkpoint directory that
-`saejax.backbones.load` reads like any other. The pieces (`make_train_step`, `evaluate`,
+`saejax.backbones.load` reads like any other. The pieces (`make_train_step`, `vit_accuracy`,
 `train_classifier`) work for any `saejax.data` source of uint8 images with integer labels.
 
 Images are preprocessed on the host by the same `saejax.backbones.preprocess.ImageProcessing`
@@ -48,10 +48,10 @@ __all__ = [
     "ClassifierState",
     "TrainedClassifier",
     "TrainedVit",
-    "evaluate",
+    "vit_accuracy",
     "heads_argmax",
     "heads_loss",
-    "make_optimizer",
+    "vit_optimizer",
     "make_schedule",
     "make_train_step",
     "predict",
@@ -133,7 +133,7 @@ def make_schedule(*, learning_rate: float, steps: int, warmup_steps: int) -> opt
                                               end_value=learning_rate * 0.01)
 
 
-def make_optimizer(*, learning_rate: float, steps: int, warmup_steps: int, weight_decay: float,
+def vit_optimizer(*, learning_rate: float, steps: int, warmup_steps: int, weight_decay: float,
                    clip_norm: float = 1.0) -> optax.GradientTransformation:
     """AdamW on `make_schedule`; weight decay on kernels and embeddings (arrays of rank >= 2)
     only; global-norm gradient clipping."""
@@ -243,7 +243,7 @@ def predict(apply_fn: Callable, params, source: data.Source, *, processing: Imag
     return np.concatenate(preds).astype(np.int64), (np.concatenate(labels) if labels else None)
 
 
-def evaluate(apply_fn: Callable, params, source: data.Source, *, processing: ImageProcessing,
+def vit_accuracy(apply_fn: Callable, params, source: data.Source, *, processing: ImageProcessing,
              batch_size: int = 500, image_heads: Sequence[int] | None = None,
              image_targets: Callable[[np.ndarray], np.ndarray] | None = None) -> float:
     """Classification accuracy of `apply_fn` on a labelled source (float in [0, 1]); with
@@ -315,7 +315,7 @@ def train_classifier(train_source: data.Source, val_source: data.Source, *, vit:
         d, n_out = int(vit.get("hidden_size", 768)), int(sum(patch_heads))
         head = {"kernel": jax.random.normal(head_key, (d, n_out), jnp.float32) * d ** -0.5,
                 "bias": jnp.zeros((n_out,), jnp.float32)}
-    optimizer = make_optimizer(learning_rate=learning_rate, steps=steps, warmup_steps=warmup_steps,
+    optimizer = vit_optimizer(learning_rate=learning_rate, steps=steps, warmup_steps=warmup_steps,
                                weight_decay=weight_decay)
     schedule = make_schedule(learning_rate=learning_rate, steps=steps, warmup_steps=warmup_steps)
     state = ClassifierState(params, head, optimizer.init((params, head)), jnp.zeros((), jnp.int32))
@@ -347,7 +347,7 @@ def train_classifier(train_source: data.Source, val_source: data.Source, *, vit:
     if pending is not None:
         flush(*pending)
     params = state.params
-    accuracy = evaluate(apply_fn, params, val_source, processing=processing, image_heads=image_heads,
+    accuracy = vit_accuracy(apply_fn, params, val_source, processing=processing, image_heads=image_heads,
                         image_targets=image_targets)
     return TrainedClassifier(apply_fn, params, accuracy, history)
 
