@@ -91,7 +91,7 @@ def mean_change_norm(edit, resid_TD: jax.Array) -> float:
     return float(jnp.mean(jnp.linalg.norm(edit(resid_TD[None])[0] - resid_TD, axis=-1)))
 
 
-def quantitative_test(predict: Callable, labels_N, stats: ConceptF1, resid_ND, ae, sae_params, norm, classes,
+def quantitative_test(predict: Callable, labels_N, stats: ConceptF1, resid_ND, site, classes,
                       key, *, config_latents: Mapping[int, int] | None = None, value_scale: float = -2.0,
                       ignore: int | None = 0) -> list[dict]:
     """The paper's quantitative test, per class: pick a feature four ways, set it to
@@ -106,7 +106,7 @@ def quantitative_test(predict: Callable, labels_N, stats: ConceptF1, resid_ND, a
             that layer (`update_labels`; the best-F1 search at its thresholds, and the max per
             latent that sets the edit values).
         resid_ND: raw residuals of some of those patches (to match the random direction's norm).
-        ae, sae_params, norm: the SAE.
+        site: the `Site` (the SAE at the block the codes come from and the edits go to).
         classes: the classes to test.
         key: randomness of the baselines.
         config_latents: `{class: latent}` named in the config (the fourth way).
@@ -119,6 +119,7 @@ def quantitative_test(predict: Callable, labels_N, stats: ConceptF1, resid_ND, a
     """
     from saejax.analysis import interventions as iv  # noqa: PLC0415 - interventions imports nothing from here
 
+    ae, sae_params, norm = site.ae, site.sae_params, site.norm
     labels = np.asarray(labels_N)
     before = np.asarray(predict(None))
     maxima = np.asarray(stats.max)

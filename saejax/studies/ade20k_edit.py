@@ -107,7 +107,7 @@ def run_ade20k_edit(site: Site, train: data.Source, val: data.Source, workdir: s
     classes = [c for c in range(1, ade20k.N_CLASSES) if counts[c] >= min_patches]
     results = segmentation.quantitative_test(
         predict, labels, stats, np.concatenate(resid)[: norm_sample_patches],
-        ae, site.sae_params, site.norm, classes, jax.random.key(seed + 1),
+        site, classes, jax.random.key(seed + 1),
         config_latents={int(k): int(v) for k, v in (class_latents or {}).items()}, value_scale=value_scale)
     summary = segmentation.summarize_change_rates(results)
     json.dump({"classes": results, "summary": summary, "class_names": {c: val.classes[c] for c in classes},
