@@ -104,3 +104,24 @@ def test_concept_scores_and_the_follow_ups_summary_by_hand():
                                                (scores[0]["baseline_ce"] + scores[1]["baseline_ce"]))
     assert 0.5 < summary["probe_r"] < 1 and summary["map"] > 0.9 and summary["coverage"] == 1.0
     assert cm.summarize_scores(scores, tau=max(s["ap"] for s in scores))["coverage"] == 0.5
+
+
+def test_correlation_candidates_pick_what_the_full_search_picks_on_the_shapes_world():
+    """`concept_scores` probes only the 32 latents most correlated with each concept; on the
+    shapes world's patches (pixels, and three dictionaries of them: a ReLU dictionary,
+    k-means, PCA) that picks, for all 15 concepts, the latent the probe over every latent picks."""
+    from saejax.datasets import shapes
+
+    worlds = [shapes.source(split, 120, seed=3, image_size=40).world for split in ("train", "validation")]
+    x = [jnp.asarray(w.images.reshape(len(w.images), 5, 8, 5, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 192)
+                     / 255.0) for w in worlds]  # each 8 px patch's pixels, row-major like the patch tokens
+    present = [shapes.factor_patch_concepts(w, 8).reshape(-1, len(shapes.FACTOR_CONCEPTS)) for w in worlds]
+    w_enc = jax.random.normal(jax.random.key(0), (192, 256)) / 14
+    relu = [jax.nn.relu((xi - x[0].mean(0)) @ w_enc) for xi in x]
+    dictionaries = cm.baseline_dictionaries(256, x[0], x[1], *relu, key=jax.random.key(1))
+    for name, (train_codes, val_codes) in dictionaries.items():
+        fast = cm.concept_scores(train_codes, val_codes, present[0], present[1], candidates=32)
+        full = cm.concept_scores(train_codes, val_codes, present[0], present[1], candidates=None)
+        assert [s["latent"] for s in fast] == [s["latent"] for s in full], name
+        for a, b in zip(fast, full):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6)

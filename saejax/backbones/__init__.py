@@ -21,7 +21,7 @@ from saejax.backbones.families import FAMILIES, HF_FAMILIES, OWN_FAMILIES, make_
 from saejax.backbones.loading import KNOWN_MODELS, MODEL_TYPES, default_processing, load, resolve
 from saejax.backbones.model import Backbone
 from saejax.backbones.preprocess import ImageProcessing
-from saejax.backbones.random import create_random
+from saejax.backbones.random import abstract, create_random
 from saejax.backbones.weights import find_weights
 from saejax.backbones.text import clip_text_embeddings, clip_tokenize
 
@@ -38,6 +38,7 @@ __all__ = [
     "TokenLayout",
     "clip_text_embeddings",
     "clip_tokenize",
+    "abstract",
     "create_random",
     "default_processing",
     "find_weights",

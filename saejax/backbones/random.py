@@ -127,3 +127,39 @@ def _write_own(own, cfg, config_json, directory, seed) -> str:
             json.dump(processor, f, indent=2)
         save_file({".".join(k): v for k, v in flat.items()}, os.path.join(staging, SAFETENSORS))
     return directory
+
+
+def abstract(family: str, *, n_classes: int = 0, dtype=None, **sizes):
+    """`(Backbone, params)` of a `family` model with these `transformers` config fields, where
+    params is a pytree of `jax.ShapeDtypeStruct` (float32): no weights made, read or written.
+    For planning: `jax.jit(...).lower(params, ...)` compiles the model's programs at full size
+    (`benchmarks/paper_scale.py`).
+
+    Args:
+        family, n_classes, **sizes: as `create_random` (e.g. `hidden_size=768,
+            num_hidden_layers=12, patch_size=16, image_size=224` for ViT-B/16).
+        dtype: the matmul dtype (`Backbone.dtype`; float32 when None).
+    """
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from saejax.backbones.families import make_backbone  # noqa: PLC0415
+    from saejax.backbones.loading import default_processing  # noqa: PLC0415
+
+    if family not in _CONFIG_CLASSES:
+        raise ValueError(f"unknown family {family!r}; expected one of {sorted(_CONFIG_CLASSES)}")
+    with _hf.quiet():
+        cfg = getattr(_hf.hf(), _CONFIG_CLASSES[family])(**sizes)
+    own = OWN_FAMILIES.get(family)
+    if own is not None:
+        processing = own.default_processing(cfg)
+        side = processing.output_size[0]
+        shapes = own.build(cfg, np.float32, (side // int(cfg.patch_size),) * 2).param_shapes()
+    else:
+        processing = default_processing(family, int(cfg.image_size))
+        loading_cfg = _configs(cfg.to_dict(), "<abstract>")[1] if family == "dinov2_registers" else cfg
+        heads = _Heads(n_classes=n_classes, classifier_in=cfg.hidden_size * (2 if family.startswith("dinov2") else 1))
+        shapes = _target_shapes(family, loading_cfg, None, heads)
+        cfg = loading_cfg
+    bb = make_backbone(family, cfg, dtype=jnp.dtype(dtype or jnp.float32), n_classes=n_classes, processing=processing)
+    return bb, unflatten_dict({k: jax.ShapeDtypeStruct(tuple(s), jnp.float32) for k, s in shapes.items()})
