@@ -540,3 +540,24 @@ def test_dinov2_without_a_processor_config_runs_at_the_size_asked(tmp_path):
     x = bb.preprocess(g["images_uint8"])
     np.testing.assert_allclose(x, g["pixel_values"], atol=2e-3)
     np.testing.assert_allclose(bb.forward(params, g["pixel_values"]).tokens, g["last_hidden_state"], atol=ATOL)
+
+
+@pytest.mark.parametrize("family", ["clip", "dinov2_registers", "siglip"])
+def test_abstract_backbone_has_the_loaded_models_shapes_and_compiles(tmp_path, family):
+    """`backbones.abstract` gives what `load` would, as shapes only: the same Backbone
+    geometry and params tree, and a forward that lowers without any weights."""
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                 patch_size=8)
+    if family == "dinov2_registers":
+        sizes = dict(sizes, num_register_tokens=2)
+        del sizes["intermediate_size"]
+    bb, params = backbones.load(backbones.create_random(family, str(tmp_path / family), **sizes), cache_dir=False)
+    abstract_bb, abstract_params = backbones.abstract(family, input_size=None if family == "siglip" else 32, **sizes)
+    assert (abstract_bb.layout, abstract_bb.grid, abstract_bb.d_model) == (bb.layout, bb.grid, bb.d_model)
+    assert jax.tree.structure(abstract_params) == jax.tree.structure(params)
+    assert jax.tree.leaves(jax.tree.map(lambda a, b: a.shape == b.shape, abstract_params, params)) == \
+        [True] * len(jax.tree.leaves(params))
+    images = jax.ShapeDtypeStruct((2, bb.image_size, bb.image_size, 3), jnp.float32)
+    compiled = jax.jit(lambda p, x: abstract_bb.forward(p, x, capture=(1,)).captured[1]).lower(
+        abstract_params, images).compile()
+    assert compiled.cost_analysis()["flops"] > 0

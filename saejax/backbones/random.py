@@ -129,7 +129,7 @@ def _write_own(own, cfg, config_json, directory, seed) -> str:
     return directory
 
 
-def abstract(family: str, *, n_classes: int = 0, dtype=None, **sizes):
+def abstract(family: str, *, n_classes: int = 0, dtype=None, input_size: int | None = None, **sizes):
     """`(Backbone, params)` of a `family` model with these `transformers` config fields, where
     params is a pytree of `jax.ShapeDtypeStruct` (float32): no weights made, read or written.
     For planning: `jax.jit(...).lower(params, ...)` compiles the model's programs at full size
@@ -139,7 +139,11 @@ def abstract(family: str, *, n_classes: int = 0, dtype=None, **sizes):
         family, n_classes, **sizes: as `create_random` (e.g. `hidden_size=768,
             num_hidden_layers=12, patch_size=16, image_size=224` for ViT-B/16).
         dtype: the matmul dtype (`Backbone.dtype`; float32 when None).
+        input_size: the side of the images the model runs at (default: the family's hub
+            processor at `image_size`; DINOv2's runs at 224 whatever its config says).
     """
+    import dataclasses  # noqa: PLC0415
+
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
@@ -157,6 +161,10 @@ def abstract(family: str, *, n_classes: int = 0, dtype=None, **sizes):
         shapes = own.build(cfg, np.float32, (side // int(cfg.patch_size),) * 2).param_shapes()
     else:
         processing = default_processing(family, int(cfg.image_size))
+        if input_size is not None:
+            side = (int(input_size),) * 2
+            processing = dataclasses.replace(processing, **(
+                {"resize_to": side} if processing.resize_to else {"resize_shortest": side[0], "crop": side}))
         loading_cfg = _configs(cfg.to_dict(), "<abstract>")[1] if family == "dinov2_registers" else cfg
         heads = _Heads(n_classes=n_classes, classifier_in=cfg.hidden_size * (2 if family.startswith("dinov2") else 1))
         shapes = _target_shapes(family, loading_cfg, None, heads)
