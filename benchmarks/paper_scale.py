@@ -236,12 +236,14 @@ def binaries(small: bool) -> list[Binary]:
         {"pooled CLS features of both splits": (n_train + n_test) * clip.d_model * 4}))
     ade_train, ade_val = (64, 16) if small else (20_210, 2_000)
     ade_patches = dino.layout.n_patches
+    # The probe's tokens are encoded again every epoch (20) through a 2**18-token buffer; the edits
+    # re-run the validation images once per class and feature (about 8 per class, 150 classes).
     result.append(Binary("ade20k_edit", (
-        site_encode(dino, dino_params, d_sae, 64, layer, "Site.encode (64 images)", -(-(ade_train + 17 * ade_val) // 64)),
+        site_encode(dino, dino_params, d_sae, 64, layer, "Site.encode (64 images)",
+                    -(-(20 * ade_train + ade_val) // 64) + 8 * 150 * -(-ade_val // 64)),
         linear_probe_step(dino.d_model, 151, 4096, "patch probe step (4096)", 20 * -(-ade_train * ade_patches // 4096))),
-        # In memory today (issue: stream them): every training token, and the validation images.
-        {"training patch tokens for the probe (float32)": ade_train * ade_patches * dino.d_model * 4,
-         "validation images (uint8) and masks": ade_val * 224 * 224 * 4,
+        {"the probe's token buffer (2**18 float32 rows)": 2**18 * dino.d_model * 4,
+         "validation images (uint8) and masks, for the edits": ade_val * 224 * 224 * 4,
          "residual sample for random directions": 65_536 * dino.d_model * 4}))
     concept_images = 64 if small else 2_000
     result.append(Binary("semprobe (2 models)", (

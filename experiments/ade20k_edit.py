@@ -33,7 +33,8 @@ def run(config, workdir: str) -> dict:
         probe=config.probe.to_dict(), probe_images=config.probe_images, eval_images=config.eval_images,
         norm_sample_patches=config.norm_sample_patches, min_patches=config.min_patches,
         class_latents={int(k): int(v) for k, v in config.get("class_latents", {}).items()},
-        value_scale=config.value_scale, batch_size=config.batch_size, seed=config.seed)
+        value_scale=config.value_scale, batch_size=config.batch_size,
+        probe_buffer_tokens=config.probe_buffer_tokens, seed=config.seed)
 
 
 if __name__ == "__main__":

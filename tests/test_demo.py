@@ -72,6 +72,7 @@ def test_small_demo_on_a_pretrained_dinov2_runs_it_at_the_worlds_grid(tmp_path):
                                     num_attention_heads=2, mlp_ratio=2, image_size=70, patch_size=14)
     out = subprocess.run([sys.executable, "-m", "experiments.demo", f"--workdir={tmp_path / 'run'}", SMALL,
                           f"--config.demo.backbone={model}", "--config.demo.edit_images=40",
+                          "--config.demo.validation_images=80", "--config.demo.probe_images=160",
                           "--config.demo.architecture=matryoshka", "--config.demo.k=2", "--config.demo.expansion=2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -131,3 +131,36 @@ def test_streamed_patch_statistics_equal_the_in_memory_search():
             segmentation.best_f1_latent(jnp.asarray(codes), jnp.asarray(labels == c)))
     assert (int(latent[2]), float(f1[2])) == (11, 1.0)
 
+
+
+def test_a_streamed_probe_is_the_in_memory_probe_and_reads_its_pieces_lazily():
+    """The ADE20K probe trains from tokens encoded on the fly: with a buffer that holds them
+    all it is `train_linear_probe` bit for bit; with a smaller one it learns as well, while
+    never holding more than the buffer and one piece."""
+    from saejax.analysis import probes
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 16)).astype(np.float32)
+    y = np.argmax(x @ rng.normal(size=(16, 5)), 1)
+    held = []
+
+    def chunks(epoch):
+        for start in range(0, 3000, 700):
+            held.append(start)  # how far the data was read when each piece was asked for
+            yield x[start:start + 700], y[start:start + 700]
+
+    settings = dict(epochs=3, batch_size=256, learning_rate=1e-2, weight_decay=1e-4)
+    in_memory = probes.train_linear_probe(jax.random.key(0), jnp.asarray(x), jnp.asarray(y), 5, **settings)
+    whole = probes.train_linear_probe_streamed(jax.random.key(0), chunks, 16, 5, buffer_rows=3000, **settings)
+    np.testing.assert_array_equal(whole.w, in_memory.w)
+    np.testing.assert_array_equal(whole.b, in_memory.b)
+    assert held == [0, 700, 1400, 2100, 2800] * 3  # the pieces are read lazily, once per epoch
+
+    small = probes.train_linear_probe_streamed(jax.random.key(0), chunks, 16, 5, buffer_rows=1024, **settings)
+
+    def accuracy(p):
+        return float(np.mean(np.asarray(probes.predict(p, jnp.asarray(x))) == y))
+
+    assert abs(accuracy(small) - accuracy(in_memory)) < 0.03 and accuracy(small) > 0.5
+    with pytest.raises(ValueError, match="buffer_rows=100 must hold at least one batch"):
+        probes.train_linear_probe_streamed(jax.random.key(0), chunks, 16, 5, buffer_rows=100, **settings)

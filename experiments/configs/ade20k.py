@@ -33,6 +33,7 @@ def get_config(variant: str = ""):
     c.probe_images = 20_210  # the whole training split
     c.eval_images = 2_000   # the whole validation split
     c.probe = dict(epochs=20, batch_size=4096, learning_rate=1e-3, weight_decay=1e-3)
+    c.probe_buffer_tokens = 2**18  # the probe's shuffle buffer (tokens held); the images are encoded every epoch
     c.min_patches = 100
     c.norm_sample_patches = 65_536  # residuals kept to match the random direction's norm
     c.value_scale = -2.0

@@ -10,6 +10,9 @@ minibatches; `predict` applies it.
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable, Iterable
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -45,30 +48,70 @@ def train_linear_probe(key: jax.Array, x_ND: jax.Array, labels_N: jax.Array, n_c
         epochs, batch_size, learning_rate, weight_decay: optimisation settings.
     """
     n, d = x_ND.shape
-    batch_size = min(batch_size, n)
-    steps_per_epoch = n // batch_size
+    return train_linear_probe_streamed(key, lambda epoch: [(x_ND, labels_N)], d, n_classes, epochs=epochs,
+                                       batch_size=min(batch_size, n), learning_rate=learning_rate,
+                                       weight_decay=weight_decay, buffer_rows=n)
+
+
+def train_linear_probe_streamed(key: jax.Array, chunks: Callable[[int], Iterable[tuple[Any, Any]]], d_model: int,
+                                n_classes: int, *, epochs: int = 20, batch_size: int = 4096, learning_rate: float = 1e-2,
+                                weight_decay: float = 1e-4, buffer_rows: int = 2**18) -> LinearProbe:
+    """`train_linear_probe` on features that do not fit in memory: `chunks(epoch)` yields
+    `(x [n, D], labels [n])` pieces of the data (encoded on the fly, say), gathered into a
+    buffer of `buffer_rows` rows that is shuffled and trained on in minibatches, so at most
+    `buffer_rows` plus one piece are held. With a buffer that holds all the data this is
+    exactly `train_linear_probe` (the same permutation per epoch); with a smaller one, rows mix
+    within a buffer fill (the activation stream's trade). The last partial minibatch of an
+    epoch is dropped; data smaller than one batch trains in one step on all of it.
+    """
+    if buffer_rows < batch_size:
+        raise ValueError(f"buffer_rows={buffer_rows} must hold at least one batch (batch_size={batch_size})")
     init_key, key = jax.random.split(key)
-    probe = LinearProbe(jax.random.normal(init_key, (d, n_classes)) * (1.0 / jnp.sqrt(d)), jnp.zeros((n_classes,)))
+    probe = LinearProbe(jax.random.normal(init_key, (d_model, n_classes)) * (1.0 / jnp.sqrt(d_model)),
+                        jnp.zeros((n_classes,)))
     tx = optax.adamw(learning_rate, weight_decay=weight_decay)
 
     def loss(p, x, y):
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(p.logits(x), y))
 
-    @jax.jit
-    def epoch(carry, epoch_key):
+    @functools.partial(jax.jit, static_argnums=(4, 5))
+    def fill(carry, x_ND, labels_N, fill_key, steps, batch):
         def step(carry, idx):
             p, opt = carry
             grads = jax.grad(loss)(p, x_ND[idx], labels_N[idx])
             updates, opt = tx.update(grads, opt, p)
             return (optax.apply_updates(p, updates), opt), None
 
-        order = jax.random.permutation(epoch_key, n)[: steps_per_epoch * batch_size].reshape(steps_per_epoch, -1)
+        order = jax.random.permutation(fill_key, x_ND.shape[0])[: steps * batch].reshape(steps, -1)
         return jax.lax.scan(step, carry, order)[0]
 
     carry = (probe, tx.init(probe))
     for e in range(epochs):
-        carry = epoch(carry, jax.random.fold_in(key, e))
+        epoch_key, xs, ys, held, n_fill = jax.random.fold_in(key, e), [], [], 0, 0
+
+        def train_on(rows_x, rows_y, batch=batch_size):
+            nonlocal carry, n_fill
+            fill_key = epoch_key if n_fill == 0 else jax.random.fold_in(epoch_key, n_fill)
+            carry = fill(carry, jnp.asarray(rows_x, jnp.float32), jnp.asarray(rows_y, jnp.int32), fill_key,
+                         rows_y.shape[0] // batch, batch)
+            n_fill += 1
+
+        for x, y in chunks(e):
+            xs.append(x.reshape(-1, d_model))
+            ys.append(y.reshape(-1))
+            held += ys[-1].shape[0]
+            while held >= buffer_rows:
+                rows_x, rows_y = _joined(xs), _joined(ys)
+                train_on(rows_x[:buffer_rows], rows_y[:buffer_rows])
+                xs, ys, held = [rows_x[buffer_rows:]], [rows_y[buffer_rows:]], held - buffer_rows
+        if held >= batch_size or (held and n_fill == 0):  # all the data in less than a batch: one step on it
+            train_on(_joined(xs), _joined(ys), min(batch_size, held))
     return carry[0]
+
+
+def _joined(pieces):
+    """One array of the pieces (the piece itself when there is one: no copy of in-memory data)."""
+    return pieces[0] if len(pieces) == 1 else np.concatenate([np.asarray(p) for p in pieces])
 
 
 def select_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, n_classes: int, *,

@@ -34,13 +34,16 @@ from saejax.datasets import ade20k
 def run_ade20k_edit(site: Site, train: data.Source, val: data.Source, workdir: str, *, probe: dict,
                     probe_images: int | None = None, eval_images: int | None = None, norm_sample_patches: int = 100_000,
                     min_patches: int = 1, class_latents: Mapping[int, int] | None = None, value_scale: float = -2.0,
-                    batch_size: int = 64, seed: int = 0) -> dict:
+                    batch_size: int = 64, probe_buffer_tokens: int = 2**18, seed: int = 0) -> dict:
     """E3; see the module docstring.
 
     Args:
         site: the SAE at its block (images already cropped by the sources: `cropped_processing`).
         train, val: ADE20K's splits (`saejax.datasets.ade20k.source`), with masks.
         probe: `probes.train_linear_probe` settings (epochs, batch_size, learning_rate, weight_decay).
+        probe_buffer_tokens: the probe's shuffle buffer, in patch tokens: what it holds in memory
+            (`probes.train_linear_probe_streamed`; the training images are encoded again every
+            epoch instead of kept).
         probe_images, eval_images: training images for the probe, validation images for the
             rest (None: all).
         norm_sample_patches: validation residuals kept to match random directions' norms.
@@ -59,15 +62,21 @@ def run_ade20k_edit(site: Site, train: data.Source, val: data.Source, workdir: s
     def patch_labels(batch):
         return data.patch_mode_labels(batch.masks, patch, ignore=ade20k.IGNORE).reshape(len(batch.ids), -1)
 
-    tokens, labels = [], []
-    for batch in data.one_pass(train, batch_size, limit=probe_images):
-        tokens.append(np.asarray(readout.encode(batch.images)["tokens"]))
-        labels.append(patch_labels(batch))
-    x, y = np.concatenate(tokens).reshape(-1, bb.d_model), np.concatenate(labels).reshape(-1)
-    keep = y != ade20k.IGNORE
-    probe_settings = probe
-    probe = probes.train_linear_probe(jax.random.key(seed), jnp.asarray(x[keep]), jnp.asarray(y[keep]),
-                                      ade20k.N_CLASSES, **probe_settings)
+    # The probe trains on patch tokens encoded on the fly, every epoch, through a bounded buffer
+    # (`probe_buffer_tokens` rows): memory does not grow with the training split.
+    train_patches = []
+
+    def token_chunks(epoch):
+        for batch in data.one_pass(train, batch_size, limit=probe_images):
+            x = np.asarray(readout.encode(batch.images)["tokens"]).reshape(-1, bb.d_model)
+            y = patch_labels(batch).reshape(-1)
+            keep = y != ade20k.IGNORE
+            if epoch == 0:
+                train_patches.append(int(keep.sum()))
+            yield x[keep], y[keep]
+
+    probe = probes.train_linear_probe_streamed(jax.random.key(seed), token_chunks, bb.d_model, ade20k.N_CLASSES,
+                                               buffer_rows=probe_buffer_tokens, **probe)
 
     # Validation, streamed: pixel predictions for the metrics, the feature-search statistics, a
     # sample of residuals; only the images (uint8) and patch labels are kept for the edits.
@@ -90,7 +99,7 @@ def run_ade20k_edit(site: Site, train: data.Source, val: data.Source, workdir: s
     metrics = segmentation.segmentation_metrics(np.concatenate(preds), masks, ade20k.N_CLASSES, ignore=ade20k.IGNORE)
     probe_report = {"miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"],
                     "iou": {val.classes[c]: float(v) for c, v in enumerate(metrics["iou"]) if not np.isnan(v)},
-                    "train_patches": int(keep.sum()), "val_images": n,
+                    "train_patches": sum(train_patches), "val_images": n,
                     "skipped_images": data.skipped_report(training=train, validation=val)}
     with open(os.path.join(workdir, "probe.json"), "w") as f:
         json.dump(probe_report, f, indent=2)
