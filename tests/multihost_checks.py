@@ -45,6 +45,19 @@ def check_stream():
              batches=np.stack(batches), fill_start=position["fill_start"])
 
 
+def check_fidelity():
+    from saejax import fidelity, sharding
+    from test_multihost import fidelity_args
+
+    bb, params, ae, sweep, images, labels, kwargs = fidelity_args()
+    source = RecordingSource(images)
+    source.labels = labels
+    results = fidelity.spliced_fidelity(bb, params, ae, sweep, source, mesh=sharding.make_mesh(), **kwargs)
+    np.savez(os.path.join(out_dir, f"fidelity_{process_id}.npz"), read=np.asarray(source.read),
+             values=np.asarray([[r[k] for k in sorted(r) if isinstance(r[k], float)] for r in results]),
+             n_images=[r["n_images"] for r in results])
+
+
 if __name__ == "__main__":
     globals()[f"check_{check}"]()
     print("ok", flush=True)

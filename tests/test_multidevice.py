@@ -12,7 +12,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.mark.parametrize("name", ["buffer_sharded_equals_unsharded", "mesh_shapes", "harvest_sharded_equals_unsharded",
                                   "sae_step_is_data_parallel", "training_equals_one_device",
-                                  "frozen_member_on_a_data_model_mesh", "binary_runs_and_resumes_on_eight_devices"])
+                                  "frozen_member_on_a_data_model_mesh", "binary_runs_and_resumes_on_eight_devices",
+                                  "fidelity_sharded_equals_one_device"])
 def test_on_eight_devices(name):
     root = os.path.dirname(HERE)  # the checks import `experiments` (not installed) through test_train_sae
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",

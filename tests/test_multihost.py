@@ -26,6 +26,20 @@ def stream_args():
                                     key=jax.random.key(0), seed=3, groups=8)
 
 
+def fidelity_args():
+    """The spliced-fidelity run both processes share (10 images in global batches of 8: the
+    last one is padded), and that one process runs here for comparison."""
+    from saejax import fidelity, sae
+
+    bb, params = backbones.load(os.path.join(HERE, "fixtures", "backbones", "clip_vision"), cache_dir=False)
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), rng.integers(0, 3, 10)
+    ae = sae.relu(bb.d_model, 64)
+    sweep = jax.vmap(ae.init)(jax.random.split(jax.random.key(0), 2))
+    head = fidelity.linear_probe_head(jax.random.normal(jax.random.key(1), (bb.d_model, 3)), jax.numpy.zeros(3))
+    return bb, params, ae, sweep, images, labels, dict(layer=1, head=head, batch_size=8)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -72,6 +86,26 @@ def test_each_process_reads_its_share_and_the_stream_equals_one_process(tmp_path
     got = np.concatenate([reads[0][:passes], reads[1][:passes]], axis=1)
     order = data.batches(data.ArraySource(images), 8, seed=3)
     np.testing.assert_array_equal(got, np.stack([next(order).ids for _ in range(passes)]))
+
+
+def test_spliced_fidelity_on_two_processes_reads_each_share_once_and_equals_one_process(tmp_path):
+    from saejax import fidelity
+
+    procs = start_pair(lambda port, i: [sys.executable, os.path.join(HERE, "multihost_checks.py"), "fidelity",
+                                        str(port), str(i), str(tmp_path)])
+    codes, outs = finish_pair(procs)
+    assert codes == [0, 0], [err[-3000:] for _, err in outs]
+    results = [np.load(tmp_path / f"fidelity_{i}.npz") for i in range(2)]
+    bb, params, ae, sweep, images, labels, kwargs = fidelity_args()
+    want = fidelity.spliced_fidelity(bb, params, ae, sweep, data.ArraySource(images, labels=labels), **kwargs)
+    values = np.asarray([[r[k] for k in sorted(r) if isinstance(r[k], float)] for r in want])
+    for r in results:  # both processes hold the whole result, one process's numbers
+        assert list(r["n_images"]) == [10, 10]
+        np.testing.assert_allclose(r["values"], values, rtol=2e-5, atol=1e-6)
+    # Global batches of 8: process 0 reads images 0-3, process 1 images 4-7; then the 2 left
+    # are split evenly, one each; no image is read twice.
+    assert sorted(results[0]["read"].tolist() + results[1]["read"].tolist()) == list(range(10))
+    assert results[0]["read"].tolist() == [0, 1, 2, 3, 8] and results[1]["read"].tolist() == [4, 5, 6, 7, 9]
 
 
 def test_binary_on_two_processes_checkpoints_resumes_and_equals_one_process(tmp_path):

@@ -33,14 +33,17 @@ a `saejax.data.Source`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 
 from saejax import backbones, data
+from saejax import sharding as shd
 from saejax.data import activations
 from saejax.core.normalization import Normalization
 from saejax.core.sae import SAE, SAEParams
@@ -84,18 +87,19 @@ def clip_zero_shot_head(bb, bb_params, prompts) -> Head:
     return zero_shot_head(bb_params["visual_projection"]["kernel"], text, float(jnp.exp(bb_params["logit_scale"])))
 
 
-def _stats(logits, clean_logp, targets):
-    """KL(clean || run), cross-entropy against `targets` and correct counts, summed over images."""
+def _stats(logits, clean_logp, targets, valid):
+    """KL(clean || run), cross-entropy against `targets` and correct counts, summed over the
+    valid images (`valid` [B]: 1, or 0 for padding)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    kl = jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp))
-    ce = -jnp.sum(jnp.take_along_axis(logp, targets[:, None], axis=-1))
-    correct = jnp.sum(jnp.argmax(logits, axis=-1) == targets)
+    kl = jnp.sum(valid * jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp), axis=-1))
+    ce = -jnp.sum(valid * jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0])
+    correct = jnp.sum(valid * (jnp.argmax(logits, axis=-1) == targets))
     return {"kl": kl, "ce": ce, "correct": correct}
 
 
 def fidelity_sums(bb, bb_params, ae: SAE, sae_params: SAEParams, images: jax.Array, labels: jax.Array | None, *,
                   layer: int, token_index, head: Head | None, normalization: Normalization,
-                  ablation_mean: jax.Array) -> dict[str, Any]:
+                  ablation_mean: jax.Array, valid: jax.Array | None = None) -> dict[str, Any]:
     """Sums over one batch of images for `spliced_fidelity` (pure, jittable; close over the
     static arguments `bb`, `ae`, `layer`, `token_index` and `head`).
 
@@ -106,9 +110,11 @@ def fidelity_sums(bb, bb_params, ae: SAE, sae_params: SAEParams, images: jax.Arr
         token_index: the token positions the SAE reads (`activations.token_indices`).
         normalization: maps raw activations to the SAE's input space and back.
         ablation_mean: [D] raw activation that mean ablation writes.
+        valid: [B] 1 for an image, 0 for padding (a last batch filled up to the mesh's size);
+            all ones when None.
 
     Returns:
-        `{"n": B, "clean": {...}, "spliced": {...} with [M] leaves, "mean_ablated": {...},
+        `{"n": valid images, "clean": {...}, "spliced": {...} with [M] leaves, "mean_ablated": {...},
         "zero_ablated": {...}}`; each holds sums of `kl`, `ce`, `correct` (with a head) and
         `pooled_sq` (squared distance of the pooled embedding to clean), and "spliced" also
         `pooled_cos`.
@@ -134,29 +140,44 @@ def fidelity_sums(bb, bb_params, ae: SAE, sae_params: SAEParams, images: jax.Arr
             "spliced": jax.vmap(lambda p: finish(reconstruct(p)))(params),
             "mean_ablated": finish(jnp.broadcast_to(ablation_mean, x.shape)),
             "zero_ablated": finish(jnp.zeros_like(x))}
-    sums = {"n": jnp.asarray(images.shape[0], jnp.float32)}
+    valid = jnp.ones(images.shape[0], jnp.float32) if valid is None else valid.astype(jnp.float32)
+    sums = {"n": jnp.sum(valid)}
     clean_logp = None
     if head is not None:
         clean_logp = jax.nn.log_softmax(clean_logits.astype(jnp.float32))
         targets = jnp.argmax(clean_logits, axis=-1) if labels is None else labels
     for name, (logits, pooled) in runs.items():
-        sq = lambda pl: jnp.sum((pl - out.pooled) ** 2)  # noqa: E731
+        sq = lambda pl: jnp.sum(valid[:, None] * (pl - out.pooled) ** 2)  # noqa: E731
         entry = {"pooled_sq": jax.vmap(sq)(pooled) if name == "spliced" else sq(pooled)}
         if head is not None:
-            stats = (jax.vmap(lambda lg: _stats(lg, clean_logp, targets))(logits) if name == "spliced"
-                     else _stats(logits, clean_logp, targets))
+            stats = (jax.vmap(lambda lg: _stats(lg, clean_logp, targets, valid))(logits) if name == "spliced"
+                     else _stats(logits, clean_logp, targets, valid))
             entry.update(stats)
         if name == "spliced":
             unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-8)  # noqa: E731
-            entry["pooled_cos"] = jnp.sum(unit(pooled) * unit(out.pooled)[None], axis=(-2, -1))
+            entry["pooled_cos"] = jnp.sum(valid[:, None] * unit(pooled) * unit(out.pooled)[None], axis=(-2, -1))
         sums[name] = entry
     return sums
+
+
+def sharded_fidelity_sums(bb, ae: SAE, *, layer: int, token_index, head: Head | None, normalization: Normalization,
+                          mesh: Mesh) -> Callable:
+    """`fidelity_sums` jitted for `mesh`: `step(bb_params, sae_params, images, labels,
+    ablation_mean, valid)` with the images, labels and `valid` split over `data` (each device
+    runs the forward passes of its rows) and the params replicated; the sums come out reduced
+    over every device (and process), replicated."""
+    replicated, images_sh, rows_sh = shd.replicated(mesh), shd.batch_sharding(mesh, 4), shd.batch_sharding(mesh, 1)
+    return jax.jit(lambda bp, sp, im, lb, mean, valid: fidelity_sums(
+        bb, bp, ae, sp, im, lb, layer=layer, token_index=token_index, head=head, normalization=normalization,
+        ablation_mean=mean, valid=valid),
+        in_shardings=(replicated, replicated, images_sh, rows_sh, replicated, rows_sh), out_shardings=replicated)
 
 
 def spliced_fidelity(bb, bb_params, ae: SAE, sae_params: SAEParams, source: data.Source, *, layer: int,
                      tokens: str = "patches", head: Head | None = classifier_head,
                      normalization: Normalization | None = None, ablation_mean: jax.Array | None = None,
-                     batch_size: int = 32, max_images: int | None = None) -> list[dict[str, Any]]:
+                     batch_size: int = 32, max_images: int | None = None, mesh: Mesh | None = None
+                     ) -> list[dict[str, Any]]:
     """Spliced-in fidelity of an SAE (or each member of a stacked sweep) over a source's images.
 
     Args:
@@ -171,8 +192,12 @@ def spliced_fidelity(bb, bb_params, ae: SAE, sae_params: SAEParams, source: data
         normalization: the SAE's input normalisation (identity when None).
         ablation_mean: [D] the raw activation mean ablation writes; default the
             normalisation's mean, or without one the mean over the first batch's tokens.
-        batch_size: images per jitted call.
+        batch_size: images per jitted call, over all devices and processes (a multiple of
+            the mesh's `data` axis and of the number of processes).
         max_images: stop after this many images (None: the whole source).
+        mesh: the devices: images are split over its `data` axis, each process reads only
+            its share of every batch, and the sums are reduced over all of them, so every
+            process gets the same result as one device would (default: one device).
 
     Returns:
         One dict per member; see the module docstring for the keys.
@@ -182,22 +207,47 @@ def spliced_fidelity(bb, bb_params, ae: SAE, sae_params: SAEParams, source: data
     if ablation_mean is None and normalization is not None:
         ablation_mean = normalization.mean
     normalization = normalization or Normalization.identity(bb.d_model)
-    step = jax.jit(lambda bp, sp, im, lb, mean: fidelity_sums(
-        bb, bp, ae, sp, im, lb, layer=layer, token_index=token_index, head=head, normalization=normalization,
-        ablation_mean=mean))
-    capture = jax.jit(lambda bp, im: bb.forward(bp, im, capture=(layer,), full=False).captured[layer])
+    mesh = mesh if mesh is not None else shd.make_mesh(1, 1, jax.local_devices()[:1])
+    processes = jax.process_count() if len(mesh.devices.flat) > len(jax.local_devices()) else 1
+    if batch_size % shd.data_size(mesh) or batch_size % processes:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's data axis "
+                         f"({shd.data_size(mesh)} devices) and of the number of processes ({processes})")
+    per_process, side = batch_size // processes, bb.image_size
+    replicated, images_sh, rows_sh = shd.replicated(mesh), shd.batch_sharding(mesh, 4), shd.batch_sharding(mesh, 1)
+    step = sharded_fidelity_sums(bb, ae, layer=layer, token_index=token_index, head=head, normalization=normalization,
+                                 mesh=mesh)
+
+    @functools.partial(jax.jit, in_shardings=(replicated, images_sh, rows_sh), out_shardings=replicated)
+    def first_batch_mean(bp, im, valid):
+        x = bb.forward(bp, im, capture=(layer,), full=False).captured[layer][:, jnp.asarray(token_index)]
+        return jnp.sum(valid[:, None, None] * x, axis=(0, 1)) / (jnp.sum(valid) * x.shape[1])
+
+    def global_rows(sharding, local):
+        return jax.make_array_from_process_local_data(sharding, local) if processes > 1 else \
+            jax.device_put(local, sharding)
+
     total, has_labels = None, None
-    for batch in data.batches(source, batch_size, shuffle=False, epochs=1, drop_remainder=False):
-        images = jnp.asarray(bb.preprocess(batch.images))
+    for batch in data.batches(source, per_process, shuffle=False, epochs=1, drop_remainder=False,
+                              process_index=jax.process_index() if processes > 1 else 0, process_count=processes):
+        n = len(batch.ids)  # the last batch is padded up to the mesh's size; padding has weight 0
+        pixels = np.zeros((per_process, side, side, 3), np.float32)
+        if n:
+            pixels[:n] = bb.preprocess(batch.images)
+        valid = global_rows(rows_sh, (np.arange(per_process) < n).astype(np.float32))
+        images = global_rows(images_sh, pixels)
+        has_labels = batch.labels is not None
+        labels = None
+        if has_labels:
+            local = np.zeros(per_process, np.int32)
+            local[:n] = batch.labels
+            labels = global_rows(rows_sh, local)
         if ablation_mean is None:
-            ablation_mean = jnp.mean(capture(bb_params, images)[:, jnp.asarray(token_index)], axis=(0, 1))
-        labels = None if batch.labels is None else jnp.asarray(batch.labels, jnp.int32)
-        has_labels = labels is not None
-        sums = step(bb_params, sae_params, images, labels, ablation_mean)
+            ablation_mean = first_batch_mean(bb_params, images, valid)
+        sums = step(bb_params, sae_params, images, labels, ablation_mean, valid)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         if max_images is not None and float(total["n"]) >= max_images:
             break
-    if total is None:
+    if total is None or float(total["n"]) == 0:
         raise ValueError("spliced_fidelity: the source holds no images")
     return _results(jax.device_get(total), head is not None, has_labels)
 

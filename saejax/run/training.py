@@ -269,7 +269,8 @@ def evaluate_and_export(spec: RunSpec, workdir: str, states: Mapping[int, train.
         if spec.fidelity_images:
             spliced = fidelity.spliced_fidelity(
                 bb, bb_params, ae, sweep_params, source, layer=layer, tokens=spec.tokens, head=spec.fidelity_head,
-                normalization=norms[layer], batch_size=spec.image_batch_size, max_images=spec.fidelity_images)
+                normalization=norms[layer], batch_size=spec.image_batch_size, max_images=spec.fidelity_images,
+                mesh=mesh)
             for result, extra in zip(results, spliced, strict=True):
                 result.update(extra)
         for i, result in enumerate(results):
