@@ -32,7 +32,7 @@ def test_small_demo_writes_the_report_and_summary(tmp_path):
         others = concept["random_latent"]["latents"]
         assert len(set(others)) == 3 and concept["latent"] not in others
         # Every patch where the latent fired is counted once: covered, partly covered, or neither.
-        n_patches = 200 * 64  # :small: 200 validation images of 64 px, 8 px patches
+        n_patches = 120 * 64  # :small: 120 validation images of 64 px, 8 px patches
         assert sum(concept["firing_patches"].values()) == round(concept["frequency"] * n_patches)
         for result in (concept, concept["where_active"], concept["where_active"]["random_direction"],
                        concept["random_latent"], concept["random_direction"]):

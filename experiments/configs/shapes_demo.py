@@ -68,8 +68,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.checkpoint_every = 10
         c.log_every = 2
         c.eval_images = 64
-        c.demo.update(validation_images=200, probe_images=400, probe_epochs=10, vit=dict(n_train=2_000, n_val=200,
-                                                                                        steps=60))
+        c.demo.update(validation_images=120, probe_images=240, probe_epochs=10, vit=dict(n_train=1_000, n_val=100,
+                                                                                        steps=30))
     elif variant:
         raise ValueError(f"unknown variant {variant!r}; expected '' or 'small'")
     return c

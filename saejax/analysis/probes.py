@@ -69,21 +69,7 @@ def train_linear_probe_streamed(key: jax.Array, chunks: Callable[[int], Iterable
     init_key, key = jax.random.split(key)
     probe = LinearProbe(jax.random.normal(init_key, (d_model, n_classes)) * (1.0 / jnp.sqrt(d_model)),
                         jnp.zeros((n_classes,)))
-    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
-
-    def loss(p, x, y):
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(p.logits(x), y))
-
-    @functools.partial(jax.jit, static_argnums=(4, 5))
-    def fill(carry, x_ND, labels_N, fill_key, steps, batch):
-        def step(carry, idx):
-            p, opt = carry
-            grads = jax.grad(loss)(p, x_ND[idx], labels_N[idx])
-            updates, opt = tx.update(grads, opt, p)
-            return (optax.apply_updates(p, updates), opt), None
-
-        order = jax.random.permutation(fill_key, x_ND.shape[0])[: steps * batch].reshape(steps, -1)
-        return jax.lax.scan(step, carry, order)[0]
+    tx, fill = _probe_fill(float(learning_rate), float(weight_decay))
 
     carry = (probe, tx.init(probe))
     for e in range(epochs):
@@ -107,6 +93,29 @@ def train_linear_probe_streamed(key: jax.Array, chunks: Callable[[int], Iterable
         if held >= batch_size or (held and n_fill == 0):  # all the data in less than a batch: one step on it
             train_on(_joined(xs), _joined(ys), min(batch_size, held))
     return carry[0]
+
+
+@functools.lru_cache(maxsize=32)
+def _probe_fill(learning_rate: float, weight_decay: float):
+    """`(tx, fill)` for these settings, built once: probes trained alike (one per concept, say)
+    share one compilation."""
+    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
+
+    def loss(p, x, y):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(p.logits(x), y))
+
+    @functools.partial(jax.jit, static_argnums=(4, 5))
+    def fill(carry, x_ND, labels_N, fill_key, steps, batch):
+        def step(carry, idx):
+            p, opt = carry
+            grads = jax.grad(loss)(p, x_ND[idx], labels_N[idx])
+            updates, opt = tx.update(grads, opt, p)
+            return (optax.apply_updates(p, updates), opt), None
+
+        order = jax.random.permutation(fill_key, x_ND.shape[0])[: steps * batch].reshape(steps, -1)
+        return jax.lax.scan(step, carry, order)[0]
+
+    return tx, fill
 
 
 def _joined(pieces):

@@ -10,6 +10,7 @@ predictions, patch by patch (the paper's quantitative test; the shapes demo uses
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 import jax
@@ -80,9 +81,13 @@ def change_rates(before_N, after_N, labels_N, target: int, *, ignore: int | None
 def best_f1_latent(codes_NF: jax.Array, present_N: jax.Array, thresholds=(0.0, 0.1, 0.3, 1.0)) -> tuple[int, float, float]:
     """`(latent, f1, threshold)`: the best patch-level F1 for a class over `thresholds` (the
     first threshold on ties; `features.ConceptF1` streams the same over batches)."""
-    counts = ConceptF1.zeros(codes_NF.shape[1], 1, thresholds).update(codes_NF, present_N[:, None])
-    latent, f1, threshold = jax.device_get(counts.best())
-    return int(latent[0]), float(f1[0]), counts.thresholds[int(threshold[0])]
+    latent, f1, threshold = jax.device_get(_best_f1(codes_NF, present_N, tuple(float(t) for t in thresholds)))
+    return int(latent[0]), float(f1[0]), float(thresholds[int(threshold[0])])
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _best_f1(codes_NF, present_N, thresholds):
+    return ConceptF1.zeros(codes_NF.shape[1], 1, thresholds).update(codes_NF, present_N[:, None]).best()
 
 
 def mean_change_norm(edit, resid_TD: jax.Array) -> float:

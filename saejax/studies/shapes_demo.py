@@ -95,6 +95,7 @@ def analyse(site: Site, *, world_size: int, n_val: int = 1_000, edit_images: int
     conjunctions_N = (class_fractions[:, 1:] >= 0.5).reshape(n_val, -1, len(shapes.CLASSES))
     exemplars = features.TopExemplars.empty(ae.d_sae, k=8, n_patches=bb.layout.n_patches)
     f1_counts = features.ConceptF1.zeros(ae.d_sae, n_concepts)
+    count = jax.jit(features.ConceptF1.update)
     conjunction_counts = features.ConceptF1.zeros(ae.d_sae, len(shapes.CLASSES))
     firing = sae_metrics.FiringStats.zeros(ae.d_sae)
     n_edit = min(n_val, edit_images)
@@ -105,8 +106,8 @@ def analyse(site: Site, *, world_size: int, n_val: int = 1_000, edit_images: int
         b = z.shape[0]
         exemplars = exemplars.update(z, jnp.arange(s, s + b))
         flat = z.reshape(-1, ae.d_sae)
-        f1_counts = f1_counts.update(flat, jnp.asarray(concepts_N[s:s + b].reshape(-1, n_concepts)))
-        conjunction_counts = conjunction_counts.update(flat, jnp.asarray(conjunctions_N[s:s + b].reshape(
+        f1_counts = count(f1_counts, flat, jnp.asarray(concepts_N[s:s + b].reshape(-1, n_concepts)))
+        conjunction_counts = count(conjunction_counts, flat, jnp.asarray(conjunctions_N[s:s + b].reshape(
             -1, len(shapes.CLASSES))))
         firing = firing.update(flat)
         tokens_before.append(tokens)
