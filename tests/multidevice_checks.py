@@ -183,14 +183,16 @@ def check_binary_runs_and_resumes_on_eight_devices():
 
     from test_train_sae import final_params, run, run_until_checkpoint_then
 
-    tmp, steps_60 = tempfile.mkdtemp(), "--config.total_tokens=15360"
+    # The final evaluation is not what this checks (the parameters are): keep it small.
+    tmp, steps_60 = tempfile.mkdtemp(), ("--config.total_tokens=15360", "--config.eval_images=16",
+                                         "--config.fidelity.images=0")
     one_device = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    out = run(f"{tmp}/one", f"{tmp}/backbone", steps_60, env=one_device)
+    out = run(f"{tmp}/one", f"{tmp}/backbone", *steps_60, env=one_device)
     assert out.returncode == 0, out.stderr[-3000:]
     # Eight devices: stopped by SIGTERM after a checkpoint, then resumed to the end.
-    code, _, stderr = run_until_checkpoint_then(signal.SIGTERM, f"{tmp}/eight", f"{tmp}/backbone", 20, steps_60)
+    code, _, stderr = run_until_checkpoint_then(signal.SIGTERM, f"{tmp}/eight", f"{tmp}/backbone", 20, *steps_60)
     assert code == 128 + signal.SIGTERM, stderr[-3000:]
-    out = run(f"{tmp}/eight", f"{tmp}/backbone", steps_60)
+    out = run(f"{tmp}/eight", f"{tmp}/backbone", *steps_60)
     assert out.returncode == 0 and "resuming from step" in out.stdout, out.stderr[-3000:]
     for got, want in zip(final_params(f"{tmp}/eight"), final_params(f"{tmp}/one")):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):

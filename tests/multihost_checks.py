@@ -58,6 +58,27 @@ def check_fidelity():
              n_images=[r["n_images"] for r in results])
 
 
+def check_collect():
+    """The browser's statistics and semprobe's table, each process reading its share."""
+    import json
+
+    from saejax import browser
+    from saejax.studies.concepts import run_semprobe
+    from test_multihost import collect_args
+
+    readout, images, labels, classes = collect_args()
+    source = RecordingSource(images)
+    source.labels, source.classes, source.has_labels = labels, classes, True
+    collected = browser.collect(readout, source, k=4, batch_size=4, limit=22, heatmaps=False)
+    read_by_collect = list(source.read)
+    table = run_semprobe({"clip": readout}, source, os.path.join(out_dir, f"semprobe_{process_id}"),
+                         n_permutations=20, n_random=10, batch_size=4)
+    np.savez(os.path.join(out_dir, f"collect_{process_id}.npz"), read=np.asarray(read_by_collect),
+             **{k: v for k, v in collected.items() if isinstance(v, np.ndarray)}, images=collected["images"])
+    with open(os.path.join(out_dir, f"table_{process_id}.json"), "w") as f:
+        json.dump(table, f)
+
+
 if __name__ == "__main__":
     globals()[f"check_{check}"]()
     print("ok", flush=True)

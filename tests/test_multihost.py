@@ -40,6 +40,18 @@ def fidelity_args():
     return bb, params, ae, sweep, images, labels, dict(layer=1, head=head, batch_size=8)
 
 
+def collect_args():
+    """A Site and 25 labelled images (3 classes), for the browser's and semprobe's passes."""
+    from saejax import sae, site
+
+    bb, params = backbones.load(os.path.join(HERE, "fixtures", "backbones", "clip_vision"), cache_dir=False)
+    ae = sae.relu(bb.d_model, 32)
+    sae_params = ae.init(jax.random.key(0)).replace(b_enc=jax.numpy.full((32,), 0.05))
+    rng = np.random.default_rng(1)
+    images, labels = rng.integers(0, 256, (25, 32, 32, 3), dtype=np.uint8), np.arange(25) % 3
+    return site.Site(bb, params, layer=1, ae=ae, sae_params=sae_params), images, labels, ("none", "a", "b")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -108,15 +120,47 @@ def test_spliced_fidelity_on_two_processes_reads_each_share_once_and_equals_one_
     assert results[0]["read"].tolist() == [0, 1, 2, 3, 8] and results[1]["read"].tolist() == [4, 5, 6, 7, 9]
 
 
+def test_browser_statistics_and_semprobe_on_two_processes_equal_one_process(tmp_path):
+    import json
+
+    from saejax import browser
+    from saejax.studies.concepts import run_semprobe
+
+    procs = start_pair(lambda port, i: [sys.executable, os.path.join(HERE, "multihost_checks.py"), "collect",
+                                        str(port), str(i), str(tmp_path)])
+    codes, outs = finish_pair(procs)
+    assert codes == [0, 0], [err[-3000:] for _, err in outs]
+    readout, images, labels, classes = collect_args()
+    source = data.ArraySource(images, labels=labels, classes=classes)
+    want = browser.collect(readout, source, k=4, batch_size=4, limit=22, heatmaps=False)
+    table = run_semprobe({"clip": readout}, source, str(tmp_path / "semprobe_one"), n_permutations=20, n_random=10,
+                         batch_size=4)
+    got = [np.load(tmp_path / f"collect_{i}.npz") for i in range(2)]
+    for r in got:  # both processes hold the merged statistics of the 22 images
+        assert int(r["images"]) == want["images"] == 22
+        for key in ("frequency", "mean", "max", "hist", "top_values", "top_ids", "label_counts"):
+            np.testing.assert_allclose(r[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # Global batches of 8: each process reads 4 of every 8, the two together each image once
+    # (the last global batch also reads 22 and 23, which the limit leaves out of the counts).
+    assert sorted(got[0]["read"].tolist() + got[1]["read"].tolist()) == list(range(24))
+    assert got[0]["read"].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
+    for i in range(2):
+        assert json.load(open(tmp_path / f"table_{i}.json")) == json.loads(json.dumps(table))
+    assert os.path.isfile(tmp_path / "semprobe_0" / "semprobe.json")  # process 0 writes the files
+    assert not os.path.exists(tmp_path / "semprobe_1" / "semprobe.json")
+
+
 def test_binary_on_two_processes_checkpoints_resumes_and_equals_one_process(tmp_path):
     from test_train_sae import command, final_params, run
 
-    backbone, steps_40 = str(tmp_path / "backbone"), "--config.total_tokens=10240"
-    out = run(tmp_path / "one", backbone, steps_40)  # one process, one device
+    # The evaluation at the end runs sharded too (its fidelity over both processes), on few images.
+    backbone, steps_40 = str(tmp_path / "backbone"), ("--config.total_tokens=10240", "--config.eval_images=16",
+                                                      "--config.fidelity.images=16")
+    out = run(tmp_path / "one", backbone, *steps_40)  # one process, one device
     assert out.returncode == 0, out.stderr[-3000:]
 
     def binary(port, i):
-        return command(tmp_path / "two", backbone, steps_40, f"--coordinator_address=localhost:{port}",
+        return command(tmp_path / "two", backbone, *steps_40, f"--coordinator_address=localhost:{port}",
                        "--num_processes=2", f"--process_id={i}")
 
     # A preemption notice (SIGTERM) to one process stops both at the same step, after a checkpoint.

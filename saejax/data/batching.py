@@ -295,3 +295,28 @@ def _iterate(source, n, batch_size, process_index, process_count, seed, start, s
         yield _assemble(source, [next(examples) for _ in range(hi - lo)], after)
 
 
+def process_share(source, batch_size: int, limit: int | None = None) -> Iterator[Batch]:
+    """This process's batches of one pass over the first `limit` examples of `source`, each
+    read once (`one_pass` on a single process). On several processes, process i gets rows
+    `[i * batch_size, (i + 1) * batch_size)` of every global batch, so the processes read
+    disjoint shares that together are the pass; the last batches may be short or empty, and
+    every process yields the same number of them (the last global batch may read a few images
+    past `limit`, which it leaves out). For evaluations that reduce over images
+    (the browser's statistics, semprobe's sums) and merge across processes afterwards."""
+    import jax  # noqa: PLC0415
+
+    count = jax.process_count()
+    if count == 1:
+        yield from one_pass(source, batch_size, limit=limit)
+        return
+    n = len(source) if limit is None else min(limit, len(source))
+    for batch in batches(source, batch_size, shuffle=False, epochs=1, drop_remainder=False,
+                         process_index=jax.process_index(), process_count=count, refill_skipped=False):
+        keep = batch.ids < n
+        if not keep.all():
+            batch = batch._replace(images=batch.images[keep], ids=batch.ids[keep],
+                                   labels=None if batch.labels is None else batch.labels[keep],
+                                   masks=None if batch.masks is None else batch.masks[keep])
+        yield batch
+        if batch.position >= n:
+            return

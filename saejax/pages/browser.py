@@ -41,6 +41,8 @@ HIST_EDGES = np.logspace(-3, 3, 49)
 def collect(readout, source: data.Source, *, k: int = 20, batch_size: int = 64, limit: int | None = None,
             heatmaps: bool = True) -> dict[str, Any]:
     """Stream `source` through `readout` and keep what the browser shows (bounded memory).
+    On several processes each reads its share of the images (`data.process_share`) and the statistics are
+    merged (`merge_over_processes`), so every process returns what one process would.
 
     Returns numpy arrays: `frequency [F]` (share of patches where the latent fires), `mean [F]`
     (mean activation where it fires), `max [F]`, `p99 [F]` (99th percentile of its non-zero
@@ -76,11 +78,14 @@ def collect(readout, source: data.Source, *, k: int = 20, batch_size: int = 64, 
     if n_labels is not None:
         state["label_counts"] = jnp.zeros((f, n_labels), jnp.int32)
     images = 0
-    for batch in data.one_pass(source, batch_size, limit=limit):
+    for batch in data.process_share(source, batch_size, limit):
+        if not len(batch.ids):
+            continue
         codes = readout.encode(batch.images)["codes"]
         labels = jnp.asarray(batch.labels if n_labels is not None else np.zeros(len(batch.ids)), jnp.int32)
         state = reduce(state, codes, jnp.asarray(batch.ids, jnp.int32), labels)
         images += len(batch.ids)
+    state, images = merge_over_processes(state, images, k)
     if images == 0:
         raise ValueError("collect: the source gave no images")
     out = {key: np.asarray(v) for key, v in state.items()}
@@ -94,6 +99,25 @@ def collect(readout, source: data.Source, *, k: int = 20, batch_size: int = 64, 
     if heatmaps:
         out["heatmaps"] = _winner_heatmaps(readout, source, out["top_ids"], batch_size)
     return out
+
+
+def merge_over_processes(state: dict, images: int, k: int) -> tuple[dict, int]:
+    """Every process's statistics (counts and sums added, maxima kept, top-k merged) and image
+    count, the same on every process."""
+    if jax.process_count() == 1:
+        return state, images
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    every = multihost_utils.process_allgather({**state, "images": jnp.asarray(images)})  # leading axis: processes
+    merged = {"fires": every["fires"].sum(0), "sum": every["sum"].sum(0), "max": every["max"].max(0),
+              "hist": every["hist"].sum(0)}
+    if "label_counts" in every:
+        merged["label_counts"] = every["label_counts"].sum(0)
+    values = np.concatenate(list(every["top_values"]), axis=1)  # [F, processes * k]
+    ids = np.concatenate(list(every["top_ids"]), axis=1)
+    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    merged["top_values"], merged["top_ids"] = np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1)
+    return merged, int(every["images"].sum())
 
 
 def _skipped_note(source) -> str:
@@ -356,7 +380,9 @@ def browse(site, source: data.Source, directory: str | os.PathLike, *, k: int = 
     """`collect` then `write_site`: the browser of `site`'s SAE over `source`, in `directory`.
     Returns the index page's path."""
     collected = collect(site, source, k=k, batch_size=batch_size, limit=limit)
-    index = write_site(directory, collected, site.ae, site.sae_params, source, title=title, max_pages=max_pages)
+    index = os.path.join(os.fspath(directory), "index.html")
+    if jax.process_index() == 0:  # every process holds the merged statistics; one writes the site
+        index = write_site(directory, collected, site.ae, site.sae_params, source, title=title, max_pages=max_pages)
     skipped = f", {len(source.skipped)} unreadable skipped" if source.skipped else ""
     print(f"wrote {index} ({collected['images']} images{skipped}; open it in a browser)", flush=True)
     return index

@@ -33,7 +33,9 @@ from saejax.pages import viz
 def run_semprobe(sites: Mapping[str, Site], source: data.Source, workdir: str, *, top: int = 5,
                  n_permutations: int = 1000, n_random: int = 100, exemplars: int = 8, batch_size: int = 64,
                  seed: int = 0) -> dict:
-    """E1 for every named site over one concept source; see the module docstring.
+    """E1 for every named site over one concept source; see the module docstring. On several
+    processes each reads its share of the images and the per-image sums are gathered, so
+    every process scores the same table; process 0 writes the files.
 
     Args:
         sites: `{model name: Site}` (images already cropped by the source: `cropped_processing`).
@@ -48,10 +50,13 @@ def run_semprobe(sites: Mapping[str, Site], source: data.Source, workdir: str, *
     os.makedirs(workdir, exist_ok=True)
     table, rows = {}, []
     for m, (name, readout) in enumerate(sites.items()):
+        # Each process sums its share of the images; the sums of all processes are put together.
         passes = [(b.ids, np.asarray(semprobe.image_sums(readout.encode(b.images)["codes"])))
-                  for b in data.one_pass(source, batch_size)]
+                  for b in data.process_share(source, batch_size) if len(b.ids)]
         ids = np.concatenate([i for i, _ in passes])  # the readable images; unreadable ones are left out
-        sums, labels = np.concatenate([s for _, s in passes]), source.labels[ids]
+        sums = np.concatenate([s for _, s in passes])
+        ids, sums = _from_every_process(ids, sums)
+        labels = source.labels[ids]
         for c, concept in enumerate(source.classes[1:], start=1):
             subset = (labels == c) | (labels == 0)
             result = semprobe.score_concept(jnp.asarray(sums[subset]), jnp.asarray(labels[subset] == c),
@@ -66,18 +71,53 @@ def run_semprobe(sites: Mapping[str, Site], source: data.Source, workdir: str, *
             table.setdefault(concept, {})[name] = entry
             rows.append([concept, name, entry["latents"][0], entry["f1"][0], entry["p_value"],
                          entry["random_f1_mean"], entry["random_f1_p95"]])
-            _exemplars(readout, source, ids[subset], entry["latents"][0], exemplars,
-                       os.path.join(workdir, f"exemplars_{name}_{concept}.png"))
+            if jax.process_index() == 0:
+                _exemplars(readout, source, ids[subset], entry["latents"][0], exemplars,
+                           os.path.join(workdir, f"exemplars_{name}_{concept}.png"))
             print(f"{concept:>16} {name:>10}: latent {entry['latents'][0]:>6} F1 {entry['f1'][0]:.2f} "
                   f"(p = {entry['p_value']:.3g}; random latents {entry['random_f1_mean']:.2f}, 95th pct "
                   f"{entry['random_f1_p95']:.2f})", flush=True)
-    with open(os.path.join(workdir, "semprobe.json"), "w") as f:
-        json.dump({"concepts": table, "skipped_images": data.skipped_report(concepts=source)["concepts"]}, f, indent=2)
-    with open(os.path.join(workdir, "semprobe.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["concept", "model", "best_latent", "f1", "p_value", "random_f1_mean", "random_f1_p95"])
-        writer.writerows(rows)
+    skipped = _skipped_on_every_process(source)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "semprobe.json"), "w") as f:
+            json.dump({"concepts": table, "skipped_images": skipped}, f, indent=2)
+        with open(os.path.join(workdir, "semprobe.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["concept", "model", "best_latent", "f1", "p_value", "random_f1_mean", "random_f1_p95"])
+            writer.writerows(rows)
     return table
+
+
+def _skipped_on_every_process(source: data.Source) -> dict:
+    """`data.skipped_report` of the images any process skipped (each knows only its share)."""
+    if jax.process_count() == 1:
+        return data.skipped_report(concepts=source)["concepts"]
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    mine = np.asarray(sorted(source.skipped), np.int64)
+    longest = max(1, int(np.max(multihost_utils.process_allgather(np.asarray(len(mine))))))
+    padded = np.full(longest, -1, np.int64)
+    padded[:len(mine)] = mine
+    every = sorted(int(i) for i in np.asarray(multihost_utils.process_allgather(padded)).reshape(-1) if i >= 0)
+    return {"count": len(every), "files": [source.describe(i) + ": " + source.skipped.get(i, "unreadable (read by "
+                                           "another process)") for i in every]}
+
+
+def _from_every_process(ids: np.ndarray, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(ids, sums)` of every process's images, in id order (this process's alone on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        longest = int(np.max(multihost_utils.process_allgather(np.asarray(len(ids)))))
+        padded_ids = np.full(longest, -1, np.int64)
+        padded_ids[:len(ids)] = ids
+        padded = np.zeros((longest, sums.shape[1]), sums.dtype)
+        padded[:len(ids)] = sums
+        every_ids, every_sums = multihost_utils.process_allgather((padded_ids, padded))
+        keep = every_ids.reshape(-1) >= 0
+        ids, sums = every_ids.reshape(-1)[keep], every_sums.reshape(-1, sums.shape[1])[keep]
+    order = np.argsort(ids, kind="stable")
+    return ids[order], sums[order]
 
 
 def _exemplars(readout, source, candidates, latent, count, path):
