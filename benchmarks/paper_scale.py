@@ -11,6 +11,8 @@ the real shardings; backbones from `saejax.backbones.abstract`, no weights) and 
   each mesh;
 - FLOPs and bytes accessed per call (`cost_analysis`, of the one-device program) and the calls
   the binary makes;
+(the notebooks' defaults too: the quickstart's TopK sweep; the other two notebooks run the
+browser's and the CUB edit's programs on a few images.)
 - the predicted time of the whole binary on an H100, an A100, a TPU v5e-8 and a v4-8: a
   roofline at 50% of their bf16 peak (`benchmarks.peak`) and of their memory bandwidth (the
   larger of FLOPs / compute and bytes / bandwidth), spread over the chips as the data axis
@@ -111,8 +113,14 @@ def predicted_seconds(flops_per_call: float, calls: int, chip: str, bytes_per_ca
 
 # ------------------------------------------------------------------------------- programs
 
-def sae_step(d_model: int, d_sae: int, batch: int, members: int, name: str, calls: int) -> Program:
-    trainer = train.make_trainer(sae.relu(d_model, d_sae, compute_dtype=jnp.bfloat16), objective=Objective(sparsity="l1"))
+def sae_step(d_model: int, d_sae: int, batch: int, members: int, name: str, calls: int, k: int | None = None) -> Program:
+    """The paper's ReLU + L1 sweep step, or with `k` a TopK + AuxK one (the quickstart's)."""
+    if k is None:
+        trainer = train.make_trainer(sae.relu(d_model, d_sae, compute_dtype=jnp.bfloat16),
+                                     objective=Objective(sparsity="l1"))
+    else:
+        trainer = train.make_trainer(sae.topk(d_model, d_sae, k=k, compute_dtype=jnp.bfloat16),
+                                     objective=Objective(sparsity="none", auxk_coeff=1 / 32, k_aux=64))
     hparams = train.Hparams.grid(learning_rate=[1e-3] * members, sparsity_coeff=[4e-4])
 
     def build(mesh):
@@ -250,6 +258,11 @@ def binaries(small: bool) -> list[Binary]:
         site_encode(clip, clip_params, d_sae, 32, layer, "Site.encode, CLIP (32 images)", -(-concept_images // 32)),
         site_encode(dino, dino_params, d_sae, 32, layer, "Site.encode, DINOv2 (32 images)", -(-concept_images // 32))),
         {"per-image latent sums, both models": 2 * concept_images * d_sae * 4}))
+    steps, nb_batch = (20, 256) if small else (2_000, 4_096)  # colab/quickstart.ipynb's defaults
+    result.append(Binary("quickstart notebook (TopK k=16, 2 SAEs)", (
+        sae_step(clip.d_model, d_sae, nb_batch, 2, "SAE sweep step (2 members)", steps, k=16),
+        harvest(clip, clip_params, 16, layer, "harvest (16 images)", -(-steps * nb_batch // (16 * clip.layout.n_patches)))),
+        {"the stream's decoded images in flight": 2 * 16 * 224 * 224 * 3}))
     browse_images = 256 if small else 1_281_167  # ImageNet-1k train
     result.append(Binary("browse (ImageNet-1k)", (
         site_encode(clip, clip_params, d_sae, 64, layer, "Site.encode (64 images)", -(-browse_images // 64)),),
