@@ -336,7 +336,7 @@ def moonshot(totals, small: bool) -> None:
     harvest_cost = next(v for k, v in clip.items() if k.startswith("harvest"))
     batch, images, tokens = (256, 16, 100_000) if small else (16_384, 256, 100_000_000)
     steps = tokens // batch
-    calls = -(-tokens // (images * (16 if small else 196)))
+    calls = -(-tokens // (images * vit_b("clip", 16, small)[0].layout.n_patches))  # training alone
     print(f"\nThe paper's 3 x 3 CLIP sweep: {tokens:,} patches, {steps} steps of {batch:,}, {calls} harvest calls "
           f"of {images} images (predicted, not measured)")
     for chip in CHIPS:

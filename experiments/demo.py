@@ -20,28 +20,13 @@ Steps:
 2. A BatchTopK SAE (k=4, 16 x width latents) on block 2 of 4 (`experiments/configs/shapes_demo.py`,
    the setting `benchmarks.concepts` picks; `demo.architecture`, `demo.k` and `demo.expansion` choose
    another; on a pretrained backbone the block two thirds of the way up, or `demo.layer`) via
-   `experiments.train_sae` in `<workdir>/sae_run` (resumable like any run); the trained states
+   `saejax.run.run_training` in `<workdir>/sae_run` (resumable like any run); the trained states
    come back in memory.
-3. On validation images, for the 15 concepts of `shapes.FACTOR_CONCEPTS` (4 shapes, 4 colours,
-   background, small / large object, 4 background textures): per latent, the top exemplars
-   and patch-level F1 against each concept's patches; the best latent per concept. Two bounds
-   explain a low F1: the best union of up to 4 latents (`features.greedy_latent_union`; a
-   concept split over several latents scores higher here) and a supervised linear probe per
-   concept on the same normalised residual (if the model does not encode a concept per patch,
-   no latent can). The SAE's latents are also scored against k-means and PCA dictionaries on
-   the same residuals (`saejax.concept_metrics`: the saev follow-up's Probe R, mAP, Purity@16,
-   Coverage@0.3).
-4. Linear probes on the final patch tokens, one per factor (`shapes.FACTORS`). For each
-   concept, its latent is set to -2 x its max on all tokens at the SAE's block, the model
-   finishes its forward pass, and we count the patches whose probe prediction changes: target
-   change rate (patches of that concept) and other change rate (all other patches).
-   Baselines, each the mean of 3 draws: a random live latent (same protocol) and a random unit
-   direction added with the same mean norm as the concept edit. Also measured: the same edit
-   only where the latent fires (`interventions.set(..., where_active=True)`), with its own
-   matched random direction.
-5. `<workdir>/report/index.html` (self-contained) and `<workdir>/report/summary.json`.
-
-Steps 3-5 are `saejax.studies.shapes_demo` (`analyse`, `write_page`).
+3-4. On validation images: the best latent per concept of `shapes.FACTOR_CONCEPTS` with the
+   bounds that explain a low F1, the baseline dictionaries, and the edits read out by probes
+   against matched baselines; see `saejax.studies.shapes_demo.analyse`, which does it.
+5. `<workdir>/report/index.html` (self-contained, `shapes_demo.write_page`) and
+   `<workdir>/report/summary.json`.
 """
 
 from __future__ import annotations

@@ -88,11 +88,7 @@ def create_random(family: str, directory: str, *, seed: int = 0, n_classes: int 
             if json.load(f) == json.loads(json.dumps(config_json)):
                 return directory
 
-    loading_cfg = cfg
-    if family == "dinov2_registers":  # the loader builds registers on top of a DINOv2 config
-        _, loading_cfg, _ = _configs(config_json, directory)
-    heads = _Heads(n_classes=n_classes, classifier_in=cfg.hidden_size * (2 if family.startswith("dinov2") else 1))
-    flat = _random_params(_target_shapes(family, loading_cfg, None, heads), seed)
+    flat = _random_params(_hf_shapes(family, cfg, n_classes)[1], seed)
 
     with staged_directory(directory) as staging:
         with open(os.path.join(staging, "config.json"), "w") as f:
@@ -102,6 +98,14 @@ def create_random(family: str, directory: str, *, seed: int = 0, n_classes: int 
         with open(os.path.join(staging, FLAX_MSGPACK), "wb") as f:
             f.write(serialization.msgpack_serialize(unflatten_dict(flat)))
     return directory
+
+
+def _hf_shapes(family: str, cfg, n_classes: int):
+    """`(the config the loader builds, {flax key: shape})` of a `transformers`-Flax family."""
+    if family == "dinov2_registers":  # the loader builds registers on top of a DINOv2 config
+        cfg = _configs(cfg.to_dict(), "<config>")[1]
+    heads = _Heads(n_classes=n_classes, classifier_in=cfg.hidden_size * (2 if family.startswith("dinov2") else 1))
+    return cfg, _target_shapes(family, cfg, None, heads)
 
 
 def _write_own(own, cfg, config_json, directory, seed) -> str:
@@ -165,9 +169,6 @@ def abstract(family: str, *, n_classes: int = 0, dtype=None, input_size: int | N
             side = (int(input_size),) * 2
             processing = dataclasses.replace(processing, **(
                 {"resize_to": side} if processing.resize_to else {"resize_shortest": side[0], "crop": side}))
-        loading_cfg = _configs(cfg.to_dict(), "<abstract>")[1] if family == "dinov2_registers" else cfg
-        heads = _Heads(n_classes=n_classes, classifier_in=cfg.hidden_size * (2 if family.startswith("dinov2") else 1))
-        shapes = _target_shapes(family, loading_cfg, None, heads)
-        cfg = loading_cfg
+        cfg, shapes = _hf_shapes(family, cfg, n_classes)
     bb = make_backbone(family, cfg, dtype=jnp.dtype(dtype or jnp.float32), n_classes=n_classes, processing=processing)
     return bb, unflatten_dict({k: jax.ShapeDtypeStruct(tuple(s), jnp.float32) for k, s in shapes.items()})

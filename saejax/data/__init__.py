@@ -7,12 +7,12 @@ activation shards (`shards`).
 >>> batch = next(saejax.data.batches(source, 64, seed=0))      # uint8 [64, 224, 224, 3] on the host
 """
 
-from saejax.data.batching import Batch, batches, one_pass, permutation, process_share
+from saejax.data.batching import Batch, batches, gather_over_processes, one_pass, permutation, process_share
 from saejax.data.images import (IMAGE_EXTENSIONS, RESAMPLING, Resizing, UnreadableImageError, find_images,
                                 match_mask, patch_mode_labels, read_image)
 from saejax.data.sources import (ArraySource, Example, FileListSource, ImageFolderSource, Source, TfdsSource,
                                  skipped_report)
 
 __all__ = ["IMAGE_EXTENSIONS", "RESAMPLING", "ArraySource", "Batch", "Example", "FileListSource", "ImageFolderSource",
-           "Resizing", "Source", "TfdsSource", "UnreadableImageError", "batches", "find_images", "match_mask",
+           "Resizing", "Source", "TfdsSource", "UnreadableImageError", "batches", "find_images", "gather_over_processes", "match_mask",
            "one_pass", "patch_mode_labels", "permutation", "process_share", "read_image", "skipped_report"]

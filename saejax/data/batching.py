@@ -320,3 +320,24 @@ def process_share(source, batch_size: int, limit: int | None = None) -> Iterator
         yield batch
         if batch.position >= n:
             return
+
+
+def gather_over_processes(ids: np.ndarray, *rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """`(ids, *rows)` of every process's examples (this process's alone on one), in id order:
+    the per-example results of a `process_share` pass, put together. Each process may hold a
+    different number of rows; ids must be non-negative."""
+    import jax  # noqa: PLC0415
+
+    ids = np.asarray(ids, np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        longest = max(1, int(np.max(multihost_utils.process_allgather(np.asarray(len(ids))))))
+        padded = [np.full(longest, -1, np.int64)] + [np.zeros((longest, *r.shape[1:]), r.dtype) for r in rows]
+        for target, local in zip(padded, (ids, *rows)):
+            target[:len(ids)] = local
+        every = [np.asarray(a).reshape(-1, *a.shape[2:]) for a in multihost_utils.process_allgather(tuple(padded))]
+        keep = every[0] >= 0
+        ids, rows = every[0][keep], tuple(a[keep] for a in every[1:])
+    order = np.argsort(ids, kind="stable")
+    return (ids[order], *(np.asarray(r)[order] for r in rows))

@@ -55,7 +55,7 @@ def run_semprobe(sites: Mapping[str, Site], source: data.Source, workdir: str, *
                   for b in data.process_share(source, batch_size) if len(b.ids)]
         ids = np.concatenate([i for i, _ in passes])  # the readable images; unreadable ones are left out
         sums = np.concatenate([s for _, s in passes])
-        ids, sums = _from_every_process(ids, sums)
+        ids, sums = data.gather_over_processes(ids, sums)
         labels = source.labels[ids]
         for c, concept in enumerate(source.classes[1:], start=1):
             subset = (labels == c) | (labels == 0)
@@ -92,32 +92,9 @@ def _skipped_on_every_process(source: data.Source) -> dict:
     """`data.skipped_report` of the images any process skipped (each knows only its share)."""
     if jax.process_count() == 1:
         return data.skipped_report(concepts=source)["concepts"]
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    mine = np.asarray(sorted(source.skipped), np.int64)
-    longest = max(1, int(np.max(multihost_utils.process_allgather(np.asarray(len(mine))))))
-    padded = np.full(longest, -1, np.int64)
-    padded[:len(mine)] = mine
-    every = sorted(int(i) for i in np.asarray(multihost_utils.process_allgather(padded)).reshape(-1) if i >= 0)
+    every = data.gather_over_processes(np.asarray(sorted(source.skipped), np.int64))[0].tolist()
     return {"count": len(every), "files": [source.describe(i) + ": " + source.skipped.get(i, "unreadable (read by "
                                            "another process)") for i in every]}
-
-
-def _from_every_process(ids: np.ndarray, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`(ids, sums)` of every process's images, in id order (this process's alone on one)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
-        longest = int(np.max(multihost_utils.process_allgather(np.asarray(len(ids)))))
-        padded_ids = np.full(longest, -1, np.int64)
-        padded_ids[:len(ids)] = ids
-        padded = np.zeros((longest, sums.shape[1]), sums.dtype)
-        padded[:len(ids)] = sums
-        every_ids, every_sums = multihost_utils.process_allgather((padded_ids, padded))
-        keep = every_ids.reshape(-1) >= 0
-        ids, sums = every_ids.reshape(-1)[keep], every_sums.reshape(-1, sums.shape[1])[keep]
-    order = np.argsort(ids, kind="stable")
-    return ids[order], sums[order]
 
 
 def _exemplars(readout, source, candidates, latent, count, path):
