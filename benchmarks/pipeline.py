@@ -180,6 +180,11 @@ def main():
     print(f"(a) / (b)           = {rate_disk / rate_memory:.3f}   (target >= 0.9: host decoding hidden)")
     print(f"(b) / device-only   = {rate_memory / device_only:.3f}   (device-only = 1 / (1/(c) + 1/(d)) "
           f"= {device_only:,.0f} tokens/s)")
+    # The share of the shorter stage hidden behind the longer one: 1 when the stream overlaps
+    # harvest and step fully, 0 when it runs them one after the other. paper_scale --overlap takes it.
+    t_harvest, t_step, t_both = 1 / rate_harvest, 1 / rate_step, 1 / rate_memory
+    print(f"overlap             = {(t_harvest + t_step - t_both) / min(t_harvest, t_step):.3f}   "
+          f"(python -m benchmarks.paper_scale --overlap=<this> predicts the sweep with it)")
 
     consumed = device_only / bb.layout.n_patches  # images/s
     cores = len(os.sched_getaffinity(0))

@@ -60,6 +60,9 @@ def test_paper_scale_arithmetic_is_xlas_own():
     assert costs["flops"] >= 2 * 3 * 2 * (2 * 32 * 16 * 64)
     assert paper_scale.predicted_seconds(1e12, 10, "H100") == pytest.approx(1e13 / (0.5 * 989e12))
     assert paper_scale.predicted_seconds(1e12, 10, "v5e-8") == pytest.approx(1e13 / (0.5 * 197e12 * 8))
+    assert paper_scale.overlapped_seconds(10.0, 4.0, 1.0) == 10.0  # the harvest hidden behind the steps
+    assert paper_scale.overlapped_seconds(10.0, 4.0, 0.0) == 14.0
+    assert paper_scale.overlapped_seconds(3.0, 4.0, 0.5) == 5.5
     assert paper_scale.duration(90) == "  90.0 s" and paper_scale.duration(7200) == "  2.00 h"
     # What does not fit is named: the program and mesh, or the host array.
     big = dict(costs, peak=81 * paper_scale.GIB, arguments=1 * paper_scale.GIB, temporaries=80 * paper_scale.GIB)
