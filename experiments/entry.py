@@ -4,11 +4,13 @@ then `run(config, workdir)`.
 
     python -m experiments.BINARY --workdir=DIR [--config=experiments/configs/FILE.py[:small]]
         [--config.KEY=VALUE ...] [--import_modules=my_saes] [--distributed | --coordinator_address=HOST:PORT
-        --num_processes=N --process_id=I]
+        --num_processes=N --process_id=I] [--peer_timeout_s=180]
 
 An error ends the binary with its traceback and then one line, `BINARY failed: Error: message`,
 on stderr (exit code 1); SIGTERM / SIGINT during training saves a checkpoint and exits with
-128 + the signal (`saejax.loop.Preempted`).
+128 + the signal (`saejax.loop.Preempted`). In a multi-host run, a process that dies, stops or
+hangs ends every other within about `--peer_timeout_s` seconds with one line naming it and exit
+code 75 (`saejax.run.peers`); rerun the same command on every host to resume.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def run_binary(name: str, run: Callable[[Any, str], Any], config_file: str, *,
     flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (implies --distributed).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
     flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+    flags.DEFINE_float("peer_timeout_s", 180.0, "Multi-host: seconds after which a process that stopped answering "
+                       "(dead, stopped, or stuck behind the others) ends the run on every host.", lower_bound=1.0)
 
     def main(argv):
         del argv
@@ -48,17 +52,24 @@ def run_binary(name: str, run: Callable[[Any, str], Any], config_file: str, *,
         FLAGS = flags.FLAGS
         if FLAGS.workdir is None:
             raise app.UsageError("--workdir is required")
-        if FLAGS.coordinator_address is not None or FLAGS.distributed:  # before anything touches the devices
+        distributed = FLAGS.coordinator_address is not None or FLAGS.distributed
+        if distributed:  # before anything touches the devices
             import jax  # noqa: PLC0415
 
+            # JAX's own heartbeat (a C++ abort) is the backstop behind the watchdog's clean exit.
             jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                       num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+                                       num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                                       heartbeat_timeout_seconds=int(2 * FLAGS.peer_timeout_s) + 10)
         for module in FLAGS.import_modules:
             importlib.import_module(module)
         from saejax.run.loop import Preempted  # noqa: PLC0415
+        from saejax.run.peers import PeerWatchdog  # noqa: PLC0415
 
         try:
-            run(FLAGS.config, os.path.expanduser(FLAGS.workdir))
+            with PeerWatchdog(FLAGS.peer_timeout_s):
+                run(FLAGS.config, os.path.expanduser(FLAGS.workdir))
+                if distributed:  # its barrier under the watchdog: a peer lost at the very end is named too
+                    jax.distributed.shutdown()
         except Preempted as e:
             print(f"\n{e}: saved a checkpoint; rerun the same command to resume.", flush=True)
             raise SystemExit(128 + e.signum) from None

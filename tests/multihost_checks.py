@@ -79,6 +79,25 @@ def check_collect():
         json.dump(table, f)
 
 
+def _peer_left_behind():
+    """Process 0 reaches step 2 and waits for process 1 in a barrier; process 1 stays at step 1,
+    alive, until the test kills it (dead_peer) or for good (stuck_peer)."""
+    import time
+
+    from saejax.run import peers
+
+    with peers.PeerWatchdog(timeout_s=3):
+        if process_id == 1:
+            peers.progress(1)
+            print("stuck", flush=True)
+            time.sleep(600)
+        peers.progress(2)
+        multihost_utils.sync_global_devices("step 2")
+
+
+check_dead_peer = check_stuck_peer = _peer_left_behind
+
+
 if __name__ == "__main__":
     globals()[f"check_{check}"]()
     print("ok", flush=True)

@@ -182,3 +182,52 @@ def test_binary_on_two_processes_checkpoints_resumes_and_equals_one_process(tmp_
     for got, want in zip(final_params(tmp_path / "two"), final_params(tmp_path / "one")):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _left_behind_pair(check, tmp_path):
+    return start_pair(lambda port, i: [sys.executable, os.path.join(HERE, "multihost_checks.py"), check,
+                                       str(port), str(i), str(tmp_path)])
+
+
+def _wait_for_line(proc, line, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.stdout.readline().strip() == line:
+            return
+    raise AssertionError(f"no {line!r} within {timeout} s")
+
+
+def test_a_peer_that_is_alive_but_stuck_ends_the_others_naming_it(tmp_path):
+    """Process 1 stays at step 1 (its watchdog thread still ticks) while process 0 waits for it
+    in a barrier at step 2: process 0 ends with exit 75, naming process 1, after about the 3 s
+    timeout instead of waiting in the collective for good."""
+    from saejax.run.peers import PEER_LOST_EXIT
+
+    procs = _left_behind_pair("stuck_peer", tmp_path)
+    _wait_for_line(procs[1], "stuck")
+    began = time.time()
+    code = procs[0].wait(timeout=120)
+    waited = time.time() - began
+    err = procs[0].stderr.read()
+    procs[1].kill()
+    procs[1].communicate()
+    assert code == PEER_LOST_EXIT, err[-3000:]
+    assert "saejax: process 1 of 2 stopped answering (alive but stuck at step 1" in err, err[-3000:]
+    assert "this is process 0" in err and "rerun the same command on every host to resume" in err
+    assert 3 <= waited < 30
+
+
+def test_a_dead_peer_ends_the_others_naming_it(tmp_path):
+    from saejax.run.peers import PEER_LOST_EXIT
+
+    procs = _left_behind_pair("dead_peer", tmp_path)
+    _wait_for_line(procs[1], "stuck")
+    procs[1].send_signal(signal.SIGKILL)
+    began = time.time()
+    code = procs[0].wait(timeout=120)
+    waited = time.time() - began
+    err = procs[0].stderr.read()
+    procs[1].communicate()
+    assert code == PEER_LOST_EXIT, err[-3000:]
+    assert "saejax: process 1 of 2 stopped answering (no sign of life for" in err, err[-3000:]
+    assert 3 <= waited < 30

@@ -26,7 +26,8 @@ class MetricsLog:
         tensorboard: also write TensorBoard events.
         start_step: the step a run starts from (0 for a new run): lines of later steps (logged
             before the run stopped, and about to be replayed) are dropped, so each step is
-            written once. None appends to the file as it is.
+            written once, in metrics.jsonl and in TensorBoard (a purge from `start_step + 1`).
+            None appends to the file as it is.
         extra: called at each log; its `{name: number}` goes into every line (e.g. the count of
             skipped images).
     """
@@ -47,7 +48,9 @@ class MetricsLog:
         if tensorboard:
             from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
-            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+            # Resuming: TensorBoard hides the earlier files' events from the replayed steps on.
+            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"),
+                                     purge_step=start_step + 1 if start_step else None)
 
     def __call__(self, step: int, metrics: Metrics) -> None:
         if not self.enabled:
@@ -61,6 +64,8 @@ class MetricsLog:
                     for k, v in row.items():
                         self._tb.add_scalar(f"layer_{layer}/member_{i}/{k}", v, step)
         self._jsonl.flush()
+        if self._tb is not None:  # a kill must not lose logged steps that the resumed run will not replay
+            self._tb.flush()
 
     def close(self) -> None:
         if self.enabled:

@@ -31,6 +31,7 @@ from saejax.core.metrics import FiringStats
 from saejax.core.normalization import Normalization
 from saejax.core.sae import SAE
 from saejax.run.logs import Metrics, MetricsHook, MetricsLog, ProgressBar, read_metrics  # noqa: F401 - the loop's hooks
+from saejax.run import peers
 
 __all__ = ["MetricsLog", "NonFiniteLossError", "Preempted", "ProgressBar", "evaluate", "fit", "read_metrics"]
 
@@ -192,6 +193,7 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
                     else:
                         states[layer], metrics[layer] = step_fn(states[layer], batch[layer])
                 step += 1
+                peers.progress(step)
                 if trainer.resample_due(step):
                     for layer, (_, resample_fn) in jitted.items():
                         if freeze:

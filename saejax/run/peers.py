@@ -1,0 +1,119 @@
+"""The other processes of a multi-host run, watched: one that dies, stops or hangs ends the run
+on every host within a bounded time, with one line that names it.
+
+JAX's coordination service already ends every process when one stops sending heartbeats
+(`jax.distributed.initialize(heartbeat_timeout_seconds=...)`; when process 0, the coordinator,
+dies, the others end at once), but with a C++ abort and a stack dump, and not at all when a
+process is alive but stuck (a hung reader, a deadlock) while the others wait for it inside a
+collective. `PeerWatchdog` runs a thread in each process that writes a tick and the process's
+progress (the training step, `progress(step)`) to the coordination service's key-value store
+every `timeout_s / 10` seconds, and reads the others':
+
+- a peer whose tick has not changed for `timeout_s` is gone (killed, stopped, cut off);
+- a peer whose progress has not changed for `timeout_s` while this process made none either
+  and is ahead of it is stuck, and this process is waiting for it in a collective.
+
+Either way the thread prints `saejax: process I of N stopped answering ...` on stderr and ends
+the process with exit code `PEER_LOST_EXIT`, through `os._exit`: the main thread is blocked
+inside a collective and cannot be interrupted. Checkpoints are renamed into place when
+complete, so the newest one stays usable; rerunning the same command on every host resumes.
+
+>>> with PeerWatchdog(timeout_s=180):      # after jax.distributed.initialize
+...     run(config, workdir)                 # saejax.loop.fit calls progress(step)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import jax
+
+__all__ = ["PEER_LOST_EXIT", "PeerWatchdog", "progress"]
+
+PEER_LOST_EXIT = 75  # EX_TEMPFAIL: rerun to resume
+_KEY = "saejax/peer/{}"
+_progress = {"step": 0}
+
+
+def progress(step: int) -> None:
+    """Record this process's progress for the watchdog (a host integer; a no-op without one)."""
+    _progress["step"] = int(step)
+
+
+class PeerWatchdog:
+    """A context manager that watches the other processes (see the module docstring).
+
+    Args:
+        timeout_s: seconds without a tick (or without progress, behind this process) after which
+            a peer counts as lost.
+        on_lost: called with the message instead of printing it and ending the process (tests).
+
+    With one process it does nothing.
+    """
+
+    def __init__(self, timeout_s: float, *, on_lost=None):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s, self.on_lost = float(timeout_s), on_lost
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self) -> "PeerWatchdog":
+        _progress["step"] = 0  # this run's steps, not an earlier run's in the same process
+        if jax.process_count() > 1:
+            from jax._src import distributed  # noqa: PLC0415 - the coordination service's client has no public handle
+
+            self._client = distributed.global_state.client
+            self._client.key_value_set(_KEY.format(jax.process_index()), f"0 {_progress['step']}", allow_overwrite=True)
+            self._thread = threading.Thread(target=self._watch, name="saejax-peer-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        me, count = jax.process_index(), jax.process_count()
+        peers = [i for i in range(count) if i != me]
+        seen = {}  # peer -> (its tick, its step, when each last changed, in this process's clock)
+        my_step, my_step_at, tick = _progress["step"], time.monotonic(), 0
+        while not self._stop.wait(max(0.5, self.timeout_s / 10)):
+            tick, now = tick + 1, time.monotonic()
+            if _progress["step"] != my_step:
+                my_step, my_step_at = _progress["step"], now
+            try:
+                self._client.key_value_set(_KEY.format(me), f"{tick} {my_step}", allow_overwrite=True)
+            except Exception:  # noqa: BLE001 - the coordinator is gone: JAX ends this process itself
+                continue
+            for peer in peers:
+                try:
+                    peer_tick, peer_step = map(int, self._client.key_value_try_get(_KEY.format(peer)).split())
+                except Exception:  # noqa: BLE001 - not written yet: a peer that never starts ticking is lost too
+                    peer_tick, peer_step = -1, -1
+                last_tick, last_step, tick_at, step_at = seen.get(peer, (peer_tick, peer_step, now, now))
+                tick_at = now if peer_tick != last_tick else tick_at
+                step_at = now if peer_step != last_step else step_at
+                seen[peer] = (peer_tick, peer_step, tick_at, step_at)
+                if now - tick_at > self.timeout_s:
+                    why = f"no sign of life for {now - tick_at:.0f} s"
+                elif peer_step < my_step and min(now - step_at, now - my_step_at) > self.timeout_s:
+                    why = (f"alive but stuck at step {peer_step} for {now - step_at:.0f} s while this process "
+                           f"waits for it at step {my_step}")
+                else:
+                    continue
+                self._lost(f"saejax: process {peer} of {count} stopped answering ({why}; this is process {me}). "
+                           f"Stopping; the newest checkpoint stays usable: rerun the same command on every host "
+                           f"to resume.")
+                return
+
+    def _lost(self, message: str) -> None:
+        if self.on_lost is not None:
+            self.on_lost(message)
+            return
+        print(f"\n{message}", file=sys.stderr, flush=True)
+        os._exit(PEER_LOST_EXIT)

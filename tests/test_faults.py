@@ -1,0 +1,35 @@
+"""Faults at scale (tests/kill_soak.py): SIGKILL at random moments of `train_sae :small` on 8
+fake devices and as two processes, resumed each time, ends with the uninterrupted run's
+parameters bit for bit and each step logged once. The short variant runs in the suite; the
+long one (20 kills per topology) is marked slow: `pytest -m slow tests/test_faults.py`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def soak(topology, kills, workdir, timeout):
+    run = subprocess.run([sys.executable, os.path.join(HERE, "kill_soak.py"), f"--topology={topology}",
+                          f"--kills={kills}", "--seed=0", f"--workdir={workdir}"],
+                         capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["kills"] == kills and summary["rounds"] >= 1
+    return summary
+
+
+@pytest.mark.parametrize("topology", ["devices8", "processes2"])
+def test_random_kills_resume_to_the_uninterrupted_parameters(topology, tmp_path):
+    soak(topology, 2, tmp_path, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["devices8", "processes2"])
+def test_twenty_random_kills_on_each_topology(topology, tmp_path):
+    summary = soak(topology, 20, tmp_path, timeout=3600)
+    assert {"mid-step", "mid-checkpoint", "mid-eval", "mid-report"} <= set(summary["phases"]), summary
