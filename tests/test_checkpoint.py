@@ -1,4 +1,5 @@
 import json
+import json
 import os
 import re
 import shutil
@@ -73,6 +74,10 @@ def test_portable_errors_name_the_file_and_problem(tmp_path):
     cfg = json.load(open(config))
     cfg["sae"]["d_sae"] = 16
     json.dump(cfg, open(config, "w"))
+    with pytest.raises(CheckpointError, match=r"config.json: its checksum does not match"):
+        load_sae(path)
+    cfg["version"] = 1  # a version-1 file (no checksum) edited by hand: its shapes are still checked
+    json.dump(cfg, open(config, "w"))
     with pytest.raises(CheckpointError, match=r"tensor 'w_enc' has shape \[8, 32\], expected \[8, 16\]"):
         load_sae(path)
 
@@ -95,6 +100,22 @@ def test_load_sae_refuses_non_finite_weights_integer_tensors_and_a_bad_normalisa
     path = save_sae(tmp_path / "sae", ae, params, normalization=norm)
     tensors_path = os.path.join(path, "sae.safetensors")
     good = safetensors.numpy.load_file(tensors_path)
+    safetensors.numpy.save_file(dict(good, b_dec=good["b_dec"] + 1), tensors_path)
+    with pytest.raises(CheckpointError, match=re.escape(tensors_path) + ": its SHA-256 does not match the one in "
+                       + re.escape(os.path.join(path, "config.json"))):
+        load_sae(path)
+    config_path = os.path.join(path, "config.json")
+    config = json.load(open(config_path))
+    json.dump(dict(config, normalized_inputs=False), open(config_path, "w"))  # would load without the normalisation
+    with pytest.raises(CheckpointError, match=re.escape(config_path) + ": its checksum does not match its format, "
+                       "version, sae, normalized_inputs, normalization_clip, tensors_sha256 fields"):
+        load_sae(path)
+    json.dump(dict(config, info={"edited": "by hand"}), open(config_path, "w"))  # provenance is free to edit
+    with pytest.raises(CheckpointError, match="SHA-256"):  # (the tensors above are still the replaced ones)
+        load_sae(path)
+    # Version-1 files (before the sums) still get every value check.
+    del config["tensors_sha256"], config["checksum"]
+    json.dump(dict(config, version=1), open(config_path, "w"))
     for name, value, message in (
             ("w_dec", np.where(np.arange(32 * 8).reshape(32, 8) == 5, np.nan, good["w_dec"]).astype(np.float32),
              r"tensor 'w_dec' holds 1 NaN or Inf value\(s\)"),

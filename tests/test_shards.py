@@ -74,3 +74,50 @@ def test_many_saes_train_from_one_harvest(written):
         loop.fit(trainer, states, shards.ShardStream(directory, layers=(0,), batch_size=32, seed=0), steps=30,
                  hooks=[lambda step, m: losses.append(float(m[0]["loss"][0]))])  # noqa: B023
         assert losses[-1] < losses[0] and np.isfinite(losses).all()
+
+
+def _copy(directory, tmp_path):
+    import shutil
+
+    return shutil.copytree(directory, tmp_path / os.path.basename(directory))
+
+
+def _read_everything(directory):
+    stream = shards.ShardStream(directory, layers=(0, 2), batch_size=32, seed=0)
+    for step in range(stream.rows // 32):
+        stream.read(stream.rows_of(step))
+
+
+def test_a_flipped_bit_in_a_shard_is_named_with_its_file_example_and_offset(written, tmp_path):
+    *_, directory = written
+    copy = _copy(directory, tmp_path)
+    _read_everything(copy)  # intact: every example matches its checksum
+    table = json.load(open(os.path.join(copy, "checksums.json")))
+    assert table["algorithm"] == "crc32" and [len(v) for v in table["examples"].values()] == [3] * 6 + [2]
+    row_bytes = 2 * 17 * 32 * 4
+    path = os.path.join(copy, "acts000004.bin")
+    with open(path, "r+b") as f:  # the lowest mantissa bit of one value of example 1: still finite
+        f.seek(row_bytes + 400)
+        byte = f.read(1)
+        f.seek(row_bytes + 400)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(shards.ShardCorruptError,
+                       match=rf"acts000004.bin: example 1 \(bytes {row_bytes} to {2 * row_bytes}\) does not match "
+                             r"its checksum in checksums.json"):
+        _read_everything(copy)
+
+
+def test_nan_in_a_shard_without_checksums_is_named_with_its_offset(written, tmp_path):
+    *_, directory = written
+    copy = _copy(directory, tmp_path)
+    os.remove(os.path.join(copy, "checksums.json"))  # as saev writes them
+    acts = np.memmap(os.path.join(copy, "acts000001.bin"), np.float32, "r+", shape=(3, 2, 17, 32))
+    acts[2, 1, 5, 7] = np.nan  # layer 2 (stored second), token 5 (CLS is token 0)
+    acts.flush()
+    offset = ((2 * 2 + 1) * 17 + 5) * 32 * 4  # the token's row within the file
+    stream = shards.ShardStream(copy, layers=(2,), batch_size=32, seed=0)
+    with pytest.raises(shards.ShardCorruptError,
+                       match=rf"acts000001.bin: example 2 layer 2 token 5 holds NaN or infinity \(its row starts "
+                             rf"at byte {offset}\)"):
+        for step in range(stream.rows // 32):
+            stream.read(stream.rows_of(step))

@@ -180,8 +180,19 @@ def import_saelens(directory: str | os.PathLike) -> tuple[SAE, SAEParams, dict[s
             raise CheckpointError(f"{required}: missing (an SAELens directory has {SAELENS_CFG} and {SAELENS_WEIGHTS})")
     try:
         cfg = json.load(open(cfg_path))
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: not JSON: {e}") from e
+    try:
+        return _read_saelens(cfg, cfg_path, weights_path, directory)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged cfg.json or weights file, whatever it breaks
+        raise CheckpointError(f"{cfg_path} / {SAELENS_WEIGHTS}: not an SAELens SAE ({type(e).__name__}: {e})") from e
+
+
+def _read_saelens(cfg, cfg_path, weights_path, directory):
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     architecture = cfg.get("architecture", "standard")
     if architecture not in ("standard", "topk", "jumprelu", "gated"):
         raise CheckpointError(f"{cfg_path}: architecture {architecture!r} is not one saejax reads "

@@ -1,7 +1,10 @@
 """The portable SAE file: a directory with `sae.safetensors` and `config.json`.
 
 `config.json` holds the format tag, the architecture (`SAE.to_config()`), whether
-normalisation statistics are present, and free-form training provenance. The tensors are
+normalisation statistics are present, the SHA-256 of `sae.safetensors`, a checksum of the
+fields that decide what loads (`CHECKED_FIELDS`), and free-form training provenance (`info`,
+free to edit). `load_sae` checks both sums, so a damaged file is an error, not a silently
+different SAE; version-1 files, written before the sums, are read without them. The tensors are
 `w_enc [D, F]`, `b_enc [F]`, `w_dec [F, D]`, `b_dec [D]`, the architecture's own [F] params
 (`threshold` for JumpReLU and BatchTopK, `r_mag` and `b_mag` for Gated), and, when
 the SAE was trained on normalised activations, `norm_mean [D]` and `norm_scalar []`. Any
@@ -11,7 +14,7 @@ safetensors reader (torch, numpy, JAX) can open it.
 from __future__ import annotations
 
 import dataclasses
-
+import hashlib
 import json
 import os
 from typing import Any
@@ -22,12 +25,13 @@ import safetensors.numpy
 
 from saejax.checkpoint.errors import CheckpointError
 from saejax.checkpoint.safetensors_header import FLOAT_DTYPES, check_finite, read_header
-from saejax.checkpoint.staging import staged_directory
+from saejax.checkpoint.staging import sha256_of, staged_directory
 from saejax.core.normalization import Normalization
 from saejax.core.sae import SAE, SAEParams
 
 FORMAT = "saejax-sae"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensors_sha256 and checksum
+CHECKED_FIELDS = ("format", "version", "sae", "normalized_inputs", "normalization_clip", "tensors_sha256")
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "sae.safetensors"
 _PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SAEParams))
@@ -64,6 +68,8 @@ def save_sae(path: str | os.PathLike, ae: SAE, params: SAEParams, *, normalizati
     path = os.path.abspath(os.fspath(path))
     with staged_directory(path) as staging:
         safetensors.numpy.save_file(tensors, os.path.join(staging, TENSORS_FILE))
+        config["tensors_sha256"] = sha256_of(os.path.join(staging, TENSORS_FILE))
+        config["checksum"] = _config_checksum(config)
         with open(os.path.join(staging, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
     return path
@@ -92,10 +98,14 @@ def load_sae(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]]:
         raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
     if not isinstance(config, dict) or config.get("format") != FORMAT or "sae" not in config:
         raise CheckpointError(f"{config_path}: not a saejax SAE config (expected format {FORMAT!r} and an 'sae' entry)")
+    if not isinstance(config.get("version", 1), int) or config.get("version", 1) >= 2:
+        if config.get("checksum") != _config_checksum(config):
+            raise CheckpointError(f"{config_path}: its checksum does not match its {', '.join(CHECKED_FIELDS)} "
+                                  f"fields: the file was damaged or edited after it was written")
     try:
         ae = SAE.from_config(config["sae"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{config_path}: bad SAE description: {e}") from e
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise CheckpointError(f"{config_path}: bad SAE description: {type(e).__name__}: {e}") from e
     needed = ["w_enc", "b_enc", "w_dec", "b_dec", *ae.arch.extra_params]
     if config.get("normalized_inputs"):
         needed += ["norm_mean", "norm_scalar"]
@@ -116,6 +126,10 @@ def load_sae(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]]:
         if entry.shape != shapes[name]:
             raise CheckpointError(f"{tensors_path}: tensor {name!r} has shape {list(entry.shape)}, expected "
                                   f"{list(shapes[name])} for {config_path} (d_model={d}, d_sae={f_})")
+    expected_sha = config.get("tensors_sha256")
+    if expected_sha is not None and sha256_of(tensors_path) != expected_sha:
+        raise CheckpointError(f"{tensors_path}: its SHA-256 does not match the one in {config_path}: the file was "
+                              f"damaged or replaced after it was written")
     try:
         tensors = safetensors.numpy.load_file(tensors_path)
     except Exception as e:  # safetensors raises its own error types for corrupt files
@@ -139,3 +153,8 @@ def load_sae(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]]:
                                       None if clip is None else (float(clip[0]), float(clip[1])))
     info = dict(config.get("info", {}), normalization=normalization, source=path)
     return ae, params, info
+
+
+def _config_checksum(config: dict[str, Any]) -> str:
+    checked = {key: config.get(key) for key in CHECKED_FIELDS}
+    return hashlib.sha256(json.dumps(checked, sort_keys=True).encode()).hexdigest()

@@ -38,7 +38,6 @@ Long because it reads every era of saev's files (0.1.0, schemas 1 to 5) through 
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import json
 import math
@@ -54,6 +53,7 @@ import numpy as np
 
 from saejax.checkpoint.errors import CheckpointError
 from saejax.checkpoint.safetensors_header import check_finite
+from saejax.checkpoint.staging import sha256_of
 from saejax.core import sae as sae_module
 from saejax.core.sae import SAE, SAEParams, relu
 
@@ -414,7 +414,7 @@ def import_saev(path: str | os.PathLike, *, forward: str = "auto",
     if forward not in ("auto", "subtract_b_dec", "no_b_dec"):
         raise ValueError(f"forward must be 'auto', 'subtract_b_dec' or 'no_b_dec', got {forward!r}")
     if sha256 is not None:
-        digest = _sha256(path)
+        digest = sha256_of(path)
         if digest != sha256:
             raise CheckpointError(f"{path}: SHA-256 {digest} does not match the expected {sha256}")
     try:
@@ -454,7 +454,10 @@ def import_saev(path: str | os.PathLike, *, forward: str = "auto",
     if forward == "no_b_dec":  # saejax subtracts b_dec before encoding: fold it into the bias
         b_enc = (b_enc + arrays["b_dec"].astype(np.float64) @ arrays["W_enc"].astype(np.float64)).astype(np.float32)
     kind, k = described["activation"], described["k"]
-    ae = relu(d_model=d, d_sae=f_) if kind == "relu" else getattr(sae_module, kind)(d, f_, k=k)
+    try:
+        ae = relu(d_model=d, d_sae=f_) if kind == "relu" else getattr(sae_module, kind)(d, f_, k=k)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its header describes an SAE that cannot be built: {e}") from e
     threshold = None
     if kind == "batchtopk":
         threshold = jnp.full((f_,), float(arrays["activation.threshold"]), jnp.float32)
@@ -464,14 +467,6 @@ def import_saev(path: str | os.PathLike, *, forward: str = "auto",
     info = {"config": header, "source": path, "format": FORMAT if schema is None else f"saev-schema-{schema}",
             "schema": schema, "forward": forward}
     return ae, params, info
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_saev_checkpoint(root: str | os.PathLike, *, layer: int, run_id: str | None = None,

@@ -1,8 +1,10 @@
-"""Writing a directory all at once: build it beside its place, then rename it in."""
+"""Writing a directory all at once (build it beside its place, then rename it in), and the
+SHA-256 that lets a reader know a file is still what was written."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -43,3 +45,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

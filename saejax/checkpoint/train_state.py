@@ -10,7 +10,9 @@ says which ones it skipped and why.
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
 from typing import Any, NamedTuple
 
 import jax
@@ -48,6 +50,15 @@ def _checksums(tree):
         return jnp.sum(jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32), dtype=jnp.uint32)
 
     return jax.tree.map(words, tree)
+
+
+_JSON_KEYS = ("__config__", "__extra__")
+
+
+def _json_checksums(config: dict, extra: dict) -> dict[str, int]:
+    """CRC-32 of the config and extra JSON as saved: a damaged stream position must not resume elsewhere."""
+    as_saved = (json.loads(json.dumps(value)) for value in (config, extra))  # int keys become strings, as on disk
+    return {key: zlib.crc32(json.dumps(value, sort_keys=True).encode()) for key, value in zip(_JSON_KEYS, as_saved)}
 
 
 def checksums(tree) -> dict[str, int]:
@@ -106,7 +117,7 @@ class TrainCheckpointer:
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(config or {}),
             extra=ocp.args.JsonSave(extra or {}),
-            checksums=ocp.args.JsonSave(checksums(state)),
+            checksums=ocp.args.JsonSave({**checksums(state), **_json_checksums(config or {}, extra or {})}),
         ), force=True)
         if wait:
             self._manager.wait_until_finished()
@@ -186,12 +197,17 @@ class TrainCheckpointer:
                 checksums=ocp.args.JsonRestore())).checksums or {})
         except Exception as e:  # noqa: BLE001
             raise _Unreadable(f"{where}: cannot read its checksums: {type(e).__name__}: {e}") from e
+        config, extra = restored.config or {}, restored.extra or {}
+        if not isinstance(config, dict) or not isinstance(extra, dict):
+            raise _Unreadable(f"{where}: its config or extra is not a JSON object: the files are corrupt")
         got = checksums(restored.state)
+        if _JSON_KEYS[0] in saved:  # steps saved before the config and extra were checksummed have none
+            got.update(_json_checksums(config, extra))
         bad = [name for name, value in got.items() if saved.get(name) != value]
         if bad:
             raise _Unreadable(f"{where}: checksum mismatch in {', '.join(bad[:3])}"
                               + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "") + ": the files are corrupt")
-        return RestoredRun(step, restored.state, dict(restored.config or {}), dict(restored.extra or {}))
+        return RestoredRun(step, restored.state, dict(config), dict(extra))
 
     def close(self) -> None:
         self._manager.close()

@@ -5,6 +5,15 @@
     <root>/<HASH>/shards.json      [{"name": "acts000000.bin", "n_examples": S}, ...]
     <root>/<HASH>/acts%06d.bin     raw float32, C order, [examples, layers, tokens, d_model]
     <root>/<HASH>/labels.bin       uint8 [n_examples, patches_per_ex] patch labels (optional)
+    <root>/<HASH>/checksums.json   {"algorithm": "crc32", "metadata": HASH, "shards": shards.json's
+                                   list, "examples": {shard name: [crc32 of each example's bytes]}}
+                                   (saejax's addition; saev ignores it)
+
+`ShardStream` checks metadata.json and shards.json against checksums.json when it opens the
+folder, each example against its checksum the first time it reads from it, and
+every row it reads for NaN or infinity (the only check saev's own folders get), so a corrupted
+shard is an error naming the file, the example and its byte offset, not a silent NaN in
+training.
 
 Tokens are the CLS token (first, when `cls_token`) then the patches; patch labels are the mode
 of each patch's pixels (`data.patch_mode_labels`). `metadata.json` uses the field names saev's
@@ -25,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,9 +47,17 @@ from saejax import data
 from saejax import sharding as shd
 from saejax.core.normalization import Normalization
 
-__all__ = ["PROTOCOL", "ShardStream", "read_metadata", "write_shards"]
+__all__ = ["PROTOCOL", "ShardCorruptError", "ShardStream", "read_metadata", "write_shards"]
 
 PROTOCOL = "2.1"
+
+
+class ShardCorruptError(ValueError):
+    """An activation shard whose bytes do not match its checksum or hold NaN / infinity."""
+
+
+def _example_checksums(acts: np.ndarray) -> list[int]:
+    return [zlib.crc32(np.ascontiguousarray(example).data) for example in acts]
 
 
 def _hash(metadata: Mapping[str, Any]) -> str:
@@ -106,6 +124,10 @@ def write_shards(root: str | os.PathLike, bb, bb_params, source: data.Source, *,
             labels[batch.ids] = data.patch_mode_labels(batch.masks, size, ignore=None).reshape(len(batch.ids), -1)
     for m in maps + ([labels] if labels is not None else []):
         m.flush()
+    checksums = {"algorithm": "crc32", "metadata": _hash(metadata), "shards": shards,
+                 "examples": {s["name"]: _example_checksums(m) for s, m in zip(shards, maps)}}
+    with open(os.path.join(directory, "checksums.json"), "w") as f:
+        json.dump(checksums, f)
     with open(os.path.join(directory, "shards.json"), "w") as f:  # written last: its presence means complete
         json.dump(shards, f, indent=2)
     return directory
@@ -116,31 +138,64 @@ def read_metadata(directory: str | os.PathLike) -> tuple[dict[str, Any], list[di
 
     Raises:
         FileNotFoundError: a missing `metadata.json`, `shards.json` or shard file (named).
-        ValueError: another protocol or dtype, or shard files of the wrong size (named).
+        ValueError: another protocol or dtype, unreadable JSON, or shard files of the wrong size
+            (named; `ShardCorruptError` for files that cannot be what saejax or saev wrote).
     """
     directory = os.fspath(directory)
     for name in ("metadata.json", "shards.json"):
         if not os.path.isfile(os.path.join(directory, name)):
             raise FileNotFoundError(f"{os.path.join(directory, name)}: missing (an incomplete or older shards "
                                     f"directory?)")
-    metadata = json.load(open(os.path.join(directory, "metadata.json")))
-    shards = json.load(open(os.path.join(directory, "shards.json")))
-    if str(metadata.get("protocol")) != PROTOCOL or metadata.get("dtype", "float32") != "float32":
-        raise ValueError(f"{directory}: protocol {metadata.get('protocol')!r} dtype {metadata.get('dtype')!r}; this "
-                         f"reader knows protocol {PROTOCOL} float32")
-    tokens = _patches(metadata) + (1 if metadata["cls_token"] else 0)
-    row_bytes = len(metadata["layers"]) * tokens * metadata["d_model"] * 4
-    for shard in shards:
-        path = os.path.join(directory, shard["name"])
+    try:
+        metadata = json.load(open(os.path.join(directory, "metadata.json")))
+        shards = json.load(open(os.path.join(directory, "shards.json")))
+        if str(metadata.get("protocol")) != PROTOCOL or metadata.get("dtype", "float32") != "float32":
+            raise ValueError(f"{directory}: protocol {metadata.get('protocol')!r} dtype {metadata.get('dtype')!r}; "
+                             f"this reader knows protocol {PROTOCOL} float32")
+        tokens = _patches(metadata) + (1 if metadata["cls_token"] else 0)
+        row_bytes = len(metadata["layers"]) * tokens * int(metadata["d_model"]) * 4
+        listed = [(os.path.join(directory, str(shard["name"])), int(shard["n_examples"])) for shard in shards]
+        total = int(metadata["n_examples"])
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        if str(e).startswith(directory):
+            raise
+        raise ShardCorruptError(f"{directory}: metadata.json or shards.json is not a protocol-{PROTOCOL} "
+                                f"description ({type(e).__name__}: {e})") from e
+    for path, n_examples in listed:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: listed in shards.json but missing")
-        if os.path.getsize(path) != shard["n_examples"] * row_bytes:
-            raise ValueError(f"{path}: {os.path.getsize(path)} bytes, expected {shard['n_examples']} examples x "
-                             f"{row_bytes} bytes")
-    if sum(s["n_examples"] for s in shards) != metadata["n_examples"]:
-        raise ValueError(f"{directory}: shards.json holds {sum(s['n_examples'] for s in shards)} examples, "
-                         f"metadata.json says {metadata['n_examples']}")
+        if n_examples < 1 or row_bytes < 1 or os.path.getsize(path) != n_examples * row_bytes:
+            raise ShardCorruptError(f"{path}: {os.path.getsize(path)} bytes, expected {n_examples} examples x "
+                                    f"{row_bytes} bytes")
+    if sum(n for _, n in listed) != total:
+        raise ShardCorruptError(f"{directory}: shards.json holds {sum(n for _, n in listed)} examples, "
+                                f"metadata.json says {total}")
     return metadata, shards
+
+
+def _read_checksums(directory, metadata, shards) -> list[list[int]] | None:
+    """Per shard, its examples' checksums (None for a folder without checksums.json, e.g. saev's),
+    once metadata.json and shards.json are found to be what was written with them."""
+    path = os.path.join(os.fspath(directory), "checksums.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        if table.get("algorithm") != "crc32":
+            raise ValueError(f"algorithm {table.get('algorithm')!r}, expected 'crc32'")
+        checksums = [[int(c) for c in table["examples"][s["name"]]] for s in shards]
+        written = (table["metadata"], table["shards"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ShardCorruptError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+    if written != (_hash(metadata), shards):
+        raise ShardCorruptError(f"{path}: metadata.json or shards.json differs from what was written with these "
+                                f"checksums (damaged or edited since)")
+    for s, c in zip(shards, checksums):
+        if len(c) != s["n_examples"]:
+            raise ShardCorruptError(f"{path}: {len(c)} checksums for {s['name']}, which holds {s['n_examples']} "
+                                    f"examples")
+    return checksums
 
 
 class ShardStream:
@@ -184,8 +239,11 @@ class ShardStream:
             raise ValueError(f"tokens must be 'patches', 'cls' (with a stored CLS token) or 'all', got {tokens!r}")
         t = n_patches + (1 if cls else 0)
         self.per_shard = shards[0]["n_examples"]
-        self.acts = [np.memmap(os.path.join(os.fspath(directory), s["name"]), np.float32, "r",
-                               shape=(s["n_examples"], len(stored), t, self.metadata["d_model"])) for s in shards]
+        self.paths = [os.path.join(os.fspath(directory), s["name"]) for s in shards]
+        self.acts = [np.memmap(path, np.float32, "r", shape=(s["n_examples"], len(stored), t, self.metadata["d_model"]))
+                     for path, s in zip(self.paths, shards)]
+        self.checksums = _read_checksums(directory, self.metadata, shards)
+        self.verified = [np.zeros(s["n_examples"], bool) for s in shards]
         self.rows = self.metadata["n_examples"] * len(self.tokens)
         if batch_size > self.rows:
             raise ValueError(f"batch_size={batch_size} is larger than the {self.rows} rows stored")
@@ -209,15 +267,40 @@ class ShardStream:
         return (a * i + b) % self.rows
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """[len(rows), len(layers), D] float32 rows, read shard by shard."""
+        """[len(rows), len(layers), D] float32 rows, read shard by shard.
+
+        Raises:
+            ShardCorruptError: an example read for the first time does not match its checksum,
+                or a row holds NaN or infinity (naming the file and the byte offset).
+        """
         example, token = np.divmod(rows, len(self.tokens))
         shard, in_shard = np.divmod(example, self.per_shard)
         out = np.empty((len(rows), len(self.layers), self.metadata["d_model"]), np.float32)
         for s in np.unique(shard):
-            pick = shard == s
+            s, pick = int(s), shard == s
+            self._verify(s, np.unique(in_shard[pick]))
             # One (example, token) pair per row: [n, stored layers, D], then the chosen layers.
-            out[pick] = self.acts[int(s)][in_shard[pick], :, self.tokens[token[pick]]][:, self.layer_index]
+            out[pick] = self.acts[s][in_shard[pick], :, self.tokens[token[pick]]][:, self.layer_index]
+            bad = ~np.isfinite(out[pick]).all(axis=2)  # [n, chosen layers]
+            if bad.any():
+                row, j = np.argwhere(bad)[0]
+                i, t, stored = int(in_shard[pick][row]), int(self.tokens[token[pick][row]]), self.layer_index[j]
+                _, layers, tokens, d = self.acts[s].shape
+                raise ShardCorruptError(f"{self.paths[s]}: example {i} layer {self.layers[j]} token {t} holds NaN "
+                                        f"or infinity (its row starts at byte {((i * layers + stored) * tokens + t) * d * 4})")
         return out
+
+    def _verify(self, shard: int, examples: np.ndarray) -> None:
+        if self.checksums is None:
+            return
+        acts, expected = self.acts[shard], self.checksums[shard]
+        row_bytes = acts[0].nbytes
+        for i in examples[~self.verified[shard][examples]]:
+            if zlib.crc32(np.ascontiguousarray(acts[i]).data) != expected[i]:
+                raise ShardCorruptError(f"{self.paths[shard]}: example {i} (bytes {i * row_bytes} to "
+                                        f"{(i + 1) * row_bytes}) does not match its checksum in checksums.json: "
+                                        f"the file changed after it was written")
+            self.verified[shard][i] = True
 
     def __iter__(self):
         return self

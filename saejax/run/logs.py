@@ -93,17 +93,21 @@ def _drop_lines_after(path: str, step: int) -> None:
 
 def read_metrics(directory: str | os.PathLike) -> list[dict[str, Any]]:
     """The lines of `<directory>/metrics.jsonl` (`MetricsLog`) as dicts; none if there is no
-    file, and a line cut short by a kill is skipped."""
+    file. A line that is not a JSON object with an integer `step` (cut short by a kill, or
+    damaged) is skipped; the lines are plain text, so a damaged digit that still parses reads
+    as it stands."""
     path = os.path.join(os.fspath(directory), "metrics.jsonl")
     if not os.path.isfile(path):
         return []
     rows = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         for line in f:
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(row, dict) and type(row.get("step")) is int and type(row.get("member", 0)) is int:
+                rows.append(row)
     return rows
 
 

@@ -214,17 +214,15 @@ def cached_normalization(path: str, identity: Mapping[str, Any], layers: tuple[i
     """
     identity = json.loads(json.dumps(dict(identity)))
     if os.path.exists(path):
-        stored = np.load(path)
-        saved = json.loads(str(stored["identity"])) if "identity" in stored else None
-        missing = [i for i in layers if f"mean_{i}" not in stored]
+        saved, stored = read_normalization(path)
+        missing = [i for i in layers if i not in stored]
         if saved != identity or missing:
             what = (f"layers {missing} are not in it" if saved == identity else
                     "it was estimated for " + "; ".join(f"{k}: {v!r} -> {n!r}" for k, (v, n) in
                                                         config_changes(saved or {}, identity).items()))
             raise ValueError(f"{path} does not fit this run: {what}. Delete it to estimate it again, or use "
                              f"another workdir")
-        return {i: Normalization(jnp.asarray(stored[f"mean_{i}"]), jnp.asarray(stored[f"scalar_{i}"]))
-                for i in layers}
+        return {i: stored[i] for i in layers}
     norms = estimate()
     if jax.process_index() == 0:
         tmp = path + ".tmp.npz"
@@ -232,6 +230,31 @@ def cached_normalization(path: str, identity: Mapping[str, Any], layers: tuple[i
         np.savez(tmp, identity=np.asarray(json.dumps(identity)), **arrays)
         os.replace(tmp, path)
     return norms
+
+
+def read_normalization(path: str) -> tuple[Any, dict[int, Normalization]]:
+    """`(identity, {layer: Normalization})` of a `normalization.npz` (`cached_normalization`).
+
+    Raises:
+        ValueError: naming the file, when it is not such a file (damaged, cut short, or another
+            kind of .npz): delete it and the next run estimates the statistics again.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            identity = json.loads(str(stored["identity"]))
+            norms = {}
+            for name in stored.files:
+                if name.startswith("mean_"):
+                    layer = int(name.removeprefix("mean_"))
+                    mean, scalar = stored[name], stored[f"scalar_{layer}"]
+                    if mean.ndim != 1 or mean.dtype.kind != "f" or scalar.shape != () or not np.isfinite(mean).all() \
+                            or not float(scalar) > 0:
+                        raise ValueError(f"layer {layer}: mean {mean.dtype}{list(mean.shape)}, scalar {scalar!r}")
+                    norms[layer] = Normalization(jnp.asarray(mean), jnp.asarray(scalar))
+    except Exception as e:  # noqa: BLE001 - zipfile, numpy and json each raise their own types
+        raise ValueError(f"{path}: not a readable normalization.npz ({type(e).__name__}: {e}); delete it to "
+                         f"estimate the statistics again") from e
+    return identity, norms
 
 
 def close_all(*closers) -> None:
