@@ -54,3 +54,24 @@ def sha256_of(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> str:
+    """Write `text` to `path` through a temporary file renamed into place: a full disk, a
+    read-only directory or a kill leaves the previous file (or none), never half of one.
+
+    Raises:
+        OSError: naming `path` and why (e.g. "No space left on device"); nothing was replaced.
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(e.errno, f"{path}: could not write it ({e.strerror}); the previous file, if any, is "
+                               f"unchanged") from e
+    return path

@@ -45,6 +45,7 @@ from jax.sharding import Mesh
 
 from saejax import data
 from saejax import sharding as shd
+from saejax.checkpoint.staging import write_atomically
 from saejax.core.normalization import Normalization
 
 __all__ = ["PROTOCOL", "ShardCorruptError", "ShardStream", "read_metadata", "write_shards"]
@@ -96,8 +97,7 @@ def write_shards(root: str | os.PathLike, bb, bb_params, source: data.Source, *,
     if os.path.isfile(os.path.join(directory, "shards.json")):
         return directory
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "metadata.json"), "w") as f:
-        json.dump(metadata, f, indent=2)
+    write_atomically(os.path.join(directory, "metadata.json"), json.dumps(metadata, indent=2))
     start, stop = bb.layout.patches
     token_index = np.concatenate([[bb.layout.cls] if cls_token else [], np.arange(start, stop)]).astype(np.int64)
 
@@ -109,11 +109,11 @@ def write_shards(root: str | os.PathLike, bb, bb_params, source: data.Source, *,
     n = len(source)
     n_shards = math.ceil(n / per_shard)
     shards = [{"name": f"acts{i:06d}.bin", "n_examples": min(per_shard, n - i * per_shard)} for i in range(n_shards)]
-    maps = [np.memmap(os.path.join(directory, s["name"]), np.float32, "w+",
-                      shape=(s["n_examples"], len(layers), tokens, bb.d_model)) for s in shards]
+    maps = [_allocated(os.path.join(directory, s["name"]), np.float32, (s["n_examples"], len(layers), tokens,
+                                                                        bb.d_model)) for s in shards]
     labels = None
     if source.has_masks:
-        labels = np.memmap(os.path.join(directory, "labels.bin"), np.uint8, "w+", shape=(n, patches))
+        labels = _allocated(os.path.join(directory, "labels.bin"), np.uint8, (n, patches))
     grid = bb.grid
     for batch in data.batches(source, batch_size, shuffle=False, drop_remainder=False, epochs=1):
         acts = np.asarray(harvest(jnp.asarray(bb.preprocess(batch.images))))
@@ -126,11 +126,23 @@ def write_shards(root: str | os.PathLike, bb, bb_params, source: data.Source, *,
         m.flush()
     checksums = {"algorithm": "crc32", "metadata": _hash(metadata), "shards": shards,
                  "examples": {s["name"]: _example_checksums(m) for s, m in zip(shards, maps)}}
-    with open(os.path.join(directory, "checksums.json"), "w") as f:
-        json.dump(checksums, f)
-    with open(os.path.join(directory, "shards.json"), "w") as f:  # written last: its presence means complete
-        json.dump(shards, f, indent=2)
+    write_atomically(os.path.join(directory, "checksums.json"), json.dumps(checksums))
+    # Written last: its presence means complete.
+    write_atomically(os.path.join(directory, "shards.json"), json.dumps(shards, indent=2))
     return directory
+
+
+def _allocated(path: str, dtype, shape) -> np.memmap:
+    """A file's blocks reserved before it is mapped: a full disk is an OSError here, not a SIGBUS
+    when a page of the map is written."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    try:
+        with open(path, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: cannot reserve {size:,} bytes ({e.strerror}); the shards folder stays "
+                               f"incomplete (no shards.json) and the next write_shards starts it again") from e
+    return np.memmap(path, dtype, "r+", shape=shape)
 
 
 def read_metadata(directory: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:

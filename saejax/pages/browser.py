@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saejax import data
+from saejax.checkpoint.staging import write_atomically
 from saejax.pages import viz
 from saejax.analysis.features import DENSE_FREQUENCY
 
@@ -290,13 +291,10 @@ def write_site(directory: str | os.PathLike, collected: dict[str, Any], ae, sae_
             f"<table id='latents'><thead><tr>{header}</tr></thead><tbody></tbody></table>"
             f"<script id='latent-data' type='application/json'>{_json_for_script(rows)}</script>"
             f"<script>{_INDEX_JS.replace('PAGE_SIZE', str(int(page_size)))}</script>")
-    index = os.path.join(directory, "index.html")
-    with open(index, "w") as fh:
-        fh.write(_page(title, body))
-    for latent in with_pages:
+    for latent in with_pages:  # the index last: one that opens links to pages that exist
         _write_latent_page(directory, int(latent), collected, source, classes, near_ids[latent], near_cos[latent],
                            has_page, title)
-    return index
+    return write_atomically(os.path.join(directory, "index.html"), _page(title, body))
 
 
 def _write_latent_page(directory, latent, collected, source, classes, near, cos, has_page, title):
@@ -335,8 +333,7 @@ def _write_latent_page(directory, latent, collected, source, classes, near, cos,
             f"plain image.</p><div class='tiles'>{''.join(tiles)}</div>"
             f"<h2>Activations</h2>{viz.bars_svg(centres, hist, 'log10 activation where it fires', 'patches')}"
             f"<h2>Nearest latents by decoder cosine</h2><p id='neighbours'>{neighbours}</p>")
-    with open(os.path.join(directory, "latents", f"{latent}.html"), "w") as fh:
-        fh.write(_page(f"Latent {latent} - {title}", body))
+    write_atomically(os.path.join(directory, "latents", f"{latent}.html"), _page(f"Latent {latent} - {title}", body))
 
 
 def _page(title: str, body: str) -> str:

@@ -13,6 +13,7 @@ checkpoint and raises `Preempted`. Checkpoints are written by orbax in the backg
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -231,6 +232,10 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
                 error.add_note(f"saejax: saved a checkpoint of step {step} before stopping")
             except Exception as also:  # noqa: BLE001 - the first error is the one to report
                 error.add_note(f"saejax: could not save step {step} ({type(also).__name__}: {also})")
+        if checkpointer is not None:
+            with contextlib.suppress(Exception):  # the error to report is the first one
+                error.add_note(f"saejax: the newest complete checkpoint is step {_latest(checkpointer)} in "
+                               f"{checkpointer.directory}")
         raise
     if checkpointer is not None:
         checkpointer.wait_until_finished()

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from saejax.checkpoint.staging import write_atomically
 from saejax.pages import viz
 from saejax.run.logs import read_metrics
 
@@ -87,10 +88,8 @@ def write_sweep_report(workdir: str | os.PathLike, *, title: str | None = None) 
     for layer in layers:
         body.append(_layer_section(layer, [m for m in members if m["layer"] == layer],
                                    [c for c in curves if c.get("layer") == layer]))
-    path = os.path.join(workdir, "report.html")
-    with open(path, "w") as f:
-        f.write(viz.html_page(title or f"SAE sweep: {os.path.basename(os.path.normpath(workdir))}", "".join(body)))
-    return path
+    return write_atomically(os.path.join(workdir, "report.html"), viz.html_page(
+        title or f"SAE sweep: {os.path.basename(os.path.normpath(workdir))}", "".join(body)))
 
 
 def _layer_section(layer: int, members: list[dict], curves: list[dict]) -> str:

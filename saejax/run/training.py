@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from saejax import sharding
 from saejax.analysis import fidelity
 from saejax.checkpoint import CheckpointError, TrainCheckpointer, save_sae
+from saejax.checkpoint.staging import write_atomically
 from saejax.checkpoint.workdir import WorkdirLock, check_resume, config_changes
 from saejax.core import train
 from saejax.core.normalization import Normalization
@@ -308,8 +309,7 @@ def evaluate_and_export(spec: RunSpec, workdir: str, states: Mapping[int, train.
                             **result})
     evaluation = {"steps": spec.total_steps, "members": members}
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(evaluation, f)
+        write_atomically(os.path.join(workdir, "eval.json"), json.dumps(evaluation))
         report.write_sweep_report(workdir)
         for r in members:
             print(_member_line(r), flush=True)
