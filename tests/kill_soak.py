@@ -98,8 +98,7 @@ def tensorboard_steps(workdir: str) -> dict[str, list[int]]:
     from tensorboardX.proto import event_pb2  # noqa: PLC0415
 
     shown: dict[str, list[int]] = collections.defaultdict(list)
-    for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")),
-                       key=lambda p: (int(p.split("tfevents.")[1].split(".")[0]), p)):
+    for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):  # as TensorBoard
         data = open(path, "rb").read()
         at = 0
         while at + 12 <= len(data):

@@ -1,6 +1,9 @@
 """saejax.loop: fit is the hand-written loop (plus hooks, checkpoints and stops); evaluate equals
 saejax.metrics on the same rows."""
 
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,3 +168,24 @@ def test_freeze_mode_keeps_a_diverging_member_and_trains_the_others(tmp_path):
     ckpt.close()
     with pytest.raises(ValueError, match="on_nonfinite must be 'stop' or 'freeze'"):
         loop.fit(trainer, {3: states}, Stream(xs), steps=1, on_nonfinite="skip")
+
+
+def test_metrics_log_writes_each_step_once_across_restarts(tmp_path):
+    """A run killed at step 7 (after a checkpoint at 4, or before any: start 0) is rerun from its
+    checkpoint: metrics.jsonl and TensorBoard (tensorboardX's purge_step) show each step once."""
+    from kill_soak import tensorboard_steps
+    from saejax.run.logs import MetricsLog, read_metrics
+
+    def log_steps(start_step, steps):
+        log = MetricsLog(tmp_path, start_step=start_step)
+        for step in steps:
+            log(step, {1: {"loss": np.asarray([1.0 / step])}})
+        log.close()
+
+    for checkpoint in (0, 4):
+        log_steps(None if checkpoint == 0 else 0, range(1, 8))  # the first run, killed after step 7
+        log_steps(checkpoint, range(checkpoint + 1, 11))  # resumed from its checkpoint
+        assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 11))
+        assert tensorboard_steps(str(tmp_path)) == {"layer_1/member_0/loss": list(range(1, 11))}
+        for name in os.listdir(tmp_path):
+            shutil.rmtree(tmp_path / name) if os.path.isdir(tmp_path / name) else os.remove(tmp_path / name)

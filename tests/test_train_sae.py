@@ -1,5 +1,6 @@
-"""The train_sae binary end to end: a `:small` config, preemption (SIGTERM), a hard kill
-(SIGKILL) and resumption to the same parameters as an uninterrupted run; NaN handling."""
+"""The train_sae binary end to end: a `:small` config, preemption (SIGTERM) and resumption to
+the same parameters as an uninterrupted run (SIGKILL at random moments: tests/test_faults.py);
+NaN handling."""
 
 import json
 import os
@@ -129,15 +130,15 @@ def test_pareto_front_by_hand():
     np.testing.assert_array_equal(pareto_front(l0, fidelity, maximize=True), [True, False, False, True, True, False])
 
 
-def test_preempted_and_killed_runs_resume_to_the_same_parameters(uninterrupted, tmp_path):
+def test_a_preempted_run_resumes_to_the_same_parameters(uninterrupted, tmp_path):
+    """SIGTERM saves and stops; the rerun ends where an uninterrupted run does (SIGKILL at random
+    moments: tests/test_faults.py)."""
     straight, backbone_dir, _ = uninterrupted
     code, stdout, stderr = run_until_checkpoint_then(signal.SIGTERM, tmp_path, backbone_dir, after_step=30)
     assert code == 128 + signal.SIGTERM, stderr[-3000:]
     assert "SIGTERM at step" in stdout and "saved a checkpoint" in stdout
-    code, _, stderr = run_until_checkpoint_then(signal.SIGKILL, tmp_path, backbone_dir, after_step=80)
-    assert code == -signal.SIGKILL, stderr[-3000:]
     resumed_at = TrainCheckpointer(tmp_path / "checkpoints").latest_step()
-    assert 80 <= resumed_at < 150
+    assert 30 <= resumed_at < 150
     out = run(tmp_path, backbone_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resuming from step {resumed_at}" in out.stdout

@@ -49,8 +49,9 @@ class MetricsLog:
             from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
             # Resuming: TensorBoard hides the earlier files' events from the replayed steps on.
-            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"),
-                                     purge_step=start_step + 1 if start_step else None)
+            # The suffix keeps restarts within one second apart, in order (files are read sorted by name).
+            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"), filename_suffix=f".{time.time_ns()}",
+                                     purge_step=None if start_step is None else start_step + 1)
 
     def __call__(self, step: int, metrics: Metrics) -> None:
         if not self.enabled:
