@@ -138,7 +138,10 @@ def _allocated(path: str, dtype, shape) -> np.memmap:
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
     try:
         with open(path, "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, size)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, size)
+            else:  # macOS: a sparse file (a full disk then shows when the map is flushed)
+                f.truncate(size)
     except OSError as e:
         raise OSError(e.errno, f"{path}: cannot reserve {size:,} bytes ({e.strerror}); the shards folder stays "
                                f"incomplete (no shards.json) and the next write_shards starts it again") from e

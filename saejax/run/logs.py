@@ -46,12 +46,8 @@ class MetricsLog:
         self._jsonl = open(path, "a")
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-
-            # Resuming: TensorBoard hides the earlier files' events from the replayed steps on.
-            # The suffix keeps restarts within one second apart, in order (files are read sorted by name).
-            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"), filename_suffix=f".{time.time_ns()}",
-                                     purge_step=None if start_step is None else start_step + 1)
+            self._tb = _EventFile(os.path.join(directory, "tensorboard"),
+                                  purge_step=None if start_step is None else start_step + 1)
 
     def __call__(self, step: int, metrics: Metrics) -> None:
         if not self.enabled:
@@ -62,10 +58,9 @@ class MetricsLog:
                 row = {**{k: float(v[i]) for k, v in m.items()}, **extra}
                 self._jsonl.write(json.dumps({"step": step, "layer": layer, "member": i, **row}) + "\n")
                 if self._tb is not None:
-                    for k, v in row.items():
-                        self._tb.add_scalar(f"layer_{layer}/member_{i}/{k}", v, step)
+                    self._tb.scalars(step, {f"layer_{layer}/member_{i}/{k}": v for k, v in row.items()})
         self._jsonl.flush()
-        if self._tb is not None:  # a kill must not lose logged steps that the resumed run will not replay
+        if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
@@ -73,6 +68,39 @@ class MetricsLog:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+class _EventFile:
+    """TensorBoard scalars written and flushed in the caller's thread. (tensorboardX's
+    SummaryWriter queues events for a thread, so a kill can lose steps that metrics.jsonl already
+    holds and that the resumed run will not replay.) A `purge_step` writes TensorBoard's
+    SessionLog START, which hides the earlier files' events from that step on; the file name's
+    nanosecond suffix keeps restarts within one second in order (TensorBoard reads files sorted
+    by name)."""
+
+    def __init__(self, directory: str, *, purge_step: int | None):
+        from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=import-outside-toplevel
+        from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+
+        os.makedirs(directory, exist_ok=True)
+        self._event_pb2 = event_pb2
+        self._writer = EventsWriter(os.path.join(directory, "events"), filename_suffix=f".{time.time_ns()}")
+        if purge_step is not None:
+            self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=purge_step, session_log=(
+                event_pb2.SessionLog(status=event_pb2.SessionLog.START))))
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        from tensorboardX.proto import summary_pb2  # pylint: disable=import-outside-toplevel
+
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(v))
+                                             for tag, v in values.items()])
+        self._writer.write_event(self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def _drop_lines_after(path: str, step: int) -> None:
