@@ -10,8 +10,9 @@ fake devices each on localhost (gloo), where the kill hits one process at random
 must end by itself: exit 75 with the watchdog's line naming the killed process
 (`saejax.run.peers`; `--peer_timeout_s=5`), or JAX's abort when the coordinator (process 0) died.
 
-Each kill's moment is drawn (seeded) from four kinds, so every phase is hit:
-- a random time in the run (mostly mid-step);
+Each kill's moment is drawn (seeded) from five kinds, so every phase is hit:
+- a random time in the run;
+- mid-step: once this run has logged a step, while no checkpoint is being written;
 - while a checkpoint is being written (an orbax temporary directory exists);
 - after the final checkpoint, while the run evaluates;
 - after `eval.json`, while the report is written.
@@ -47,7 +48,7 @@ from test_train_sae import command, final_params  # noqa: E402
 STEPS = 150  # test_train_sae.command's run
 RUN_FLAGS = ("--config.eval_images=16", "--config.fidelity.images=16")
 PEER_TIMEOUT_S = 5
-KINDS = ("random time", "mid-checkpoint", "mid-eval", "mid-report")
+KINDS = ("random time", "mid-step", "mid-checkpoint", "mid-eval", "mid-report")
 
 
 def free_port() -> int:
@@ -86,9 +87,16 @@ def phase(workdir: str) -> str:
     return "mid-step" if names else "startup"
 
 
-def moment_reached(kind: str, workdir: str, deadline: float) -> bool:
+def logged_lines(workdir: str) -> int:
+    path = os.path.join(workdir, "metrics.jsonl")
+    return sum(1 for _ in open(path)) if os.path.isfile(path) else 0
+
+
+def moment_reached(kind: str, workdir: str, deadline: float, lines_at_start: int) -> bool:
     if kind == "random time":
         return time.time() >= deadline
+    if kind == "mid-step":  # this run has trained and logged a step, and is not checkpointing
+        return logged_lines(workdir) > lines_at_start and phase(workdir) == "mid-step"
     return phase(workdir) == kind
 
 
@@ -166,10 +174,12 @@ def main() -> None:
         while True:
             runs += 1
             tag = f"round{rounds}.run{runs}"
+            lines_at_start = logged_lines(workdir)
             procs = start(args.topology, workdir, backbone_dir, logs, tag)
             kind = KINDS[rng.integers(len(KINDS))] if kills < args.kills else None
             deadline = time.time() + rng.uniform(0.2, 1.0) * run_seconds
-            while kind is not None and procs[0].poll() is None and not moment_reached(kind, workdir, deadline):
+            while kind is not None and procs[0].poll() is None and not moment_reached(kind, workdir, deadline,
+                                                                                     lines_at_start):
                 time.sleep(0.005)
             if kind is None or any(p.poll() is not None for p in procs):
                 codes = wait(procs, 600)
