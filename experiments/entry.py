@@ -56,28 +56,46 @@ def run_binary(name: str, run: Callable[[Any, str], Any], config_file: str, *,
         if distributed:  # before anything touches the devices
             import jax  # noqa: PLC0415
 
-            # JAX's own heartbeat (a C++ abort) is the backstop behind the watchdog's clean exit.
-            jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                       num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-                                       heartbeat_timeout_seconds=int(2 * FLAGS.peer_timeout_s) + 10)
+            # JAX's own heartbeat (a C++ abort) is the backstop behind the watchdog's clean exit; a
+            # process that never joins ends the others' wait here after the same timeout.
+            try:
+                jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                                           initialization_timeout=int(FLAGS.peer_timeout_s) + 1,
+                                           heartbeat_timeout_seconds=int(2 * FLAGS.peer_timeout_s) + 10)
+            except Exception as e:  # noqa: BLE001 - JAX's message names the tasks it waited for
+                message = " ".join(str(e).split())[:1000]
+                print(f"\n{name} failed: a process did not join within --peer_timeout_s={FLAGS.peer_timeout_s:g} "
+                      f"s (jax.distributed.initialize: {message}); start every process, then rerun",
+                      file=sys.stderr, flush=True)
+                from saejax.run.peers import PEER_LOST_EXIT  # noqa: PLC0415 - after initialize, like every saejax import
+
+                os._exit(PEER_LOST_EXIT)
         for module in FLAGS.import_modules:
             importlib.import_module(module)
         from saejax.run.loop import Preempted  # noqa: PLC0415
-        from saejax.run.peers import PeerWatchdog  # noqa: PLC0415
+        from saejax.run.peers import PEER_LOST_EXIT, PeerWatchdog  # noqa: PLC0415
 
-        try:
-            with PeerWatchdog(FLAGS.peer_timeout_s):
+        with PeerWatchdog(FLAGS.peer_timeout_s) as watchdog:
+            try:
                 run(FLAGS.config, os.path.expanduser(FLAGS.workdir))
                 if distributed:  # its barrier under the watchdog: a peer lost at the very end is named too
                     jax.distributed.shutdown()
-        except Preempted as e:
-            print(f"\n{e}: saved a checkpoint; rerun the same command to resume.", flush=True)
-            raise SystemExit(128 + e.signum) from None
-        except Exception as e:  # noqa: BLE001 - the traceback, then the first error in one line at the end
-            traceback.print_exc()
-            notes = "; ".join(n for n in getattr(e, "__notes__", []) if n.startswith("saejax:"))
-            line = " ".join(f"{type(e).__name__}: {e}{' (' + notes + ')' if notes else ''}".split())
-            print(f"\n{name} failed: {line}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
+            except Preempted as e:
+                print(f"\n{e}: saved a checkpoint; rerun the same command to resume.", flush=True)
+                raise SystemExit(128 + e.signum) from None
+            except Exception as e:  # noqa: BLE001 - the traceback, then the first error in one line at the end
+                traceback.print_exc()
+                notes = "; ".join(n for n in getattr(e, "__notes__", []) if n.startswith("saejax:"))
+                line = " ".join(f"{type(e).__name__}: {e}{' (' + notes + ')' if notes else ''}".split())
+                print(f"\n{name} failed: {line}", file=sys.stderr, flush=True)
+                if distributed:
+                    # A collective that fails because a peer died: name it. Then leave without JAX's
+                    # shutdown barrier, which would wait for the peers in vain and abort.
+                    lost = watchdog.lost_peer()
+                    if lost:
+                        print(f"\n{lost}", file=sys.stderr, flush=True)
+                    os._exit(PEER_LOST_EXIT if lost else 1)
+                raise SystemExit(1) from None
 
     app.run(main)

@@ -74,17 +74,22 @@ def start(topology: str, workdir: str, backbone_dir: str, log_dir: str, tag: str
             for i, argv in enumerate(argvs)]
 
 
-def phase(workdir: str) -> str:
-    """What the run was doing, from its files."""
+def phase(workdir: str, since: float = 0.0) -> str:
+    """What the run started at `since` was doing, from the files it wrote (a killed run's
+    leftovers are older)."""
+    def new(path):
+        return os.path.exists(path) and os.path.getmtime(path) >= since
+
     ckpts = os.path.join(workdir, "checkpoints")
     names = os.listdir(ckpts) if os.path.isdir(ckpts) else []
-    if any(not n.isdigit() for n in names):
+    if any(not n.isdigit() and new(os.path.join(ckpts, n)) for n in names):
         return "mid-checkpoint"
-    if os.path.isfile(os.path.join(workdir, "eval.json")):
+    if new(os.path.join(workdir, "eval.json")):
         return "mid-report"
-    if str(STEPS) in names:
+    if new(os.path.join(ckpts, str(STEPS))):
         return "mid-eval"
-    return "mid-step" if names else "startup"
+    return "mid-step" if any(new(os.path.join(ckpts, n)) for n in names) or new(
+        os.path.join(workdir, "metrics.jsonl")) else "startup"
 
 
 def logged_lines(workdir: str) -> int:
@@ -92,12 +97,12 @@ def logged_lines(workdir: str) -> int:
     return sum(1 for _ in open(path)) if os.path.isfile(path) else 0
 
 
-def moment_reached(kind: str, workdir: str, deadline: float, lines_at_start: int) -> bool:
+def moment_reached(kind: str, workdir: str, deadline: float, lines_at_start: int, since: float) -> bool:
     if kind == "random time":
         return time.time() >= deadline
     if kind == "mid-step":  # this run has trained and logged a step, and is not checkpointing
-        return logged_lines(workdir) > lines_at_start and phase(workdir) == "mid-step"
-    return phase(workdir) == kind
+        return logged_lines(workdir) > lines_at_start and phase(workdir, since) == "mid-step"
+    return phase(workdir, since) == kind
 
 
 def tensorboard_steps(workdir: str) -> dict[str, list[int]]:
@@ -174,12 +179,12 @@ def main() -> None:
         while True:
             runs += 1
             tag = f"round{rounds}.run{runs}"
-            lines_at_start = logged_lines(workdir)
+            lines_at_start, since = logged_lines(workdir), time.time()
             procs = start(args.topology, workdir, backbone_dir, logs, tag)
             kind = KINDS[rng.integers(len(KINDS))] if kills < args.kills else None
             deadline = time.time() + rng.uniform(0.2, 1.0) * run_seconds
             while kind is not None and procs[0].poll() is None and not moment_reached(kind, workdir, deadline,
-                                                                                     lines_at_start):
+                                                                                     lines_at_start, since):
                 time.sleep(0.005)
             if kind is None or any(p.poll() is not None for p in procs):
                 codes = wait(procs, 600)
@@ -189,7 +194,7 @@ def main() -> None:
                 print(f"{workdir}: finished, equal to the uninterrupted run", flush=True)
                 break
             victim = int(rng.integers(len(procs)))
-            where = phase(workdir)
+            where = phase(workdir, since)
             procs[victim].send_signal(signal.SIGKILL)
             killed_at = time.time()
             kills += 1
@@ -201,7 +206,8 @@ def main() -> None:
                 err = open(os.path.join(logs, f"{tag}.p{survivor}.err")).read()
                 survivor_seconds.append(time.time() - killed_at)
                 if codes[survivor] == 75:
-                    if f"process {victim} of 2 stopped answering" not in err:
+                    if f"process {victim} of 2 stopped answering" not in err and not (
+                            where == "startup" and "a process did not join" in err):
                         raise SystemExit(f"{tag}: the survivor exited 75 without naming process {victim}")
                 elif codes[survivor] == 0:
                     pass  # the peer died after the survivor's last collective: it finished alone

@@ -111,6 +111,34 @@ class PeerWatchdog:
                            f"to resume.")
                 return
 
+    def lost_peer(self) -> str | None:
+        """After an error in this process: the message naming a peer whose tick stops for three
+        of the watchdog's intervals (it died, and that is why a collective failed), or None
+        when every peer still ticks (or there is one process)."""
+        if self._thread is None:
+            return None
+        interval = max(0.5, self.timeout_s / 10)
+        me, count = jax.process_index(), jax.process_count()
+
+        def ticks():
+            out = {}
+            for peer in (i for i in range(count) if i != me):
+                try:
+                    out[peer] = self._client.key_value_try_get(_KEY.format(peer)).split()[0]
+                except Exception:  # noqa: BLE001 - gone from the store: no tick
+                    out[peer] = None
+            return out
+
+        before = ticks()
+        time.sleep(3 * interval)
+        after = ticks()
+        stopped = [peer for peer in before if after[peer] is None or after[peer] == before[peer]]
+        if not stopped:
+            return None
+        return (f"saejax: process {stopped[0]} of {count} stopped answering (no tick for {3 * interval:.0f} s; this "
+                f"is process {me}), which is why the step above failed. The newest checkpoint stays usable: rerun "
+                f"the same command on every host to resume.")
+
     def _lost(self, message: str) -> None:
         if self.on_lost is not None:
             self.on_lost(message)
