@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import subprocess
+import types
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from saejax.checkpoint import TrainCheckpointer
 from saejax.core.losses import Objective
 from saejax.data import shards
 from saejax.run import report
+from test_loop import Stream
 
 FULL = (errno.ENOSPC, errno.EFBIG)
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "backbones")
@@ -37,9 +39,6 @@ def small_disk(directory, size_bytes=512 * 1024):
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(directory)],
                              capture_output=True).returncode == 0
     limit, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(signal.SIGXFSZ)
-
-    class Disk:
-        pass
 
     def fill(leave_bytes):
         if mounted:
@@ -56,10 +55,8 @@ def small_disk(directory, size_bytes=512 * 1024):
         else:
             resource.setrlimit(resource.RLIMIT_FSIZE, limit)
 
-    disk = Disk()
-    disk.fill, disk.free = fill, free
     try:
-        yield disk
+        yield types.SimpleNamespace(fill=fill, free=free)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
         signal.signal(signal.SIGXFSZ, handler)
@@ -71,18 +68,6 @@ def _setup():
     trainer = train.make_trainer(sae.topk(8, 256, k=3), objective=Objective(sparsity="none"), warmup_steps=2)
     states = trainer.init_sweep(jax.random.key(0), train.Hparams.grid([1e-3, 3e-3]))
     return trainer, states, jax.random.normal(jax.random.key(1), (20, 32, 8))
-
-
-class Stream:
-    def __init__(self, xs, start=0):
-        self.xs, self.t = xs, start
-
-    def __next__(self):
-        self.t += 1
-        return {3: self.xs[self.t - 1]}
-
-    def position(self):
-        return {"t": self.t}
 
 
 def test_a_checkpoint_on_a_full_disk_is_one_error_and_the_previous_one_resumes(tmp_path):
@@ -119,8 +104,8 @@ def test_shards_on_a_full_disk_are_one_error_and_never_read_as_complete(tmp_path
     bb, params = backbones.load(os.path.join(FIXTURES, "clip_vision"), cache_dir=False)
     images = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     with small_disk(tmp_path / "disk") as disk:
-        disk.fill(leave_bytes=64 * 1024)  # one shard is 3 examples x 2 layers x 17 tokens x 32 x 4 bytes = 13 KiB
-        with pytest.raises(OSError, match=r"acts0000\d\d.bin: cannot reserve 13,056 bytes \((No space left on device|"
+        disk.fill(leave_bytes=8 * 1024)  # less than one shard: 3 examples x 2 layers x 17 tokens x 32 x 4 bytes
+        with pytest.raises(OSError, match=r"acts000000.bin: cannot reserve 13,056 bytes \((No space left on device|"
                                           r"File too large)\); the shards folder stays incomplete") as raised:
             shards.write_shards(tmp_path / "disk" / "shards", bb, params, data.ArraySource(images), layers=(0, 2),
                                 patches_per_shard=110, batch_size=8)
