@@ -8,7 +8,8 @@ the long version):
 Topologies: `devices8`, one process on 8 fake CPU devices; `processes2`, two processes of 4
 fake devices each on localhost (gloo), where the kill hits one process at random and the other
 must end by itself: exit 75 with the watchdog's line naming the killed process
-(`saejax.run.peers`; `--peer_timeout_s=5`), or JAX's abort when the coordinator (process 0) died.
+(`saejax.run.peers`; `--peer_timeout_s=5`), or an immediate abort: JAX's when the coordinator
+(process 0) died, gloo's when the kill tore a transfer mid-message (counted in the summary).
 
 Each kill's moment is drawn (seeded) from five kinds, so every phase is hit:
 - a random time in the run;
@@ -48,6 +49,7 @@ from test_train_sae import command, final_params  # noqa: E402
 STEPS = 150  # test_train_sae.command's run
 RUN_FLAGS = ("--config.eval_images=16", "--config.fidelity.images=16")
 PEER_TIMEOUT_S = 5
+GLOO_TORN = "Received data size doesn't match expected size"
 KINDS = ("random time", "mid-step", "mid-checkpoint", "mid-eval", "mid-report")
 
 
@@ -173,6 +175,7 @@ def main() -> None:
     run_seconds = time.time() - began
 
     kills, rounds, runs, phases, survivor_seconds = 0, 0, 0, collections.Counter(), []
+    aborts = collections.Counter()  # survivors ended by an immediate abort instead of the watchdog's line
     while kills < args.kills:
         rounds += 1
         workdir = os.path.join(args.workdir, f"round{rounds}")
@@ -211,13 +214,17 @@ def main() -> None:
                         raise SystemExit(f"{tag}: the survivor exited 75 without naming process {victim}")
                 elif codes[survivor] == 0:
                     pass  # the peer died after the survivor's last collective: it finished alone
-                elif not (victim == 0 and codes[survivor] == -signal.SIGABRT):
+                elif codes[survivor] == -signal.SIGABRT and (victim == 0 or GLOO_TORN in err):
+                    # Immediate aborts: JAX's when the coordinator died; gloo's on a transfer torn mid-message.
+                    aborts[("coordinator" if victim == 0 else "gloo")] += 1
+                else:
                     raise SystemExit(f"{tag}: after process {victim}'s kill, process {survivor} exited "
                                      f"{codes[survivor]}; see {logs}/{tag}.p{survivor}.err")
                 note = f", process {victim}; the other exited {codes[survivor]} after {survivor_seconds[-1]:.1f} s"
             print(f"kill {kills}: {kind} -> {where}{note}", flush=True)
     summary = {"topology": args.topology, "kills": kills, "rounds": rounds, "runs": runs, "phases": dict(phases),
-               "survivor_max_seconds": max(survivor_seconds, default=None), "seconds": round(time.time() - began)}
+               "survivor_max_seconds": max(survivor_seconds, default=None), "survivor_aborts": dict(aborts),
+               "seconds": round(time.time() - began)}
     print(json.dumps(summary), flush=True)
 
 
