@@ -214,7 +214,7 @@ def test_a_peer_that_is_alive_but_stuck_ends_the_others_naming_it(tmp_path):
     assert code == PEER_LOST_EXIT, err[-3000:]
     assert "saejax: process 1 of 2 stopped answering (alive but stuck at step 1" in err, err[-3000:]
     assert "this is process 0" in err and "rerun the same command on every host to resume" in err
-    assert 3 <= waited < 30
+    assert 3 <= waited < 30  # the behaviour under test is the bound: not before the timeout, not long after
 
 
 def test_a_dead_peer_ends_the_others_naming_it(tmp_path):

@@ -48,16 +48,16 @@ class PeerWatchdog:
 
     Args:
         timeout_s: seconds without a tick (or without progress, behind this process) after which
-            a peer counts as lost.
-        on_lost: called with the message instead of printing it and ending the process (tests).
+            a peer counts as lost; the thread ticks every tenth of it (at least every 0.5 s).
 
     With one process it does nothing.
     """
 
-    def __init__(self, timeout_s: float, *, on_lost=None):
+    def __init__(self, timeout_s: float):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        self.timeout_s, self.on_lost = float(timeout_s), on_lost
+        self.timeout_s = float(timeout_s)
+        self.interval_s = max(0.5, self.timeout_s / 10)
         self._stop = threading.Event()
         self._thread = None
 
@@ -82,7 +82,7 @@ class PeerWatchdog:
         peers = [i for i in range(count) if i != me]
         seen = {}  # peer -> (its tick, its step, when each last changed, in this process's clock)
         my_step, my_step_at, tick = _progress["step"], time.monotonic(), 0
-        while not self._stop.wait(max(0.5, self.timeout_s / 10)):
+        while not self._stop.wait(self.interval_s):
             tick, now = tick + 1, time.monotonic()
             if _progress["step"] != my_step:
                 my_step, my_step_at = _progress["step"], now
@@ -106,10 +106,10 @@ class PeerWatchdog:
                            f"waits for it at step {my_step}")
                 else:
                     continue
-                self._lost(f"saejax: process {peer} of {count} stopped answering ({why}; this is process {me}). "
-                           f"Stopping; the newest checkpoint stays usable: rerun the same command on every host "
-                           f"to resume.")
-                return
+                print(f"\nsaejax: process {peer} of {count} stopped answering ({why}; this is process {me}). Stopping; "
+                      f"the newest checkpoint stays usable: rerun the same command on every host to resume.",
+                      file=sys.stderr, flush=True)
+                os._exit(PEER_LOST_EXIT)
 
     def lost_peer(self) -> str | None:
         """After an error in this process: the message naming a peer whose tick stops for three
@@ -117,7 +117,7 @@ class PeerWatchdog:
         when every peer still ticks (or there is one process)."""
         if self._thread is None:
             return None
-        interval = max(0.5, self.timeout_s / 10)
+        wait_s = 3 * self.interval_s
         me, count = jax.process_index(), jax.process_count()
 
         def ticks():
@@ -130,18 +130,11 @@ class PeerWatchdog:
             return out
 
         before = ticks()
-        time.sleep(3 * interval)
+        time.sleep(wait_s)
         after = ticks()
         stopped = [peer for peer in before if after[peer] is None or after[peer] == before[peer]]
         if not stopped:
             return None
-        return (f"saejax: process {stopped[0]} of {count} stopped answering (no tick for {3 * interval:.0f} s; this "
+        return (f"saejax: process {stopped[0]} of {count} stopped answering (no tick for {wait_s:.0f} s; this "
                 f"is process {me}), which is why the step above failed. The newest checkpoint stays usable: rerun "
                 f"the same command on every host to resume.")
-
-    def _lost(self, message: str) -> None:
-        if self.on_lost is not None:
-            self.on_lost(message)
-            return
-        print(f"\n{message}", file=sys.stderr, flush=True)
-        os._exit(PEER_LOST_EXIT)
