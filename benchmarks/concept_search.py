@@ -50,10 +50,9 @@ def codes_and_concepts(rng, rows, latents, concepts=15):
     return jnp.asarray(codes, jnp.float32), present
 
 
-def demo_dictionaries(workdir: str) -> tuple[dict, np.ndarray, np.ndarray, str]:
-    """The concept table's inputs of a finished demo run, as `shapes_demo.analyse` builds them."""
-    with open(f"{workdir}/report/summary.json") as f:
-        summary = json.load(f)
+def demo_dictionaries(summary: dict) -> tuple[dict, np.ndarray, np.ndarray, str]:
+    """The concept table's inputs of a finished demo run (its `summary.json`), as
+    `shapes_demo.analyse` builds them."""
     sae, backbone = summary["sae"], summary["backbone"]
     bb, bb_params = backbones.load(backbone["path"], image_size=backbone["image_size"])
     ae, sae_params, info = load_sae(sae["path"])
@@ -74,7 +73,9 @@ def demo_dictionaries(workdir: str) -> tuple[dict, np.ndarray, np.ndarray, str]:
 def main(argv):
     del argv
     if _DEMO.value:
-        dictionaries, train_present, val_present, what = demo_dictionaries(_DEMO.value)
+        with open(f"{_DEMO.value}/report/summary.json") as f:
+            summary = json.load(f)
+        dictionaries, train_present, val_present, what = demo_dictionaries(summary)
     else:
         rng = np.random.default_rng(0)
         train_codes, train_present = codes_and_concepts(rng, _ROWS.value, _LATENTS.value)
@@ -96,8 +97,7 @@ def main(argv):
         print(f"  {name:>14}: {s:7.2f} s")
     full, fast = seconds.values()
     if _DEMO.value:  # the codes are the demo's own: its summary's SAE picks come back
-        with open(f"{_DEMO.value}/report/summary.json") as f:
-            recorded = [c["dictionaries"]["sae"]["latent"] for c in json.load(f)["concepts"]]
+        recorded = [c["dictionaries"]["sae"]["latent"] for c in summary["concepts"]]
         print(f"  the SAE's picks equal the demo's summary.json: {picks[f'top {_CANDIDATES.value}'][:len(recorded)] == recorded}")
     print(f"  speed-up {full / fast:.1f}x; the same picks: {picks['every latent'] == picks[f'top {_CANDIDATES.value}']}")
 

@@ -31,7 +31,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -44,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
 
+from test_multihost import env_of_process, free_port  # noqa: E402
 from test_train_sae import command, final_params  # noqa: E402
 
 STEPS = 150  # test_train_sae.command's run
@@ -53,20 +53,12 @@ GLOO_TORN = "Received data size doesn't match expected size"
 KINDS = ("random time", "mid-step", "mid-checkpoint", "mid-eval", "mid-report")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def start(topology: str, workdir: str, backbone_dir: str, log_dir: str, tag: str) -> list[subprocess.Popen]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get(
-        "PYTHONPATH")])))
+    env = env_of_process()  # test_multihost's: 4 fake CPU devices, gloo collectives
     if topology == "devices8":
         env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
         argvs = [command(workdir, backbone_dir, *RUN_FLAGS)]
     else:
-        env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
         port = free_port()
         argvs = [command(workdir, backbone_dir, *RUN_FLAGS, f"--coordinator_address=localhost:{port}",
                          "--num_processes=2", f"--process_id={i}", f"--peer_timeout_s={PEER_TIMEOUT_S}")
@@ -109,7 +101,7 @@ def moment_reached(kind: str, workdir: str, deadline: float, lines_at_start: int
 
 def tensorboard_steps(workdir: str) -> dict[str, list[int]]:
     """{tag: steps} as TensorBoard shows them: files in order, and a SessionLog START at step s
-    (tensorboardX's `purge_step`) hides the earlier events at steps >= s."""
+    (written by MetricsLog on resume) hides the earlier events at steps >= s."""
     from tensorboardX.proto import event_pb2  # noqa: PLC0415
 
     shown: dict[str, list[int]] = collections.defaultdict(list)

@@ -172,7 +172,7 @@ def test_freeze_mode_keeps_a_diverging_member_and_trains_the_others(tmp_path):
 
 def test_metrics_log_writes_each_step_once_across_restarts(tmp_path):
     """A run killed at step 7 (after a checkpoint at 4, or before any: start 0) is rerun from its
-    checkpoint: metrics.jsonl and TensorBoard (tensorboardX's purge_step) show each step once."""
+    checkpoint: metrics.jsonl and TensorBoard (a SessionLog START purge) show each step once."""
     from kill_soak import tensorboard_steps
     from saejax.run.logs import MetricsLog, read_metrics
 
