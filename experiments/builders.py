@@ -21,9 +21,9 @@ from saejax.core.losses import Objective
 from saejax.core.normalization import Normalization
 from saejax.run.training import RESUMABLE_KEYS, RunSpec, TrainedRun, run_training
 
-__all__ = ["RESUMABLE_KEYS", "TrainedRun", "build_backbone", "build_mesh", "build_run", "build_sae", "build_site",
-           "build_source", "build_trainer", "compute_dtype", "ensure_tiny_tree", "fidelity_head",
-           "normalization_identity", "train_sae", "validate_config"]
+__all__ = ["RESUMABLE_KEYS", "TrainedRun", "build_backbone", "build_head", "build_mesh", "build_run", "build_sae", "build_site",
+           "build_source", "build_trainer", "compute_dtype", "demo_summary", "ensure_tiny_tree", "fidelity_head",
+           "normalization_identity", "resolve_model", "train_sae", "validate_config"]
 
 
 def build_source(cfg: ml_collections.ConfigDict, split: str) -> data.Source:
@@ -67,7 +67,7 @@ def build_backbone(cfg: ml_collections.ConfigDict):
     `saejax.backbones.load`), or else a tiny random one (`random`), as the `:small` configs have."""
     if cfg.get("random") and not cfg.get("name"):
         path = backbones.create_random(cfg.random.family, cfg.random.directory, seed=cfg.random.seed,
-                                       **cfg.random.sizes)
+                                       n_classes=cfg.random.get("n_classes", 0), **cfg.random.sizes)
         return backbones.load(path, cache_dir=False)
     return backbones.load(cfg.name, dtype=compute_dtype(cfg.get("dtype", "float32")), image_size=cfg.get("image_size"))
 
@@ -230,3 +230,64 @@ def build_site(backbone_cfg, sae_cfg, layer: int, image_size: int | None = None)
     ae, sae_params, norm = build_sae(sae_cfg, bb.d_model)
     processing = site.cropped_processing(bb, image_size) if image_size else None
     return site.Site(bb, bb_params, layer=layer, ae=ae, sae_params=sae_params, norm=norm, processing=processing)
+
+
+def demo_summary(workdir: str) -> dict:
+    """The `report/summary.json` of a finished `experiments.demo` workdir."""
+    path = os.path.join(os.path.expanduser(workdir), "report", "summary.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: give the workdir of a finished experiments.demo run")
+    with open(path) as f:
+        return json.load(f)
+
+
+def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A model config (`backbone`, `sae`, `layer`), with `demo` (a demo workdir) filling in the
+    demo's backbone, SAE and block. Returns a new config with `image_size`: the demo's world size
+    (or `cfg.image_size`, or None)."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    if cfg.get("demo"):
+        summary = demo_summary(cfg.demo)
+        cfg.backbone = ml_collections.ConfigDict({"name": summary["backbone"]["path"], "dtype": "float32",
+                                                  "image_size": summary["backbone"]["image_size"]})
+        cfg.sae = ml_collections.ConfigDict({"kind": "saejax", "path": summary["sae"]["path"]})
+        cfg.layer = summary["sae"]["layer"]
+        cfg.image_size = summary["backbone"]["image_size"]
+    else:
+        cfg.image_size = cfg.get("image_size")
+    return cfg
+
+
+def build_head(bb, bb_params, cfg: ml_collections.ConfigDict, backbone_path: str | None):
+    """`(head, class names)` for `saejax.discovery`: `cfg.kind` "classifier" (the checkpoint's
+    logits, `cfg.logits = (start, stop)` for one of several softmax heads, `(0, 0)` for all) or
+    "zero_shot" (a full CLIP checkpoint over `cfg.prompts`). Names: `cfg.classes`, else the
+    checkpoint's `id2label` (classifier) or the prompts."""
+    from saejax.analysis import discovery  # noqa: PLC0415
+
+    if cfg.kind == "classifier":
+        if not bb.n_classes:
+            raise ValueError("head.kind='classifier', but the backbone has no classification head; use "
+                             "head.kind='zero_shot' with head.prompts")
+        start, stop = (int(i) for i in cfg.get("logits", (0, 0)))
+        stop = stop or bb.n_classes
+        if not 0 <= start < stop <= bb.n_classes:
+            raise ValueError(f"head.logits=({start}, {stop}) is outside the classifier's {bb.n_classes} logits")
+        head = fidelity.classifier_head if (start, stop) == (0, bb.n_classes) else discovery.logit_slice(
+            fidelity.classifier_head, start, stop)
+        names = list(cfg.get("classes", ())) or _id2label(backbone_path, bb.n_classes)[start:stop]
+    elif cfg.kind == "zero_shot":
+        head = fidelity_head(bb, bb_params, "zero_shot", tuple(cfg.get("prompts", ())))
+        names = list(cfg.get("classes", ())) or list(cfg.prompts)
+    else:
+        raise ValueError(f"head.kind {cfg.kind!r}: expected 'classifier' or 'zero_shot'")
+    return head, names
+
+
+def _id2label(path: str | None, n: int) -> list[str]:
+    config = os.path.join(path, "config.json") if path and os.path.isdir(path) else None
+    labels = {}
+    if config and os.path.isfile(config):
+        with open(config) as f:
+            labels = json.load(f).get("id2label") or {}
+    return [str(labels.get(str(i), f"class_{i}")) for i in range(n)]

@@ -8,8 +8,10 @@ The layers, each importing only those below it:
 - `saejax.data`: image sources and batches, the sharded harvest (`activations`), activation
   streams (`stream`), saev's shards (`shards`).
 - `saejax.analysis`: `site` (an SAE at a block, what the rest reads through), `interventions`, `fidelity`, `features`, `concept_metrics`, `probes`,
-  `semprobe`, `probe_edits`, `segmentation`.
-- `saejax.pages`: `viz`, `browser`.
+  `semprobe`, `probe_edits`, `segmentation`, `discovery` (the latents that control a
+  prediction, ranked by attribution and verified by intervention), `compare` (latents shared
+  and unique across models).
+- `saejax.pages`: `viz`, `browser`, `findings` (the pages of discovery and compare).
 - `saejax.run`: a whole training run in a workdir (`run.training`: resume, normalisation
   cache, training, evaluation, export, report), the loop under it (`loop`), its logs and its
   report page (`report`).
@@ -20,11 +22,11 @@ Each module is also reachable by its short name, `saejax.sae`, `saejax.train`, `
 """
 
 from saejax import backbones, checkpoint, data, sharding
-from saejax.analysis import (concept_metrics, features, fidelity, interventions, probe_edits, probes, segmentation,
-                             semprobe, site)
+from saejax.analysis import (compare, concept_metrics, discovery, features, fidelity, interventions, probe_edits,
+                             probes, segmentation, semprobe, site)
 from saejax.core import losses, metrics, normalization, optim, resample, sae, train
 from saejax.data import activations, shards, stream
-from saejax.pages import browser, viz
+from saejax.pages import browser, findings, viz
 from saejax.run import logs, loop, report
 
 __version__ = "0.1.0"

@@ -244,16 +244,20 @@ class DirectionEdit:
 @flax.struct.dataclass
 class DirectionWhereFiring:
     """`resid + scale * direction` on the tokens where an SAE latent fires: the random-direction
-    baseline matched to a where-active edit (same tokens, same norm). `edit` supplies the codes."""
+    baseline matched to a where-active edit (same tokens, same norm). `edit` supplies the codes;
+    `mask` (as for the latent edits) limits the tokens further."""
 
     edit: SAEEdit
     latent: jax.Array
     direction: jax.Array
     scale: jax.Array
+    mask: jax.Array | None = None
 
     def __call__(self, resid: jax.Array) -> jax.Array:
-        fires = self.edit.codes(resid)[..., self.latent, None] > 0
-        return jnp.where(fires, resid + (self.scale * self.direction).astype(resid.dtype), resid)
+        fires = self.edit.codes(resid)[..., self.latent] > 0
+        if self.mask is not None:
+            fires = fires & jnp.asarray(self.mask, bool)
+        return jnp.where(fires[..., None], resid + (self.scale * self.direction).astype(resid.dtype), resid)
 
 
 def direction_edit(direction, scale=1.0, mask=None) -> DirectionEdit:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import html
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -250,9 +251,10 @@ render();
 
 def write_site(directory: str | os.PathLike, collected: dict[str, Any], ae, sae_params, source: data.Source, *,
                title: str = "SAE features", max_pages: int | None = None, page_size: int = 100,
-               neighbours: int = 5) -> str:
+               neighbours: int = 5, pages_for: Sequence[int] = ()) -> str:
     """Write the browser for `collected` (from `collect`) into `directory`; returns the index
-    path. Pages are written for live latents, most frequent first, up to `max_pages`."""
+    path. Pages are written for live latents, most frequent first, up to `max_pages`, and for
+    every live latent in `pages_for` (those another page links to)."""
     directory = os.fspath(directory)
     os.makedirs(os.path.join(directory, "latents"), exist_ok=True)
     frequency, mean = collected["frequency"], collected["mean"]
@@ -267,6 +269,8 @@ def write_site(directory: str | os.PathLike, collected: dict[str, Any], ae, sae_
                 top_label[i] = classes[int(np.bincount(image_labels[ids].astype(np.int64)).argmax())]
     live = np.flatnonzero(frequency > 0)
     with_pages = live[np.argsort(-frequency[live], kind="stable")][:max_pages]
+    wanted = np.asarray([i for i in pages_for if 0 <= i < f and frequency[i] > 0], np.int64)
+    with_pages = np.concatenate([with_pages, np.setdiff1d(wanted, with_pages)])
     has_page = np.zeros(f, bool)
     has_page[with_pages] = True
     near_ids, near_cos = nearest_by_decoder(sae_params.w_dec, neighbours)
@@ -373,13 +377,15 @@ def _scatter_svg(x: np.ndarray, y: np.ndarray, title: str, width: int = 420, hei
 
 
 def browse(site, source: data.Source, directory: str | os.PathLike, *, k: int = 20, batch_size: int = 64,
-           limit: int | None = None, title: str = "SAE features", max_pages: int | None = None) -> str:
+           limit: int | None = None, title: str = "SAE features", max_pages: int | None = None,
+           pages_for: Sequence[int] = ()) -> str:
     """`collect` then `write_site`: the browser of `site`'s SAE over `source`, in `directory`.
     Returns the index page's path."""
     collected = collect(site, source, k=k, batch_size=batch_size, limit=limit)
     index = os.path.join(os.fspath(directory), "index.html")
     if jax.process_index() == 0:  # every process holds the merged statistics; one writes the site
-        index = write_site(directory, collected, site.ae, site.sae_params, source, title=title, max_pages=max_pages)
+        index = write_site(directory, collected, site.ae, site.sae_params, source, title=title, max_pages=max_pages,
+                           pages_for=pages_for)
     skipped = f", {len(source.skipped)} unreadable skipped" if source.skipped else ""
     print(f"wrote {index} ({collected['images']} images{skipped}; open it in a browser)", flush=True)
     return index
