@@ -59,12 +59,13 @@ def check_fidelity():
 
 
 def check_collect():
-    """The browser's statistics and semprobe's table, each process reading its share."""
+    """The browser's statistics, semprobe's table, compare's correlations and discovery's
+    attribution sums, each process reading its share."""
     import json
 
-    from saejax import browser
+    from saejax import browser, compare, discovery
     from saejax.studies.concepts import run_semprobe
-    from test_multihost import collect_args
+    from test_multihost import collect_args, findings_args
 
     readout, images, labels, classes = collect_args()
     source = RecordingSource(images)
@@ -73,8 +74,13 @@ def check_collect():
     read_by_collect = list(source.read)
     table = run_semprobe({"clip": readout}, source, os.path.join(out_dir, f"semprobe_{process_id}"),
                          n_permutations=20, n_random=10, batch_size=4)
+    other, head = findings_args(readout)
+    sums = compare.correlations(readout, other, source, limit=22, batch_size=4)
+    scores = discovery.attribution_scores(readout, head, source, n_classes=3, limit=22, batch_size=4)
     np.savez(os.path.join(out_dir, f"collect_{process_id}.npz"), read=np.asarray(read_by_collect),
-             **{k: v for k, v in collected.items() if isinstance(v, np.ndarray)}, images=collected["images"])
+             **{k: v for k, v in collected.items() if isinstance(v, np.ndarray)}, images=collected["images"],
+             pairs_n=sums.n, correlation=sums.correlation(), pair_top_ids=sums.top_a_ids, attribution=scores.sums,
+             class_images=scores.images)
     with open(os.path.join(out_dir, f"table_{process_id}.json"), "w") as f:
         json.dump(table, f)
 

@@ -31,6 +31,8 @@ SAE_STEPS, SAE_IMAGES = 1000, 3000
 
 
 class World(NamedTuple):
+    vit: str  # the HF checkpoint directory
+    sae: str  # the SAE's `save_sae` directory
     site: site.Site
     best_latent: dict[str, int]  # concept -> the latent with the best patch-level F1 on validation images
     best_f1: dict[str, float]
@@ -74,5 +76,5 @@ def trained_world(root: str, targets: str) -> World:
     f1 = features.ConceptF1.zeros(ae.d_sae, len(shapes.FACTOR_CONCEPTS)).update(
         codes.reshape(-1, ae.d_sae), jnp.asarray(concepts))
     best, best_f1, _ = jax.device_get(f1.best())
-    return World(world_site, {c: int(i) for c, i in zip(shapes.FACTOR_CONCEPTS, best)},
+    return World(vit.path, sae_dir, world_site, {c: int(i) for c, i in zip(shapes.FACTOR_CONCEPTS, best)},
                  {c: float(f) for c, f in zip(shapes.FACTOR_CONCEPTS, best_f1)})

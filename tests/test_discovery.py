@@ -3,13 +3,15 @@ the statistics of verification, and, on a small shapes world, the colour latents
 verified without being told which they are."""
 
 import json
-import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import discover
+from experiments.configs import discover as discover_config
 from saejax import backbones, data, fidelity, interventions, sae
 from saejax.analysis import discovery
 from saejax.analysis.site import Site
@@ -17,6 +19,8 @@ from saejax.core.normalization import Normalization
 from saejax.datasets import shapes
 
 import shapes_world
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -164,18 +168,21 @@ def test_verify_rejects_a_latent_the_sae_does_not_have_and_too_few_permutations(
                          settings=discovery.Verification(permutations=999, max_frequency=1.0))
 
 
-def test_on_the_shapes_world_the_colour_head_is_explained_by_the_colour_latents(tmp_path_factory):
-    """The factorised ViT's colour head, with no concept labels: for every colour, the first
-    candidate is the latent that patch-level F1 calls that colour's, and it is verified, with the
-    largest suppression and amplification effects of its class's candidates, above both matched
-    baselines."""
+def test_on_the_shapes_world_the_colour_head_is_explained_by_the_colour_latents(tmp_path_factory, tmp_path):
+    """The factorised ViT's colour head, with no concept labels, through the binary: for every
+    colour, the first candidate is the latent that patch-level F1 calls that colour's, and it is
+    verified, with the largest suppression and amplification effects of its class's candidates,
+    above both matched baselines. Its page links each verified latent to its browser page."""
     world = shapes_world.trained_world(str(tmp_path_factory.getbasetemp().parent / "shapes_world"), "factorised")
-    head = discovery.logit_slice(fidelity.classifier_head, 0, len(shapes.COLOURS))
-    size = shapes_world.IMAGE_SIZE
-    result = discovery.discover(world.site, head, shapes.source("train", 600, seed=3, image_size=size),
-                                shapes.source("validation", 300, seed=1, image_size=size), classes=shapes.COLOURS,
-                                batch_size=100)
-    json.dumps(result)  # what discovery.json holds
+    config = discover_config.get_config()
+    config.backbone.name, config.sae.path, config.layer = world.vit, world.sae, shapes_world.LAYER
+    config.head.logits, config.head.classes = (0, len(shapes.COLOURS)), shapes.COLOURS
+    config.data = dict(kind="shapes", train_images=600, validation_images=300, seed=3,
+                       image_size=shapes_world.IMAGE_SIZE)
+    config.images, config.verify_images, config.batch_size = 600, 300, 100
+    config.browser = dict(k=8, images=300, max_pages=0)
+    result = discover.run(config, str(tmp_path))
+    assert json.load(open(tmp_path / "discovery.json")) == json.loads(json.dumps(result))
     assert result["images"] == 600 and result["verify_images"] == 300
     for cls in result["classes"]:
         colour, first = cls["name"], cls["candidates"][0]
@@ -189,3 +196,54 @@ def test_on_the_shapes_world_the_colour_head_is_explained_by_the_colour_latents(
         curve = first["curve"]  # the class's margin on its own images falls as the latent is turned down
         assert curve["class_margin"][0] < curve["class_margin"][curve["scales"].index(1.0)]
         assert curve["other_margin"][-1] > curve["other_margin"][curve["scales"].index(0.0)]
+        for c in cls["candidates"]:  # the rule, and every candidate has a browser page
+            assert c["verified"] == all(c[k]["p_adjusted"] < 0.01 for k in ("suppress", "amplify"))
+            assert (c["curve"] is not None) == c["verified"]
+            assert (tmp_path / "browser" / "latents" / f"{c['latent']}.html").is_file()
+    _check_page_in_chromium(tmp_path, result)
+
+
+def _check_page_in_chromium(directory, result):
+    from playwright.sync_api import sync_playwright
+
+    errors, verified = [], sum(len(c["verified"]) for c in result["classes"])
+    with sync_playwright() as p:
+        chrome = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = chrome.new_page(viewport={"width": 1200, "height": 1600})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"file://{directory}/index.html")
+        assert page.locator("h2").count() == len(result["classes"])
+        assert page.locator("table.candidates tr").count() == sum(len(c["candidates"]) + 1 for c in result["classes"])
+        assert page.locator(".curve svg polyline").count() == 2 * verified
+        page.screenshot(path=str(directory / "discovery.png"), full_page=True)
+        link = page.locator("b.verified a").first
+        latent = link.inner_text()
+        link.click()
+        page.wait_for_load_state()
+        assert page.url.endswith(f"/browser/latents/{latent}.html") and page.inner_text("h1") == f"Latent {latent}"
+        widths = page.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+        assert widths and all(w > 0 for w in widths)
+        chrome.close()
+    assert errors == [] and (directory / "discovery.png").stat().st_size > 20_000
+
+
+def test_the_small_binary_runs_end_to_end(tmp_path):
+    """`:small` (a random model, a plumbing run): the JSON's numbers keep their invariants."""
+    config = discover_config.get_config("small")
+    result = discover.run(config, str(tmp_path))
+    settings = result["settings"]
+    assert [c["name"] for c in result["classes"]] == [f"class_{i}" for i in range(4)]
+    assert sum(c["images"] for c in result["classes"]) == result["images"] == 64 and result["verify_images"] == 48
+    for cls in result["classes"]:
+        assert len(cls["candidates"]) <= 2
+        scores = [c["score"] for c in cls["candidates"]]
+        assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
+        for c in cls["candidates"]:
+            for kind in ("suppress", "amplify"):
+                edit = c[kind]
+                assert 1 / (settings["permutations"] + 1) <= edit["p"] <= edit["p_adjusted"] <= 1
+                assert edit["p"] == max(edit["p_random_latent"], edit["p_random_direction"])
+                assert len(edit["random_latent"]["latents"]) == 3 and c["latent"] not in edit["random_latent"]["latents"]
+            assert c["verified"] == all(c[k]["p_adjusted"] < settings["alpha"] for k in ("suppress", "amplify"))
+            assert (tmp_path / "browser" / "latents" / f"{c['latent']}.html").is_file()
+    assert "<h2" in open(tmp_path / "index.html").read()

@@ -52,6 +52,18 @@ def collect_args():
     return site.Site(bb, params, layer=1, ae=ae, sae_params=sae_params), images, labels, ("none", "a", "b")
 
 
+def findings_args(readout):
+    """A second SAE on `readout`'s backbone (for `compare`) and a fixed linear head over 3
+    classes on the pooled embedding (for `discovery`)."""
+    from saejax import fidelity, sae, site
+
+    ae = sae.relu(readout.bb.d_model, 24)
+    other = site.Site(readout.bb, readout.bb_params, layer=1, ae=ae,
+                      sae_params=ae.init(jax.random.key(1)).replace(b_enc=jax.numpy.full((24,), 0.05)))
+    w = np.random.default_rng(2).standard_normal((readout.bb.d_model, 3)).astype(np.float32)
+    return other, fidelity.linear_probe_head(jax.numpy.asarray(w), jax.numpy.zeros(3))
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -120,10 +132,10 @@ def test_spliced_fidelity_on_two_processes_reads_each_share_once_and_equals_one_
     assert results[0]["read"].tolist() == [0, 1, 2, 3, 8] and results[1]["read"].tolist() == [4, 5, 6, 7, 9]
 
 
-def test_browser_statistics_and_semprobe_on_two_processes_equal_one_process(tmp_path):
+def test_browser_semprobe_compare_and_discovery_on_two_processes_equal_one_process(tmp_path):
     import json
 
-    from saejax import browser
+    from saejax import browser, compare, discovery
     from saejax.studies.concepts import run_semprobe
 
     procs = start_pair(lambda port, i: [sys.executable, os.path.join(HERE, "multihost_checks.py"), "collect",
@@ -146,6 +158,16 @@ def test_browser_statistics_and_semprobe_on_two_processes_equal_one_process(tmp_
     assert got[0]["read"].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
     for i in range(2):
         assert json.load(open(tmp_path / f"table_{i}.json")) == json.loads(json.dumps(table))
+    # Correlations (each process shifts by its own first batch) and attribution sums, merged.
+    other, head = findings_args(readout)
+    sums = compare.correlations(readout, other, source, limit=22, batch_size=4)
+    scores = discovery.attribution_scores(readout, head, source, n_classes=3, limit=22, batch_size=4)
+    for r in got:
+        assert float(r["pairs_n"]) == 22 * readout.bb.layout.n_patches
+        np.testing.assert_allclose(r["correlation"], sums.correlation(), atol=1e-4)
+        np.testing.assert_array_equal(r["pair_top_ids"], sums.top_a_ids)
+        np.testing.assert_allclose(r["attribution"], scores.sums, rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(r["class_images"], scores.images)
     assert os.path.isfile(tmp_path / "semprobe_0" / "semprobe.json")  # process 0 writes the files
     assert not os.path.exists(tmp_path / "semprobe_1" / "semprobe.json")
 

@@ -62,7 +62,7 @@ def get_config(variant: str = ""):
         c.layer = 1
         c.data = dict(kind="shapes", train_images=64, validation_images=48, seed=0, image_size=40)
         c.images, c.verify_images, c.candidates, c.batch_size = 64, 48, 2, 16
-        c.verification.update(permutations=200, max_frequency=1.0)
+        c.verification.update(permutations=1_000, max_frequency=1.0)
         c.browser = dict(k=4, images=48, max_pages=8)
     elif variant:
         raise ValueError(f"unknown variant {variant!r}; expected '' or 'small'")

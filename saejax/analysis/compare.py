@@ -27,7 +27,7 @@ import numpy as np
 from saejax import data
 from saejax.analysis.site import Site
 
-__all__ = ["LEVELS", "CorrelationSums", "compare", "correlations", "latent_values", "match"]
+__all__ = ["LEVELS", "CorrelationSums", "compare", "correlations", "latent_values", "match", "merge"]
 
 LEVELS = ("patch", "image")
 
@@ -113,28 +113,35 @@ def latent_values(codes_BPF: jax.Array, level: str) -> jax.Array:
     raise ValueError(f"level {level!r}: expected one of {LEVELS}")
 
 
+def merge(parts: CorrelationSums) -> CorrelationSums:
+    """One `CorrelationSums` from several over disjoint samples, stacked along a leading axis
+    (e.g. every process's, from `process_allgather`). Each part was shifted by its own first
+    batch; the merged sums use the first part's shift."""
+    parts = jax.tree.map(lambda a: np.asarray(a, np.float64) if a.dtype.kind == "f" else np.asarray(a), parts)
+    shift_a, shift_b, n = parts.shift_a[0], parts.shift_b[0], parts.n[:, None]
+    da, db = parts.shift_a - shift_a, parts.shift_b - shift_b  # [parts, F]: how far each part's shift is off
+    # sum(x - s0) = sum(x - s) + n (s - s0), and likewise for squares and products.
+    sq_a = parts.sq_a + 2 * da * parts.sum_a + n * da ** 2
+    sq_b = parts.sq_b + 2 * db * parts.sum_b + n * db ** 2
+    cross = (parts.cross.sum(0) + np.einsum("pa,pb->ab", parts.sum_a, db) + np.einsum("pa,pb->ab", da, parts.sum_b)
+             + np.einsum("p,pa,pb->ab", parts.n, da, db))
+    tops = []
+    for values, ids in ((parts.top_a, parts.top_a_ids), (parts.top_b, parts.top_b_ids)):
+        values, ids = np.concatenate(list(values), 1), np.concatenate(list(ids), 1)
+        order = np.argsort(-values, axis=1, kind="stable")[:, :parts.top_a.shape[-1]]
+        tops += [np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1)]
+    f32 = lambda a: a.astype(np.float32)  # noqa: E731
+    return CorrelationSums(f32(parts.n.sum()), f32(shift_a), f32(shift_b), f32((parts.sum_a + n * da).sum(0)),
+                           f32((parts.sum_b + n * db).sum(0)), f32(sq_a.sum(0)), f32(sq_b.sum(0)), f32(cross),
+                           f32(tops[0]), tops[1], f32(tops[2]), tops[3])
+
+
 def _merge_over_processes(sums: CorrelationSums) -> CorrelationSums:
     if jax.process_count() == 1:
         return sums
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
-    # Each process shifted by its own first batch: move every process's sums to process 0's shift.
-    every = jax.tree.map(np.asarray, multihost_utils.process_allgather(sums))
-    shift_a, shift_b = every.shift_a[0], every.shift_b[0]
-    n = every.n[:, None]
-    da, db = every.shift_a - shift_a, every.shift_b - shift_b  # [procs, F]: per-process shift offsets
-    sum_a, sum_b = every.sum_a + n * da, every.sum_b + n * db
-    sq_a = every.sq_a + 2 * da * every.sum_a + n * da ** 2
-    sq_b = every.sq_b + 2 * db * every.sum_b + n * db ** 2
-    cross = (every.cross + np.einsum("pa,pb->pab", every.sum_a, db) + np.einsum("pa,pb->pab", da, every.sum_b)
-             + np.einsum("p,pa,pb->pab", every.n, da, db))
-    tops = []
-    for values, ids in ((every.top_a, every.top_a_ids), (every.top_b, every.top_b_ids)):
-        values, ids = np.concatenate(list(values), 1), np.concatenate(list(ids), 1)
-        order = np.argsort(-values, axis=1, kind="stable")[:, :sums.top_a.shape[1]]
-        tops += [np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1)]
-    return CorrelationSums(every.n.sum(), shift_a, shift_b, sum_a.sum(0), sum_b.sum(0), sq_a.sum(0), sq_b.sum(0),
-                           cross.sum(0), *tops)
+    return merge(multihost_utils.process_allgather(sums))
 
 
 def correlations(site_a: Site, site_b: Site, source: data.Source, *, level: str = "patch", limit: int | None = None,

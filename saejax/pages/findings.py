@@ -90,7 +90,7 @@ def write_discovery_page(directory: str | os.PathLike, result: Mapping[str, Any]
                     title=f"latent {c['latent']}: mean margin of {cls['name']}", width=360, height=200)
                 shares = ", ".join(f"{x:g}: {a:.2f} / {b:.2f}" for x, a, b in zip(
                     curve["scales"], curve["class_share"], curve["other_share"]))
-                body.append(f"<div class='card curve'>{chart}<br>x: latent {_link(c['latent'], browser, pages)} set "
+                body.append(f"<div class='card curve' style='max-width:380px'>{chart}<br>x: latent {_link(c['latent'], browser, pages)} set "
                             f"to x times its max on every patch.<br>Share predicted {html.escape(cls['name'])} "
                             f"(its images / others): {shares}</div>")
         body.append("</div>")
