@@ -27,8 +27,8 @@ from saejax.pages import findings
 
 
 def resolve(config) -> ml_collections.ConfigDict:
-    """The config with `demo` (a demo workdir) expanded into its model, its world and the
-    factorised ViT's colour head."""
+    """The config with `demo` (a demo workdir) expanded into its model and its world; a
+    factorised ViT's head defaults to its colour head (a conjunction ViT's to its 16 classes)."""
     config = ml_collections.ConfigDict(config.to_dict())
     if not config.demo:
         return config
@@ -37,7 +37,8 @@ def resolve(config) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict({"kind": "shapes", "train_images": config.images,
                                              "validation_images": config.verify_images, "seed": 3,
                                              "image_size": model.image_size})
-    if tuple(config.head.logits) == (0, 0) and not config.head.classes:
+    targets = (builders.demo_summary(config.demo).get("vit") or {}).get("targets")
+    if targets == "factorised" and tuple(config.head.logits) == (0, 0) and not config.head.classes:
         config.head.logits, config.head.classes = (0, len(shapes.COLOURS)), shapes.COLOURS
     return config
 

@@ -2,17 +2,24 @@
 permuted copy, the errors, and, on a small shapes world, colour shared and texture unique
 between the factorised and the conjunction ViT."""
 
+import json
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saejax import backbones, data, sae
+from experiments import compare as compare_binary
+from experiments.configs import compare as compare_config
+from saejax import backbones, sae
 from saejax.analysis import compare
 from saejax.analysis.site import Site
 from saejax.datasets import shapes
 
 import shapes_world
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def _sparse(rng, n, f, offset):
@@ -146,3 +153,38 @@ def test_on_the_shapes_world_colour_is_shared_and_texture_is_the_factorised_vits
     # The conjunction ViT's colour latents are found from its side too.
     b_matches = {m["latent"]: m for m in result["b"]["matches"]}
     assert sum(b_matches[conjunction.best_latent[c]]["score"] >= 0.5 for c in shapes.COLOURS) >= 3
+
+
+def test_the_small_binary_writes_json_browsers_and_a_page_whose_links_work(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    result = compare_binary.run(compare_config.get_config("small"), str(tmp_path))
+    assert json.load(open(tmp_path / "compare.json")) == json.loads(json.dumps(result))
+    assert result["names"] == ["random vit", "random dinov2"] and result["images"] == 64
+    for side, other in (("a", "b"), ("b", "a")):
+        r = result[side]
+        assert r["d_sae"] == 64 and len(r["matches"]) == r["live"]
+        assert r["shared_share"] == pytest.approx(1 - len(r["unmatched"]) / r["live"])
+        for u in r["unmatched"][:10]:  # the listed ones have pages on both sides
+            assert (tmp_path / side / "latents" / f"{u['latent']}.html").is_file()
+            assert (tmp_path / other / "latents" / f"{u['best']}.html").is_file()
+            assert u["score"] < 0.5
+    errors = []
+    with sync_playwright() as p:
+        chrome = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = chrome.new_page(viewport={"width": 1200, "height": 1400})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"file://{tmp_path}/index.html")
+        assert page.locator("#summary tr").count() == 3
+        rows = page.locator("#unmatched-a tr")
+        assert rows.count() == 1 + min(10, len(result["a"]["unmatched"]))
+        widths = page.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+        assert widths and all(w > 0 for w in widths)  # every exemplar strip decoded
+        page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+        link = page.locator("#unmatched-a tr td a").first
+        latent = link.inner_text()
+        link.click()
+        page.wait_for_load_state()
+        assert page.url.endswith(f"/a/latents/{latent}.html") and page.inner_text("h1") == f"Latent {latent}"
+        chrome.close()
+    assert errors == []

@@ -41,7 +41,7 @@ def get_config(variant: str = ""):
     c = ml_collections.ConfigDict()
     c.models = {"a": _model("a"), "b": _model("b")}
     c.data = dict(kind="", name="imagenet2012", validation_split="validation", data_dir=None, image_size=224,
-                  seed=1, validation_images=1_000, skip_unreadable=False)
+                  seed=1, validation_images=1_000, skip_unreadable=False, validation_dir="")
     c.split = "validation"
     c.images = 1_000
     c.level = "patch"

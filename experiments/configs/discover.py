@@ -8,7 +8,8 @@
 Keys:
     demo          a finished `experiments.demo` workdir: its backbone, SAE, block and world (shapes
                   images at the demo's size) replace `backbone`, `sae`, `layer` and `data`; the
-                  head defaults to the factorised ViT's colour head (its logits 0-4)
+                  head defaults to the factorised ViT's colour head (its logits 0-4), or to a
+                  conjunction ViT's 16 colour-shape classes
     backbone, sae, layer   the model and the SAE at its block (as `experiments.browse`)
     head          kind "classifier" (the checkpoint's logits; `logits=(start, stop)` picks one
                   softmax head, (0, 0) all) or "zero_shot" (a full CLIP checkpoint over `prompts`);
@@ -33,6 +34,7 @@ under a minute on CPU; a plumbing run (its random latents all fire on most patch
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(variant: str = ""):
@@ -43,14 +45,14 @@ def get_config(variant: str = ""):
     c.layer = 2
     c.head = dict(kind="classifier", logits=(0, 0), prompts=(), classes=())
     c.data = dict(kind="tfds", name="imagenet2012", train_split="train", validation_split="validation",
-                  data_dir=None, image_size=224, seed=0, skip_unreadable=False)
+                  data_dir=None, image_size=224, seed=0, skip_unreadable=False, train_dir="", validation_dir="")
     c.images = 2_000
     c.verify_images = 500
     c.candidates = 5
     c.objective = "centred_logit"
     c.targets = "prediction"
     c.batch_size = 64
-    c.verification = dict(suppress_scale=-2.0, amplify_scale=2.0, draws=3, permutations=10_000, alpha=0.01,
+    c.verification = dict(suppress_scale=-2.0, amplify_scale=2.0, draws=3, permutations=config_dict.placeholder(int), alpha=0.01,
                           max_frequency=0.1, seed=0)
     c.browser = dict(k=16, images=1_000, max_pages=200)
     if variant == "small":

@@ -256,7 +256,8 @@ class Verification:
         suppress_scale: a candidate is set to this x its max where it fires, on images of its class.
         amplify_scale: ... and to this x its max on every patch, on the other images.
         draws: random latents (matched in firing frequency) and random directions per edit.
-        permutations: sign flips in each permutation test.
+        permutations: sign flips in each permutation test; None: 10,000, or more where the
+            number of edits needs them (2 x edits / alpha, so the smallest p survives Holm).
         alpha: significance level after Holm's correction.
         max_frequency: latents firing on at least this share of patches are dense: never
             candidates, never baselines. 0.1 by default; the paper's browser calls 1% dense,
@@ -269,7 +270,7 @@ class Verification:
     suppress_scale: float = -2.0
     amplify_scale: float = 2.0
     draws: int = 3
-    permutations: int = 10_000
+    permutations: int | None = None
     alpha: float = 0.01
     max_frequency: float = 0.1
     curve_scales: tuple[float, ...] = CURVE_SCALES
@@ -293,10 +294,11 @@ def paired_permutation_p(effect_N: np.ndarray, baseline_N: np.ndarray, *, permut
     diff = np.asarray(effect_N, np.float64) - np.asarray(baseline_N, np.float64)
     if diff.size == 0:
         return 1.0
-    observed = diff.mean()
-    signs = rng.choice(np.array([-1.0, 1.0]), size=(permutations, diff.size))
-    # A null mean equal to the observed one (every difference 0) counts as "as extreme".
-    as_extreme = np.sum(signs @ diff / diff.size >= observed - 1e-12 * max(1.0, abs(observed)))
+    observed, as_extreme = diff.mean(), 0
+    for start in range(0, permutations, 10_000):  # in chunks: [chunk, N] signs at a time
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(min(10_000, permutations - start), diff.size))
+        # A null mean equal to the observed one (every difference 0) counts as "as extreme".
+        as_extreme += int(np.sum(signs @ diff / diff.size >= observed - 1e-12 * max(1.0, abs(observed))))
     return float((1 + as_extreme) / (1 + permutations))
 
 
@@ -420,8 +422,9 @@ def verify(site: Site, head: Callable, source: data.Source, candidates: Mapping[
                 plan.append({"class": int(c), "latent": latent, "kind": kind, "others": others,
                              "edits": [edits.latent(latent, kind)] + [edits.latent(int(o), kind) for o in others]
                              + [edits.direction(latent, kind, d) for d in directions]})
-    if plan and len(plan) / (settings.permutations + 1) >= settings.alpha:
-        raise ValueError(f"{settings.permutations} permutations cannot make any of {len(plan)} edits significant at "
+    permutations = settings.permutations or max(10_000, int(np.ceil(2 * len(plan) / settings.alpha)))
+    if plan and len(plan) / (permutations + 1) >= settings.alpha:
+        raise ValueError(f"{permutations} permutations cannot make any of {len(plan)} edits significant at "
                          f"alpha={settings.alpha} after Holm's correction (the smallest p is 1 / (permutations + 1), "
                          f"times {len(plan)}); use at least {int(np.ceil(len(plan) / settings.alpha))} permutations")
     clean, after = _edited_logits(site, head, [e for p in plan for e in p["edits"]], source, limit, batch_size)
@@ -438,8 +441,8 @@ def verify(site: Site, head: Callable, source: data.Source, candidates: Mapping[
         effect = [(before - margins(lg[images], c)) * (1 if kind == "suppress" else -1) for lg in logits]
         random_latent = np.mean(effect[1:1 + settings.draws], 0) if images.any() else np.zeros(0)
         random_direction = np.mean(effect[1 + settings.draws:], 0) if images.any() else np.zeros(0)
-        p_latent = paired_permutation_p(effect[0], random_latent, permutations=settings.permutations, rng=rng)
-        p_direction = paired_permutation_p(effect[0], random_direction, permutations=settings.permutations, rng=rng)
+        p_latent = paired_permutation_p(effect[0], random_latent, permutations=permutations, rng=rng)
+        p_direction = paired_permutation_p(effect[0], random_direction, permutations=permutations, rng=rng)
         entry = {"images": int(images.sum()), "effect": _mean(effect[0]),
                  "random_latent": {"latents": p["others"].tolist(), "effect": _mean(random_latent)},
                  "random_direction": {"effect": _mean(random_direction)},
@@ -462,7 +465,7 @@ def verify(site: Site, head: Callable, source: data.Source, candidates: Mapping[
     for candidate in by_latent.values():
         candidate["verified"] = all(candidate[k]["p_adjusted"] < settings.alpha for k in ("suppress", "amplify"))
     _add_curves(site, head, source, limit, batch_size, edits, results, predicted, settings)
-    return {"images": len(clean), "classes": results}
+    return {"images": len(clean), "classes": results, "permutations": permutations}
 
 
 def _add_curves(site, head, source, limit, batch_size, edits: _Edits, results, predicted, settings):
@@ -527,4 +530,4 @@ def discover(site: Site, head: Callable, source: data.Source, verify_source: dat
     return {"classes": out, "objective": objective, "targets": targets if isinstance(targets, str) else "custom",
             "images": int(np.sum(scores.images)), "verify_images": tested["images"],
             "dense_excluded": int(np.sum(np.asarray(scores.frequency()) >= settings.max_frequency)),
-            "settings": dataclasses.asdict(settings)}
+            "settings": dict(dataclasses.asdict(settings), permutations=tested["permutations"])}
