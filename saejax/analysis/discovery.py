@@ -31,6 +31,9 @@ logits, or a slice of one of them):
 >>> head = discovery.logit_slice(fidelity.classifier_head, 0, 4)   # the shapes ViT's colour head
 >>> result = discovery.discover(site, head, attribution_source, verify_source, classes=COLOURS)
 >>> [(c["name"], c["verified"]) for c in result["classes"]]
+
+Long because it is one protocol, attribution to verified candidates, whose parts (the matched
+baselines, the permutation test, Holm) are only meaningful together.
 """
 
 from __future__ import annotations
