@@ -19,6 +19,7 @@ from saejax import backbones, data, fidelity, sae, sharding, site, train
 from saejax.checkpoint import import_saev, load_sae
 from saejax.core.losses import Objective
 from saejax.core.normalization import Normalization
+from saejax.provenance import check_written_by
 from saejax.run.training import RESUMABLE_KEYS, RunSpec, TrainedRun, run_training
 
 __all__ = ["RESUMABLE_KEYS", "TrainedRun", "build_backbone", "build_head", "build_mesh", "build_run", "build_sae", "build_site",
@@ -238,7 +239,9 @@ def demo_summary(workdir: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist: give the workdir of a finished experiments.demo run")
     with open(path) as f:
-        return json.load(f)
+        summary = json.load(f)
+    check_written_by(summary.get("written_by"), path)
+    return summary
 
 
 def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

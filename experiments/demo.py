@@ -38,6 +38,8 @@ import time
 import jax
 import ml_collections
 
+import saejax
+
 from experiments import builders
 from experiments.entry import run_binary
 from saejax import backbones, losses, site, train
@@ -114,6 +116,7 @@ def run(config, workdir: str) -> dict:
                 "d_sae": ae.d_sae, "architecture": ae.architecture, "k": getattr(ae, "k", None), "layer": layer,
                 "matryoshka_prefixes": config.objective.get("matryoshka_prefixes"), "path": member["path"]},
         **results,
+        "written_by": saejax.written_by(),
     }
     with open(os.path.join(report_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

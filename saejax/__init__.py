@@ -29,4 +29,4 @@ from saejax.data import activations, shards, stream
 from saejax.pages import browser, findings, viz
 from saejax.run import logs, loop, report
 
-__version__ = "0.1.0"
+from saejax.provenance import __version__, written_by  # noqa: E402

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import saejax
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = f"--config={ROOT}/experiments/configs/shapes_demo.py:small"
 
@@ -16,6 +18,9 @@ def test_small_demo_writes_the_report_and_summary(tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     summary = json.load(open(tmp_path / "report" / "summary.json"))
     assert isinstance(summary["seconds"], float)
+    assert summary["written_by"]["saejax"] == saejax.__version__
+    vit_info = json.load(open(tmp_path / "vit" / "training.json"))
+    assert vit_info["written_by"] == summary["written_by"]
     assert 0.0 <= summary["vit"]["val_accuracy"] <= 1.0 and summary["vit"]["targets"] == "factorised"
     assert summary["backbone"]["family"] == "vit" and summary["backbone"]["grid"] == [8, 8]
     assert set(summary["probes"]) == {"colour_accuracy", "shape_accuracy", "size_accuracy", "texture_accuracy"}

@@ -12,6 +12,7 @@ import pytest
 
 from experiments import discover
 from experiments.configs import discover as discover_config
+import saejax
 from saejax import backbones, data, fidelity, interventions, sae
 from saejax.analysis import discovery
 from saejax.analysis.site import Site
@@ -232,6 +233,8 @@ def test_the_small_binary_runs_end_to_end(tmp_path):
     config = discover_config.get_config("small")
     result = discover.run(config, str(tmp_path))
     settings = result["settings"]
+    assert result["written_by"] == saejax.written_by()
+    assert f"Written by saejax {saejax.__version__}" in open(tmp_path / "browser" / "index.html").read()
     assert [c["name"] for c in result["classes"]] == [f"class_{i}" for i in range(4)]
     assert sum(c["images"] for c in result["classes"]) == result["images"] == 64 and result["verify_images"] == 48
     for cls in result["classes"]:

@@ -5,7 +5,7 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "saejax"
-LAYERS = ("sharding", "core", "checkpoint", "backbones", "data", "analysis", "pages", "run", "datasets", "studies")
+LAYERS = ("provenance", "sharding", "core", "checkpoint", "backbones", "data", "analysis", "pages", "run", "datasets", "studies")
 
 
 def layer_of(module: str) -> int:

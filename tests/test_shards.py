@@ -88,6 +88,21 @@ def _read_everything(directory):
         stream.read(stream.rows_of(step))
 
 
+def test_checksums_record_the_versions_and_a_newer_major_warns(written, tmp_path):
+    import saejax
+    from saejax import provenance
+
+    *_, directory = written
+    path = os.path.join(directory, "checksums.json")
+    assert json.load(open(path))["written_by"] == saejax.written_by()
+    copy = _copy(directory, tmp_path)
+    table = json.load(open(os.path.join(copy, "checksums.json")))
+    table["written_by"]["saejax"] = "99.0.0"
+    json.dump(table, open(os.path.join(copy, "checksums.json"), "w"))
+    with pytest.warns(provenance.NewerVersionWarning, match=r"checksums.json was written by saejax 99.0.0"):
+        shards.ShardStream(copy, layers=(0,), batch_size=4)
+
+
 def test_a_flipped_bit_in_a_shard_is_named_with_its_file_example_and_offset(written, tmp_path):
     *_, directory = written
     copy = _copy(directory, tmp_path)

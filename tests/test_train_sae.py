@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+import saejax
+
 from experiments.configs import clip_vit_b16
 from experiments.builders import build_trainer
 from saejax.checkpoint import TrainCheckpointer, load_sae
@@ -69,6 +71,11 @@ def test_small_config_trains_logs_evaluates_and_exports(uninterrupted):
     assert "layer 1 member 1: lr 0.003" in out.stdout
     evaluation = json.load(open(workdir / "eval.json"))
     assert evaluation["steps"] == 150 and len(evaluation["members"]) == 2
+    # Which saejax wrote the run's files: eval.json, the exported SAEs, the report page.
+    assert evaluation["written_by"] == saejax.written_by()
+    for member in evaluation["members"]:
+        assert json.load(open(os.path.join(member["path"], "config.json")))["written_by"] == saejax.written_by()
+    assert f"Written by saejax {saejax.__version__}" in open(workdir / "report.html").read()
     for member in evaluation["members"]:
         assert {"l0", "mse", "nmse", "explained_variance", "dead_fraction", "dense_fraction", "frequency",
                 "mean_when_firing", "cosine", "l2_ratio", "relative_reconstruction_bias", "log10_frequency_histogram",

@@ -26,6 +26,7 @@ import numpy as np
 
 from saejax import data
 from saejax.analysis.site import Site
+from saejax.provenance import written_by
 
 __all__ = ["LEVELS", "CorrelationSums", "compare", "correlations", "latent_values", "match", "merge"]
 
@@ -209,6 +210,7 @@ def compare(site_a: Site, site_b: Site, source: data.Source, *, names: tuple[str
     matched = match(sums.correlation(), active_a, active_b, threshold=threshold)
     samples = int(sums.n)
     result: dict[str, Any] = {"names": list(names), "level": level, "threshold": threshold, "samples": samples,
+                              "written_by": written_by(),
                               "images": samples // (site_a.bb.layout.n_patches if level == "patch" else 1)}
     for side, top, top_ids, d_sae in (("a", sums.top_a, sums.top_a_ids, site_a.ae.d_sae),
                                       ("b", sums.top_b, sums.top_b_ids, site_b.ae.d_sae)):

@@ -53,6 +53,7 @@ from saejax.analysis import interventions, segmentation
 from saejax.analysis.site import Site
 from saejax.core.metrics import DENSE_FREQUENCY
 from saejax.data.batching import gather_over_processes
+from saejax.provenance import written_by
 
 __all__ = ["OBJECTIVES", "AttributionScores", "Verification", "attribution_scores", "discover", "holm",
            "latent_attribution", "logit_slice", "margins", "paired_permutation_p", "site_attribution", "verify"]
@@ -533,4 +534,5 @@ def discover(site: Site, head: Callable, source: data.Source, verify_source: dat
     return {"classes": out, "objective": objective, "targets": targets if isinstance(targets, str) else "custom",
             "images": int(np.sum(scores.images)), "verify_images": tested["images"],
             "dense_excluded": int(np.sum(np.asarray(scores.frequency()) >= settings.max_frequency)),
-            "settings": dict(dataclasses.asdict(settings), permutations=tested["permutations"])}
+            "settings": dict(dataclasses.asdict(settings), permutations=tested["permutations"]),
+            "written_by": written_by()}

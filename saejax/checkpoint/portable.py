@@ -28,6 +28,7 @@ from saejax.checkpoint.safetensors_header import FLOAT_DTYPES, check_finite, rea
 from saejax.checkpoint.staging import sha256_of, staged_directory
 from saejax.core.normalization import Normalization
 from saejax.core.sae import SAE, SAEParams
+from saejax.provenance import check_written_by, written_by
 
 FORMAT = "saejax-sae"
 FORMAT_VERSION = 2  # 2: tensors_sha256 and checksum
@@ -61,7 +62,7 @@ def save_sae(path: str | os.PathLike, ae: SAE, params: SAEParams, *, normalizati
         tensors["norm_mean"] = np.asarray(normalization.mean, np.float32)
         tensors["norm_scalar"] = np.asarray(normalization.scalar, np.float32)
     config = {"format": FORMAT, "version": FORMAT_VERSION, "sae": ae.to_config(),
-              "normalized_inputs": normalization is not None, "info": info or {}}
+              "normalized_inputs": normalization is not None, "info": info or {}, "written_by": written_by()}
     if normalization is not None and normalization.clip is not None:
         config["normalization_clip"] = [float(v) for v in normalization.clip]
 
@@ -102,6 +103,7 @@ def load_sae(path: str | os.PathLike) -> tuple[SAE, SAEParams, dict[str, Any]]:
         if config.get("checksum") != _config_checksum(config):
             raise CheckpointError(f"{config_path}: its checksum does not match its {', '.join(CHECKED_FIELDS)} "
                                   f"fields: the file was damaged or edited after it was written")
+    check_written_by(config.get("written_by"), config_path)
     try:
         ae = SAE.from_config(config["sae"])
     except (TypeError, ValueError, AttributeError, KeyError) as e:

@@ -20,17 +20,20 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from saejax.checkpoint.errors import CheckpointError
+from saejax.provenance import check_written_by, written_by
 
 
 class RestoredRun(NamedTuple):
     """What `TrainCheckpointer.restore` returns; `skipped` lists `(step, reason)` for newer
-    steps that did not restore."""
+    steps that did not restore; `written_by` the versions that saved the step
+    (`saejax.provenance`; None for steps saved before they were recorded)."""
 
     step: int
     state: Any
     config: dict
     extra: dict
     skipped: tuple = ()
+    written_by: dict | None = None
 
 
 def _path_name(path) -> str:
@@ -113,6 +116,7 @@ class TrainCheckpointer:
         """Write `state` as step `step`. With `wait=False` the device arrays are copied to the
         host and the write goes on in the background (the state may be donated right after);
         the step counts as saved once it is complete (`wait_until_finished`, `close`)."""
+        extra = {**(extra or {}), "written_by": written_by()}
         self._manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(config or {}),
@@ -207,7 +211,10 @@ class TrainCheckpointer:
         if bad:
             raise _Unreadable(f"{where}: checksum mismatch in {', '.join(bad[:3])}"
                               + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "") + ": the files are corrupt")
-        return RestoredRun(step, restored.state, dict(config), dict(extra))
+        extra = dict(extra)
+        versions = extra.pop("written_by", None)  # saved beside the caller's extra, returned apart
+        check_written_by(versions, where)
+        return RestoredRun(step, restored.state, dict(config), extra, written_by=versions)
 
     def close(self) -> None:
         self._manager.close()

@@ -6,7 +6,8 @@
     <root>/<HASH>/acts%06d.bin     raw float32, C order, [examples, layers, tokens, d_model]
     <root>/<HASH>/labels.bin       uint8 [n_examples, patches_per_ex] patch labels (optional)
     <root>/<HASH>/checksums.json   {"algorithm": "crc32", "metadata": HASH, "shards": shards.json's
-                                   list, "examples": {shard name: [crc32 of each example's bytes]}}
+                                   list, "examples": {shard name: [crc32 of each example's bytes]},
+                                   "written_by": the versions (saejax.provenance)}
                                    (saejax's addition; saev ignores it)
 
 `ShardStream` checks metadata.json and shards.json against checksums.json when it opens the
@@ -47,6 +48,7 @@ from saejax import data
 from saejax import sharding as shd
 from saejax.checkpoint.staging import write_atomically
 from saejax.core.normalization import Normalization
+from saejax.provenance import check_written_by, written_by
 
 __all__ = ["PROTOCOL", "ShardCorruptError", "ShardStream", "read_metadata", "write_shards"]
 
@@ -125,7 +127,8 @@ def write_shards(root: str | os.PathLike, bb, bb_params, source: data.Source, *,
     for m in maps + ([labels] if labels is not None else []):
         m.flush()
     checksums = {"algorithm": "crc32", "metadata": _hash(metadata), "shards": shards,
-                 "examples": {s["name"]: _example_checksums(m) for s, m in zip(shards, maps)}}
+                 "examples": {s["name"]: _example_checksums(m) for s, m in zip(shards, maps)},
+                 "written_by": written_by()}
     write_atomically(os.path.join(directory, "checksums.json"), json.dumps(checksums))
     # Written last: its presence means complete.
     write_atomically(os.path.join(directory, "shards.json"), json.dumps(shards, indent=2))
@@ -203,6 +206,7 @@ def _read_checksums(directory, metadata, shards) -> list[list[int]] | None:
         written = (table["metadata"], table["shards"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ShardCorruptError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+    check_written_by(table.get("written_by"), path)
     if written != (_hash(metadata), shards):
         raise ShardCorruptError(f"{path}: metadata.json or shards.json differs from what was written with these "
                                 f"checksums (damaged or edited since)")

@@ -342,7 +342,7 @@ def _write_latent_page(directory, latent, collected, source, classes, near, cos,
 
 def _page(title: str, body: str) -> str:
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body>{body}</body></html>")
+            f"<style>{_STYLE}</style></head><body>{body}{viz.written_by_footer()}</body></html>")
 
 
 def _json_for_script(value) -> str:

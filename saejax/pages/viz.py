@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from saejax.provenance import written_by
+
 # A perceptually ordered dark-to-bright ramp (inferno-like), interpolated linearly.
 _RAMP = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
                   [250, 193, 39], [252, 255, 164]], np.float32)
@@ -216,4 +218,12 @@ def html_page(title: str, body: str) -> str:
              ".row{display:flex;gap:1.5em;flex-wrap:wrap}.card{margin:0.5em 0 1.5em}.good{color:#186a3b}"
              ".bad{color:#a93226}code{background:#f3f3f3;padding:0 3px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}{written_by_footer()}</body></html>")
+
+
+def written_by_footer() -> str:
+    """The versions that wrote a page, as its last line (`saejax.provenance.written_by`)."""
+    versions = written_by()
+    return ("<p class='written-by' style='color:#777;font-size:small'>Written by saejax "
+            f"{html.escape(versions['saejax'])} (" + ", ".join(f"{html.escape(k)} {html.escape(v)}"
+                                                            for k, v in versions.items() if k != "saejax") + ").</p>")

@@ -34,6 +34,7 @@ from saejax.core import train
 from saejax.core.normalization import Normalization
 from saejax.data import activations, stream
 from saejax.data.sources import Source
+from saejax.provenance import check_written_by, written_by
 from saejax.run import loop, report
 from saejax.run.logs import MetricsLog, ProgressBar
 
@@ -228,7 +229,8 @@ def cached_normalization(path: str, identity: Mapping[str, Any], layers: tuple[i
     if jax.process_index() == 0:
         tmp = path + ".tmp.npz"
         arrays = {f"{name}_{i}": np.asarray(getattr(n, name)) for i, n in norms.items() for name in ("mean", "scalar")}
-        np.savez(tmp, identity=np.asarray(json.dumps(identity)), **arrays)
+        np.savez(tmp, identity=np.asarray(json.dumps(identity)), written_by=np.asarray(json.dumps(written_by())),
+                 **arrays)
         os.replace(tmp, path)
     return norms
 
@@ -243,6 +245,8 @@ def read_normalization(path: str) -> tuple[Any, dict[int, Normalization]]:
     try:
         with np.load(path, allow_pickle=False) as stored:
             identity = json.loads(str(stored["identity"]))
+            if "written_by" in stored.files:  # absent in files from before versions were recorded
+                check_written_by(json.loads(str(stored["written_by"])), path)
             norms = {}
             for name in stored.files:
                 if name.startswith("mean_"):
@@ -309,7 +313,7 @@ def evaluate_and_export(spec: RunSpec, workdir: str, states: Mapping[int, train.
                             **result})
     evaluation = {"steps": spec.total_steps, "members": members}
     if jax.process_index() == 0:
-        write_atomically(os.path.join(workdir, "eval.json"), json.dumps(evaluation))
+        write_atomically(os.path.join(workdir, "eval.json"), json.dumps({**evaluation, "written_by": written_by()}))
         report.write_sweep_report(workdir)
         for r in members:
             print(_member_line(r), flush=True)

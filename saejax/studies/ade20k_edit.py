@@ -29,6 +29,7 @@ from saejax import data
 from saejax.analysis import features, probes, segmentation
 from saejax.analysis.site import Site
 from saejax.datasets import ade20k
+from saejax.provenance import written_by
 
 
 def run_ade20k_edit(site: Site, train: data.Source, val: data.Source, workdir: str, *, probe: dict,
@@ -102,7 +103,7 @@ def run_ade20k_edit(site: Site, train: data.Source, val: data.Source, workdir: s
                     "train_patches": sum(train_patches), "val_images": n,
                     "skipped_images": data.skipped_report(training=train, validation=val)}
     with open(os.path.join(workdir, "probe.json"), "w") as f:
-        json.dump(probe_report, f, indent=2)
+        json.dump({**probe_report, "written_by": written_by()}, f, indent=2)
     print(f"probe: mIoU {metrics['miou']:.3f}, pixel accuracy {metrics['pixel_accuracy']:.3f} on {n} images", flush=True)
 
     def predict(edit):
@@ -120,7 +121,7 @@ def run_ade20k_edit(site: Site, train: data.Source, val: data.Source, workdir: s
         config_latents={int(k): int(v) for k, v in (class_latents or {}).items()}, value_scale=value_scale)
     summary = segmentation.summarize_change_rates(results)
     json.dump({"classes": results, "summary": summary, "class_names": {c: val.classes[c] for c in classes},
-               "skipped_images": probe_report["skipped_images"]},
+               "skipped_images": probe_report["skipped_images"], "written_by": written_by()},
               open(os.path.join(workdir, "quantitative.json"), "w"), indent=2, default=float)
     with open(os.path.join(workdir, "quantitative.csv"), "w", newline="") as f:
         writer = csv.writer(f)

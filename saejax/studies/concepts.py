@@ -28,6 +28,7 @@ from saejax import data
 from saejax.analysis import semprobe
 from saejax.analysis.site import Site
 from saejax.pages import viz
+from saejax.provenance import written_by
 
 
 def run_semprobe(sites: Mapping[str, Site], source: data.Source, workdir: str, *, top: int = 5,
@@ -80,7 +81,7 @@ def run_semprobe(sites: Mapping[str, Site], source: data.Source, workdir: str, *
     skipped = _skipped_on_every_process(source)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "semprobe.json"), "w") as f:
-            json.dump({"concepts": table, "skipped_images": skipped}, f, indent=2)
+            json.dump({"concepts": table, "skipped_images": skipped, "written_by": written_by()}, f, indent=2)
         with open(os.path.join(workdir, "semprobe.csv"), "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["concept", "model", "best_latent", "f1", "p_value", "random_f1_mean", "random_f1_p95"])

@@ -25,6 +25,7 @@ from saejax import data
 from saejax.analysis import probe_edits, probes
 from saejax.analysis.site import Site
 from saejax.pages import viz
+from saejax.provenance import written_by
 
 
 def pooled_features(site: Site, source: data.Source, batch_size: int, limit: int | None = None):
@@ -63,7 +64,7 @@ def run_cub_edit(site: Site, train: data.Source, test: data.Source, workdir: str
     probe, probe_report = probes.select_probe(train_x, train_y, test_x, test_y, len(train.classes), **probe_sweep)
     probe_report["skipped_images"] = data.skipped_report(train=train, test=test)
     with open(os.path.join(workdir, "probe.json"), "w") as f:
-        json.dump(probe_report, f, indent=2)
+        json.dump({**probe_report, "written_by": written_by()}, f, indent=2)
     print(f"probe: test accuracy {probe_report['test_accuracy']:.3f} (lr {probe_report['chosen']['learning_rate']}, "
           f"wd {probe_report['chosen']['weight_decay']})", flush=True)
 
@@ -104,7 +105,7 @@ def run_cub_edit(site: Site, train: data.Source, test: data.Source, workdir: str
               "curve": {"sliders": sliders.tolist(),
                         "probabilities": {names[k]: curve_values[:, k].tolist() for k in watched}}}
     with open(os.path.join(workdir, "edit.json"), "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump({**report, "written_by": written_by()}, f, indent=2)
     png = viz.before_after_png(example.image, selected.reshape(bb.grid), before, after, names,
                                title=f"{report['path'].split(os.sep)[-1]}: latents {latents.tolist()} at "
                                      f"{slider:g} x max")

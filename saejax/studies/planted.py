@@ -23,6 +23,7 @@ from saejax.core import sae, train
 from saejax.core.normalization import estimate_normalization
 from saejax.datasets import synthetic
 from saejax.run import loop
+from saejax.provenance import written_by
 
 
 def print_progress(total_steps: int):
@@ -93,6 +94,6 @@ def run_planted(trainer: train.Trainer, hparams: train.Hparams, workdir: str, *,
         summary["members"].append({**result, "path": path})
         print(f"member {i}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, (int, float))))
     with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump({**summary, "written_by": written_by()}, f, indent=2)
     print(f"wrote {os.path.join(workdir, 'summary.json')}")
     return summary

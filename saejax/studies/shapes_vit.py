@@ -40,6 +40,7 @@ from saejax.backbones.create import create_vit_classifier, save_hf_checkpoint
 from saejax.backbones.preprocess import BILINEAR, HALF, ImageProcessing
 from saejax.checkpoint.staging import staged_directory
 from saejax.datasets import shapes
+from saejax.provenance import check_written_by, written_by
 
 __all__ = [
     "IMAGE_HEADS",
@@ -449,6 +450,7 @@ def train_shapes_vit(workdir: str | os.PathLike, *, seed: int = 0, targets: str 
     if reuse and os.path.isfile(info_file):
         with open(info_file) as f:
             info = json.load(f)
+        check_written_by(info.get("written_by"), info_file)
         if info.get("settings") == settings:
             return TrainedVit(path, float(info["val_accuracy"]), float(info["seconds"]), True, info)
 
@@ -464,6 +466,7 @@ def train_shapes_vit(workdir: str | os.PathLike, *, seed: int = 0, targets: str 
                               init_range=init_range, seed=seed, callback=callback)
     seconds = time.time() - start
     info = dict(settings=settings, val_accuracy=result.val_accuracy, seconds=seconds, history=result.history,
+                written_by=written_by(),
                 classes=list(names), image_heads=None if targets == "conjunction" else
                 {head: list(names) for head, names in IMAGE_HEADS.items()})
     with staged_directory(path) as staging:
