@@ -2,7 +2,7 @@
 
     python -m benchmarks.concept_search              # the demo's sizes on the shapes world's ViT
     python -m benchmarks.concept_search --latents=1536 --rows=128000   # the DINOv2 ViT-S/14 demo's SAE's size
-    python -m benchmarks.concept_search --demo=DIR   # a finished `experiments.demo` run's own codes
+    python -m benchmarks.concept_search --demo=DIR   # a finished `saejax demo` run's own codes
 
 `concept_metrics.concept_scores` fits a 1-D logistic probe per latent and concept (the saev
 follow-up's pick). With `candidates=32` it first ranks the latents by their correlation with
@@ -12,7 +12,7 @@ picks equal the full search's on the shapes world. Codes here are random and spa
 patches for training, 1,000 x 64 for evaluation. Printed: seconds of each and their ratio,
 measured in the same run.
 
-With `--demo=DIR` (the workdir of a finished `experiments.demo` run, e.g. on the real DINOv2
+With `--demo=DIR` (the workdir of a finished `saejax demo` run, e.g. on the real DINOv2
 ViT-S/14), the codes are the demo's own: its backbone and exported SAE encode the demo's probe
 and validation images, and the concept table's three dictionaries (SAE, k-means, PCA) are
 scored as `shapes_demo.analyse` scores them, both ways, with the picks compared.
@@ -37,7 +37,7 @@ from saejax.datasets import shapes
 _LATENTS = flags.DEFINE_integer("latents", 1024, "Dictionary size.")
 _ROWS = flags.DEFINE_integer("rows", 128_000, "Training rows (patches); evaluation gets half.")
 _CANDIDATES = flags.DEFINE_integer("candidates", 32, "Latents probed per concept.")
-_DEMO = flags.DEFINE_string("demo", None, "Workdir of a finished experiments.demo run: score its own codes.")
+_DEMO = flags.DEFINE_string("demo", None, "Workdir of a finished `saejax demo` run: score its own codes.")
 _PROBE_IMAGES = flags.DEFINE_integer("probe_images", 2_000, "With --demo: its demo.probe_images.")
 _VALIDATION_IMAGES = flags.DEFINE_integer("validation_images", 1_000, "With --demo: its demo.validation_images.")
 

@@ -19,7 +19,7 @@ Prints one row per setting (L0, NMSE, dead fraction, mean best-latent F1, and th
 ratio of the k-means reference of the same size measured in this run), writes
 `<workdir>/<--name>.json` (default `concepts_sweep`), and plots NMSE against mean best-latent F1
 with the Pareto front (lower NMSE, higher F1) to `<workdir>/<--name>.png`. README shows
-the result and the demo's SAE setting (`experiments/configs/shapes_demo.py`) follows it.
+the result and the demo's SAE setting (`saejax/configs/shapes_demo.py`) follows it.
 
 Measured on 2 CPU cores (2026-11-25; `benchmarks/results/concepts_*.{json,png}`):
 - the factorised world's ViT, block 2 (726 s, shared cores): best mean F1 BatchTopK k=4 with

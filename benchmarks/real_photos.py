@@ -297,22 +297,22 @@ def commands(workdir, trees, counts, dinov2):
     tokens = -(-counts["folder"] * 16 // 256) * 256 + 256 * 8  # an epoch of 16-patch images (32 px), and more
     runs = [
         ("train_sae", "train_sae", "folder",
-         ["--config=experiments/configs/clip_vit_b16.py:small", *folder, f"--config.data.train_dir={trees['folder']}",
+         ["--config=clip_vit_b16:small", *folder, f"--config.data.train_dir={trees['folder']}",
           "--config.data.image_size=32", f"--config.total_tokens={tokens}"]),
-        ("browse", "browse", "folder", ["--config=experiments/configs/browse.py:small", *folder, "--config.data.image_size=40",
+        ("browse", "browse", "folder", ["--config=browse:small", *folder, "--config.data.image_size=40",
                                         f"--config.images={counts['folder']}"]),
-        ("cub_edit", "cub_edit", "cub", ["--config=experiments/configs/cub.py:small",
+        ("cub_edit", "cub_edit", "cub", ["--config=cub:small",
                                          f"--config.data.root={trees['cub']}", skip]),
         ("ade20k_edit", "ade20k_edit", "ade20k",
-         ["--config=experiments/configs/ade20k.py:small", f"--config.data.root={trees['ade20k']}",
+         ["--config=ade20k:small", f"--config.data.root={trees['ade20k']}",
           "--config.probe_images=21", "--config.eval_images=11", skip]),
-        ("semprobe", "semprobe", "concepts", ["--config=experiments/configs/semprobe.py:small",
+        ("semprobe", "semprobe", "concepts", ["--config=semprobe:small",
                                               f"--config.data.root={trees['concepts']}", skip]),
     ]
     if dinov2:
         model = os.path.join(workdir, "dinov2")
         runs.append(("cub_edit_dinov2", "cub_edit", "cub",
-                     ["--config=experiments/configs/cub.py:small", f"--config.data.root={trees['cub']}", skip,
+                     ["--config=cub:small", f"--config.data.root={trees['cub']}", skip,
                       f"--config.backbone.name={model}", "--config.layer=10",
                       "--config.data.image_size=224", "--config.batch_size=16", "--config.probe.epochs=100",
                       "--config.stats_images=48", "--config.image=0", "--config.patches=(100,101,116,117)"]))

@@ -6,13 +6,15 @@ import os
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from saejax.provenance import __version__
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-INSTALL = '''# On Colab (Runtime > Change runtime type > TPU), install saejax with the TPU extra.
+INSTALL = f'''# On Colab (Runtime > Change runtime type > TPU), install saejax {__version__} with the TPU extra.
+# From a checkout instead: pip install -e "/path/to/saejax[tpu]" (on a GPU: the cuda extra).
 import importlib.util, subprocess, sys
 if importlib.util.find_spec("saejax") is None:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q",
-                           "saejax[tpu] @ git+https://github.com/saejax/saejax"])'''
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "saejax[tpu]=={__version__}"])'''
 
 SMALL = '''import os
 # SMALL: a tiny random backbone, a random or tiny SAE and synthetic images, so every cell runs in
@@ -171,6 +173,8 @@ for k in np.argsort(-before)[:3]:
 
 def main():
     for name, cells in (("quickstart", quickstart()), ("explore", explore()), ("intervene", intervene())):
+        for i, cell in enumerate(cells):
+            cell.id = f"{name}-{i}"  # stable ids: a rebuild changes only what was edited
         notebook = new_notebook(cells=cells, metadata={
             "accelerator": "TPU", "colab": {"provenance": []},
             "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}})

@@ -1,5 +1,5 @@
 """An SAE architecture registered outside the package, as a user's module would: importing this
-module registers it (`experiments.train_sae --import_modules=tests.registered_architecture`)."""
+module registers it (`saejax train --import_modules=tests.registered_architecture`)."""
 
 import dataclasses
 from typing import ClassVar

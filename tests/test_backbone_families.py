@@ -239,9 +239,9 @@ def test_registry_and_known_models():
 def test_family_configs_name_known_models_and_their_small_variant_builds(config_name, family, hub_id, tmp_path):
     import importlib
 
-    from experiments.builders import build_backbone
+    from saejax.cli.builders import build_backbone
 
-    module = importlib.import_module(f"experiments.configs.{config_name}")
+    module = importlib.import_module(f"saejax.configs.{config_name}")
     full = module.get_config()
     assert full.backbone.name == hub_id and backbones.KNOWN_MODELS[hub_id] == family and full.tokens == "patches"
     small = module.get_config("small")

@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments import browse
-from experiments.configs import browse as browse_config
-from experiments.builders import build_backbone, build_sae
+from saejax.cli import browse
+from saejax.configs import browse as browse_config
+from saejax.cli.builders import build_backbone, build_sae
 from saejax import browser, data, site
 from saejax.datasets import shapes
 

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import compare as compare_binary
-from experiments.configs import compare as compare_config
+from saejax.cli import compare as compare_binary
+from saejax.configs import compare as compare_config
 from saejax import backbones, sae
 from saejax.analysis import compare
 from saejax.analysis.site import Site

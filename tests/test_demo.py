@@ -9,7 +9,7 @@ import sys
 import saejax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = f"--config={ROOT}/experiments/configs/shapes_demo.py:small"
+SMALL = "--config=shapes_demo:small"
 
 
 def test_small_demo_writes_the_report_and_summary(tmp_path):

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import discover
-from experiments.configs import discover as discover_config
+from saejax.cli import discover
+from saejax.configs import discover as discover_config
 import saejax
 from saejax import backbones, data, fidelity, interventions, sae
 from saejax.analysis import discovery

@@ -126,7 +126,7 @@ def _clip_with_tokenizer(directory):
 
 
 def test_zero_shot_head_from_prompts(tmp_path):
-    from experiments.builders import fidelity_head
+    from saejax.cli.builders import fidelity_head
 
     bb, params = backbones.load(_clip_with_tokenizer(tmp_path / "clip"), cache_dir=False)
     ids, mask = backbones.clip_tokenize(bb, ["a photo of a cat", "a dog"])

@@ -126,8 +126,8 @@ def test_bf16_harvest_runs_dense_matmuls_in_bf16_and_keeps_the_residual_float32(
 def test_configs_choose_bf16_on_accelerators_and_float32_on_cpu():
     import ml_collections
 
-    from experiments.configs import clip_vit_b16
-    from experiments.builders import build_trainer, compute_dtype
+    from saejax.configs import clip_vit_b16
+    from saejax.cli.builders import build_trainer, compute_dtype
 
     assert jax.default_backend() == "cpu"
     assert compute_dtype("auto") == jnp.float32 and compute_dtype("bfloat16") == jnp.bfloat16

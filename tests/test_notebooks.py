@@ -7,6 +7,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import saejax
+
 COLAB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "colab")
 
 
@@ -15,7 +17,8 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
     notebook = nbformat.read(os.path.join(COLAB, f"{name}.ipynb"), as_version=4)
     assert all(not cell.get("outputs") and not cell.get("execution_count") for cell in notebook.cells
                if cell.cell_type == "code"), "saved with outputs"
-    assert "saejax[tpu]" in notebook.cells[1].source  # the first code cell installs saejax with the TPU extra
+    # The first code cell installs this released saejax, by name and version, with the TPU extra.
+    assert f'"saejax[tpu]=={saejax.__version__}"' in notebook.cells[1].source
     monkeypatch.setenv("SAEJAX_SMALL", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()

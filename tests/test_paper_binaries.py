@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import ade20k_edit, cub_edit, semprobe
-from experiments.configs import ade20k as ade20k_config
-from experiments.configs import cub as cub_config
-from experiments.configs import semprobe as semprobe_config
-from experiments.builders import build_backbone, build_sae
+from saejax.cli import ade20k_edit, cub_edit, semprobe
+from saejax.configs import ade20k as ade20k_config
+from saejax.configs import cub as cub_config
+from saejax.configs import semprobe as semprobe_config
+from saejax.cli.builders import build_backbone, build_sae
 from saejax import data, probes
 from saejax.checkpoint import save_sae
 from saejax.datasets import ade20k

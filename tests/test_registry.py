@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import clip_vit_b16
-from experiments.builders import train_sae, validate_config
+from saejax.configs import clip_vit_b16
+from saejax.cli.builders import train_sae, validate_config
 from saejax import sae
 from saejax.checkpoint import load_sae
 
@@ -55,7 +55,7 @@ def test_a_registered_architecture_is_listed_and_built_by_name():
 def test_a_registered_architecture_trains_resumes_and_exports(tmp_path):
     overrides = [f"--config.sae.architecture={NAME}", "--config.total_tokens=3072", "--config.checkpoint_every=6",
                  "--config.fidelity.images=0"]
-    command = [sys.executable, "-m", "experiments.train_sae", f"--config={ROOT}/experiments/configs/clip_vit_b16.py:small",
+    command = [sys.executable, "-m", "experiments.train_sae", "--config=clip_vit_b16:small",
                f"--workdir={tmp_path}", *overrides]
     out = subprocess.run(command + ["--import_modules=tests.registered_architecture"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)

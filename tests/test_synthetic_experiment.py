@@ -12,18 +12,22 @@ from saejax.datasets import synthetic
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_binary(workdir, steps):
-    cmd = [sys.executable, "-m", "experiments.synthetic", f"--workdir={workdir}",
-           f"--config={ROOT}/experiments/configs/synthetic.py:small", f"--config.steps={steps}"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+SAEJAX = os.path.join(os.path.dirname(sys.executable), "saejax")  # the installed console script
+
+
+def run_binary(workdir, steps, *, console_script):
+    """`saejax synthetic` from outside the checkout, or `python -m experiments.synthetic` in it."""
+    command = [SAEJAX, "synthetic"] if console_script else [sys.executable, "-m", "experiments.synthetic"]
+    out = subprocess.run(command + [f"--workdir={workdir}", "--config=synthetic:small", f"--config.steps={steps}"],
+                         cwd=workdir.parent if console_script else ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
 
 def test_synthetic_binary_trains_exports_and_resumes(tmp_path):
-    first = run_binary(tmp_path, 20)
+    first = run_binary(tmp_path, 20, console_script=True)
     assert "step 20/20" in first
-    second = run_binary(tmp_path, 30)
+    second = run_binary(tmp_path, 30, console_script=False)  # the checkout's entry resumes the same run
     assert "resumed from step 20" in second and "step 30/30" in second
 
     summary = json.load(open(tmp_path / "summary.json"))

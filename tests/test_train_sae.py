@@ -16,12 +16,12 @@ import pytest
 
 import saejax
 
-from experiments.configs import clip_vit_b16
-from experiments.builders import build_trainer
+from saejax.configs import clip_vit_b16
+from saejax.cli.builders import build_trainer
 from saejax.checkpoint import TrainCheckpointer, load_sae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = "experiments/configs/clip_vit_b16.py:small"
+CONFIG = "clip_vit_b16:small"
 
 
 def command(workdir, backbone_dir, *overrides):
@@ -229,7 +229,7 @@ def test_unreadable_images_stop_the_run_in_one_line_or_are_skipped_and_counted(u
     (tmp_path / "train" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     config_file = tmp_path / "folder_config.py"
     config_file.write_text(
-        "from experiments.configs.clip_vit_b16 import get_config as small\n"
+        "from saejax.configs.clip_vit_b16 import get_config as small\n"
         "def get_config():\n"
         "    c = small('small')\n"
         f"    c.data = dict(kind='folder', train_dir={str(tmp_path / 'train')!r}, "
@@ -255,7 +255,7 @@ def test_unreadable_images_stop_the_run_in_one_line_or_are_skipped_and_counted(u
 
 
 def test_bad_configs_fail_before_any_work():
-    from experiments.builders import validate_config
+    from saejax.cli.builders import validate_config
 
     config = clip_vit_b16.get_config("small")
     config.log_every, config.checkpoint_every, config.sae.architecture = 0, -1, "topk"
@@ -274,7 +274,7 @@ def test_bad_configs_fail_before_any_work():
 
 
 def test_normalization_statistics_are_keyed_to_backbone_layers_and_tokens(uninterrupted):
-    from experiments.builders import normalization_identity
+    from saejax.cli.builders import normalization_identity
     from saejax.run.training import cached_normalization
 
     def never():

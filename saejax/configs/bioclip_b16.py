@@ -3,8 +3,8 @@ tokens, the paper's recipe otherwise (32x, ReLU + L1, the 3x3 lr/lambda sweep, b
 100M patches, warmup 500). The reference paper trains its BioCLIP SAEs on iNat21 and TreeOfLife
 images; point `--config.data` at such a folder or tfds data set.
 
-    python -m experiments.train_sae --config=experiments/configs/bioclip_b16.py --workdir=DIR
-    python -m experiments.train_sae --config=experiments/configs/bioclip_b16.py:small --workdir=DIR
+    saejax train --config=bioclip_b16 --workdir=DIR
+    saejax train --config=bioclip_b16:small --workdir=DIR
 
 BioCLIP exists only in open_clip's format (`open_clip_config.json` +
 `open_clip_pytorch_model.bin`); saejax maps it onto the CLIP family (see
@@ -21,7 +21,7 @@ measured: lr 1e-3 -> L0 62.8 of 128, NMSE 0.57; lr 3e-3 -> L0 63.1, NMSE 0.17 (a
 check).
 """
 
-from experiments.configs.paper import paper_config, small_config
+from saejax.configs.paper import paper_config, small_config
 
 
 def get_config(variant: str = ""):

@@ -2,8 +2,8 @@
 tokens, the paper's recipe otherwise (32x, ReLU + L1, the 3x3 lr/lambda sweep, batch 16,384,
 100M patches, warmup 500).
 
-    python -m experiments.train_sae --config=experiments/configs/siglip2_b16.py --workdir=DIR
-    python -m experiments.train_sae --config=experiments/configs/siglip2_b16.py:small --workdir=DIR
+    saejax train --config=siglip2_b16 --workdir=DIR
+    saejax train --config=siglip2_b16:small --workdir=DIR
 
 SigLIP has no CLS token: its layout is patches only and its pooled embedding comes from the
 attention-pooling head, so `tokens` must stay "patches" (or "all", the same set here). The
@@ -19,7 +19,7 @@ L0 63.2 of 128, NMSE 0.60; lr 3e-3 -> L0 63.2, NMSE 0.17; a plumbing check, like
 clip_vit_b16.py:small).
 """
 
-from experiments.configs.paper import paper_config, small_config
+from saejax.configs.paper import paper_config, small_config
 
 
 def get_config(variant: str = ""):

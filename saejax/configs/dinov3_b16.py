@@ -2,8 +2,8 @@
 196 patch tokens (CLS and the 4 registers dropped), the paper's recipe otherwise (32x, ReLU +
 L1, the 3x3 lr/lambda sweep, batch 16,384, 100M patches, warmup 500).
 
-    python -m experiments.train_sae --config=experiments/configs/dinov3_b16.py --workdir=DIR
-    python -m experiments.train_sae --config=experiments/configs/dinov3_b16.py:small --workdir=DIR
+    saejax train --config=dinov3_b16 --workdir=DIR
+    saejax train --config=dinov3_b16:small --workdir=DIR
 
 DINOv3 uses rotary position embeddings, so it runs at any multiple of 16 px:
 `--config.backbone.image_size=448` gives 28 x 28 patches (set `--config.data.image_size=448`
@@ -19,7 +19,7 @@ check).
 
 import ml_collections
 
-from experiments.configs.paper import paper_config, small_config
+from saejax.configs.paper import paper_config, small_config
 
 
 def get_config(variant: str = ""):

@@ -1,16 +1,16 @@
-"""Finding the latents that control a prediction (`experiments.discover`, `saejax.discovery`).
+"""Finding the latents that control a prediction (`saejax.cli.discover`, `saejax.discovery`).
 
-    python -m experiments.discover --workdir=DIR --config.demo=DEMO_DIR      # the demo's world
-    python -m experiments.discover --workdir=DIR --config.backbone.name=HF_DIR --config.sae.path=SAE_DIR \
+    saejax discover --workdir=DIR --config.demo=DEMO_DIR      # the demo's world
+    saejax discover --workdir=DIR --config.backbone.name=HF_DIR --config.sae.path=SAE_DIR \
         --config.layer=10 --config.data.kind=folder --config.data.train_dir=... --config.data.validation_dir=...
-    python -m experiments.discover --workdir=DIR --config=experiments/configs/discover.py:small
+    saejax discover --workdir=DIR --config=discover:small
 
 Keys:
-    demo          a finished `experiments.demo` workdir: its backbone, SAE, block and world (shapes
+    demo          a finished `saejax demo` workdir: its backbone, SAE, block and world (shapes
                   images at the demo's size) replace `backbone`, `sae`, `layer` and `data`; the
                   head defaults to the factorised ViT's colour head (its logits 0-4), or to a
                   conjunction ViT's 16 colour-shape classes
-    backbone, sae, layer   the model and the SAE at its block (as `experiments.browse`)
+    backbone, sae, layer   the model and the SAE at its block (as `saejax.cli.browse`)
     head          kind "classifier" (the checkpoint's logits; `logits=(start, stop)` picks one
                   softmax head, (0, 0) all) or "zero_shot" (a full CLIP checkpoint over `prompts`);
                   `classes` names them (default: the checkpoint's id2label, or the prompts)

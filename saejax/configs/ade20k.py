@@ -1,7 +1,7 @@
 """ADE20K segmentation edits (paper section 5.2) and the quantitative test; see
-`experiments.ade20k_edit`.
+`saejax.cli.ade20k_edit`.
 
-    python -m experiments.ade20k_edit --config=experiments/configs/ade20k.py --workdir=DIR \
+    saejax ade20k_edit --config=ade20k --workdir=DIR \
         --config.data.root=/data/ADEChallengeData2016 --config.sae.path=/models/dinov2_sae/sae.pt
 
 Needs (no network here, so fetched elsewhere):

@@ -1,6 +1,6 @@
-"""CUB-200-2011 classification edits (paper section 5.1); see `experiments.cub_edit`.
+"""CUB-200-2011 classification edits (paper section 5.1); see `saejax.cli.cub_edit`.
 
-    python -m experiments.cub_edit --config=experiments/configs/cub.py --workdir=DIR \
+    saejax cub_edit --config=cub --workdir=DIR \
         --config.data.root=/data/CUB_200_2011 --config.sae.path=/models/clip_sae/sae.pt
 
 Needs (fetched elsewhere; this machine has no network): CUB_200_2011.tgz from

@@ -1,6 +1,6 @@
-"""The feature browser; see `experiments.browse`.
+"""The feature browser; see `saejax.cli.browse`.
 
-The default browses an SAE trained by `experiments.train_sae` on ImageNet validation images
+The default browses an SAE trained by `saejax train` on ImageNet validation images
 (tfds); give `--config.sae.path` (a `save_sae` directory, e.g. `RUN/sae/layer_10/member_0`) or
 `--config.sae.kind=saev --config.sae.path=sae.pt`, the backbone and the layer it reads.
 `images` bounds the images streamed; `max_pages` the latent pages written (most frequent first;

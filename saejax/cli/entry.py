@@ -1,12 +1,17 @@
-"""The one entry point of every binary: `--config` (an ml_collections file; the binary's own
-by default, `:small` for its small variant), `--workdir`, multi-host flags, `--import_modules`,
-then `run(config, workdir)`.
+"""The one entry point of every command: `--config` (an ml_collections file; the command's own
+by default), `--workdir`, multi-host flags, `--import_modules`, then `run(config, workdir)`.
 
-    python -m experiments.BINARY --workdir=DIR [--config=experiments/configs/FILE.py[:small]]
+    saejax COMMAND --workdir=DIR [--config=NAME[:small] | --config=path/to/file.py[:ARG]]
         [--config.KEY=VALUE ...] [--import_modules=my_saes] [--distributed | --coordinator_address=HOST:PORT
         --num_processes=N --process_id=I] [--peer_timeout_s=180]
 
-An error ends the binary with its traceback and then one line, `BINARY failed: Error: message`,
+`--config` takes a file, or the name of a config shipped in `saejax.configs` (`clip_vit_b16`,
+`clip_vit_b16:small`; `saejax --help` lists them), or `:ARG` alone for the command's own config
+with that argument (`saejax demo --config=:small`). From a checkout, `python -m
+experiments.COMMAND` runs the same code, and paths to the old `saejax/configs/FILE.py`
+still resolve to the shipped file.
+
+An error ends the command with its traceback and then one line, `NAME failed: Error: message`,
 on stderr (exit code 1); SIGTERM / SIGINT during training saves a checkpoint and exits with
 128 + the signal (`saejax.loop.Preempted`). In a multi-host run, a process that dies, stops or
 hangs ends every other within about `--peer_timeout_s` seconds with one line naming it and exit
@@ -19,22 +24,72 @@ import importlib
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from typing import Any, Callable
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def run_binary(name: str, run: Callable[[Any, str], Any], config_file: str, *,
+def shipped_configs() -> list[str]:
+    """The names of the configs shipped in `saejax.configs` (`paper` is a shared helper, not one)."""
+    return sorted(name.removesuffix(".py") for name in os.listdir(CONFIGS)
+                  if name.endswith(".py") and not name.startswith("_") and name != "paper.py")
+
+
+def resolve_config(value: str, default_file: str) -> str:
+    """`--config`'s value with its file made a real path: an existing file stays as given; a
+    shipped config's name (`clip_vit_b16`, `clip_vit_b16.py`, or an old
+    `saejax/configs/clip_vit_b16.py` path) becomes its file in `saejax.configs`; an empty
+    path is the command's own config (`default_file`). The `:ARG` part is kept.
+
+    Raises:
+        ValueError: naming the value and the shipped configs, when it is neither.
+    """
+    path, colon, arg = value.partition(":")
+    if os.path.isfile(path):
+        return value
+    folder, name = os.path.split(path)
+    name = (name or default_file).removesuffix(".py")
+    # Only a bare name or the old checkout path: a missing file elsewhere is the user's typo.
+    if (folder and os.path.normpath(folder).split(os.sep)[-2:] != ["experiments", "configs"]) \
+            or name not in shipped_configs():
+        raise ValueError(f"--config={value}: {path!r} is neither a file nor a config shipped with saejax "
+                         f"({', '.join(shipped_configs())})")
+    return os.path.join(CONFIGS, name + ".py") + colon + arg
+
+
+def _with_resolved_config(argv: Sequence[str], default_file: str) -> list[str]:
+    """`argv` with each `--config=VALUE` / `--config VALUE` resolved (`resolve_config`)."""
+    argv = list(argv)
+    for i, word in enumerate(argv):
+        if word.startswith("--config="):
+            argv[i] = "--config=" + resolve_config(word.removeprefix("--config="), default_file)
+        elif word == "--config" and i + 1 < len(argv):
+            argv[i + 1] = resolve_config(argv[i + 1], default_file)
+    return argv
+
+
+def run_binary(name: str, run: Callable[[Any, str], Any], config_file: str, *, argv: Sequence[str] | None = None,
                workdir_help: str = "Where the results go.") -> None:
-    """Define the flags and run `run(config, workdir)` under absl (`config_file`: a file in
-    `experiments/configs/`). Flags are defined here, when the binary starts, so tests can
-    import several binaries in one process."""
+    """Define the flags and run `run(config, workdir)` under absl.
+
+    Args:
+        name: the command's name in its error line (`NAME failed: ...`).
+        run: `run(config, workdir)`, the command's work.
+        config_file: its default config, a file in `saejax.configs`.
+        argv: the program name and arguments (default `sys.argv`).
+        workdir_help: `--workdir`'s help text.
+
+    Flags are defined here, when the command starts, so tests can import several commands in
+    one process.
+    """
     from absl import app, flags, logging  # noqa: PLC0415
     from ml_collections import config_flags  # noqa: PLC0415
 
     config_flags.DEFINE_config_file("config", os.path.join(CONFIGS, config_file),
-                                    f"An ml_collections config file (default experiments/configs/{config_file}; "
-                                    f"append :small for the small variant).", lock_config=True)
+                                    f"An ml_collections config file or the name of one shipped with saejax (default "
+                                    f"{config_file.removesuffix('.py')}; :small alone for its small variant; shipped: "
+                                    f"{', '.join(shipped_configs())}).", lock_config=True)
     flags.DEFINE_string("workdir", None, workdir_help)
     flags.DEFINE_list("import_modules", [], "Python modules to import first, e.g. one that registers an SAE "
                       "architecture (`saejax.sae.register`) named in the config.")
@@ -98,4 +153,18 @@ def run_binary(name: str, run: Callable[[Any, str], Any], config_file: str, *,
                     os._exit(PEER_LOST_EXIT if lost else 1)
                 raise SystemExit(1) from None
 
-    app.run(main)
+    argv = list(sys.argv if argv is None else argv)
+    if any(word in ("-h", "--help", "--helpshort") for word in argv[1:]):
+        # absl's own --help prints __main__'s docstring, which is the console script's wrapper.
+        module = sys.modules[run.__module__]
+        help_text = "".join(flags.FLAGS.module_help(m) + "\n" for m in (__name__, run.__module__, config_flags.__name__)
+                            if flags.FLAGS.module_help(m))
+        print(f"usage: {argv[0]} --workdir=DIR [--config=NAME[:ARG] | --config=FILE.py[:ARG]] [--config.KEY=VALUE ...] "
+              f"[flags]\n\n{module.__doc__.strip()}\n\nflags:\n{help_text}\nAll flags: --helpfull.")
+        raise SystemExit(0)
+    try:
+        argv = _with_resolved_config(argv, config_file)
+    except ValueError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    app.run(main, argv=argv)

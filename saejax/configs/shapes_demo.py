@@ -1,4 +1,4 @@
-"""The end-to-end demo (`python -m experiments.demo`): its SAE, a BatchTopK SAE (k=4, 16 x 64 =
+"""The end-to-end demo (`saejax demo`): its SAE, a BatchTopK SAE (k=4, 16 x 64 =
 1,024 latents) on block 2 of 4 of the shapes world's ViT (patch tokens), activations generated
 on the fly, and under `demo` the rest of the run:
 
@@ -22,7 +22,7 @@ Pareto front of NMSE against that F1. TopK at k=4 reaches 0.58-0.61, k=8 0.62-0.
 shows the sweep.
 
 The demo fills in `backbone.name` (the ViT it trains), sets `data.image_size` to
-`demo.image_size` (64 by default) and trains the SAE as `experiments.train_sae` would (the
+`demo.image_size` (64 by default) and trains the SAE as `saejax train` would (the
 `demo` keys are not part of that run's config); `:small` is the reduced version the tests run. Expected (full demo, 64 px, factorised ViT): L0 4, NMSE 0.104,
 dead fraction 0.24; README lists the concept numbers.
 """

@@ -1,6 +1,6 @@
-"""Semantic probing, CLIP vs DINOv2 (the paper's concept comparison); see `experiments.semprobe`.
+"""Semantic probing, CLIP vs DINOv2 (the paper's concept comparison); see `saejax.cli.semprobe`.
 
-    python -m experiments.semprobe --config=experiments/configs/semprobe.py --workdir=DIR \
+    saejax semprobe --config=semprobe --workdir=DIR \
         --config.data.root=/data/concepts --config.models.clip.sae.path=/models/clip_sae/sae.pt \
         --config.models.dinov2.sae.path=/models/dinov2_sae/sae.pt --config.models.dinov2.sae.norm_mean=/models/dinov2_mu.npy
 

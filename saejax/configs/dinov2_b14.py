@@ -2,8 +2,8 @@
 (CLS and registers dropped), 32x, ReLU + L1, the 3x3 lr/lambda sweep, batch 16,384, 100M
 patches, warmup 500.
 
-    python -m experiments.train_sae --config=experiments/configs/dinov2_b14.py --workdir=DIR
-    python -m experiments.train_sae --config=experiments/configs/dinov2_b14.py:small --workdir=DIR
+    saejax train --config=dinov2_b14 --workdir=DIR
+    saejax train --config=dinov2_b14:small --workdir=DIR
 
 Needs ImageNet-1K for tfds (ArrayRecord) and facebook/dinov2-with-registers-base. Images are
 resized (short side 256) and centre-cropped on the host, then the backbone crops 224, as the
@@ -14,7 +14,7 @@ images, about 15 s on 2 CPU cores. Measured: lr 1e-3 -> L0 62.9 of 128, NMSE 0.5
 L0 63.5, NMSE 0.17 (a plumbing check; see clip_vit_b16.py).
 """
 
-from experiments.configs.paper import paper_config, small_config
+from saejax.configs.paper import paper_config, small_config
 
 
 def get_config(variant: str = ""):

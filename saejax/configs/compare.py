@@ -1,13 +1,13 @@
-"""Latents shared and unique across two models (`experiments.compare`, `saejax.compare`).
+"""Latents shared and unique across two models (`saejax.cli.compare`, `saejax.compare`).
 
-    python -m experiments.compare --workdir=DIR --config.models.a.demo=DEMO_A --config.models.b.demo=DEMO_B
-    python -m experiments.compare --workdir=DIR --config.models.a.backbone.name=openai/clip-vit-base-patch16 \
+    saejax compare --workdir=DIR --config.models.a.demo=DEMO_A --config.models.b.demo=DEMO_B
+    saejax compare --workdir=DIR --config.models.a.backbone.name=openai/clip-vit-base-patch16 \
         --config.models.a.sae.path=CLIP_SAE --config.models.a.layer=10 --config.models.b... --config.level=image
-    python -m experiments.compare --workdir=DIR --config=experiments/configs/compare.py:small
+    saejax compare --workdir=DIR --config=compare:small
 
 Keys:
-    models.a, models.b   each a model: `demo` (a finished `experiments.demo` workdir: its backbone,
-                  SAE and block) or `backbone`, `sae`, `layer` as in `experiments.browse`; `name`
+    models.a, models.b   each a model: `demo` (a finished `saejax demo` workdir: its backbone,
+                  SAE and block) or `backbone`, `sae`, `layer` as in `saejax.cli.browse`; `name`
                   labels it on the page
     data          the images both read (`builders.build_source`, its `split`); with two demos and
                   no data given, model A's shapes world

@@ -1,8 +1,8 @@
 """The paper's CLIP ViT-B/16 SAE: block 10 of 12, patch tokens, 32x (24,576 latents), ReLU + L1,
 the 3x3 lr/lambda sweep trained together on one stream, batch 16,384, 100M patches, warmup 500.
 
-    python -m experiments.train_sae --config=experiments/configs/clip_vit_b16.py --workdir=DIR
-    python -m experiments.train_sae --config=experiments/configs/clip_vit_b16.py:small --workdir=DIR
+    saejax train --config=clip_vit_b16 --workdir=DIR
+    saejax train --config=clip_vit_b16:small --workdir=DIR
 
 Needs ImageNet-1K prepared for tfds as ArrayRecord in `--config.data.data_dir` (no TensorFlow
 needed to read it) and the weights of openai/clip-vit-base-patch16 (hub or a local directory
@@ -17,7 +17,7 @@ lambda 4e-4 leaves half the latents on: this variant checks the plumbing, not th
 It leaves `eval.json` and `sae/layer_1/member_0`, `sae/layer_1/member_1` in the workdir.
 """
 
-from experiments.configs.paper import paper_config, small_config
+from saejax.configs.paper import paper_config, small_config
 
 
 def get_config(variant: str = ""):

@@ -1,8 +1,8 @@
 """Train SAEs on synthetic activations with planted features (no backbone, no data download).
 
 Commands (2 CPU cores; about 45 s and 80 s):
-    python -m experiments.synthetic --workdir=/tmp/saejax-synthetic
-    python -m experiments.synthetic --workdir=/tmp/saejax-topk --config=experiments/configs/synthetic.py:topk
+    saejax synthetic --workdir=/tmp/saejax-synthetic
+    saejax synthetic --workdir=/tmp/saejax-topk --config=synthetic:topk
 
 Expected, from `summary.json` (256 planted features in 64 dimensions, 2 active per input):
 - default, ReLU + L1 (lambda 3e-2), lr 3e-3 / 1e-2: features recovered (a decoder row at

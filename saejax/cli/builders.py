@@ -1,5 +1,5 @@
 """Config -> objects, for every binary: the only module of saejax that reads an ml_collections
-ConfigDict. Each binary in `experiments/` is `run(config, workdir)`: the objects built here,
+ConfigDict. Each command in `saejax.cli` is `run(config, workdir)`: the objects built here,
 then one call into the library (`saejax.run.run_training`, `saejax.studies.*`,
 `saejax.browser`).
 """
@@ -158,7 +158,7 @@ def build_run(config: ml_collections.ConfigDict) -> RunSpec:
 
 def train_sae(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=()) -> TrainedRun:
     """Run (or resume) the training run `config` describes in `workdir`; see
-    `experiments.train_sae` and `saejax.run.run_training`.
+    `saejax train` and `saejax.run.run_training`.
 
     Raises:
         ValueError: a bad config (before any work starts).
@@ -234,10 +234,10 @@ def build_site(backbone_cfg, sae_cfg, layer: int, image_size: int | None = None)
 
 
 def demo_summary(workdir: str) -> dict:
-    """The `report/summary.json` of a finished `experiments.demo` workdir."""
+    """The `report/summary.json` of a finished `saejax demo` workdir."""
     path = os.path.join(os.path.expanduser(workdir), "report", "summary.json")
     if not os.path.isfile(path):
-        raise ValueError(f"{path} does not exist: give the workdir of a finished experiments.demo run")
+        raise ValueError(f"{path} does not exist: give the workdir of a finished `saejax demo` run")
     with open(path) as f:
         summary = json.load(f)
     check_written_by(summary.get("written_by"), path)
