@@ -95,7 +95,7 @@ def resolve(mesh: Mesh, shape: Sequence[int], logical_axes: Sequence[str | None]
 
 
 def tree_shardings(mesh: Mesh, abstract_tree: Any, logical_tree: Any) -> Any:
-    """NamedShardings for every leaf of `abstract_tree` (arrays or `jax.ShapeDtypeStruct`s),
+    """NamedShardings for every leaf of `abstract_tree` (arrays or `jax.ShapeDtypeStruct` objects),
     from a tree of the same structure whose leaves are `Logical` axis names."""
     return jax.tree.map(lambda x, logical: NamedSharding(mesh, resolve(mesh, x.shape, logical.axes)),
                         abstract_tree, logical_tree)

@@ -1,4 +1,6 @@
-"""README's examples run as written, top to bottom in one namespace, as a reader would: each
+"""README's and the user guide's examples run as written, top to bottom in one namespace, as a
+reader would, README first and then the guide's pages in the order of the docs' table of contents
+(docs/index.md), then BUILD.md: each
 Python block, with the sizes a 2-core machine can run (named below, block by block: the
 hub's models become a tiny random CLIP of the same depth, 768 becomes its width 32, long runs
 become a few steps) and its free names (`x`, `images_uint8`, ...) given small arrays. The
@@ -18,13 +20,17 @@ import pytest
 from huggingface_hub import constants as hub_constants
 
 import saejax
+from saejax import cli
+from saejax.cli import entry
 from saejax.datasets import real_files
 from test_pretrained import cache_with
 from test_saev_import import _random_sae, _write_torch_sae
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-BLOCK = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", re.S | re.M)
+GUIDE_PAGES = [ROOT / "docs" / f"{page}.md"
+               for page in re.findall(r"^(guide/[\w-]+)$", (ROOT / "docs" / "index.md").read_text(), re.M)]
+README = "\n".join(path.read_text() for path in [ROOT / "README.md", *GUIDE_PAGES, ROOT / "BUILD.md"])
+BLOCK = re.compile(r"^( *)```(\S*)[^\n]*\n(.*?)^\1```", re.S | re.M)  # the language, then MyST's `{include} path`
 
 
 def blocks(language):
@@ -50,11 +56,11 @@ SETUP = {
                                                           ("mesh=mesh,", "mesh=mesh, normalization_samples=512, "
                                                                          "eval_images=8, fidelity_images=8,")]
                                                      + SMALL_RUN),
-    'ae, params, info = saejax.checkpoint.import_saev("path/to/sae.pt")': ("", []),
     "site = saejax.site.Site(bb, bb_params, layer=10, ae=ae, sae_params=params)": (
         "probe = saejax.probes.LinearProbe(jnp.zeros((32, 5)), jnp.zeros(5)); patches = [0, 5]\n"
         "pixels = bb.preprocess(images_uint8[:1]); latents = jnp.asarray([3]); maxima = jnp.asarray([2.0])\n"
         "ae, params = saejax.sae.relu(32, 64), saejax.sae.relu(32, 64).init(jax.random.key(0))", []),
+    'ae, params, info = saejax.checkpoint.import_saev("path/to/sae.pt")': ("", []),
 }
 
 
@@ -95,7 +101,7 @@ def test_the_python_examples_run(world):
         exec(setup, namespace)  # noqa: S102
         exec(compile(code, f"README: {key.splitlines()[0]}", "exec"), namespace)  # noqa: S102
         ran.append(key)
-    assert ran == list(SETUP)  # every entry is a block, in README's order
+    assert ran == list(SETUP)  # every entry is a block, in reading order
     # What the examples claim, checked on what they left behind.
     assert namespace["out"].captured[10].shape == (2, 17, 32)
     assert namespace["trained"].evaluation["members"][0]["layer"] == 10
@@ -105,37 +111,50 @@ def test_the_python_examples_run(world):
 
 
 def default_config(module: str) -> str | None:
-    """The config file a binary reads without --config (its `run_binary(..., "file.py")`)."""
-    path = ROOT / (module.replace(".", "/") + ".py")
+    """The config file a command reads without --config (its `run_binary(..., "file.py")`):
+    `saejax.cli.NAME`, or `experiments.NAME`, which runs it."""
+    path = ROOT / "saejax" / "cli" / (module.rpartition(".")[2] + ".py")
     found = re.search(r'run_binary\("\w+", run, "([\w.]+)"', path.read_text()) if path.is_file() else None
-    return f"experiments/configs/{found.group(1)}" if found else None
+    return found.group(1) if found else None
+
+
+def shell_commands() -> list[tuple[str, list[str]]]:
+    """`(module, words)` of every `python -m MODULE ...` and `saejax COMMAND ...` in the shell
+    blocks and the text; "[--flag]" and "file.py[:small]" mark what may be left out."""
+    inline = re.findall(r"`((?:python -m|saejax) [^`]+)`", README.replace("\n", " "))
+    text = " ".join([" ".join(line.rstrip("\\") for line in code.splitlines()) for code in blocks("bash")] + inline)
+    text = re.sub(r"(?:^|(?<=[\s/`]))saejax (?=[a-z])", "\0saejax:", text.replace("python -m ", "\0module:"))
+    found = []
+    for command in text.split("\0")[1:]:
+        kind, _, rest = command.partition(":")
+        words = [w.strip("[]") for w in shlex.split(rest.split("#")[0].split("&&")[0])]
+        if kind == "saejax":
+            assert words[0].replace("-", "_") in cli.COMMANDS, f"the docs run a command that does not exist: saejax {words[0]}"
+            words[0] = "saejax.cli." + cli.COMMANDS[words[0].replace("-", "_")][0]
+        if re.fullmatch(r"[a-z0-9_.]+", words[0]):  # not a placeholder, as in `python -m experiments.NAME`
+            found.append((words[0], words))
+    return found
 
 
 def test_the_shell_examples_name_real_modules_configs_and_keys():
-    inline = re.findall(r"`(python -m [^`]+)`", README.replace("\n", " "))
-    commands = [" ".join(line.rstrip("\\") for line in code.splitlines()) for code in blocks("bash")] + inline
     checked = 0
-    for command in " ".join(commands).split("python -m ")[1:]:
-        # "[--flag]" and "file.py[:small]" mark what may be left out: both forms are checked.
-        words = [w.strip("[]") for w in shlex.split(command.split("#")[0].split("&&")[0])]
-        if not re.fullmatch(r"[a-z0-9_.]+", words[0]):  # a placeholder, as in `python -m experiments.NAME`
+    for module, words in shell_commands():
+        assert importlib.util.find_spec(module) is not None, f"the docs run a module that does not exist: {module}"
+        default = default_config(module)
+        value = next((w.split("=", 1)[1] for w in words if w.startswith("--config=")), default)
+        if value is None or "..." in value:
             continue
-        assert importlib.util.find_spec(words[0]) is not None, f"README runs a module that does not exist: {words[0]}"
-        config_file = next((w.split("=", 1)[1] for w in words if w.startswith("--config=")), default_config(words[0]))
-        if config_file is None or "..." in config_file:
-            continue
-        path, _, variant = config_file.replace("[", "").partition(":")
-        assert (ROOT / path).is_file(), f"README names a config file that does not exist: {path}"
-        spec = importlib.util.spec_from_file_location("readme_config", ROOT / path)
+        path, _, variant = entry.resolve_config(value.replace("[", ""), default).partition(":")
+        spec = importlib.util.spec_from_file_location("readme_config", path)
         config_module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(config_module)
-        for config in [config_module.get_config(v) for v in ({variant, ""} if "[:" in config_file else {variant})]:
+        for config in [config_module.get_config(v) for v in ({variant, ""} if "[:" in value else {variant})]:
             for word in words:
                 if word.startswith("--config."):
                     key = word.split("=", 1)[0].removeprefix("--config.")
                     node = config
                     for part in key.split("."):
-                        assert part in node, f"README sets --config.{key}, which {path} does not have"
+                        assert part in node, f"the docs set --config.{key}, which {path} does not have"
                         node = node[part]
         checked += 1
     assert checked >= 15  # README's commands with a config, in blocks and in the text

@@ -3,13 +3,16 @@
 The saev follow-up (arXiv 2511.17735) scores each latent against each concept with a 1-D
 logistic probe: a logistic fit of the concept on that latent's value alone, the best latent per
 concept being the one with the lowest training loss. On held-out data it reports (`summarize_scores`):
+
 - Probe R: `1 - mean probe cross-entropy / mean cross-entropy of the prevalence-only baseline`
   (a pseudo-R^2 over concepts);
 - mAP: the mean over concepts of the best latent's average precision;
 - Purity@k: the precision of the k highest-scoring patches of the best latent (k = 16);
 - Coverage@tau: the share of concepts whose best latent's AP is at least tau (0.3).
+
 The same scores are computed here for two baselines on the same activations, so a reader sees
 whether the SAE beats trivial dictionaries:
+
 - k-means with as many centroids as latents, a "latent" firing on the inputs nearest its centroid;
 - PCA: the top components' projections, positive and negative halves as separate features.
 
@@ -183,6 +186,7 @@ def concept_scores(train_codes: jax.Array, val_codes: jax.Array, train_present, 
     """Per concept (columns of `*_present`, bool [N, C]), a dictionary's best single feature.
 
     Two ways of picking it:
+
     - patch-level F1 on the evaluation inputs (best feature and threshold,
       `segmentation.best_f1_latent`): `f1`;
     - the 1-D probe's pick on the training inputs (lowest logistic loss) among the
@@ -192,6 +196,7 @@ def concept_scores(train_codes: jax.Array, val_codes: jax.Array, train_present, 
       `probe_ce` (its cross-entropy), `baseline_ce` (the cross-entropy of predicting the
       training prevalence everywhere) and `purity` (the share of its `purity_k` highest-scoring
       inputs where the concept is present); `latent` is the pick.
+
     `summarize_scores` turns the list into the follow-up's table row.
     """
     from saejax.analysis import segmentation  # noqa: PLC0415 - segmentation is the heavier module; keep this one light

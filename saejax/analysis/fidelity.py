@@ -53,7 +53,7 @@ ABLATIONS = ("mean_ablated", "zero_ablated")
 
 
 def classifier_head(tokens, pooled, logits):
-    """The checkpoint's own classification head (ViT / DINOv2 *ForImageClassification)."""
+    """The checkpoint's own classification head (ViT / DINOv2 `*ForImageClassification`)."""
     if logits is None:
         raise ValueError("classifier_head: this backbone has no classification head (logits is None); use "
                          "linear_probe_head, zero_shot_head or head=None")

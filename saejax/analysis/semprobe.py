@@ -4,6 +4,7 @@ designed but never coded.
 Per concept: its positive images and shared negatives. A latent "says present" for an image
 when its activation summed over the image's patches is above 0; its F1 against the labels
 scores it, and the best latents stand for the concept. Two baselines say what an F1 means:
+
 - the F1 of random live latents (a distribution: what a latent picked blindly reaches);
 - a permutation test: the best latent's F1 when the labels are shuffled, B times, gives the
   p-value of the observed best F1 (best over all latents, so the search is accounted for).

@@ -56,7 +56,7 @@ class ForwardOutput(NamedTuple):
             tanh pooler is not applied); SigLIP: the attention-pooling head's output. None when
             `full=False`.
         logits: [B, n_classes] when the checkpoint has a classification head (ViT and DINOv2
-            *ForImageClassification), else None.
+            `*ForImageClassification`), else None.
     """
 
     captured: dict[int, jax.Array]
@@ -110,7 +110,7 @@ class HfFamily:
         root: The top-level params key of the vision tower (HF's module name).
         build: `(cfg, dtype, n_classes, grid) -> impl` with `embed(p, x)`, `block(p, h, i)` and
             `readout(p, h, layout) -> (tokens, pooled, logits)`.
-        n_registers: `cfg -> ` register tokens between CLS and the patches.
+        n_registers: `cfg -> int`: the number of register tokens between CLS and the patches.
         interpolate: "always" (any multiple of the patch size, like DINOv2) or "on_request"
             (only with `load(..., image_size=)`, as `interpolate_pos_encoding=True`).
     """

@@ -309,7 +309,7 @@ class OwnFamily:
 
     Attributes:
         name: The family name (`Backbone.family`).
-        model_types: config.json `model_type`s this family loads.
+        model_types: the config.json `model_type` values this family loads.
         hub_ids: Hub ids `load` may fetch by name.
         vision_config: `(config.json dict, transformers) -> vision config object`.
         build: `(cfg, dtype, grid) -> OwnModel`.

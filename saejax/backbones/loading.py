@@ -122,7 +122,7 @@ def load(name_or_dir, *, dtype=jnp.float32, cache_dir=None, image_size: int | No
     Raises:
         ValueError: Unknown name, unsupported `model_type`, weights that do not fit the config, or an
             `image_size` that is not a multiple of the patch size.
-        CheckpointError (a ValueError): a file that cannot be read (bad JSON, truncated or corrupt
+        CheckpointError: (a ValueError) a file that cannot be read (bad JSON, truncated or corrupt
             msgpack or safetensors), weights that are not finite or not floats, or weights of
             blocks the config does not have; the message names the file and the tensor.
         FileNotFoundError: A directory without `config.json` or without weights.

@@ -140,8 +140,9 @@ def abstract(family: str, *, n_classes: int = 0, dtype=None, input_size: int | N
     (`benchmarks/paper_scale.py`).
 
     Args:
-        family, n_classes, **sizes: as `create_random` (e.g. `hidden_size=768,
-            num_hidden_layers=12, patch_size=16, image_size=224` for ViT-B/16).
+        family, n_classes: as `create_random`.
+        **sizes: as `create_random` (e.g. `hidden_size=768, num_hidden_layers=12,
+            patch_size=16, image_size=224` for ViT-B/16).
         dtype: the matmul dtype (`Backbone.dtype`; float32 when None).
         input_size: the side of the images the model runs at (default: the family's hub
             processor at `image_size`; DINOv2's runs at 224 whatever its config says).

@@ -7,6 +7,7 @@ has `W_enc [D, F]`, `b_enc [F]`, `W_dec [F, D]`, `b_dec [D]` (the layout of `SAE
 for BatchTopK, the scalar `activation.threshold`.
 
 The JSON line comes in these eras (`info["schema"]`):
+
 - 0.1.0, no schema: the config itself (`d_vit`, `exp_factor`, ...); a ReLU SAE that encodes
   `relu((x - b_dec) @ W_enc + b_enc)`, like saejax.
 - schema 1: `{"schema": 1, "cls": "Relu"|"TopK"|"BatchTopK", "cfg": {..., "top_k"}}`, or
@@ -14,6 +15,7 @@ The JSON line comes in these eras (`info["schema"]`):
 - schemas 2 to 5: `{"schema": N, "cfg": {"d_model", "d_sae", "activation": {"cls": "Relu"|"TopK"|
   "BatchTopK", "params": {"top_k", ...}}, ...}, "commit", "lib"}` (Matryoshka prefixes only
   change the training loss, so they need nothing here).
+
 Files with a schema were written by saev's later forward, `h = x @ W_enc + b_enc`, with no
 `- b_dec` before encoding. saejax's encoder subtracts `b_dec`, so these files are imported with
 `b_enc + b_dec @ W_enc` as `b_enc`: the same codes (`info["forward"]` says which was used;

@@ -150,7 +150,7 @@ class TrainCheckpointer:
 
     def restore(self, target: Any, step: int | None = None) -> RestoredRun:
         """Restore `step`, or the newest step that restores, into the structure, shapes, dtypes
-        and shardings of `target` (concrete arrays or `jax.ShapeDtypeStruct`s, e.g. from
+        and shardings of `target` (concrete arrays or `jax.ShapeDtypeStruct` objects, e.g. from
         `jax.eval_shape`).
 
         Without `step`, a step that cannot be read (empty, truncated, corrupt, or whose

@@ -9,6 +9,7 @@ The settings are `saejax/configs/shapes_demo.py` (`--config.demo.*`; `:small` is
 reduced run the tests use).
 
 Steps:
+
 1. The shapes world (`saejax.datasets.shapes`, 64 px images by default: an 8 x 8 grid of 8 px
    patches) and a small ViT trained on it (`saejax.studies.shapes_vit.train_shapes_vit`,
    reused when `<workdir>/vit` matches). `demo.targets=factorised` (default) asks the ViT for
@@ -22,10 +23,10 @@ Steps:
    another; on a pretrained backbone the block two thirds of the way up, or `demo.layer`) via
    `saejax.run.run_training` in `<workdir>/sae_run` (resumable like any run); the trained states
    come back in memory.
-3-4. On validation images: the best latent per concept of `shapes.FACTOR_CONCEPTS` with the
+3. On validation images: the best latent per concept of `shapes.FACTOR_CONCEPTS` with the
    bounds that explain a low F1, the baseline dictionaries, and the edits read out by probes
    against matched baselines; see `saejax.studies.shapes_demo.analyse`, which does it.
-5. `<workdir>/report/index.html` (self-contained, `shapes_demo.write_page`) and
+4. `<workdir>/report/index.html` (self-contained, `shapes_demo.write_page`) and
    `<workdir>/report/summary.json`.
 """
 
@@ -97,13 +98,13 @@ def run(config, workdir: str) -> dict:
                          sae_params=jax.device_get(train.member(trained.states[layer], 0).params),
                          norm=trained.normalization[layer])
 
-    # 3-4. Features, probes and edits on validation images.
+    # 3. Features, probes and edits on validation images.
     n_val = demo.validation_images
     edit_images = demo.edit_images or (n_val if not demo.backbone else 250)
     results, pictures = shapes_demo.analyse(sae_site, world_size=world_size, n_val=n_val, edit_images=edit_images,
                                             probe_images=demo.probe_images, probe_epochs=demo.probe_epochs)
 
-    # 5. The summary and the page.
+    # 4. The summary and the page.
     bb, ae, member = sae_site.bb, sae_site.ae, trained.evaluation["members"][0]
     summary = {
         "seconds": time.time() - start_time,

@@ -9,7 +9,8 @@ jitted, data-parallel step of each layer's sweep (`saejax.loop.fit`) -> dead-lat
 resampling on schedule -> metrics (`metrics.jsonl`, TensorBoard event files in
 `tensorboard/`, a progress bar).
 
-Workdir layout:
+Workdir layout::
+
     normalization.npz             activation mean and scalar per layer (estimated once, reused on resume)
     checkpoints/<step>/           orbax: the stacked TrainState per layer, the config, the stream position
     metrics.jsonl                 one line per logged step, layer and sweep member
@@ -52,6 +53,7 @@ from saejax.cli.entry import run_binary
 
 
 def run(config, workdir: str):
+    """Train the config's sweeps in `workdir`, resuming it if it holds a run (`builders.train_sae`)."""
     from saejax.cli.builders import train_sae  # noqa: PLC0415
 
     return train_sae(config, workdir, allow_config_change=flags.FLAGS.allow_config_change)

@@ -5,6 +5,7 @@
         --config.data.root=/data/ADEChallengeData2016 --config.sae.path=/models/dinov2_sae/sae.pt
 
 Needs (no network here, so fetched elsewhere):
+
 - ADE20K SceneParsing: ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/, unzipped
   (images/{training,validation}, annotations/{training,validation}, objectInfo150.txt);
 - facebook/dinov2-base (hub id or a local `save_pretrained` directory);

@@ -5,7 +5,8 @@
         --config.models.a.sae.path=CLIP_SAE --config.models.a.layer=10 --config.models.b... --config.level=image
     saejax compare --workdir=DIR --config=compare:small
 
-Keys:
+Keys::
+
     models.a, models.b   each a model: `demo` (a finished `saejax demo` workdir: its backbone,
                   SAE and block) or `backbone`, `sae`, `layer` as in `saejax.cli.browse`; `name`
                   labels it on the page

@@ -5,7 +5,8 @@
         --config.layer=10 --config.data.kind=folder --config.data.train_dir=... --config.data.validation_dir=...
     saejax discover --workdir=DIR --config=discover:small
 
-Keys:
+Keys::
+
     demo          a finished `saejax demo` workdir: its backbone, SAE, block and world (shapes
                   images at the demo's size) replace `backbone`, `sae`, `layer` and `data`; the
                   head defaults to the factorised ViT's colour head (its logits 0-4), or to a

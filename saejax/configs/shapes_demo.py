@@ -1,6 +1,6 @@
 """The end-to-end demo (`saejax demo`): its SAE, a BatchTopK SAE (k=4, 16 x 64 =
 1,024 latents) on block 2 of 4 of the shapes world's ViT (patch tokens), activations generated
-on the fly, and under `demo` the rest of the run:
+on the fly, and under `demo` the rest of the run::
 
     demo.image_size   image side in px of the world's ViT (8 px patches; objects scale with it);
                       with demo.backbone, the grid is image_size / 8 patches a side

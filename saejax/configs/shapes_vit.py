@@ -1,6 +1,7 @@
 """Train the shapes world's ViT (a tiny HF Flax ViT classifier) from scratch.
 
-Command (2 CPU cores):
+Command (2 CPU cores)::
+
     saejax train_vit --workdir=/tmp/saejax-shapes
 
 Expected, printed twice and equal (from the training module and from `saejax.backbones.load` +
@@ -9,11 +10,13 @@ object, 16 combinations, chance 1/16; with the default factorised targets an ima
 both heads are right). The checkpoint is `<workdir>/vit` (`<workdir>/vit_conjunction` with
 `--config.targets=conjunction`), an HF checkpoint directory; rerunning with the same config
 reuses it. Measured on 2 CPU cores:
+
 - `--config.image_size=64` (the demo's ViT, an 8 x 8 grid): factorised 0.9445 (colour 0.9995,
   shape 0.945) in 195-212 s; conjunction 0.9630 in about 200 s. `saejax demo` reuses it
   from the same workdir.
 - 40 px (a 5 x 5 grid), conjunction targets: 0.9705 (seed 0), 0.969 (seed 1), 90 to 130 s. The
   40 px factorised ViT has not been measured.
+
 `:small` trains for 3 steps (a smoke test, chance accuracy), in about 15 s.
 """
 

@@ -1,13 +1,16 @@
 """Train SAEs on synthetic activations with planted features (no backbone, no data download).
 
-Commands (2 CPU cores; about 45 s and 80 s):
+Commands (2 CPU cores; about 45 s and 80 s)::
+
     saejax synthetic --workdir=/tmp/saejax-synthetic
     saejax synthetic --workdir=/tmp/saejax-topk --config=synthetic:topk
 
 Expected, from `summary.json` (256 planted features in 64 dimensions, 2 active per input):
+
 - default, ReLU + L1 (lambda 3e-2), lr 3e-3 / 1e-2: features recovered (a decoder row at
-  |cos| > 0.9) 1.00 / 0.996, NMSE 0.17 / 0.21 (L1 shrinkage), L0 6.8 / 3.5.
+  absolute cosine > 0.9) 1.00 / 0.996, NMSE 0.17 / 0.21 (L1 shrinkage), L0 6.8 / 3.5.
 - `:topk`, TopK k=4 + AuxK: features recovered 1.00, NMSE 0.073, L0 4.
+
 `:small` (16 dimensions, 64 features, 30 steps of 256) checks the plumbing in seconds.
 """
 

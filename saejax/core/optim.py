@@ -1,4 +1,4 @@
-"""Optimizer pieces for SAEs, as optax `GradientTransformation`s.
+"""Optimizer pieces for SAEs, as optax gradient transformations (`GradientTransformation`).
 
 The paper's recipe keeps decoder rows at unit norm: the gradient component parallel to each
 row is removed before Adam, and rows are renormalised after the update:

@@ -1,5 +1,5 @@
 """Images in, activations out: the host-side sources and their batches (`sources`, `images`,
-`batching`, all re-exported here as `saejax.data.X`), the sharded harvest and device shuffle
+`batching`, all re-exported here as `saejax.data.<name>`), the sharded harvest and device shuffle
 buffer (`activations`), the activation streams that feed training (`stream`), and saev's
 activation shards (`shards`).
 

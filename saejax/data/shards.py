@@ -1,5 +1,7 @@
 """saev's sharded activation files (protocol 2.1): write a harvest once, train many SAEs on it.
 
+The layout::
+
     <root>/<HASH>/metadata.json    the data-generating config (HASH: the first 8 hex digits of the
                                    sha256 of its compact, key-sorted JSON, as saev names them)
     <root>/<HASH>/shards.json      [{"name": "acts000000.bin", "n_examples": S}, ...]

@@ -51,7 +51,7 @@ class Example(NamedTuple):
 
 
 class Source:
-    """Base class of image sources: a random-access sequence of `Example`s.
+    """Base class of image sources: a random-access sequence of examples (`Example`).
 
     Subclasses implement `__len__`, `_load(i)` and optionally `describe(i)`.
 

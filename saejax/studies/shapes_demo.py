@@ -4,6 +4,7 @@ baselines; and the page that shows them. `experiments.demo` trains the ViT and t
 calls `analyse` and `write_page`; a notebook can call them on its own site.
 
 What `analyse` measures, on validation images of the world drawn at `world_size`:
+
 1. On validation images, for the 15 concepts of `shapes.FACTOR_CONCEPTS` (4 shapes, 4 colours,
    background, small / large object, 4 background textures): per latent, the top exemplars
    and patch-level F1 against each concept's patches; the best latent per concept. Two bounds
