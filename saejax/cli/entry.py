@@ -8,7 +8,7 @@ by default), `--workdir`, multi-host flags, `--import_modules`, then `run(config
 `--config` takes a file, or the name of a config shipped in `saejax.configs` (`clip_vit_b16`,
 `clip_vit_b16:small`; `saejax --help` lists them), or `:ARG` alone for the command's own config
 with that argument (`saejax demo --config=:small`). From a checkout, `python -m
-experiments.COMMAND` runs the same code, and paths to the old `saejax/configs/FILE.py`
+experiments.COMMAND` runs the same code, and paths to the old `experiments/configs/FILE.py`
 still resolve to the shipped file.
 
 An error ends the command with its traceback and then one line, `NAME failed: Error: message`,
@@ -39,7 +39,7 @@ def shipped_configs() -> list[str]:
 def resolve_config(value: str, default_file: str) -> str:
     """`--config`'s value with its file made a real path: an existing file stays as given; a
     shipped config's name (`clip_vit_b16`, `clip_vit_b16.py`, or an old
-    `saejax/configs/clip_vit_b16.py` path) becomes its file in `saejax.configs`; an empty
+    `experiments/configs/clip_vit_b16.py` path) becomes its file in `saejax.configs`; an empty
     path is the command's own config (`default_file`). The `:ARG` part is kept.
 
     Raises:
@@ -123,7 +123,7 @@ def run_binary(name: str, run: Callable[[Any, str], Any], config_file: str, *, a
                 print(f"\n{name} failed: a process did not join within --peer_timeout_s={FLAGS.peer_timeout_s:g} "
                       f"s (jax.distributed.initialize: {message}); start every process, then rerun",
                       file=sys.stderr, flush=True)
-                from saejax.run.peers import PEER_LOST_EXIT  # noqa: PLC0415 - after initialize, like every saejax import
+                from saejax.run.peers import PEER_LOST_EXIT  # noqa: PLC0415
 
                 os._exit(PEER_LOST_EXIT)
         for module in FLAGS.import_modules:
