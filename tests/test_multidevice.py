@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
                                   "frozen_member_on_a_data_model_mesh", "binary_runs_and_resumes_on_eight_devices",
                                   "fidelity_sharded_equals_one_device"])
 def test_on_eight_devices(name):
-    root = os.path.dirname(HERE)  # the checks import `experiments` (not installed) through test_train_sae
+    root = os.path.dirname(HERE)  # the checkout on the path, as for a test run from it
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_checks.py"), name], env=env,
