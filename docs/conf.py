@@ -54,6 +54,7 @@ nb_execution_mode = "force"
 nb_execution_raise_on_error = True
 nb_execution_timeout = 300
 nb_execution_in_temp = True
+nb_output_stderr = "remove"  # library warnings (tqdm's, with this machine's paths) are not the notebooks' output
 os.environ["SAEJAX_SMALL"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
