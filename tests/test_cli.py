@@ -15,6 +15,7 @@ import pytest
 import saejax
 from saejax import cli
 from saejax.cli import entry
+from test_readme import default_config
 
 SAEJAX = os.path.join(os.path.dirname(sys.executable), "saejax")
 CONFIGS = os.path.join(os.path.dirname(saejax.__file__), "configs")
@@ -40,8 +41,7 @@ def test_every_command_has_run_main_and_an_existing_default_config():
     for name, (module_name, _) in cli.COMMANDS.items():
         module = importlib.import_module(f"saejax.cli.{module_name}")
         assert list(inspect.signature(module.run).parameters)[:2] == ["config", "workdir"], name
-        source = inspect.getsource(module.main)
-        default = source.split(f'run_binary("{module_name}", run, "', 1)[1].split('"', 1)[0]
+        default = default_config(module.__name__)
         assert os.path.isfile(os.path.join(CONFIGS, default)), (name, default)
         # The checkout's `python -m experiments.NAME` runs the same main.
         assert importlib.import_module(f"experiments.{module_name}").main is module.main

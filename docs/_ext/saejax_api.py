@@ -7,14 +7,14 @@ is documented once, under its canonical name. The result is plain data for the a
 template (`_templates/autosummary/module.rst`), which reads it as `api[module name]`.
 """
 
-import ast
 import importlib
 import inspect
-import pathlib
 import pkgutil
 import re
 
 from sphinx.pycode import ModuleAnalyzer
+
+from saejax_refs import assigned_names
 
 UPPER_CASE = re.compile(r"[A-Z][A-Z0-9_]*")
 MAX_VALUE_CHARS = 60
@@ -50,7 +50,7 @@ def _module_table(module, public_elsewhere: list[str]) -> dict[str, list[str]]:
         submodules = [f"{name}.{info.name}" for info in pkgutil.iter_modules(module.__path__)
                       if not info.name.startswith("_")]
     exported = getattr(module, "__all__", None)
-    assigned_here = _top_level_assignments(module)
+    assigned_here = assigned_names(module)
     documented_data = {attr for (_, attr) in _attribute_docs(name)}
     table = {"submodules": submodules, "reexports": [], "classes": [], "exceptions": [], "functions": [], "data": [],
              "data_without_value": []}
@@ -77,15 +77,6 @@ def _module_table(module, public_elsewhere: list[str]) -> dict[str, list[str]]:
             short = len(repr(obj)) <= MAX_VALUE_CHARS and "\n" not in repr(obj)
             table["data" if short else "data_without_value"].append(member)
     return table
-
-
-def _top_level_assignments(module) -> set[str]:
-    source = pathlib.Path(module.__file__).read_text()
-    names = set()
-    for node in ast.parse(source).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        names.update(t.id for t in targets if isinstance(t, ast.Name))
-    return names
 
 
 def _attribute_docs(name: str):

@@ -74,12 +74,12 @@ def _canonical_name(obj, parent, parent_name: str, attribute: str) -> str:
     if isinstance(parent, types.ModuleType):  # data has no name of its own: the module that assigns it
         for name in [parent.__name__] + sorted(m for m in sys.modules if m.startswith(parent.__name__ + ".")):
             home = sys.modules[name]
-            if getattr(home, attribute, None) is obj and attribute in _assigned_names(home):
+            if getattr(home, attribute, None) is obj and attribute in assigned_names(home):
                 return f"{name}.{attribute}"
     return f"{parent_name}.{attribute}"
 
 
-def _assigned_names(module) -> set[str]:
+def assigned_names(module) -> set[str]:
     """The names a module's own top-level statements assign (not the ones it imports)."""
     path = getattr(module, "__file__", None)
     if not path or not path.endswith(".py"):

@@ -157,8 +157,8 @@ def run_binary(name: str, run: Callable[[Any, str], Any], config_file: str, *, a
     if any(word in ("-h", "--help", "--helpshort") for word in argv[1:]):
         # absl's own --help prints __main__'s docstring, which is the console script's wrapper.
         module = sys.modules[run.__module__]
-        help_text = "".join(flags.FLAGS.module_help(m) + "\n" for m in (__name__, run.__module__, config_flags.__name__)
-                            if flags.FLAGS.module_help(m))
+        helps = [flags.FLAGS.module_help(m) for m in (__name__, run.__module__, config_flags.__name__)]
+        help_text = "".join(text + "\n" for text in helps if text)
         print(f"usage: {argv[0]} --workdir=DIR [--config=NAME[:ARG] | --config=FILE.py[:ARG]] [--config.KEY=VALUE ...] "
               f"[flags]\n\n{module.__doc__.strip()}\n\nflags:\n{help_text}\nAll flags: --helpfull.")
         raise SystemExit(0)
