@@ -31,7 +31,7 @@ median per-call time is reported):
 
 Both frameworks get the same random weights: a random `CLIPVisionModel` is `save_pretrained`
 to a temp dir and read back with `saejax.backbones.load(dir, cache_dir=False)` (torch-free
-safetensors conversion); without torch a `FlaxCLIPVisionModel` is saved instead.
+safetensors conversion); without torch, `saejax.backbones.create_random` writes one.
 `cpu/wall` is process CPU time over wall time while a case ran: well under the core count
 means the box was busy with other work during that case.
 
@@ -150,7 +150,7 @@ def build(sizes: dict, torch) -> tuple[Any, Any, Any]:
                 model.save_pretrained(directory)  # model.safetensors, converted by saejax without torch
             else:
                 model = None
-                transformers.FlaxCLIPVisionModel(cfg, seed=0).save_pretrained(directory)  # flax_model.msgpack
+                saejax.backbones.create_random("clip", directory, **sizes)
         bb, params = saejax.backbones.load(directory, cache_dir=False)
     finally:
         shutil.rmtree(directory, ignore_errors=True)

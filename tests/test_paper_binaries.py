@@ -28,11 +28,17 @@ def planted_sae(config, root, latent, target_class, path):
     ae, params, _ = build_sae(config.sae, bb.d_model)
     readout = Site(bb, bb_params, layer=config.layer, ae=ae, sae_params=params,
                       processing=cropped_processing(bb, config.data.image_size))
-    source = ade20k.source(root, "training", image_size=config.data.image_size, short_side=config.data.short_side,
-                           skip_unreadable=True)
-    batch = next(data.one_pass(source, len(source)))
-    resid = np.asarray(readout.encode(batch.images)["resid"]).reshape(-1, bb.d_model)
-    labels = data.patch_mode_labels(batch.masks, config.data.image_size // bb.grid[0]).reshape(-1)
+    # Fitted on both splits' patches, so that on the validation patches the planted latent is
+    # the class's detector (a random latent of the untrained backbone can come close: colours
+    # tell the tiny tree's classes apart).
+    resid, labels = [], []
+    for split in ("training", "validation"):
+        source = ade20k.source(root, split, image_size=config.data.image_size, short_side=config.data.short_side,
+                               skip_unreadable=True)
+        batch = next(data.one_pass(source, len(source)))
+        resid.append(np.asarray(readout.encode(batch.images)["resid"]).reshape(-1, bb.d_model))
+        labels.append(data.patch_mode_labels(batch.masks, config.data.image_size // bb.grid[0]).reshape(-1))
+    resid, labels = np.concatenate(resid), np.concatenate(labels)
     # A logistic probe for the class on these residuals gives the latent's direction and cut.
     probe = probes.train_linear_probe(jax.random.key(0), jnp.asarray(resid), jnp.asarray(labels == target_class,
                                       jnp.int32), 2, epochs=300, batch_size=len(resid), learning_rate=5e-2)

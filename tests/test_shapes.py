@@ -6,10 +6,12 @@ import os
 import jax
 import numpy as np
 import pytest
-from flax import serialization
+import safetensors.numpy
+from flax.traverse_util import unflatten_dict
 
 import saejax
-from saejax import data
+from saejax import backbones, data
+from saejax.backbones import convert
 from saejax.studies import shapes_vit as vit_training
 from saejax.backbones.create import create_vit_classifier
 from saejax.datasets import shapes
@@ -263,7 +265,7 @@ def test_short_training_run_gives_a_checkpoint_that_load_reads(tmp_path, targets
     folder = "vit" if targets == "factorised" else "vit_conjunction"
     assert not result.reused and result.path == os.path.join(tmp_path, folder)
     names = set(os.listdir(result.path))
-    assert {"config.json", "flax_model.msgpack", "preprocessor_config.json", "training.json"} <= names
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "training.json"} <= names
     assert not any(n.startswith(folder + ".tmp") for n in os.listdir(tmp_path))
     with open(os.path.join(result.path, "config.json")) as f:
         cfg = json.load(f)
@@ -276,8 +278,9 @@ def test_short_training_run_gives_a_checkpoint_that_load_reads(tmp_path, targets
 
     # The training module on the saved params and the backbone give the same logits...
     val = shapes.source("validation", 100, seed=0)
-    with open(os.path.join(result.path, "flax_model.msgpack"), "rb") as f:
-        saved = serialization.msgpack_restore(f.read())
+    state = safetensors.numpy.load_file(os.path.join(result.path, "model.safetensors"))  # PyTorch's names
+    assert "classifier.weight" in state and "vit.encoder.layer.1.attention.attention.query.weight" in state
+    saved = unflatten_dict(convert.to_own(state, backbones.get_family("vit").names(bb.config))[0])
     apply_fn, _ = create_vit_classifier(dict(TINY_VIT, num_labels=n_labels), jax.random.key(1))
     pixels = vit_training.vit_processing(40)(val.images)  # what training fed the model
     np.testing.assert_array_equal(pixels, bb.preprocess(val.images))
@@ -293,10 +296,10 @@ def test_short_training_run_gives_a_checkpoint_that_load_reads(tmp_path, targets
     # The same call reuses the checkpoint; other settings retrain.
     again = vit_training.train_shapes_vit(tmp_path, **kwargs)
     assert again.reused and again.val_accuracy == result.val_accuracy
-    mtime = os.path.getmtime(os.path.join(result.path, "flax_model.msgpack"))
+    mtime = os.path.getmtime(os.path.join(result.path, "model.safetensors"))
     other = vit_training.train_shapes_vit(tmp_path, **dict(kwargs, steps=2))
     assert not other.reused and other.info["settings"]["steps"] == 2
-    assert os.path.getmtime(os.path.join(result.path, "flax_model.msgpack")) >= mtime
+    assert os.path.getmtime(os.path.join(result.path, "model.safetensors")) >= mtime
 
 
 def test_factorised_patch_targets_are_the_factor_labels_of_the_batch():

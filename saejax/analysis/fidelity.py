@@ -67,7 +67,7 @@ def linear_probe_head(w_DC: jax.Array, b_C: jax.Array) -> Head:
 
 def zero_shot_head(projection_DP: jax.Array, text_embeds_CP: jax.Array, logit_scale: float = 100.0) -> Head:
     """CLIP zero-shot logits: the cosine of the projected pooled embedding
-    (`pooled @ params["visual_projection"]["kernel"]`) with each class's text embedding, times
+    (`pooled @ saejax.backbones.clip_projection(params)`) with each class's text embedding, times
     `logit_scale` (CLIP's learned `exp(logit_scale)`, 100 for OpenAI's models)."""
     text = text_embeds_CP / jnp.linalg.norm(text_embeds_CP, axis=-1, keepdims=True)
 
@@ -84,7 +84,7 @@ def clip_zero_shot_head(bb, bb_params, prompts) -> Head:
     if not prompts:
         raise ValueError("a zero-shot head needs text prompts, one per class")
     text = backbones.clip_text_embeddings(bb, bb_params, *backbones.clip_tokenize(bb, prompts))
-    return zero_shot_head(bb_params["visual_projection"]["kernel"], text, float(jnp.exp(bb_params["logit_scale"])))
+    return zero_shot_head(backbones.clip_projection(bb_params), text, backbones.clip_logit_scale(bb_params))
 
 
 def _stats(logits, clean_logp, targets, valid):

@@ -1,34 +1,31 @@
-"""The one door to `transformers` in saejax: lazy imports with its Flax deprecation noise silenced.
+"""The one door to `transformers` in saejax: lazy, quiet imports of what it still ships.
 
-`transformers` 4.x still ships the Flax modules saejax builds on (5.x removed them). Importing
-the library costs ~2 s, so nothing here runs until a backbone is loaded. Everything else in
-saejax that needs a `transformers` object goes through `hf()` / `flax_module()`.
+saejax asks `transformers` (4.40 and later, 4.x or 5.x) only for config classes (their
+defaults fill what a config.json leaves out) and CLIP's tokenizer; the models are saejax's
+own. Importing the library costs ~2 s, so nothing here runs until a backbone is loaded.
+Everything else in saejax that needs a `transformers` object goes through `hf()` /
+`config_class()`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import logging
+import os
 import warnings
 
-# Loggers whose Flax deprecation banners / conversion chatter we silence.
-_QUIET_LOGGERS = (
-    "transformers.modeling_flax_utils",
-    "transformers.modeling_flax_pytorch_utils",
-    "transformers.configuration_utils",
-    "transformers.image_processing_utils",
-)
+# Loggers whose chatter (config conversions, processor notes) we silence.
+_QUIET_LOGGERS = ("transformers.configuration_utils", "transformers.image_processing_utils",
+                  "transformers.tokenization_utils_base")
 
 
 @contextlib.contextmanager
 def quiet():
-    """Suppresses `transformers`' Flax deprecation warnings and log banners inside the block."""
+    """Suppresses `transformers`' deprecation warnings and log notes inside the block."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r".*(Flax|JAX|TensorFlow).*")
         levels = {}
         for name in _QUIET_LOGGERS:
             logger = logging.getLogger(name)
@@ -43,26 +40,29 @@ def quiet():
 
 @functools.cache
 def hf():
-    """Returns the `transformers` package (imported once, quietly)."""
-    with quiet():
-        import transformers  # noqa: PLC0415
-
-        for name in _QUIET_LOGGERS:  # keep the banners off for the rest of the process too
-            logging.getLogger(name).setLevel(logging.ERROR)
+    """Returns the `transformers` package (imported once, quietly: without torch, `transformers`
+    5 advises on import that no models are available, which is how saejax uses it)."""
+    advisory = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    try:
+        with quiet():
+            import transformers  # noqa: PLC0415
+    finally:
+        if advisory is None:
+            del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+        else:
+            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = advisory
+    for name in _QUIET_LOGGERS:  # keep the notes off for the rest of the process too
+        logging.getLogger(name).setLevel(logging.ERROR)
     return transformers
 
 
-@functools.cache
-def flax_module(path: str):
-    """Imports `transformers.models.<path>` quietly, e.g. `flax_module("clip.modeling_flax_clip")`."""
-    hf()
-    with quiet():
-        return importlib.import_module(f"transformers.models.{path}")
-
-
-def rename_key_and_reshape_tensor():
-    """HF's own PyTorch -> Flax weight renaming rule (torch-free for numpy inputs)."""
-    hf()
-    with quiet():
-        from transformers.modeling_flax_pytorch_utils import rename_key_and_reshape_tensor as fn  # noqa: PLC0415
-    return fn
+def config_class(name: str):
+    """The `transformers` config class `name` (e.g. "CLIPVisionConfig"); an installed
+    `transformers` too old to have it is an error that says which version has it."""
+    t = hf()
+    try:
+        return getattr(t, name)
+    except AttributeError:
+        raise ImportError(f"transformers {t.__version__} has no {name}; this model family needs a newer "
+                          "transformers (pip install -U transformers)") from None

@@ -8,8 +8,8 @@ do this with `torch.nn.functional.interpolate(..., mode="bicubic", align_corners
 * `Dinov2WithRegistersModel`: `antialias=True` (PIL-style separable filter, a = -0.5, support
   stretched by the downscale factor, weights renormalised at the borders).
 
-`transformers`' Flax DINOv2 uses `jax.image.scale_and_translate` with a = -0.5 and an
-off-by-0.1 scale instead, so its outputs differ from PyTorch whenever the grid is resized.
+(`transformers`' old Flax DINOv2 used `jax.image.scale_and_translate` with a = -0.5 and an
+off-by-0.1 scale instead, so its outputs differed from PyTorch whenever the grid was resized.)
 Here the 1-D resampling weights are computed once in numpy (they depend only on the static
 sizes) and applied as two small matrix products, which is exact up to float rounding and
 cheap under `jit`.
@@ -95,3 +95,15 @@ def resize_grid(pe, side: int, weights: tuple[np.ndarray, np.ndarray]):
     out = jnp.einsum("ia,jb,abd->ijd", wh, ww, pe.reshape(side, side, d).astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST)
     return out.reshape(-1, d).astype(pe.dtype)
+
+
+def positions_on_grid(positions, grid: tuple[int, int], matrix):
+    """A square table of learned positions, [side * side, D], on the model's patch grid
+    [rows * cols, D], resized with the 1-D weights `matrix(side, n)` (one of the functions
+    above); the table itself when the grid is its own."""
+    side = math.isqrt(positions.shape[0])
+    if side * side != positions.shape[0]:
+        raise ValueError(f"{positions.shape[0]} position embeddings do not form a square grid")
+    if tuple(grid) == (side, side):
+        return positions
+    return resize_grid(positions, side, (matrix(side, grid[0]), matrix(side, grid[1])))

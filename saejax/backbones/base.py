@@ -1,18 +1,14 @@
 """What every backbone family shares: the token layout, the forward's output, where weights
-came from, and the record a `transformers`-Flax family registers (`HfFamily`; the own-module
-families use `layers.OwnFamily`). Both kinds are listed in `saejax.backbones.families`."""
+came from, and the heads a checkpoint carries. (The record each family registers is
+`layers.Family`; the registry is `saejax.backbones.families`.)"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-
-from saejax.backbones._interp import bicubic_matrix, resize_grid
 
 Edit = Callable[[jax.Array], jax.Array]
 
@@ -82,46 +78,18 @@ class LoadInfo:
     from_cache: bool
 
 
-class PositionGrid:
-    """A checkpoint's square grid of patch position embeddings, resized to the model's grid by
-    bicubic interpolation as PyTorch's `interpolate_pos_encoding` does (`F.interpolate` to the
-    new size, `align_corners=False`; see _interp). The first position (CLS) is kept."""
-
-    def __init__(self, cfg, grid, *, antialias=False):
-        side = int(cfg.image_size) // int(cfg.patch_size)
-        self.side = side
-        self.matrices = None if tuple(grid) == (side, side) else (
-            bicubic_matrix(side, grid[0], antialias=antialias).astype(np.float32),
-            bicubic_matrix(side, grid[1], antialias=antialias).astype(np.float32))
-
-    def __call__(self, pe):
-        """[1, 1 + side**2, D] -> [1, 1 + rows * cols, D]."""
-        if self.matrices is None:
-            return pe
-        return jnp.concatenate([pe[:, :1], resize_grid(pe[0, 1:], self.side, self.matrices)[None]], axis=1)
-
-
 @dataclasses.dataclass(frozen=True)
-class HfFamily:
-    """A family whose blocks are `transformers`' own Flax modules (`clip`, `dinov2`, `vit`).
+class Heads:
+    """The heads a checkpoint carries besides the vision tower (read from its weight names).
 
     Attributes:
-        name: The family name (`Backbone.family`).
-        root: The top-level params key of the vision tower (HF's module name).
-        build: `(cfg, dtype, n_classes, grid) -> impl` with `embed(p, x)`, `block(p, h, i)` and
-            `readout(p, h, layout) -> (tokens, pooled, logits)`.
-        n_registers: `cfg -> int`: the number of register tokens between CLS and the patches.
-        interpolate: "always" (any multiple of the patch size, like DINOv2) or "on_request"
-            (only with `load(..., image_size=)`, as `interpolate_pos_encoding=True`).
+        n_classes: classifier outputs (ViT and DINOv2 `*ForImageClassification`), 0 for none.
+        pooler: ViT's pooler output size (`ViTModel` with its pooler), 0 for none.
+        projection: CLIP's `visual_projection` output size, 0 for none.
+        text: the checkpoint holds CLIP's text tower (a full `CLIPModel`).
     """
 
-    name: str
-    root: str
-    build: Callable[..., Any]
-    n_registers: Callable[[Any], int] = lambda cfg: 0
-    interpolate: str = "on_request"
-
-    def layout(self, cfg, grid) -> TokenLayout:
-        n_reg, n_patches = self.n_registers(cfg), grid[0] * grid[1]
-        return TokenLayout(cls=0, registers=(1, 1 + n_reg), patches=(1 + n_reg, 1 + n_reg + n_patches),
-                           n_tokens=1 + n_reg + n_patches)
+    n_classes: int = 0
+    pooler: int = 0
+    projection: int = 0
+    text: bool = False

@@ -14,7 +14,8 @@ from saejax.backbones.weights import contiguous
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "saejax-backbone-params-v1"
+# v2: every family's params in saejax's own tree (0.2); v1 files are never read again.
+CACHE_FORMAT = "saejax-backbone-params-v2"
 
 
 def cache_file(cache_dir, family, path, files, config_file="config.json") -> str:
@@ -31,8 +32,8 @@ def cache_file(cache_dir, family, path, files, config_file="config.json") -> str
     return os.path.join(os.path.expanduser(os.fspath(cache_dir)), "backbones", f"{family}-{slug}-{h.hexdigest()[:20]}.safetensors")
 
 
-def read_cache(cache_file, target):
-    """The cached flat params if the file exists and holds exactly `target`'s shapes, else None."""
+def read_cache(cache_file):
+    """The cached flat params if the file exists and can be read, else None."""
     if cache_file is None or not os.path.isfile(cache_file):
         return None
     from safetensors.numpy import load_file  # noqa: PLC0415
@@ -42,10 +43,12 @@ def read_cache(cache_file, target):
     except Exception as e:  # noqa: BLE001  (a truncated / corrupt cache file is re-made)
         log.warning("ignoring unreadable backbone cache %s: %s", cache_file, e)
         return None
-    if set(flat) != set(target) or any(tuple(flat[k].shape) != target[k] for k in target):
-        log.warning("ignoring stale backbone cache %s", cache_file)
-        return None
     return flat
+
+
+def fits(flat, target) -> bool:
+    """True when the cached params hold exactly `target`'s keys and shapes."""
+    return set(flat) == set(target) and all(tuple(flat[k].shape) == target[k] for k in target)
 
 
 def write_cache(cache_file, flat, source):

@@ -1,11 +1,10 @@
-"""Building and saving HF Flax ViT classifiers from a config dict (for models trained in saejax).
+"""ViT image classifiers trained in saejax, on the `vit` family's own modules, saved as HF checkpoints.
 
-`create_vit_classifier` builds `transformers`' `FlaxViTForImageClassificationModule` and its
-random params; `save_hf_checkpoint` writes an ordinary HF checkpoint directory (`config.json`,
-`flax_model.msgpack`, `preprocessor_config.json`, exactly what `FlaxViTForImageClassification
-.save_pretrained` and `ViTImageProcessor.save_pretrained` write), which `saejax.backbones.load`
-and `transformers` (`FlaxViTForImageClassification.from_pretrained(dir)`, or the PyTorch class
-with `from_flax=True`) read.
+`create_vit_classifier` builds a ViT classifier (a `Backbone` with its classification head)
+and random params initialised as `transformers` initialises ViTs; `save_hf_checkpoint` writes
+an ordinary HF checkpoint directory (`config.json`, `model.safetensors` under PyTorch's names,
+`preprocessor_config.json` for `ViTImageProcessor`), which `saejax.backbones.load` and
+`transformers`' `ViTForImageClassification.from_pretrained(dir)` read.
 
 >>> apply_fn, params = create_vit_classifier(dict(hidden_size=64, num_hidden_layers=4,
 ...     num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=4, num_labels=16),
@@ -22,34 +21,58 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from flax.traverse_util import unflatten_dict
 
 from saejax.backbones import _hf
-from saejax.backbones.preprocess import BILINEAR, HALF
+from saejax.backbones.base import Heads
+from saejax.backbones.families import make_backbone
+from saejax.backbones.preprocess import BILINEAR, HALF, ImageProcessing
+from saejax.backbones.saving import save
 
 __all__ = ["create_vit_classifier", "save_hf_checkpoint", "vit_config"]
 
 
 def vit_config(config: Mapping):
     """A `transformers.ViTConfig` from a dict of its fields (`num_labels` or `id2label` sets the head)."""
-    config = dict(config)
-    t = _hf.hf()
     with _hf.quiet():
-        return t.ViTConfig(**config)
+        return _hf.config_class("ViTConfig")(**dict(config))
+
+
+def _classifier(cfg, dtype=jnp.float32, image_mean=HALF, image_std=HALF):
+    s = int(cfg.image_size)
+    processing = ImageProcessing(resize_to=(s, s), resample=BILINEAR, mean=tuple(image_mean), std=tuple(image_std))
+    return make_backbone("vit", cfg, dtype=dtype, processing=processing, heads=Heads(n_classes=int(cfg.num_labels)))
+
+
+def init_like_transformers(shapes: Mapping[tuple, tuple], key: jax.Array, init_range: float) -> dict:
+    """Params initialised as `transformers`' Flax ViT initialised them: every kernel, the CLS
+    token and the positions from `variance_scaling(init_range**2, "fan_in", "truncated_normal")`,
+    biases at zero, layer norms at one. Returns a nested dict of float32 arrays."""
+    init = jax.nn.initializers.variance_scaling(init_range ** 2, "fan_in", "truncated_normal")
+    keys = jax.random.split(key, len(shapes))
+    flat = {}
+    for k, (name, shape) in zip(keys, sorted(shapes.items())):
+        if name[-1] == "bias":
+            flat[name] = jnp.zeros(shape, jnp.float32)
+        elif name[-1] == "scale":
+            flat[name] = jnp.ones(shape, jnp.float32)
+        else:
+            flat[name] = init(k, shape, jnp.float32)
+    return unflatten_dict(flat)
 
 
 def create_vit_classifier(config: Mapping, key: jax.Array, *, dtype=jnp.float32,
                           init_range: float | None = None) -> tuple[Callable, dict]:
-    """HF's Flax ViT image classifier as a pure apply function and random params.
+    """A ViT image classifier as a pure apply function and random params.
 
     Args:
         config: `ViTConfig` fields, e.g. `dict(hidden_size=64, num_hidden_layers=4,
             num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=4,
-            num_labels=16)`. Dropout defaults to 0 in `ViTConfig`; the apply function runs
-            deterministically.
-        key: a `jax.random.key` for the initialisation (HF's initialisers).
-        dtype: computation dtype (params are float32).
+            num_labels=16)`. The apply function runs deterministically (no dropout).
+        key: a `jax.random.key` for the initialisation (`init_like_transformers`).
+        dtype: the matmul dtype (`Backbone.dtype`; params are float32).
         init_range: `initializer_range` for the random initialisation only (the apply function
-            and a saved config keep `config`'s). HF's Flax ViT draws every kernel with variance
+            and a saved config keep `config`'s). `transformers` draws every kernel with variance
             `initializer_range**2 / fan_in`: std 0.0025 at width 64 for the default 0.02, so
             small, which makes a tiny ViT trained from scratch sit on a long plateau. 1.0 gives
             LeCun-normal kernels (std `1 / sqrt(fan_in)`) and trains several times faster.
@@ -59,58 +82,42 @@ def create_vit_classifier(config: Mapping, key: jax.Array, *, dtype=jnp.float32,
         [B, S, S, 3] (NHWC, normalised as `preprocessor_config.json` says: (x / 255 - 0.5) / 0.5
         here), logits [B, num_labels]; `apply_fn(params, pixels, return_tokens=True)` returns
         `(logits, tokens)` with tokens [B, 1 + grid**2, hidden] the final-layernorm tokens (CLS
-        first, then the patches row-major: HF `last_hidden_state`); params the nested dict `{"vit": ..., "classifier": ...}`
-        of `FlaxViTForImageClassification`. `apply_fn` is pure and jittable.
+        first, then the patches row-major: HF `last_hidden_state`); params the `vit` family's
+        tree (`{"embed", "blocks", "readout"}`, the classifier at `readout/classifier`), what
+        `saejax.backbones.load` returns for the saved checkpoint. `apply_fn` is pure and jittable.
     """
     cfg = vit_config(config)
-    classes = _hf.flax_module("vit.modeling_flax_vit").FlaxViTForImageClassificationModule
-    module = classes(cfg, dtype=dtype)
-    init_module = module if init_range is None else classes(vit_config({**dict(config), "initializer_range": init_range}),
-                                                            dtype=dtype)
-    dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
-    with _hf.quiet():
-        params = jax.jit(lambda k: init_module.init(k, dummy)["params"])(key)
-    params = jax.tree.map(lambda x: x, dict(params))  # a plain nested dict
-
-    def tokens_and_logits(m, pixels):
-        tokens = m.vit(pixels, deterministic=True, return_dict=False)[0]
-        return m.classifier(tokens[:, 0]), tokens
+    bb = _classifier(cfg, dtype)
+    rng = float(cfg.initializer_range if init_range is None else init_range)
+    params = jax.jit(lambda k: init_like_transformers(bb._impl.param_shapes(), k, rng))(key)
 
     def apply_fn(params, pixels, *, return_tokens: bool = False):
-        logits, tokens = module.apply({"params": params}, pixels, method=tokens_and_logits)
-        return (logits, tokens) if return_tokens else logits
+        out = bb.forward(params, pixels)
+        return (out.logits, out.tokens) if return_tokens else out.logits
 
     return apply_fn, params
 
 
 def save_hf_checkpoint(directory: str | os.PathLike, config: Mapping, params, *, image_mean=HALF,
                        image_std=HALF) -> str:
-    """Writes a ViT classifier as an HF checkpoint directory that `saejax.backbones.load` reads.
+    """Writes a ViT classifier as an HF checkpoint directory that `saejax.backbones.load` and
+    `transformers`' `ViTForImageClassification` read.
 
-    Writes `config.json` and `flax_model.msgpack` (via `FlaxViTForImageClassification
-    .save_pretrained`) and `preprocessor_config.json` (a `ViTImageProcessor`: resize to the
-    model's image size, bilinear, which is an exact copy for images already that size; rescale
-    by 1/255; normalise with `image_mean`, `image_std`).
+    Writes `config.json`, `model.safetensors` (`saejax.backbones.saving.save`) and
+    `preprocessor_config.json` (a `ViTImageProcessor`: resize to the model's image size,
+    bilinear, which is an exact copy for images already that size; rescale by 1/255; normalise
+    with `image_mean`, `image_std`).
 
     Args:
-        directory: where to write (created if needed; existing weight files are replaced).
+        directory: where to write (created if needed; existing files are replaced).
         config: the `ViTConfig` fields the params were made with.
-        params: `{"vit": ..., "classifier": ...}` as from `create_vit_classifier`.
+        params: the classifier's params, as from `create_vit_classifier`.
         image_mean: per-channel normalisation mean.
         image_std: per-channel normalisation std.
 
     Returns:
         The directory, as a string.
     """
-    directory = os.fspath(directory)
     cfg = vit_config(config)
-    t = _hf.hf()
-    with _hf.quiet():
-        model = t.FlaxViTForImageClassification(cfg, _do_init=False)
-        model.save_pretrained(directory, params=jax.device_get(params))
-        size = int(cfg.image_size)
-        processor = t.ViTImageProcessor(do_resize=True, size={"height": size, "width": size}, resample=BILINEAR,
-                                        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                                        image_mean=list(image_mean), image_std=list(image_std))
-        processor.save_pretrained(directory)
-    return directory
+    cfg.architectures = ["ViTForImageClassification"]
+    return save(directory, _classifier(cfg, image_mean=image_mean, image_std=image_std), params)

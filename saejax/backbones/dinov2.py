@@ -1,62 +1,98 @@
-"""DINOv2 and DINOv2 with registers (`dinov2`, `dinov2_registers`): `transformers`'
-`FlaxDinov2Layer` blocks; the position grid always interpolates, as PyTorch's does (registers'
-one antialiased)."""
+"""DINOv2 and DINOv2 with registers (`dinov2`, `dinov2_registers`) on saejax's own modules.
+
+`Dinov2Model` / `Dinov2ForImageClassification` and `Dinov2WithRegistersModel` checkpoints: the
+ViT embedding (`vit.ClsEmbed`) with its position grid always resized to the input's, as
+PyTorch's is (bicubic; antialiased for the register models), register tokens after CLS,
+pre-norm blocks with layer scale on both branches, a GELU MLP or, in the giant models
+(`use_swiglu_ffn`), SwiGLU (`weights_in` packs the gate and the up projection; the hidden width
+is `(int(int(D * mlp_ratio) * 2 / 3) + 7) // 8 * 8`). The classifier reads the final CLS row and
+the mean of the patch tokens. `layerscale_value` is only PyTorch's initial value of the learned
+scales, so it is not read.
+"""
 
 from __future__ import annotations
 
-import copy
+import functools
 
-import flax.linen as nn
-import jax.numpy as jnp
+from saejax.backbones._hf import config_class as config_class_named
+from saejax.backbones.convert import NameTable
+from saejax.backbones.layers import Block, Family, NormReadout, OwnModel, block_names, cls_layout
+from saejax.backbones.preprocess import BICUBIC, IMAGENET_MEAN, IMAGENET_STD, ImageProcessing
+from saejax.backbones.vit import ClsEmbed
 
-from saejax.backbones import _hf
-from saejax.backbones.base import HfFamily, PositionGrid
-
-
-class Dinov2:
-    def __init__(self, cfg, dtype, n_classes, *, root, n_registers, antialias, grid):
-        m = _hf.flax_module("dinov2.modeling_flax_dinov2")
-        # The Flax DINOv2 LayerScale multiplies by `config.layerscale_value` twice (on top of the
-        # learned lambda); PyTorch uses only the learned lambda. Build with 1.0 to match PyTorch.
-        cfg = copy.deepcopy(cfg)
-        cfg.layerscale_value = 1.0
-        self.root, self.n_registers, self.dtype = root, n_registers, dtype
-        self.patch_embeddings = m.FlaxDinov2PatchEmbeddings(cfg, dtype=dtype)
-        self.layer = m.FlaxDinov2Layer(cfg, dtype=dtype)
-        self.norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype)
-        self.classifier = nn.Dense(n_classes, dtype=dtype) if n_classes else None
-        self.positions = PositionGrid(cfg, grid, antialias=antialias)
-
-    def embed(self, p, x):
-        e = p[self.root]["embeddings"]
-        patches = self.patch_embeddings.apply({"params": e["patch_embeddings"]}, x.astype(self.dtype))
-        b, _, d = patches.shape
-        cls = jnp.broadcast_to(e["cls_token"].astype(patches.dtype), (b, 1, d))
-        h = jnp.concatenate([cls, patches], axis=1)
-        h = h + self.positions(e["position_embeddings"]).astype(h.dtype)
-        if self.n_registers:
-            reg = jnp.broadcast_to(e["register_tokens"].astype(h.dtype), (b, self.n_registers, d))
-            h = jnp.concatenate([h[:, :1], reg, h[:, 1:]], axis=1)
-        return h
-
-    def block(self, p, h, i):
-        return self.layer.apply({"params": p[self.root]["encoder"]["layer"][str(i)]}, h, deterministic=True)[0]
-
-    def readout(self, p, h, layout):
-        tokens = self.norm.apply({"params": p[self.root]["layernorm"]}, h)
-        pooled = tokens[:, 0]
-        logits = None
-        if self.classifier is not None:
-            start, stop = layout.patches
-            features = jnp.concatenate([pooled, tokens[:, start:stop].mean(axis=1)], axis=-1)
-            logits = self.classifier.apply({"params": p["classifier"]}, features)
-        return tokens, pooled, logits
+_TOWER = (
+    ("embeddings.patch_embeddings.projection", "embed.patch"),
+    ("embeddings.cls_token", "embed.cls"),
+    ("embeddings.position_embeddings", "embed.positions"),
+    ("embeddings.register_tokens", "embed.registers"),
+    *block_names("encoder.layer.{i}", ln1="norm1", attn="attention.attention", q="query", k="key", v="value",
+                 o="attention.output.dense", ln2="norm2", up="mlp.fc1", down="mlp.fc2"),
+    ("encoder.layer.{i}.layer_scale1.lambda1", "blocks.{i}.ls1.scale"),
+    ("encoder.layer.{i}.layer_scale2.lambda1", "blocks.{i}.ls2.scale"),
+    ("layernorm", "readout.norm"),
+)
+_CLASSIFIER = (("classifier", "readout.classifier"),)
+_SWIGLU = {"encoder.layer.{i}.mlp.fc1": ("encoder.layer.{i}.mlp.weights_in", ("blocks.{i}.mlp.gate", "blocks.{i}.mlp.up")),
+           "encoder.layer.{i}.mlp.fc2": ("encoder.layer.{i}.mlp.weights_out", "blocks.{i}.mlp.down")}
 
 
-DINOV2 = HfFamily("dinov2", "dinov2", lambda cfg, dtype, n_classes, grid: Dinov2(
-    cfg, dtype, n_classes, root="dinov2", n_registers=0, antialias=False, grid=grid), interpolate="always")
-DINOV2_REGISTERS = HfFamily(
-    "dinov2_registers", "dinov2_with_registers", lambda cfg, dtype, n_classes, grid: Dinov2(
-        cfg, dtype, n_classes, root="dinov2_with_registers", n_registers=int(cfg.num_register_tokens), antialias=True,
-        grid=grid),
-    n_registers=lambda cfg: int(getattr(cfg, "num_register_tokens", 0)), interpolate="always")
+def names(cfg, prefix: str) -> NameTable:
+    """The weights' PyTorch names: the SwiGLU MLP's (`weights_in` holds the gate, then the up
+    projection) in place of `fc1` / `fc2` when the config says `use_swiglu_ffn`."""
+    pairs = _TOWER
+    if bool(getattr(cfg, "use_swiglu_ffn", False)):
+        pairs = tuple(_SWIGLU.get(torch_name, (torch_name, own)) for torch_name, own in pairs)
+    return NameTable(pairs, prefix=prefix, top_level=_CLASSIFIER)
+
+
+def mlp_width(cfg) -> int:
+    """The MLP's hidden width: `D * mlp_ratio`, or SwiGLU's rounded two thirds of it."""
+    hidden = int(int(cfg.hidden_size) * float(cfg.mlp_ratio))
+    return (int(hidden * 2 / 3) + 7) // 8 * 8 if bool(getattr(cfg, "use_swiglu_ffn", False)) else hidden
+
+
+def _build(cfg, dtype, grid, heads, text_cfg, *, registers):
+    n_registers = int(cfg.num_register_tokens) if registers else 0
+    side = int(cfg.image_size) // int(cfg.patch_size)
+    embed = ClsEmbed(int(cfg.hidden_size), int(cfg.patch_size), tuple(grid), 1 + side * side, n_registers,
+                     antialias=registers, dtype=dtype)
+    swiglu = bool(getattr(cfg, "use_swiglu_ffn", False))
+    qkv = bool(getattr(cfg, "qkv_bias", True))
+    block = Block(int(cfg.num_attention_heads), mlp_width(cfg), "silu" if swiglu else cfg.hidden_act,
+                  float(cfg.layer_norm_eps), gated=swiglu, layer_scale=True, qkv_bias=(qkv, qkv, qkv), dtype=dtype)
+    start = 1 + n_registers
+    readout = NormReadout(float(cfg.layer_norm_eps), n_classes=heads.n_classes, classify_patch_mean=True,
+                          patches=(start, start + grid[0] * grid[1]), dtype=dtype)
+    return OwnModel(embed, block, readout, n_layers=int(cfg.num_hidden_layers), image_size=grid[0] * int(cfg.patch_size))
+
+
+def _processing(cfg):
+    # The hub processors (BitImageProcessor): short side 256, bicubic, centre crop 224; the
+    # config's image_size (518) is only the position-embedding grid.
+    return ImageProcessing(resize_shortest=256, crop=(224, 224), resample=BICUBIC, mean=IMAGENET_MEAN,
+                           std=IMAGENET_STD)
+
+
+def _family(name, model_type, config_class, prefix, hub_ids, registers):
+    return Family(
+        name=name,
+        model_types=(model_type,),
+        hub_ids=hub_ids,
+        config_class=config_class,
+        configs=lambda cfg_json: (config_class_named(config_class).from_dict(dict(cfg_json)), None),
+        build=functools.partial(_build, registers=registers),
+        layout=lambda cfg, grid: cls_layout(cfg, grid, int(cfg.num_register_tokens) if registers else 0),
+        names=functools.partial(names, prefix=prefix),
+        default_processing=_processing,
+        processing_from_hf=lambda processor, cfg: ImageProcessing.from_hf(processor, square_size=False),
+        interpolate="always",
+        resize_square=False,
+    )
+
+
+DINOV2 = _family("dinov2", "dinov2", "Dinov2Config", "dinov2.",
+                 tuple(f"facebook/dinov2-{s}" for s in ("small", "base", "large", "giant")), registers=False)
+DINOV2_REGISTERS = _family("dinov2_registers", "dinov2_with_registers", "Dinov2WithRegistersConfig",
+                           "dinov2_with_registers.",
+                           tuple(f"facebook/dinov2-with-registers-{s}" for s in ("small", "base", "large", "giant")),
+                           registers=True)

@@ -1,4 +1,4 @@
-"""DINOv3 ViTs as own Flax modules (`DINOv3ViTModel`; `transformers` has no Flax class).
+"""DINOv3 ViTs (`DINOv3ViTModel`) on saejax's own Flax modules.
 
 `facebook/dinov3-vits16-pretrain-lvd1689m` through ViT-L and ViT-H+ (and the 7B). A Conv2d
 patch embedding, a CLS token and (usually 4) register tokens, no learned positions: axial
@@ -23,22 +23,22 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from saejax.backbones.layers import Block, OwnFamily, OwnModel, rope_2d
-from saejax.backbones.base import TokenLayout
+from saejax.backbones._hf import config_class
+from saejax.backbones.convert import NameTable
+from saejax.backbones.layers import Block, Family, NormReadout, OwnModel, block_names, cls_layout, rope_2d
 from saejax.backbones.preprocess import BILINEAR, IMAGENET_MEAN, IMAGENET_STD, ImageProcessing
 
-RENAMES = (
-    (r"^embeddings\.patch_embeddings\.", "embed.patch."),
-    (r"^embeddings\.cls_token$", "embed.cls"),
-    (r"^embeddings\.register_tokens$", "embed.registers"),
-    (r"^layer\.", "blocks."),
-    (r"\.norm([12])\.", r".ln\1."),
-    (r"\.attention\.([qkv])_proj\.", r".attn.\1."),
-    (r"\.attention\.o_proj\.", ".attn.o."),
-    (r"\.layer_scale([12])\.lambda1$", r".ls\1.scale"),
-    (r"\.mlp\.(up|gate|down)_proj\.", r".mlp.\1."),
-    (r"^norm\.", "readout.norm."),
-)
+NAMES = NameTable((
+    ("embeddings.patch_embeddings", "embed.patch"),
+    ("embeddings.cls_token", "embed.cls"),
+    ("embeddings.register_tokens", "embed.registers"),
+    *block_names("layer.{i}", ln1="norm1", attn="attention", q="q_proj", k="k_proj", v="v_proj", o="attention.o_proj",
+                 ln2="norm2", up="mlp.up_proj", down="mlp.down_proj"),
+    ("layer.{i}.mlp.gate_proj", "blocks.{i}.mlp.gate"),
+    ("layer.{i}.layer_scale1.lambda1", "blocks.{i}.ls1.scale"),
+    ("layer.{i}.layer_scale2.lambda1", "blocks.{i}.ls2.scale"),
+    ("norm", "readout.norm"),
+))
 
 
 class Dinov3Embed(nn.Module):
@@ -60,32 +60,16 @@ class Dinov3Embed(nn.Module):
         return jnp.concatenate(parts + [patches.reshape(b, -1, self.hidden)], axis=1)
 
 
-class Dinov3Readout(nn.Module):
-    eps: float
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, h):
-        tokens = nn.LayerNorm(self.eps, dtype=self.dtype, name="norm")(h)
-        return tokens, tokens[:, 0], None
-
-
-def _build(cfg, dtype, grid):
-    heads = int(cfg.num_attention_heads)
-    block = Block(heads, int(cfg.intermediate_size), cfg.hidden_act, float(cfg.layer_norm_eps),
+def _build(cfg, dtype, grid, heads, text_cfg):
+    n_heads = int(cfg.num_attention_heads)
+    block = Block(n_heads, int(cfg.intermediate_size), cfg.hidden_act, float(cfg.layer_norm_eps),
                   gated=bool(cfg.use_gated_mlp), layer_scale=True,
                   qkv_bias=(bool(cfg.query_bias), bool(cfg.key_bias), bool(cfg.value_bias)),
                   o_bias=bool(cfg.proj_bias), mlp_bias=bool(cfg.mlp_bias), dtype=dtype)
     embed = Dinov3Embed(int(cfg.hidden_size), int(cfg.patch_size), int(cfg.num_register_tokens), dtype=dtype)
-    rope = rope_2d(tuple(grid), int(cfg.hidden_size) // heads, float(cfg.rope_theta))
-    return OwnModel(embed, block, Dinov3Readout(float(cfg.layer_norm_eps), dtype=dtype),
+    rope = rope_2d(tuple(grid), int(cfg.hidden_size) // n_heads, float(cfg.rope_theta))
+    return OwnModel(embed, block, NormReadout(float(cfg.layer_norm_eps), dtype=dtype),
                     n_layers=int(cfg.num_hidden_layers), image_size=grid[0] * int(cfg.patch_size), rope=rope)
-
-
-def _layout(cfg, grid):
-    r = int(cfg.num_register_tokens)
-    n = grid[0] * grid[1]
-    return TokenLayout(cls=0, registers=(1, 1 + r), patches=(1 + r, 1 + r + n), n_tokens=1 + r + n)
 
 
 def _processing(cfg):
@@ -94,15 +78,16 @@ def _processing(cfg):
     return ImageProcessing(resize_to=(s, s), resample=BILINEAR, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-DINOV3 = OwnFamily(
+DINOV3 = Family(
     name="dinov3",
     model_types=("dinov3_vit",),
     hub_ids=tuple(f"facebook/dinov3-{size}-pretrain-lvd1689m" for size in
                   ("vits16", "vits16plus", "vitb16", "vitl16", "vith16plus", "vit7b16")),
-    vision_config=lambda cfg_json, t: t.DINOv3ViTConfig.from_dict(dict(cfg_json)),
+    config_class="DINOv3ViTConfig",
+    configs=lambda cfg_json: (config_class("DINOv3ViTConfig").from_dict(dict(cfg_json)), None),
     build=_build,
-    layout=_layout,
-    renames=RENAMES,
+    layout=lambda cfg, grid: cls_layout(cfg, grid, int(cfg.num_register_tokens)),
+    names=lambda cfg: NAMES,
     default_processing=_processing,
     processing_from_hf=lambda processor, cfg: ImageProcessing.from_hf(processor, square_size=True),
     interpolate="always",

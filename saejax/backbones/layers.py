@@ -1,15 +1,18 @@
-"""saejax's own Flax ViT layers, for the families `transformers` has no Flax class for.
+"""saejax's own Flax ViT layers, and the `Family` record every backbone family registers.
 
-SigLIP, SigLIP 2 and DINOv3 are built from these pieces. Every family shares one pre-norm
-`Block` (attention, then MLP, each with an optional layer scale), so a new family is its
-embedding, its readout and a table of PyTorch weight names (see `OwnFamily`).
+Every family (CLIP, DINOv2, ViT, SigLIP, SigLIP 2, DINOv3) is built from these pieces and
+shares one pre-norm `Block` (attention, then MLP, each with an optional layer scale), so a new
+family is its embedding, its readout and a table of PyTorch weight names (`Family`,
+`saejax.backbones.convert`).
 
-Own-family params are a plain tree, the same for every family:
+Params are a plain tree, the same for every family:
 
-    {"embed": {...}, "blocks": {"0": Block params, "1": ...}, "readout": {...}}
+    {"embed": {...}, "blocks": {"0": Block params, "1": ...}, "readout": {...}, "text": {...}?}
 
 with Block params `ln1/{scale,bias}`, `attn/{q,k,v,o}/{kernel,bias}`, `ln2`,
-`mlp/{up,gate?,down}/{kernel,bias}` and, with layer scale, `ls1/scale`, `ls2/scale`.
+`mlp/{up,gate?,down}/{kernel,bias}` and, with layer scale, `ls1/scale`, `ls2/scale`. The
+readout holds the final norm and the checkpoint's heads (`classifier`, `pooler`, CLIP's
+`projection`); `text` is CLIP's text tower (`saejax.backbones.text`).
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ import contextlib
 import dataclasses
 import functools
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from saejax.backbones.base import TokenLayout
 
 Array = jax.Array
 
@@ -35,8 +39,8 @@ def low_precision_matmuls(dtype):
     """Inside this context, every Flax `nn.Dense` applied runs its matmul with inputs cast to
     `dtype` (e.g. bf16) and float32 accumulation and output (`preferred_element_type`).
 
-    This is saejax's one mixed-precision policy for every backbone family, the `transformers`
-    Flax modules included: the modules themselves are built in float32, so LayerNorm, softmax,
+    This is saejax's one mixed-precision policy for every backbone family: the modules
+    themselves are built in float32, so LayerNorm, softmax,
     GELU, the attention scores and the residual stream stay float32, as under PyTorch's
     `torch.autocast(dtype=torch.bfloat16)` (its LayerNorm and softmax run in float32, and its
     residual adds promote to float32). The patch-embedding convolution (under 1% of a ViT's
@@ -70,6 +74,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
     "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
 }
 
 
@@ -107,7 +112,8 @@ class Attention(nn.Module):
     """Multi-head attention with separate q, k, v, o projections.
 
     `rope=(cos, sin)` [P, head_dim] rotates the queries and keys of the LAST P tokens (the
-    patches; CLS and register tokens in front are left alone, as in DINOv3).
+    patches; CLS and register tokens in front are left alone, as in DINOv3). `mask` (boolean,
+    broadcastable to [B, heads, T, S]) keeps the keys where it is True (CLIP's text tower).
     """
 
     n_heads: int
@@ -118,7 +124,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, kv: Array | None = None, rope=None) -> Array:
+    def __call__(self, x: Array, kv: Array | None = None, rope=None, mask: Array | None = None) -> Array:
         kv = x if kv is None else kv
         d = x.shape[-1]
         if d % self.n_heads:
@@ -139,7 +145,7 @@ class Attention(nn.Module):
                 return jnp.concatenate([prefix, patches * cos + rotate_half(patches) * sin], axis=1)
 
             q, k = rotate(q), rotate(k)
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         return nn.Dense(d, use_bias=self.o_bias, dtype=self.dtype, name="o")(out.reshape(*out.shape[:-2], d))
 
 
@@ -182,10 +188,10 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, rope=None) -> Array:
+    def __call__(self, x: Array, rope=None, mask: Array | None = None) -> Array:
         q, k, v = self.qkv_bias
         a = Attention(self.n_heads, q, k, v, self.o_bias, dtype=self.dtype, name="attn")(
-            nn.LayerNorm(self.eps, dtype=self.dtype, name="ln1")(x), rope=rope)
+            nn.LayerNorm(self.eps, dtype=self.dtype, name="ln1")(x), rope=rope, mask=mask)
         h = x + (LayerScale(name="ls1")(a) if self.layer_scale else a)
         m = Mlp(self.mlp_dim, self.act, self.gated, self.mlp_bias, dtype=self.dtype, name="mlp")(
             nn.LayerNorm(self.eps, dtype=self.dtype, name="ln2")(h))
@@ -212,9 +218,49 @@ class AttentionPool(nn.Module):
         return h[:, 0]
 
 
+class NormReadout(nn.Module):
+    """The final layernorm on every token and the checkpoint's heads: `pooled` is the CLS row,
+    or the pooler's output when the checkpoint has one (ViT's `pooler`: a Dense and
+    `pooler_act` on the CLS row, HF `pooler_output`); the classifier reads the CLS row (ViT) or
+    the CLS row and the mean of the patches (DINOv2's `*ForImageClassification`).
+
+    Attributes:
+        eps: the layernorm's epsilon.
+        n_classes: classifier outputs (0: no classifier).
+        classify_patch_mean: the classifier reads `[CLS, mean(patches)]` (DINOv2) instead of CLS.
+        patches: `(start, stop)` of the patch tokens.
+        pooler: the pooler's output size (0: no pooler).
+        pooler_act: the pooler's activation (an HF `hidden_act` name).
+    """
+
+    eps: float
+    n_classes: int = 0
+    classify_patch_mean: bool = False
+    patches: tuple[int, int] = (1, 1)
+    pooler: int = 0
+    pooler_act: str = "tanh"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h):
+        tokens = nn.LayerNorm(self.eps, dtype=self.dtype, name="norm")(h)
+        cls = tokens[:, 0]
+        pooled = cls
+        if self.pooler:
+            pooled = activation(self.pooler_act)(nn.Dense(self.pooler, dtype=self.dtype, name="pooler")(cls))
+        logits = None
+        if self.n_classes:
+            features = cls
+            if self.classify_patch_mean:
+                start, stop = self.patches
+                features = jnp.concatenate([cls, tokens[:, start:stop].mean(axis=1)], axis=-1)
+            logits = nn.Dense(self.n_classes, dtype=self.dtype, name="classifier")(features)
+        return tokens, pooled, logits
+
+
 # ---------------------------------------------------------------------- the forward pieces
 class OwnModel:
-    """`embed` / `block` / `readout` over own-family params (the contract `Backbone` drives).
+    """`embed` / `block` / `readout` over a family's params (the contract `Backbone` drives).
 
     Args:
         embed: Flax module, pixels [B, S, S, 3] -> residual [B, T, D].
@@ -223,12 +269,14 @@ class OwnModel:
         n_layers: number of blocks.
         image_size: the input side S (for the parameter shapes).
         rope: static `(cos, sin)` for the patch tokens, or None.
+        text: a text tower (`saejax.backbones.text.TextTower`) whose params sit under
+            `params["text"]`, or None.
     """
 
     def __init__(self, embed: nn.Module, block: Block, readout: nn.Module, *, n_layers: int, image_size: int,
-                 rope=None):
+                 rope=None, text=None):
         self.embed_module, self.block_module, self.readout_module = embed, block, readout
-        self.n_layers, self.image_size, self.rope = n_layers, image_size, rope
+        self.n_layers, self.image_size, self.rope, self.text = n_layers, image_size, rope, text
 
     def embed(self, p, x):
         return self.embed_module.apply({"params": p["embed"]}, x)
@@ -241,80 +289,43 @@ class OwnModel:
 
     def param_shapes(self) -> dict[tuple, tuple]:
         """Flat `{key: shape}` of every parameter, from `jax.eval_shape` (nothing is computed)."""
-        from flax.traverse_util import flatten_dict  # noqa: PLC0415
-
         key = jax.random.key(0)
         pixels = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3), jnp.float32)
         embed = jax.eval_shape(self.embed_module.init, key, pixels)
         resid = jax.eval_shape(lambda p, x: self.embed_module.apply(p, x), embed, pixels)
         block = jax.eval_shape(self.block_module.init, key, resid, self.rope)
         readout = jax.eval_shape(self.readout_module.init, key, resid)
-        shapes = {("embed",) + k: v.shape for k, v in flatten_dict(embed["params"]).items()}
+        shapes = prefixed_shapes(("embed",), embed)
         for i in range(self.n_layers):
-            shapes.update({("blocks", str(i)) + k: v.shape for k, v in flatten_dict(block["params"]).items()})
-        shapes.update({("readout",) + k: v.shape for k, v in flatten_dict(readout["params"]).items()})
-        return {k: tuple(v) for k, v in shapes.items()}
+            shapes.update(prefixed_shapes(("blocks", str(i)), block))
+        shapes.update(prefixed_shapes(("readout",), readout))
+        if self.text is not None:
+            shapes.update({("text",) + k: v for k, v in self.text.param_shapes().items()})
+        return shapes
 
 
-# ---------------------------------------------------------------------- PyTorch weights
-def convert_torch(state: Mapping[str, np.ndarray], renames: Sequence[tuple[str, str]],
-                  target: Mapping[tuple, tuple]) -> tuple[dict[tuple, np.ndarray], list[str]]:
-    """A PyTorch state dict -> flat own-family params.
+def prefixed_shapes(prefix: tuple, variables) -> dict[tuple, tuple]:
+    """`{prefix + key: shape}` of the `params` collection of `variables` (from `eval_shape`)."""
+    from flax.traverse_util import flatten_dict  # noqa: PLC0415
 
-    Each name is rewritten by `renames` (regex substitutions, in order; "." separates the
-    parts of the key), packed `in_proj_weight` / `in_proj_bias` (`nn.MultiheadAttention`) are
-    split into q, k, v, and a trailing `weight` becomes the key the target holds: `kernel`
-    (Linear weights transposed, Conv2d OIHW -> HWIO), `scale` (LayerNorm), or the name itself.
-
-    Returns:
-        `(params, unused)`: the converted params and the names no target key took.
-    """
-    out, unused = {}, []
-    for name, value in state.items():
-        renamed = name
-        for pattern, replacement in renames:
-            renamed = re.sub(pattern, replacement, renamed)
-        parts = tuple(renamed.split("."))
-        if parts[-1] in ("in_proj_weight", "in_proj_bias"):
-            leaf = "weight" if parts[-1] == "in_proj_weight" else "bias"
-            pieces = [(parts[:-1] + (p, leaf), v) for p, v in zip("qkv", np.split(value, 3, axis=0), strict=True)]
-        else:
-            pieces = [(parts, value)]
-        for key, v in pieces:
-            placed = _place(key, v, target)
-            if placed is None:
-                unused.append(name)
-            else:
-                out[placed[0]] = placed[1]
-    return out, unused
-
-
-def _place(key, value, target):
-    if key in target:
-        return key, value
-    if key[-1] == "weight":
-        kernel = key[:-1] + ("kernel",)
-        if kernel in target and value.ndim == 2:
-            return kernel, np.ascontiguousarray(value.T)
-        if kernel in target and value.ndim == 4:
-            return kernel, np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-        if key[:-1] + ("scale",) in target:
-            return key[:-1] + ("scale",), value
-    return None
+    return {prefix + k: tuple(v.shape) for k, v in flatten_dict(variables["params"]).items()}
 
 
 @dataclasses.dataclass(frozen=True)
-class OwnFamily:
-    """Everything `saejax.backbones.load` needs to know about an own-module family.
+class Family:
+    """Everything `saejax.backbones.load` needs to know about a backbone family.
 
     Attributes:
         name: The family name (`Backbone.family`).
         model_types: the config.json `model_type` values this family loads.
         hub_ids: Hub ids `load` may fetch by name.
-        vision_config: `(config.json dict, transformers) -> vision config object`.
-        build: `(cfg, dtype, grid) -> OwnModel`.
+        config_class: the `transformers` config class of the vision model (`create_random`).
+        configs: `config.json dict -> (vision config, text config or None)`, `transformers` config
+            objects (`_hf.config_class`).
+        build: `(cfg, dtype, grid, heads, text_cfg) -> OwnModel`; `heads` is a `base.Heads`.
         layout: `(cfg, grid) -> TokenLayout`.
-        renames: Regex substitutions from PyTorch weight names to own keys (`convert_torch`).
+        names: `cfg -> convert.NameTable`, the PyTorch names of the weights of the model the
+            config describes.
         default_processing: `cfg -> ImageProcessing` for a directory without preprocessor_config.json.
         processing_from_hf: `(preprocessor_config dict, cfg) -> ImageProcessing`.
         interpolate: "always" (runs at any multiple of the patch size, like DINOv2) or
@@ -326,11 +337,28 @@ class OwnFamily:
     name: str
     model_types: tuple[str, ...]
     hub_ids: tuple[str, ...]
-    vision_config: Callable[[Mapping, Any], Any]
+    config_class: str
+    configs: Callable[[Mapping], tuple[Any, Any]]
     build: Callable[..., OwnModel]
     layout: Callable[..., Any]
-    renames: tuple[tuple[str, str], ...]
+    names: Callable[[Any], Any]
     default_processing: Callable[[Any], Any]
     processing_from_hf: Callable[[Mapping, Any], Any]
     interpolate: str
     resize_square: bool
+
+
+def cls_layout(cfg, grid, n_registers: int = 0):
+    """The token layout of a model with a CLS token, then `n_registers` registers, then the patches."""
+    n = grid[0] * grid[1]
+    return TokenLayout(cls=0, registers=(1, 1 + n_registers), patches=(1 + n_registers, 1 + n_registers + n),
+                       n_tokens=1 + n_registers + n)
+
+
+def block_names(torch_block: str, *, ln1: str, attn: str, q: str, k: str, v: str, o: str, ln2: str, up: str,
+                down: str, own_block: str = "blocks.{i}") -> tuple[tuple[str, str], ...]:
+    """The `(torch, own)` name pairs of one pre-norm block, for `convert.NameTable`."""
+    t, b = torch_block, own_block
+    return ((f"{t}.{ln1}", f"{b}.ln1"), (f"{t}.{attn}.{q}", f"{b}.attn.q"), (f"{t}.{attn}.{k}", f"{b}.attn.k"),
+            (f"{t}.{attn}.{v}", f"{b}.attn.v"), (f"{t}.{o}", f"{b}.attn.o"), (f"{t}.{ln2}", f"{b}.ln2"),
+            (f"{t}.{up}", f"{b}.mlp.up"), (f"{t}.{down}", f"{b}.mlp.down"))

@@ -1,22 +1,17 @@
 """`Backbone`: one pure, jittable ViT forward with residual capture and residual edits.
 
-For the `transformers` Flax families (`clip.py`, `dinov2.py`, `vit.py`), the transformer blocks, patch embeddings and norms are `transformers`' own Flax modules,
-applied one block at a time to the matching parameter subtrees, so the numerics are HF's. The
-CLS token and position embeddings are added here, so that the position grid can be
-interpolated to other image sizes as PyTorch does (`base.PositionGrid`). The params
-pytree is the parameter tree of HF's Flax model class for the checkpoint (absent heads
-omitted):
+Every family runs on saejax's own Flax modules (`saejax.backbones.layers`), applied one block
+at a time to the matching parameter subtrees; their numerics are checked against the PyTorch
+`transformers` models (golden fixtures). The params pytree is the same for every family:
 
 ==================  ==========================================================================
-family              params tree (top level)
+key                 holds
 ==================  ==========================================================================
-clip                `vision_model` (+ `visual_projection`, and for full CLIPModel checkpoints
-                    `text_model`, `text_projection`, `logit_scale`: loaded, unused by forward)
-dinov2              `dinov2` (+ `classifier` for Dinov2ForImageClassification)
-dinov2_registers    `dinov2_with_registers` (DINOv2 tree + `embeddings/register_tokens`)
-vit                 `vit` (+ `classifier` for ViTForImageClassification, `pooler` if saved)
-siglip, siglip2,    `embed`, `blocks/<i>`, `readout`: saejax's own modules, one tree for every
-dinov3              own family (`saejax.backbones.layers`); the same `Backbone` drives them
+`embed`             patch embedding, CLS / register tokens, positions (CLIP: + `pre_layrnorm`)
+`blocks/<i>`        block i: `ln1`, `attn/{q,k,v,o}`, `ln2`, `mlp/{up,gate?,down}`, `ls1`, `ls2`
+`readout`           the final norm and the checkpoint's heads: `classifier` (ViT, DINOv2),
+                    `pooler` (ViT), `projection` (CLIP's visual_projection), `head` (SigLIP)
+`text`              a full CLIPModel's text tower, `text_projection` and `logit_scale`
 ==================  ==========================================================================
 
 Hook convention (stated once): hook `i` is the residual stream after transformer block `i`,
@@ -35,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax.backbones.base import Edit, ForwardOutput, LoadInfo, TokenLayout
+from saejax.backbones.base import Edit, ForwardOutput, Heads, LoadInfo, TokenLayout
 from saejax.backbones.layers import low_precision_matmuls
 from saejax.backbones.preprocess import ImageProcessing
 
@@ -65,6 +60,8 @@ class Backbone:
         load_info: Where the weights came from (`LoadInfo`), or None.
         text_config: A full CLIP checkpoint's text config (for `text.clip_text_embeddings`),
             else None.
+        heads: The heads the checkpoint carries (`base.Heads`: classifier, pooler, CLIP's
+            projection and text tower).
     """
 
     family: str
@@ -81,6 +78,7 @@ class Backbone:
     load_info: LoadInfo | None = dataclasses.field(default=None, repr=False)
     _impl: Any = dataclasses.field(default=None, repr=False)
     text_config: Any = dataclasses.field(default=None, repr=False)
+    heads: Heads = dataclasses.field(default=Heads(), repr=False)
 
     # ------------------------------------------------------------------ preprocessing
     def preprocess(self, images) -> np.ndarray:

@@ -14,7 +14,7 @@ as a "clip" `Backbone`, with HF `CLIPVisionConfig` fields taken from `model_cfg.
 
 `preprocess_cfg` gives the processor (`size`, `mean`, `std`, `interpolation`, `resize_mode`).
 `pooled` is `ln_post(CLS)`; open_clip's `encode_image` is
-`pooled @ params["visual_projection"]["kernel"]`. Vision towers that are not this
+`pooled @ saejax.backbones.clip_projection(params)`. Vision towers that are not this
 architecture (ResNets, timm or HF towers, layer scale, attentional pooling, average pooling,
 no `ln_pre`, ...) are refused with the config key that differs.
 """
@@ -140,7 +140,7 @@ def read_state(file: str) -> dict[str, np.ndarray]:
 
         raw = read_torch_state_dict(file)
     else:
-        raw = weights.read_safetensors([file], weights.SAFETENSORS)
+        raw = weights.read_safetensors([file])
     state = {}
     for name, value in raw.items():
         if name == "visual.proj":  # [width, embed] used as x @ proj; a torch Linear weight is [out, in]
@@ -157,5 +157,4 @@ def read_state(file: str) -> dict[str, np.ndarray]:
                 state[f"{stem}.{part}_proj.{'weight' if leaf == 'in_proj_weight' else 'bias'}"] = piece
         else:
             state[renamed] = value
-    return {k: v.astype(np.float32) if v.dtype.name in ("float16", "bfloat16", "float64") else v
-            for k, v in state.items()}
+    return {k: weights.as_float32(v) for k, v in state.items()}

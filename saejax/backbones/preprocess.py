@@ -99,6 +99,23 @@ class ImageProcessing:
                    resample=int(cfg.get("resample", BILINEAR if square_size else BICUBIC)),
                    crop=crop, rescale=rescale, mean=mean, std=std)
 
+    def to_hf(self) -> dict[str, Any]:
+        """The `preprocessor_config.json` fields that `from_hf` reads back as this processing."""
+        out: dict[str, Any] = {"do_resize": self.resize_shortest is not None or self.resize_to is not None,
+                               "resample": int(self.resample), "do_center_crop": self.crop is not None,
+                               "do_rescale": self.rescale is not None, "do_normalize": self.mean is not None}
+        if self.resize_shortest is not None:
+            out["size"] = {"shortest_edge": int(self.resize_shortest)}
+        elif self.resize_to is not None:
+            out["size"] = {"height": int(self.resize_to[0]), "width": int(self.resize_to[1])}
+        if self.crop is not None:
+            out["crop_size"] = {"height": int(self.crop[0]), "width": int(self.crop[1])}
+        if self.rescale is not None:
+            out["rescale_factor"] = float(self.rescale)
+        if self.mean is not None:
+            out["image_mean"], out["image_std"] = list(self.mean), list(self.std)
+        return out
+
     def source_resizing(self) -> dict[str, Any]:
         """The keyword arguments (`image_size`, `resize`, `short_side`, `resample`) that make an
         image source (`saejax.data.ImageFolderSource`, `FileListSource`, `TfdsSource`, the data

@@ -1,4 +1,4 @@
-"""SigLIP and SigLIP 2 vision towers as own Flax modules (`transformers` has no Flax class).
+"""SigLIP and SigLIP 2 vision towers on saejax's own Flax modules.
 
 "siglip": `SiglipModel` / `SiglipVisionModel` checkpoints (`google/siglip-base-patch16-224`,
 and the fixed-resolution SigLIP 2 checkpoints such as `google/siglip2-base-patch16-224`, which
@@ -26,35 +26,26 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from saejax.backbones._interp import bicubic_matrix, bilinear_antialiased_matrix, resize_grid
-from saejax.backbones.layers import AttentionPool, Block, OwnFamily, OwnModel
+from saejax.backbones._hf import config_class
+from saejax.backbones._interp import bicubic_matrix, bilinear_antialiased_matrix, positions_on_grid
 from saejax.backbones.base import TokenLayout
+from saejax.backbones.convert import NameTable
+from saejax.backbones.layers import AttentionPool, Block, Family, OwnModel, block_names
 from saejax.backbones.preprocess import BICUBIC, BILINEAR, HALF, ImageProcessing
 
-RENAMES = (
-    (r"^vision_model\.", ""),
-    (r"^embeddings\.patch_embedding\.", "embed.patch."),
-    (r"^embeddings\.position_embedding\.weight$", "embed.positions"),
-    (r"^encoder\.layers\.", "blocks."),
-    (r"\.layer_norm([12])\.", r".ln\1."),
-    (r"\.self_attn\.([qkv])_proj\.", r".attn.\1."),
-    (r"\.self_attn\.out_proj\.", ".attn.o."),
-    (r"\.mlp\.fc1\.", ".mlp.up."),
-    (r"\.mlp\.fc2\.", ".mlp.down."),
-    (r"^post_layernorm\.", "readout.norm."),
-    (r"^head\.attention\.out_proj\.", "head.attn.o."),
-    (r"^head\.attention\.", "head.attn."),
-    (r"^head\.layernorm\.", "head.ln."),
-    (r"^head\.", "readout.head."),
-)
-
-
-def _on_grid(positions, grid, matrix):
-    """[side * side, D] learned positions -> [rows * cols, D] on the model's grid."""
-    side = math.isqrt(positions.shape[0])
-    if tuple(grid) == (side, side):
-        return positions
-    return resize_grid(positions, side, (matrix(side, grid[0]), matrix(side, grid[1])))
+NAMES = NameTable((
+    ("embeddings.patch_embedding", "embed.patch"),  # a Conv2d, or NaFlex's Linear
+    ("embeddings.position_embedding.weight", "embed.positions"),
+    *block_names("encoder.layers.{i}", ln1="layer_norm1", attn="self_attn", q="q_proj", k="k_proj", v="v_proj",
+                 o="self_attn.out_proj", ln2="layer_norm2", up="mlp.fc1", down="mlp.fc2"),
+    ("post_layernorm", "readout.norm"),
+    ("head.probe", "readout.head.probe"),
+    ("head.attention.in_proj", ("readout.head.attn.q", "readout.head.attn.k", "readout.head.attn.v")),
+    ("head.attention.out_proj", "readout.head.attn.o"),
+    ("head.layernorm", "readout.head.ln"),
+    ("head.mlp.fc1", "readout.head.mlp.up"),
+    ("head.mlp.fc2", "readout.head.mlp.down"),
+), prefix="vision_model.")
 
 
 class SiglipEmbed(nn.Module):
@@ -83,7 +74,7 @@ class SiglipEmbed(nn.Module):
                               name="patch")(x).reshape(b, -1, self.hidden)
             matrix = functools.partial(bicubic_matrix, antialias=False)
         positions = self.param("positions", nn.initializers.normal(0.02), (self.n_positions, self.hidden), jnp.float32)
-        return patches + _on_grid(positions, self.grid, matrix).astype(patches.dtype)[None]
+        return patches + positions_on_grid(positions, self.grid, matrix).astype(patches.dtype)[None]
 
 
 class SiglipReadout(nn.Module):
@@ -104,7 +95,7 @@ class SiglipReadout(nn.Module):
         return tokens, pooled, None
 
 
-def _build(cfg, dtype, grid, *, naflex):
+def _build(cfg, dtype, grid, heads, text_cfg, *, naflex):
     n_positions = int(cfg.num_patches) if naflex else (int(cfg.image_size) // int(cfg.patch_size)) ** 2
     if math.isqrt(n_positions) ** 2 != n_positions:
         raise ValueError(f"{n_positions} position embeddings do not form a square grid")
@@ -121,10 +112,10 @@ def _layout(cfg, grid):
     return TokenLayout(cls=None, registers=(0, 0), patches=(0, n), n_tokens=n)
 
 
-def _vision_config(cfg_json, t, *, full, vision):
+def _configs(cfg_json, *, full, vision):
     if cfg_json.get("model_type", "").endswith("_vision_model"):
-        return getattr(t, vision).from_dict(dict(cfg_json))
-    return getattr(t, full).from_dict(dict(cfg_json)).vision_config
+        return config_class(vision).from_dict(dict(cfg_json)), None
+    return config_class(full).from_dict(dict(cfg_json)).vision_config, None
 
 
 def _siglip_processing(cfg):
@@ -151,30 +142,32 @@ def _naflex_from_hf(processor, cfg):
     return dataclasses.replace(base, resize_to=(s, s), resample=int(processor.get("resample", BILINEAR)))
 
 
-SIGLIP = OwnFamily(
+SIGLIP = Family(
     name="siglip",
     model_types=("siglip", "siglip_vision_model"),
     hub_ids=("google/siglip-base-patch16-224", "google/siglip-base-patch16-384", "google/siglip-large-patch16-384",
              "google/siglip-so400m-patch14-384", "google/siglip2-base-patch16-224", "google/siglip2-large-patch16-256",
              "google/siglip2-so400m-patch14-384"),
-    vision_config=lambda cfg_json, t: _vision_config(cfg_json, t, full="SiglipConfig", vision="SiglipVisionConfig"),
-    build=lambda cfg, dtype, grid: _build(cfg, dtype, grid, naflex=False),
+    config_class="SiglipVisionConfig",
+    configs=functools.partial(_configs, full="SiglipConfig", vision="SiglipVisionConfig"),
+    build=functools.partial(_build, naflex=False),
     layout=_layout,
-    renames=RENAMES,
+    names=lambda cfg: NAMES,
     default_processing=_siglip_processing,
     processing_from_hf=lambda processor, cfg: ImageProcessing.from_hf(processor, square_size=True),
     interpolate="on_request",
     resize_square=True,
 )
 
-SIGLIP2_NAFLEX = OwnFamily(
+SIGLIP2_NAFLEX = Family(
     name="siglip2",
     model_types=("siglip2", "siglip2_vision_model"),
     hub_ids=("google/siglip2-base-patch16-naflex", "google/siglip2-so400m-patch16-naflex"),
-    vision_config=lambda cfg_json, t: _vision_config(cfg_json, t, full="Siglip2Config", vision="Siglip2VisionConfig"),
-    build=lambda cfg, dtype, grid: _build(cfg, dtype, grid, naflex=True),
+    config_class="Siglip2VisionConfig",
+    configs=functools.partial(_configs, full="Siglip2Config", vision="Siglip2VisionConfig"),
+    build=functools.partial(_build, naflex=True),
     layout=_layout,
-    renames=RENAMES,
+    names=lambda cfg: NAMES,
     default_processing=_naflex_processing,
     processing_from_hf=_naflex_from_hf,
     interpolate="always",

@@ -1,6 +1,8 @@
 """Backbone weights on disk, read without torch: which files a model directory has
-(`find_weights`), PyTorch safetensors (one file or an index of shards, merged), Flax msgpack,
-and JSON configs. Every reader names the file it could not read (`CheckpointError`)."""
+(`find_weights`), and the weights under their PyTorch names (`read_state`): safetensors (one
+file or an index of shards, merged), `pytorch_model.bin` (one file or shards; read by a
+restricted unpickler that builds tensors only), or an old `transformers` Flax msgpack. JSON
+configs too. Every reader names the file it could not read (`CheckpointError`)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ from flax.traverse_util import flatten_dict
 from saejax.checkpoint.errors import CheckpointError
 from saejax.checkpoint.safetensors_header import read_header
 
-SAFETENSORS, SAFETENSORS_INDEX, FLAX_MSGPACK = "model.safetensors", "model.safetensors.index.json", "flax_model.msgpack"
-WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, FLAX_MSGPACK)
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+FLAX_MSGPACK = "flax_model.msgpack"
+# In order of preference.
+WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX, FLAX_MSGPACK)
+_INDEXES = {SAFETENSORS_INDEX: SAFETENSORS, PYTORCH_BIN_INDEX: PYTORCH_BIN}
 
 
 def read_json(file, *, what):
@@ -36,40 +42,60 @@ def read_json(file, *, what):
 def find_weights(path: str) -> tuple[str, list[str]]:
     """Returns `(kind, files)`: kind is one of WEIGHT_FILES; files are the paths to read."""
     names = set(os.listdir(path))
-    if SAFETENSORS in names:
-        return SAFETENSORS, [os.path.join(path, SAFETENSORS)]
-    if SAFETENSORS_INDEX in names:
-        index = read_json(os.path.join(path, SAFETENSORS_INDEX), what=SAFETENSORS_INDEX)
+    for kind in WEIGHT_FILES:
+        if kind not in names:
+            continue
+        if kind not in _INDEXES:
+            return kind, [os.path.join(path, kind)]
+        index = read_json(os.path.join(path, kind), what=kind)
         shards = sorted(set(index.get("weight_map", {}).values()))
         missing = [s for s in shards if s not in names]
         if not shards or missing:
-            raise FileNotFoundError(f"{path}/{SAFETENSORS_INDEX} lists shards that are missing: "
-                                    f"{missing or '(empty weight_map)'}")
-        return SAFETENSORS_INDEX, [os.path.join(path, s) for s in shards]
-    if FLAX_MSGPACK in names:
-        return FLAX_MSGPACK, [os.path.join(path, FLAX_MSGPACK)]
-    hint = ""
-    if names & {"pytorch_model.bin", "pytorch_model.bin.index.json"}:
-        hint = (" Found pytorch_model.bin: torch-free loading needs safetensors; convert it once with torch, e.g. "
-                "Model.from_pretrained(dir).save_pretrained(dir, safe_serialization=True).")
-    elif names & {"flax_model.msgpack.index.json"}:
-        hint = " Sharded Flax msgpack checkpoints are not supported; save as safetensors."
-    raise FileNotFoundError(f"no weights in {path!r}: looked for {SAFETENSORS}, {SAFETENSORS_INDEX} (+ shards "
-                            f"model-0000x-of-0000y.safetensors) and {FLAX_MSGPACK}; found {sorted(names)}.{hint}")
+            raise FileNotFoundError(f"{path}/{kind} lists shards that are missing: {missing or '(empty weight_map)'}")
+        return kind, [os.path.join(path, s) for s in shards]
+    hint = " Sharded Flax msgpack checkpoints are not supported; save as safetensors." \
+        if "flax_model.msgpack.index.json" in names else ""
+    raise FileNotFoundError(f"no weights in {path!r}: looked for {', '.join(WEIGHT_FILES)} (+ the shards an index "
+                            f"lists); found {sorted(names)}.{hint}")
 
 
-def safetensors_shapes(files) -> dict[str, tuple]:
-    """`{name: shape}` of every tensor in the files, read from the headers only (checked against
-    each file's size, so a truncated or hostile file is refused before any data is read)."""
-    return {name: info.shape for file in files for name, info in read_header(file).items()}
+def read_state(kind: str, files) -> dict[str, np.ndarray]:
+    """The weights of `files` (as `find_weights` gives them) under their PyTorch names, as
+    numpy arrays (float16 / bfloat16 / float64 read as float32); shards merged."""
+    from saejax.backbones.convert import flax_to_torch  # noqa: PLC0415
+
+    if kind == FLAX_MSGPACK:
+        return flax_to_torch(read_msgpack(files[0]))
+    state = read_safetensors(files) if _INDEXES.get(kind, kind) == SAFETENSORS else _read_torch_bins(files)
+    if kind in _INDEXES:
+        index = read_json(os.path.join(os.path.dirname(files[0]), kind), what=kind)
+        lost = sorted(set(index["weight_map"]) - set(state))
+        if lost:
+            raise ValueError(f"shards are missing weights listed in {kind}: {lost[:10]}")
+    return state
 
 
-def read_safetensors(files, kind) -> dict[str, np.ndarray]:
-    """Reads (and for shards, merges) PyTorch safetensors into float32 numpy arrays, without torch."""
+def _read_torch_bins(files) -> dict[str, np.ndarray]:
+    from saejax.checkpoint.saev import read_torch_state_dict  # noqa: PLC0415
+
+    state = {}
+    for file in files:
+        for k, v in read_torch_state_dict(file).items():
+            if k in state:
+                raise ValueError(f"weight {k!r} appears in more than one shard ({file})")
+            state[k] = as_float32(v)
+    return state
+
+
+def read_safetensors(files) -> dict[str, np.ndarray]:
+    """Reads (and for shards, merges) PyTorch safetensors into float32 numpy arrays, without torch.
+    Each file's header is checked against its size first (`read_header`), so a truncated or
+    hostile file is refused before any data is read."""
     from safetensors import safe_open  # noqa: PLC0415
 
     state = {}
     for file in files:
+        read_header(file)
         try:
             with safe_open(file, framework="numpy") as f:
                 for k in f.keys():
@@ -80,11 +106,6 @@ def read_safetensors(files, kind) -> dict[str, np.ndarray]:
             raise
         except Exception as e:  # noqa: BLE001 - safetensors' own error types
             raise CheckpointError(f"{file}: unreadable safetensors file: {type(e).__name__}: {e}") from e
-    if kind == SAFETENSORS_INDEX:
-        index = read_json(os.path.join(os.path.dirname(files[0]), SAFETENSORS_INDEX), what=SAFETENSORS_INDEX)
-        lost = sorted(set(index["weight_map"]) - set(state))
-        if lost:
-            raise ValueError(f"shards are missing weights listed in {SAFETENSORS_INDEX}: {lost[:10]}")
     return state
 
 
@@ -99,7 +120,8 @@ def as_float32(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def read_msgpack(file, root) -> dict[tuple, np.ndarray]:
+def read_msgpack(file) -> dict[tuple, np.ndarray]:
+    """A `transformers` Flax msgpack file as flat params (`{("vit", "embeddings", ...): array}`)."""
     from flax import serialization  # noqa: PLC0415
 
     try:
@@ -110,8 +132,6 @@ def read_msgpack(file, root) -> dict[tuple, np.ndarray]:
                               f"{type(e).__name__}: {e}") from e
     if not isinstance(tree, Mapping):
         raise CheckpointError(f"{file}: the msgpack holds a {type(tree).__name__}, not a params tree")
-    if "params" in tree and isinstance(tree["params"], Mapping) and root not in tree:
+    if set(tree) == {"params"} and isinstance(tree["params"], Mapping):
         tree = tree["params"]
-    if root not in tree and "embeddings" in tree:  # a base model (e.g. FlaxDinov2Model) saved without prefix
-        tree = {root: {k: v for k, v in tree.items()}}
     return {k: as_float32(np.asarray(v)) for k, v in flatten_dict(tree).items()}

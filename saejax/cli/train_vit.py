@@ -3,7 +3,7 @@
     saejax train_vit --workdir=/tmp/saejax-shapes [--config=shapes_vit]
 
 Writes `<workdir>/vit/` (`<workdir>/vit_conjunction/` with `--config.targets=conjunction`;
-`config.json`, `flax_model.msgpack`, `preprocessor_config.json` and
+`config.json`, `model.safetensors`, `preprocessor_config.json` and
 `training.json` with the settings, validation accuracy and loss history). Rerunning with the
 same config reuses the checkpoint. At the end the checkpoint is loaded back with
 `saejax.backbones.load` and its validation accuracy through `Backbone.forward` is printed next

@@ -1,7 +1,7 @@
 """Training a small ViT image classifier from scratch with optax, saved as an HF checkpoint.
 
 This makes the backbone of the shapes world (`saejax.datasets.shapes`): `train_shapes_vit`
-generates the world, trains `transformers`' Flax ViT classifier on the task (the shape and
+generates the world, trains a ViT classifier (the `vit` family's own modules) on the task (the shape and
 colour of the largest object) and writes an ordinary HF checkpoint directory that
 `saejax.backbones.load` reads like any other. The pieces (`make_train_step`, `vit_accuracy`,
 `train_classifier`) work for any `saejax.data` source of uint8 images with integer labels.
@@ -66,7 +66,7 @@ __all__ = [
 SHAPES_VIT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=40,
                   patch_size=8)
 
-_FORMAT = "saejax-shapes-vit-v2"
+_FORMAT = "saejax-shapes-vit-v3"  # v3: saejax's own ViT module and initialisation, PyTorch-named safetensors
 _INFO = "training.json"
 
 
@@ -74,7 +74,7 @@ class ClassifierState(NamedTuple):
     """Training state (a pytree).
 
     Attributes:
-        params: the classifier params `{"vit": ..., "classifier": ...}`.
+        params: the classifier params (the `vit` family's tree, `{"embed", "blocks", "readout"}`).
         patch_head: the auxiliary per-patch head `{"kernel": [D, K], "bias": [K]}` (training
             only, not saved), or None.
         opt_state: the optax state of `(params, patch_head)`.
