@@ -30,12 +30,22 @@ __all__ = ["RESUMABLE_KEYS", "TrainedRun", "build_backbone", "build_head", "buil
 def build_source(cfg: ml_collections.ConfigDict, split: str) -> data.Source:
     """The image source a config names (`split`: "train" or "validation").
 
-    `cfg.kind` and its keys: "tfds" (`name`, `<split>_split`, `data_dir`, `image_size`,
-    `label_key`), "folder" (`<split>_dir`, `image_size`), both with `skip_unreadable` (skip
-    and count images that cannot be decoded instead of stopping), "shapes" (`<split>_images`, `seed`,
-    `image_size`, 40 by default) or "random" (`<split>_images`, `seed`, `image_size`).
+    `cfg.kind` and its keys: "hf" (a Hugging Face data set, `saejax.data.HfDatasetSource`:
+    `path` (a hub name, a `save_to_disk` folder or parquet files), `split` (the training
+    images' split, "train" by default), `validation_split` ("validation"), `image_column`,
+    `label_column`, `name`, `streaming`, `cache_dir`, `image_size`), "tfds" (`name`,
+    `<split>_split`, `data_dir`, `image_size`, `label_key`), "folder" (`<split>_dir`,
+    `image_size`), all three with `skip_unreadable` (skip and count images that cannot be
+    decoded instead of stopping), "shapes" (`<split>_images`, `seed`, `image_size`, 40 by
+    default) or "random" (`<split>_images`, `seed`, `image_size`).
     """
     skip = bool(cfg.get("skip_unreadable", False))
+    if cfg.kind == "hf":
+        hf_split = cfg.get("split", "train") if split == "train" else cfg.get(f"{split}_split", split)
+        return data.HfDatasetSource(cfg.path, hf_split, image_column=cfg.get("image_column", "image"),
+                                    label_column=cfg.get("label_column", "label"), name=cfg.get("name"),
+                                    streaming=bool(cfg.get("streaming", False)), image_size=cfg.get("image_size"),
+                                    skip_unreadable=skip, cache_dir=cfg.get("cache_dir"))
     if cfg.kind == "tfds":
         return data.TfdsSource(cfg.name, cfg.get(f"{split}_split"), data_dir=cfg.get("data_dir"),
                                image_size=cfg.get("image_size"), label_key=cfg.get("label_key", "label"),
@@ -49,7 +59,7 @@ def build_source(cfg: ml_collections.ConfigDict, split: str) -> data.Source:
         rng = np.random.default_rng(cfg.seed + (split == "validation"))
         n = cfg.get(f"{split}_images")
         return data.ArraySource(rng.integers(0, 256, (n, cfg.image_size, cfg.image_size, 3), dtype=np.uint8))
-    raise ValueError(f"unknown data kind {cfg.kind!r}; expected tfds, folder, shapes or random")
+    raise ValueError(f"unknown data kind {cfg.kind!r}; expected hf, tfds, folder, shapes or random")
 
 
 def compute_dtype(name: str | None):

@@ -22,10 +22,13 @@ from saejax.studies.concepts import run_semprobe
 
 
 def run(config, workdir: str) -> dict:
-    root = builders.ensure_tiny_tree(config.data, lambda r: concept_folders.write_tiny_tree(
-        r, **config.data.get("tiny_tree", {})))
     size = config.data.image_size
-    source = concept_folders.source(root, image_size=size, skip_unreadable=config.data.get("skip_unreadable", False))
+    if config.data.get("kind") == "hf":  # a data set whose ClassLabel is ("negative", concept, ...)
+        source = builders.build_source(config.data, "train")
+    else:
+        root = builders.ensure_tiny_tree(config.data, lambda r: concept_folders.write_tiny_tree(
+            r, **config.data.get("tiny_tree", {})))
+        source = concept_folders.source(root, image_size=size, skip_unreadable=config.data.get("skip_unreadable", False))
     sites = {name: builders.build_site(model.backbone, model.sae, model.layer, size)
              for name, model in config.models.items()}
     return run_semprobe(sites, source, workdir, top=config.top, n_permutations=config.n_permutations,

@@ -1,7 +1,7 @@
 """The feature browser; see `saejax.cli.browse`.
 
-The default browses an SAE trained by `saejax train` on ImageNet validation images
-(tfds); give `--config.sae.path` (a `save_sae` directory, e.g. `RUN/sae/layer_10/member_0`) or
+The default browses an SAE trained by `saejax train` on ImageNet validation images (the
+Hugging Face hub's `ILSVRC/imagenet-1k`, as saev reads it, so image ids are saev's); give `--config.sae.path` (a `save_sae` directory, e.g. `RUN/sae/layer_10/member_0`) or
 `--config.sae.kind=saev --config.sae.path=sae.pt`, the backbone and the layer it reads.
 `images` bounds the images streamed; `max_pages` the latent pages written (most frequent first;
 the index lists every latent).
@@ -12,6 +12,8 @@ few seconds on CPU.
 
 import ml_collections
 
+from saejax.configs.paper import imagenet, source_keys
+
 
 def get_config(variant: str = ""):
     c = ml_collections.ConfigDict()
@@ -19,8 +21,7 @@ def get_config(variant: str = ""):
     c.backbone = dict(name="openai/clip-vit-base-patch16", dtype="float32")
     c.sae = dict(kind="saejax", path="")
     c.layer = 10
-    c.data = dict(kind="tfds", name="imagenet2012", train_split="train", validation_split="validation",
-                  data_dir=None, image_size=224, seed=0, skip_unreadable=False)
+    c.data = imagenet(224)
     c.split = "validation"
     c.images = 50_000
     c.batch_size = 64
@@ -33,8 +34,8 @@ def get_config(variant: str = ""):
                                                           intermediate_size=64, image_size=40, patch_size=8)))
         c.sae = dict(kind="random", d_sae=128, seed=0)
         c.layer = 1
-        c.data = dict(kind="shapes", validation_images=96, seed=0, image_size=40, skip_unreadable=False,
-                      validation_dir="")  # --config.data.kind=folder --config.data.validation_dir=DIR: your images
+        # --config.data.kind=folder --config.data.validation_dir=DIR, or kind=hf with path=: your images
+        c.data = source_keys(kind="shapes", validation_images=96, image_size=40)
         c.images, c.batch_size, c.k = 96, 32, 8
     elif variant:
         raise ValueError(f"unknown variant {variant!r}; expected '' or 'small'")

@@ -4,8 +4,8 @@ the 3x3 lr/lambda sweep trained together on one stream, batch 16,384, 100M patch
     saejax train --config=clip_vit_b16 --workdir=DIR
     saejax train --config=clip_vit_b16:small --workdir=DIR
 
-Needs ImageNet-1K prepared for tfds as ArrayRecord in `--config.data.data_dir` (no TensorFlow
-needed to read it) and the weights of openai/clip-vit-base-patch16 (hub or a local directory
+Needs ImageNet-1K (`ILSVRC/imagenet-1k` from the Hugging Face hub, as saev reads it, or a local
+copy: `--config.data.path`; tfds works too, see `saejax.configs.paper`) and the weights of openai/clip-vit-base-patch16 (hub or a local directory
 in `--config.backbone.name`). 6,103 steps. Not run here: this machine has neither ImageNet nor
 an accelerator, so there are no numbers to promise yet; the paper's released SAE (lr 1e-3 region,
 lambda 4e-4..8e-4) has most latents alive and NMSE well below 0.3.

@@ -29,6 +29,8 @@ the factorised ViT's texture latents unmatched (README, "Finding features automa
 
 import ml_collections
 
+from saejax.configs.paper import source_keys
+
 _RANDOM = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=40,
                patch_size=8)
 
@@ -41,8 +43,7 @@ def _model(name: str, **kwargs):
 def get_config(variant: str = ""):
     c = ml_collections.ConfigDict()
     c.models = {"a": _model("a"), "b": _model("b")}
-    c.data = dict(kind="", name="imagenet2012", validation_split="validation", data_dir=None, image_size=224,
-                  seed=1, validation_images=1_000, skip_unreadable=False, validation_dir="")
+    c.data = source_keys(kind="", image_size=224, seed=1, validation_images=1_000)
     c.split = "validation"
     c.images = 1_000
     c.level = "patch"
@@ -57,7 +58,7 @@ def get_config(variant: str = ""):
                                                                     directory=f"/tmp/saejax-random-backbones/{family}")))
                     for side, family, seed in (("a", "vit", 0), ("b", "dinov2", 1))}
         c.models.b.backbone.random.sizes.update(patch_size=8, image_size=40)
-        c.data = dict(kind="shapes", validation_images=64, seed=0, image_size=40)
+        c.data = source_keys(kind="shapes", validation_images=64, seed=0, image_size=40)
         c.images, c.batch_size, c.listed = 64, 16, 10
         c.browser = dict(k=4, max_pages=8)
     elif variant:

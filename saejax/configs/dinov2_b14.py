@@ -5,7 +5,7 @@ patches, warmup 500.
     saejax train --config=dinov2_b14 --workdir=DIR
     saejax train --config=dinov2_b14:small --workdir=DIR
 
-Needs ImageNet-1K for tfds (ArrayRecord) and facebook/dinov2-with-registers-base. Images are
+Needs ImageNet-1K (`ILSVRC/imagenet-1k`, as `clip_vit_b16`) and facebook/dinov2-with-registers-base. Images are
 resized (short side 256) and centre-cropped on the host, then the backbone crops 224, as the
 reference does. Not run here (no ImageNet, no accelerator).
 

@@ -37,6 +37,8 @@ under a minute on CPU; a plumbing run (its random latents all fire on most patch
 import ml_collections
 from ml_collections import config_dict
 
+from saejax.configs.paper import imagenet, source_keys
+
 
 def get_config(variant: str = ""):
     c = ml_collections.ConfigDict()
@@ -45,8 +47,7 @@ def get_config(variant: str = ""):
     c.sae = dict(kind="saejax", path="")
     c.layer = 2
     c.head = dict(kind="classifier", logits=(0, 0), prompts=(), classes=())
-    c.data = dict(kind="tfds", name="imagenet2012", train_split="train", validation_split="validation",
-                  data_dir=None, image_size=224, seed=0, skip_unreadable=False, train_dir="", validation_dir="")
+    c.data = imagenet(224)
     c.images = 2_000
     c.verify_images = 500
     c.candidates = 5
@@ -63,7 +64,7 @@ def get_config(variant: str = ""):
                                                                        image_size=40, patch_size=8)))
         c.sae = dict(kind="random", d_sae=128, seed=0)
         c.layer = 1
-        c.data = dict(kind="shapes", train_images=64, validation_images=48, seed=0, image_size=40)
+        c.data = source_keys(kind="shapes", train_images=64, validation_images=48, image_size=40)
         c.images, c.verify_images, c.candidates, c.batch_size = 64, 48, 2, 16
         c.verification.update(permutations=1_000, max_frequency=1.0)
         c.browser = dict(k=4, images=48, max_pages=8)

@@ -1,10 +1,29 @@
 """Shared pieces of the paper-reproduction configs (clip_vit_b16.py, dinov2_b14.py)."""
 
 import ml_collections
+from ml_collections import config_dict
+
+
+def source_keys(**data) -> dict:
+    """`data` with every key `builders.build_source` reads (neutral values where `data` has none),
+    so that any command's source can be switched from the command line:
+    `--config.data.kind=hf --config.data.path=/data/flowers_saved`, or `kind=folder` with
+    `train_dir` / `validation_dir`."""
+    return {**dict(kind="", path="", split="train", validation_split="validation", image_column="image",
+                   label_column="label", streaming=False, cache_dir=config_dict.placeholder(str), train_dir="",
+                   validation_dir="", skip_unreadable=False, seed=0), **data}
+
+
+def imagenet(image_size: int) -> dict:
+    """ImageNet-1K from the Hugging Face hub as saev reads it (`data.kind="hf"`), images resized
+    (short side) and centre-cropped to `image_size` on the host."""
+    return source_keys(kind="hf", path="ILSVRC/imagenet-1k", image_size=image_size)
 
 
 def paper_config(backbone: str, data_image_size: int) -> ml_collections.ConfigDict:
-    """The paper's recipe (REFERENCE.md section 2) on ImageNet-1K through tfds (ArrayRecord)."""
+    """The paper's recipe (REFERENCE.md section 2) on ImageNet-1K, read as saev reads it:
+    `datasets.load_dataset("ILSVRC/imagenet-1k", split="train")`, so image ids are the data
+    set's row indices, the ids of saev's pretrained SAEs and their exemplars."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     # "auto": bf16 matmuls (float32 accumulation, float32 state) on TPU / GPU, float32 on CPU;
@@ -14,8 +33,11 @@ def paper_config(backbone: str, data_image_size: int) -> ml_collections.ConfigDi
     c.tokens = "patches"
     # Images are resized (short side) and centre-cropped on the host to `image_size`; the
     # backbone's own preprocessing then matches the reference pipeline.
-    c.data = dict(kind="tfds", name="imagenet2012", train_split="train", validation_split="validation",
-                  data_dir=None, image_size=data_image_size, seed=0, skip_unreadable=False)
+    # ImageNet-1K from the Hugging Face hub (gated: accept its terms and log in first), downloaded
+    # once into `cache_dir`; `streaming=True` reads it without downloading it whole (shuffled by
+    # shard, see saejax.data.HfDatasetSource). Or through tfds: kind="tfds", name="imagenet2012",
+    # train_split="train", validation_split="validation", data_dir=... (ArrayRecord).
+    c.data = imagenet(data_image_size)
     c.image_batch_size = 256
     c.buffer_tokens = 2**20  # rows mixed per fill; two fills live on the devices (2 x 1M x 768 fp32 = 6 GiB in all)
     # Buffer groups (each shuffled on its own, split over `data`): None = the data axis size. Fix it to get the
@@ -52,8 +74,8 @@ def small_config(family: str, image_size: int, patch_size: int) -> ml_collection
                                                       intermediate_size=64, image_size=image_size,
                                                       patch_size=patch_size)))
     c.layers = (1,)  # second to last of 3 blocks
-    c.data = dict(kind="random", train_images=512, validation_images=64, image_size=image_size, seed=0,
-                  skip_unreadable=False, train_dir="", validation_dir="")  # kind=folder reads the *_dir folders
+    # kind=folder reads the *_dir folders; kind=hf reads `path` (a save_to_disk folder, parquet files)
+    c.data = source_keys(kind="random", train_images=512, validation_images=64, image_size=image_size)
     c.image_batch_size = 16
     c.buffer_tokens = 2048
     c.shuffle_groups = 8  # the same stream on 1, 2, 4 or 8 data devices

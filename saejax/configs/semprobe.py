@@ -5,7 +5,9 @@
         --config.models.dinov2.sae.path=/models/dinov2_sae/sae.pt --config.models.dinov2.sae.norm_mean=/models/dinov2_mu.npy
 
 Needs a concept tree (`positives/<concept>/` with about 20 images each, `negatives/` with about
-20 shared ones; gather them yourself, e.g. flags, landmarks and jerseys for "brazil"),
+20 shared ones; gather them yourself, e.g. flags, landmarks and jerseys for "brazil"), or a
+Hugging Face data set of them (`--config.data.kind=hf --config.data.path=...`: its label column a
+`ClassLabel` whose first class is "negative", then one class per concept),
 openai/clip-vit-base-patch16 and facebook/dinov2-base, and saev's two SAEs
 (`osunlp/SAE_CLIP_24K_ViT-B-16_IN1K`, `osunlp/SAE_DINOv2_24K_ViT-B-14_IN1K`; the DINOv2 one reads
 `(x - mu) / 2.0181241035461426`).
@@ -33,7 +35,9 @@ def _random_model(family):
 def get_config(variant: str = ""):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.data = dict(root="", image_size=224, skip_unreadable=False)  # True: skip and count unreadable files
+    # kind "folders" (a concept tree at `root`) or "hf" (`path`, `split`, `image_column`, `label_column`)
+    c.data = dict(kind="folders", root="", image_size=224, skip_unreadable=False,  # True: skip and count unreadable
+                  path="", split="train", image_column="image", label_column="label")
     c.models = {"clip": dict(layer=10, sae=dict(kind="saev", path="", norm_scalar=0.0),
                              backbone=dict(name="openai/clip-vit-base-patch16", dtype="float32")),
                 "dinov2": dict(layer=10, sae=dict(kind="saev", path="", norm_mean="", norm_scalar=2.0181241035461426),
@@ -44,8 +48,9 @@ def get_config(variant: str = ""):
     c.n_random = 1000
     c.exemplars = 8
     if variant == "small":
-        c.data = dict(root="/tmp/saejax-tiny-concepts-mixed", image_size=32, skip_unreadable=True,
-                      tiny_tree=dict(per_concept=8, negatives=9, unreadable=1))
+        c.data = dict(kind="folders", root="/tmp/saejax-tiny-concepts-mixed", image_size=32, skip_unreadable=True,
+                      tiny_tree=dict(per_concept=8, negatives=9, unreadable=1), path="", split="train",
+                      image_column="image", label_column="label")
         c.models = {"clip": _random_model("clip"), "dinov2": _random_model("dinov2")}
         c.n_permutations, c.n_random = 200, 100
     elif variant:

@@ -1,5 +1,5 @@
-"""Images in, activations out: the host-side sources and their batches (`sources`, `images`,
-`batching`, all re-exported here as `saejax.data.<name>`), the sharded harvest and device shuffle
+"""Images in, activations out: the host-side sources and their batches (`sources`,
+`huggingface`, `images`, `batching`, all re-exported here as `saejax.data.<name>`), the sharded harvest and device shuffle
 buffer (`activations`), the activation streams that feed training (`stream`), and saev's
 activation shards (`shards`).
 
@@ -10,9 +10,11 @@ activation shards (`shards`).
 from saejax.data.batching import Batch, batches, gather_over_processes, one_pass, permutation, process_share
 from saejax.data.images import (IMAGE_EXTENSIONS, RESAMPLING, Resizing, UnreadableImageError, find_images,
                                 match_mask, patch_mode_labels, read_image)
+from saejax.data.huggingface import HfDatasetSource
 from saejax.data.sources import (ArraySource, Example, FileListSource, ImageFolderSource, Source, TfdsSource,
                                  skipped_report)
 
-__all__ = ["IMAGE_EXTENSIONS", "RESAMPLING", "ArraySource", "Batch", "Example", "FileListSource", "ImageFolderSource",
+__all__ = ["IMAGE_EXTENSIONS", "RESAMPLING", "ArraySource", "Batch", "Example", "FileListSource", "HfDatasetSource",
+           "ImageFolderSource",
            "Resizing", "Source", "TfdsSource", "UnreadableImageError", "batches", "find_images", "gather_over_processes", "match_mask",
            "one_pass", "patch_mode_labels", "permutation", "process_share", "read_image", "skipped_report"]

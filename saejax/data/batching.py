@@ -121,7 +121,8 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, start: 
     >>> first = next(it)
     >>> resumed = batches(ArraySource(images), 32, seed=0, start=first.position)  # continues
     """
-    n = len(source)
+    streaming = getattr(source, "streaming", False)  # (a stream has no length; see HfDatasetSource)
+    n = None if streaming else len(source)
     if n == 0:
         raise ValueError("source is empty")
     for name, value in (("batch_size", batch_size), ("process_count", process_count)):
@@ -138,6 +139,12 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, start: 
     if prefetch < 0:
         raise ValueError(f"prefetch must be >= 0, got {prefetch}")
     global_batch = batch_size * process_count
+    if streaming:
+        from saejax.data.huggingface import stream_batches  # noqa: PLC0415
+
+        return stream_batches(source, int(batch_size), seed=None if seed is None else int(seed), start=int(start),
+                              shuffle=shuffle, drop_remainder=drop_remainder, process_index=int(process_index),
+                              process_count=int(process_count), epochs=epochs, refill_skipped=bool(refill_skipped))
     if drop_remainder and global_batch > n:
         raise ValueError(f"global batch batch_size * process_count = {batch_size} * {process_count} = "
                          f"{global_batch} is larger than the source ({n} examples): with "
@@ -309,16 +316,24 @@ def process_share(source, batch_size: int, limit: int | None = None) -> Iterator
     if count == 1:
         yield from one_pass(source, batch_size, limit=limit)
         return
-    n = len(source) if limit is None else min(limit, len(source))
-    for batch in batches(source, batch_size, shuffle=False, epochs=1, drop_remainder=False,
-                         process_index=jax.process_index(), process_count=count, refill_skipped=False):
-        keep = batch.ids < n
+    streaming = getattr(source, "streaming", False)
+    n = limit if streaming else len(source) if limit is None else min(limit, len(source))
+    if n is None:
+        raise ValueError(f"{source!r} is a stream: a pass over it on several processes needs a limit")
+    for k, batch in enumerate(batches(source, batch_size, shuffle=False, epochs=1, drop_remainder=False,
+                                      process_index=jax.process_index(), process_count=count, refill_skipped=False)):
+        if streaming:  # a stream's ids are not row numbers: count the global rows (full batches until its end)
+            first_row = (k * count + jax.process_index()) * batch_size
+            keep = first_row + np.arange(len(batch.ids)) < n
+            done = (k + 1) * count * batch_size >= n
+        else:
+            keep, done = batch.ids < n, batch.position >= n
         if not keep.all():
             batch = batch._replace(images=batch.images[keep], ids=batch.ids[keep],
                                    labels=None if batch.labels is None else batch.labels[keep],
                                    masks=None if batch.masks is None else batch.masks[keep])
         yield batch
-        if batch.position >= n:
+        if done:
             return
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import NamedTuple
 
@@ -50,8 +51,9 @@ def find_images(folder: str) -> list[str]:
 
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """The image file at `path` as uint8 RGB [H, W, 3], by one policy for every pixel format.
+def read_image(path: str | os.PathLike | bytes) -> np.ndarray:
+    """The image file at `path` (or an encoded image's bytes) as uint8 RGB [H, W, 3], by one
+    policy for every pixel format.
 
     - Orientation: the EXIF orientation tag is applied (as `transformers.image_utils.load_image`
       does and as viewers show the photo; torchvision's `ImageFolder` ignores it).
@@ -71,12 +73,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Raises:
         UnreadableImageError: see above.
     """
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        return _read_oriented(io.BytesIO(path), "(bytes)")[0]
     return _read_oriented(os.fspath(path))[0]
 
 
-def _read_oriented(path: str) -> tuple[np.ndarray, int | None, tuple[int, int]]:
-    """`(uint8 RGB [H, W, 3] upright, the EXIF transpose applied or None, the stored (H, W))`,
-    or `UnreadableImageError` naming the file."""
+def _read_oriented(path, name: str | None = None) -> tuple[np.ndarray, int | None, tuple[int, int]]:
+    """`(uint8 RGB [H, W, 3] upright, the EXIF transpose applied or None, the stored (H, W))`
+    of a file (a path, or a binary file object called `name`), or `UnreadableImageError`
+    naming it."""
     pil = _pil()
     try:
         with pil.Image.open(path) as image:
@@ -86,7 +91,8 @@ def _read_oriented(path: str) -> tuple[np.ndarray, int | None, tuple[int, int]]:
             image = _pil_rgb(image)
             return np.asarray(image if transpose is None else image.transpose(transpose)), transpose, stored_shape
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... on bad files
-        raise UnreadableImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        raise UnreadableImageError(f"cannot read image {path if name is None else name}: "
+                                   f"{type(e).__name__}: {e}") from e
 
 
 # EXIF orientation -> the PIL transpose that shows the photo upright (as PIL.ImageOps.exif_transpose).
