@@ -54,6 +54,12 @@ class Logical:
 def make_mesh(data: int | None = None, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A `(data, model)` mesh with Auto axes.
 
+    Every backbone family runs under Explicit axes too (the forward with the batch split, no
+    collective; `tests/multidevice_checks.py`), but the shuffle buffer's `shard_map` and the SAE
+    step still lean on Auto's propagation: under Explicit axes the harvested rows reach the
+    buffer's `shard_map` split on another dimension than its `in_specs`, so the mesh stays Auto
+    until that code states its shardings (`jax.reshard`, `out_sharding`).
+
     Args:
         data: devices on the data axis; default all devices / `model`.
         model: devices on the model axis.

@@ -13,7 +13,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.parametrize("name", ["buffer_sharded_equals_unsharded", "mesh_shapes", "harvest_sharded_equals_unsharded",
                                   "sae_step_is_data_parallel", "training_equals_one_device",
                                   "frozen_member_on_a_data_model_mesh", "binary_runs_and_resumes_on_eight_devices",
-                                  "fidelity_sharded_equals_one_device"])
+                                  "fidelity_sharded_equals_one_device", "backbones_run_under_explicit_sharding_axes"])
 def test_on_eight_devices(name):
     root = os.path.dirname(HERE)  # the checkout on the path, as for a test run from it
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",

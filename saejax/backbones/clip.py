@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from saejax.backbones._hf import config_class
 from saejax.backbones._interp import bicubic_matrix, positions_on_grid
 from saejax.backbones.convert import NameTable
-from saejax.backbones.layers import Block, Family, OwnModel, block_names, cls_layout
+from saejax.backbones.layers import Block, Family, OwnModel, batch_rows, block_names, cls_layout
 from saejax.backbones.preprocess import BICUBIC, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessing
 from saejax.backbones.text import TextTower
 
@@ -41,7 +41,8 @@ class ClipEmbed(nn.Module):
         positions = self.param("positions", nn.initializers.normal(0.02), (self.n_positions, d), jnp.float32)
         grid_positions = positions_on_grid(positions[1:], self.grid,
                                            lambda n_in, n_out: bicubic_matrix(n_in, n_out, antialias=False))
-        h = jnp.concatenate([jnp.broadcast_to(cls.astype(patches.dtype), (b, 1, d)), patches.reshape(b, -1, d)], axis=1)
+        patches = patches.reshape(b, -1, d)
+        h = jnp.concatenate([batch_rows(cls, patches), patches], axis=1)
         h = h + jnp.concatenate([positions[:1], grid_positions], axis=0).astype(h.dtype)[None]
         return nn.LayerNorm(self.eps, dtype=self.dtype, name="norm")(h)
 

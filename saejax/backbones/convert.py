@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -179,9 +179,3 @@ def flax_to_torch(flat: Mapping[Path, np.ndarray]) -> dict[str, np.ndarray]:
             leaf = "weight"
         out[".".join((*path, leaf))] = value
     return out
-
-
-def shapes_only(shapes: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
-    """Zero-stride stand-ins for tensors of these shapes (no memory), for converting names and
-    shapes before any weight is read."""
-    return {name: np.broadcast_to(np.float32(0), tuple(shape)) for name, shape in shapes.items()}

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from saejax.backbones._hf import config_class
 from saejax.backbones.convert import NameTable
-from saejax.backbones.layers import Block, Family, NormReadout, OwnModel, block_names, cls_layout, rope_2d
+from saejax.backbones.layers import Block, Family, NormReadout, OwnModel, batch_rows, block_names, cls_layout, rope_2d
 from saejax.backbones.preprocess import BILINEAR, IMAGENET_MEAN, IMAGENET_STD, ImageProcessing
 
 NAMES = NameTable((
@@ -51,13 +51,13 @@ class Dinov3Embed(nn.Module):
     def __call__(self, x):
         patches = nn.Conv(self.hidden, (self.patch,) * 2, strides=(self.patch,) * 2, padding="VALID",
                           dtype=self.dtype, name="patch")(x)
-        b = patches.shape[0]
+        patches = patches.reshape(patches.shape[0], -1, self.hidden)
         cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.hidden), jnp.float32)
-        parts = [jnp.broadcast_to(cls.astype(patches.dtype), (b, 1, self.hidden))]
+        parts = [batch_rows(cls, patches)]
         if self.n_registers:
             reg = self.param("registers", nn.initializers.normal(0.02), (1, self.n_registers, self.hidden), jnp.float32)
-            parts.append(jnp.broadcast_to(reg.astype(patches.dtype), (b, self.n_registers, self.hidden)))
-        return jnp.concatenate(parts + [patches.reshape(b, -1, self.hidden)], axis=1)
+            parts.append(batch_rows(reg, patches))
+        return jnp.concatenate(parts + [patches], axis=1)
 
 
 def _build(cfg, dtype, grid, heads, text_cfg):

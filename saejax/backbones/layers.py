@@ -86,6 +86,13 @@ def activation(name: str) -> Callable[[Array], Array]:
         raise ValueError(f"hidden_act {name!r} is not supported; supported: {', '.join(ACTIVATIONS)}") from None
 
 
+def batch_rows(tokens: Array, like: Array) -> Array:
+    """`tokens` ([k, D] or [1, k, D]: a CLS token, registers) for every example of `like`
+    [B, T, D]: [B, k, D], split over devices as `like`'s batch is (under explicit sharding axes
+    the operands of a concatenate must agree, and a plain broadcast would be replicated)."""
+    return jnp.zeros_like(like[:, :1]) + tokens.reshape(1, -1, like.shape[-1]).astype(like.dtype)
+
+
 def rotate_half(x: Array) -> Array:
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -212,7 +219,7 @@ class AttentionPool(nn.Module):
     def __call__(self, x: Array) -> Array:
         probe = self.param("probe", nn.initializers.normal(1.0), (1, 1, x.shape[-1]), jnp.float32)
         h = Attention(self.n_heads, dtype=self.dtype, name="attn")(
-            jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1])), kv=x)
+            batch_rows(probe, x), kv=x)
         h = h + Mlp(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(
             nn.LayerNorm(self.eps, dtype=self.dtype, name="ln")(h))
         return h[:, 0]

@@ -24,6 +24,7 @@ import functools
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from saejax.backbones._hf import config_class
@@ -48,6 +49,24 @@ NAMES = NameTable((
 ), prefix="vision_model.")
 
 
+class FlatPatchEmbed(nn.Module):
+    """NaFlex's patch embedding: a Linear layer (`kernel` [p * p * C, D], `bias`) on each patch
+    flattened (row, column, channel). Computed as the stride-p convolution it equals (kernel
+    reshaped to HWIO), which needs no reshape of the split batch (explicit sharding axes)."""
+
+    hidden: int
+    patch: int
+
+    @nn.compact
+    def __call__(self, x):
+        p, c = self.patch, x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p * p * c, self.hidden), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.hidden,), jnp.float32)
+        y = jax.lax.conv_general_dilated(x, kernel.reshape(p, p, c, self.hidden).astype(x.dtype), (p, p), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias.astype(y.dtype)
+
+
 class SiglipEmbed(nn.Module):
     """Patch embeddings plus learned positions on the model's grid. `naflex`: patches flattened
     (row, column, channel) into a Linear layer and the grid resized always (bilinear,
@@ -63,16 +82,14 @@ class SiglipEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        b, h, w, c = x.shape
-        p = self.patch
+        b, p = x.shape[0], self.patch
         if self.naflex:
-            flat = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
-            patches = nn.Dense(self.hidden, dtype=self.dtype, name="patch")(flat)
+            patches = FlatPatchEmbed(self.hidden, p, name="patch")(x)
             matrix = bilinear_antialiased_matrix
         else:
-            patches = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                              name="patch")(x).reshape(b, -1, self.hidden)
+            patches = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch")(x)
             matrix = functools.partial(bicubic_matrix, antialias=False)
+        patches = patches.reshape(b, -1, self.hidden)
         positions = self.param("positions", nn.initializers.normal(0.02), (self.n_positions, self.hidden), jnp.float32)
         return patches + positions_on_grid(positions, self.grid, matrix).astype(patches.dtype)[None]
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from saejax.backbones._hf import config_class
 from saejax.backbones._interp import bicubic_matrix, positions_on_grid
 from saejax.backbones.convert import NameTable
-from saejax.backbones.layers import Block, Family, NormReadout, OwnModel, block_names, cls_layout
+from saejax.backbones.layers import Block, Family, NormReadout, OwnModel, batch_rows, block_names, cls_layout
 from saejax.backbones.preprocess import BILINEAR, HALF, ImageProcessing
 
 
@@ -41,12 +41,12 @@ class ClsEmbed(nn.Module):
         positions = self.param("positions", nn.initializers.normal(0.02), (1, self.n_positions, d), jnp.float32)
         grid_positions = positions_on_grid(positions[0, 1:], self.grid,
                                            lambda n_in, n_out: bicubic_matrix(n_in, n_out, antialias=self.antialias))
-        h = jnp.concatenate([jnp.broadcast_to(cls.astype(patches.dtype), (b, 1, d)), patches.reshape(b, -1, d)], axis=1)
+        patches = patches.reshape(b, -1, d)
+        h = jnp.concatenate([batch_rows(cls, patches), patches], axis=1)
         h = h + jnp.concatenate([positions[:, :1], grid_positions[None]], axis=1).astype(h.dtype)
         if self.n_registers:
             registers = self.param("registers", nn.initializers.normal(0.02), (1, self.n_registers, d), jnp.float32)
-            h = jnp.concatenate([h[:, :1], jnp.broadcast_to(registers.astype(h.dtype), (b, self.n_registers, d)),
-                                 h[:, 1:]], axis=1)
+            h = jnp.concatenate([h[:, :1], batch_rows(registers, h), h[:, 1:]], axis=1)
         return h
 
 
