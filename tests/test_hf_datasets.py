@@ -161,28 +161,33 @@ def test_a_stream_reads_shards_in_a_seeded_order_and_resumes_mid_shard(tree):
         next(data.batches(source, 32, seed=0))
 
 
-def _cli(command, workdir, *overrides):
-    return subprocess.run([sys.executable, "-m", "saejax.cli", command, f"--workdir={workdir}", *overrides],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
 def test_train_browse_and_semprobe_read_a_local_data_set(tree, tmp_path):
-    hf = ("--config.data.kind=hf", f"--config.data.path={tree['dict']}", "--config.data.skip_unreadable=True")
-    out = _cli("train", tmp_path / "train", "--config=clip_vit_b16:small", *hf,
-               f"--config.backbone.random.directory={tmp_path / 'backbone'}", "--config.total_tokens=5120",
-               "--config.eval_images=8", "--config.fidelity.images=8")
+    out = subprocess.run([sys.executable, "-m", "saejax.cli", "train", f"--workdir={tmp_path / 'train'}",
+                          "--config=clip_vit_b16:small", "--config.data.kind=hf", f"--config.data.path={tree['dict']}",
+                          "--config.data.skip_unreadable=True", "--config.total_tokens=5120", "--config.eval_images=8",
+                          "--config.fidelity.images=8", f"--config.backbone.random.directory={tmp_path / 'backbone'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     last = json.loads((tmp_path / "train" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 20 and last["skipped_images"] == 1  # the unreadable training image, counted
     assert "skipped 1 unreadable images" in out.stdout
-    browse = _cli("browse", tmp_path / "browse", "--config=:small", "--config.data.kind=hf",
-                  f"--config.data.path={tree['dict']}", "--config.data.image_size=40", "--config.images=8",
-                  f"--config.backbone.random.directory={tmp_path / 'browse_backbone'}")
-    assert browse.returncode == 0, browse.stderr[-3000:]
-    assert os.path.isfile(tmp_path / "browse" / "index.html")
-    semprobe = _cli("semprobe", tmp_path / "semprobe", "--config=:small", "--config.data.kind=hf",
-                    f"--config.data.path={tree['saved']}", "--config.n_permutations=20", "--config.n_random=10",
-                    *(f"--config.models.{m}.backbone.random.directory={tmp_path / m}" for m in ("clip", "dinov2")))
-    assert semprobe.returncode == 0, semprobe.stderr[-3000:]
+
+    from saejax.cli import browse, semprobe
+    from saejax.configs import browse as browse_config
+    from saejax.configs import semprobe as semprobe_config
+
+    config = browse_config.get_config("small")
+    config.data.update(kind="hf", path=tree["dict"])
+    config.images = 8
+    config.backbone.random.directory = str(tmp_path / "browse_backbone")
+    index = browse.run(config, str(tmp_path / "browse"))
+    assert any(f'"{name}"' in open(index).read() for name in CLASSES)  # latents' labels: the ClassLabel's names
+    config = semprobe_config.get_config("small")
+    config.data.update(kind="hf", path=tree["saved"])
+    config.n_permutations, config.n_random = 20, 10
+    for model in ("clip", "dinov2"):
+        config.models[model].backbone.random.directory = str(tmp_path / model)
+    assert set(semprobe.run(config, str(tmp_path / "semprobe"))) == {"red", "blue"}
     result = json.loads((tmp_path / "semprobe" / "semprobe.json").read_text())
     assert set(result["concepts"]) == {"red", "blue"} and result["skipped_images"]["count"] == 1
+    assert result["skipped_images"]["files"][0].startswith(f"{tree['saved']}/train[5]: ")

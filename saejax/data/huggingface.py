@@ -95,8 +95,7 @@ class HfDatasetSource(Source):
         self.resizing = Resizing.of(image_size, resize, short_side, resample)
         self.skip_unreadable = bool(skip_unreadable)
         self.split, self.streaming, self.decode_threads = split, bool(streaming), decode_threads
-        self.path = path if isinstance(path, (str, os.PathLike)) else type(path).__name__
-        self.path = os.fspath(self.path) if isinstance(self.path, os.PathLike) else self.path
+        self.path = _name(path)
         dataset = _open(datasets, path, split, name, self.streaming, cache_dir, revision)
         columns = _columns(dataset)
         for role, column in (("image_column", image_column), ("label_column", label_column)):
@@ -252,6 +251,17 @@ def decode_image(value, what: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- opening
+def _name(path) -> str:
+    """What `describe` calls the data set: its path or hub name, the parquet files' folder, or
+    the name of a `Dataset` object's data set."""
+    if isinstance(path, (str, os.PathLike)):
+        return os.fspath(path)
+    if isinstance(path, (list, tuple)) and path:
+        return os.path.commonpath([os.path.abspath(os.fspath(p)) for p in path])
+    info = getattr(path, "info", None)
+    return getattr(info, "dataset_name", None) or type(path).__name__
+
+
 def _open(datasets, path, split, name, streaming, cache_dir, revision):
     if isinstance(path, (datasets.Dataset, datasets.IterableDataset)):
         return path
