@@ -17,14 +17,14 @@ on the fly, and under `demo` the rest of the run::
     demo.vit          `train_shapes_vit` settings beyond its defaults
 
 The setting is the one `python -m benchmarks.concepts --workdir=DIR` picks on the factorised
-world's ViT: the highest mean best-latent F1 over the 15 concepts (0.665, NMSE 0.099), on the
+world's ViT: the highest mean best-latent F1 over the 15 concepts (0.665, NMSE 0.099; measured on saejax 0.1's ViT), on the
 Pareto front of NMSE against that F1. TopK at k=4 reaches 0.58-0.61, k=8 0.62-0.63; README
 shows the sweep.
 
 The demo fills in `backbone.name` (the ViT it trains), sets `data.image_size` to
 `demo.image_size` (64 by default) and trains the SAE as `saejax train` would (the
-`demo` keys are not part of that run's config); `:small` is the reduced version the tests run. Expected (full demo, 64 px, factorised ViT): L0 4, NMSE 0.104,
-dead fraction 0.24; README lists the concept numbers.
+`demo` keys are not part of that run's config); `:small` is the reduced version the tests run. Expected (full demo, 64 px, factorised ViT): L0 4, NMSE 0.118,
+dead fraction 0.18; the guide (docs/guide/experiments.md) lists the concept numbers.
 """
 
 import ml_collections

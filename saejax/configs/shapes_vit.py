@@ -11,11 +11,12 @@ both heads are right). The checkpoint is `<workdir>/vit` (`<workdir>/vit_conjunc
 `--config.targets=conjunction`), an HF checkpoint directory; rerunning with the same config
 reuses it. Measured on 2 CPU cores:
 
-- `--config.image_size=64` (the demo's ViT, an 8 x 8 grid): factorised 0.9445 (colour 0.9995,
-  shape 0.945) in 195-212 s; conjunction 0.9630 in about 200 s. `saejax demo` reuses it
-  from the same workdir.
-- 40 px (a 5 x 5 grid), conjunction targets: 0.9705 (seed 0), 0.969 (seed 1), 90 to 130 s. The
-  40 px factorised ViT has not been measured.
+- `--config.image_size=64` (the demo's ViT, an 8 x 8 grid): factorised 0.9425, conjunction
+  0.9175, 395-440 s each on 2026-12-07 (saejax's own ViT module; the previous `transformers`
+  Flax ViT took 405 s back to back on that machine and reached 0.9445). `saejax demo` reuses
+  it from the same workdir.
+- 40 px (a 5 x 5 grid), factorised: 0.928 in 151 s (2026-12-07). Measured with saejax 0.1's ViT:
+  conjunction 0.9705 (seed 0), 0.969 (seed 1), 90 to 130 s.
 
 `:small` trains for 3 steps (a smoke test, chance accuracy), in about 15 s.
 """
