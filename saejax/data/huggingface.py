@@ -75,7 +75,6 @@ class HfDatasetSource(Source):
     Attributes:
         dataset: the `datasets.Dataset` (or `IterableDataset` when streaming).
         classes: the label column's class names when it is a `ClassLabel`, else None.
-        labels: every example's label (map-style), or None.
         n_shards: shards of the stream (streaming only).
 
     Raises:
