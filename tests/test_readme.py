@@ -13,6 +13,7 @@ import pathlib
 import re
 import shlex
 
+import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +52,7 @@ SETUP = {
     'bb, bb_params = saejax.backbones.load("openai/clip-vit-base-patch16")': (
         "images_uint8 = np.random.default_rng(0).integers(0, 256, (2, 48, 40, 3), dtype=np.uint8)\n"
         "max_4213 = 3.0; patch_mask = jnp.arange(17) > 0; norm = saejax.normalization.Normalization.identity(32)", []),
+    'source = saejax.data.HfDatasetSource("ILSVRC/imagenet-1k"': ("", []),
     "import jax, saejax\nfrom saejax import data, loop, sae, sharding, stream, train": ("", [("768", "32")] + SMALL_RUN),
     "from saejax.run import RunSpec, run_training": ("", [("total_tokens=100_000_000", "total_tokens=64 * 4"),
                                                           ("mesh=mesh,", "mesh=mesh, normalization_samples=512, "
@@ -83,10 +85,21 @@ def world(tmp_path, monkeypatch):
     hub = tmp_path / "hub"
     cache_with(hub, "osunlp/SAE_DINOv2_24K_ViT-B-14_IN1K",
                _write_torch_sae(tmp_path / "sae.pt", _random_sae(d=768, f=768), config={"d_vit": 768, "exp_factor": 1}))
+    # A Hugging Face data set in place of ImageNet: saved (train, validation) and as parquet.
+    cells = [{"bytes": open(tmp_path / "images" / name, "rb").read(), "path": None}
+             for name in sorted(os.listdir(tmp_path / "images"))]
+    imagenet = datasets.Dataset.from_dict({"image": cells, "label": [i % 3 for i in range(len(cells))]},
+                                          features=datasets.Features({"image": datasets.Image(),
+                                                                      "label": datasets.ClassLabel(num_classes=3)}))
+    datasets.DatasetDict({"train": imagenet, "validation": imagenet.select(range(8))}).save_to_disk(str(tmp_path / "hf"))
+    (tmp_path / "shards").mkdir()
+    imagenet.to_parquet(str(tmp_path / "shards" / "train-0.parquet"))
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     return {"/data/images": str(tmp_path / "images"), "/data/val": str(tmp_path / "val"),
-            "/tmp/run": str(tmp_path / "run"), "path/to/sae.pt": str(ROOT / "tests" / "fixtures" / "saev_sae.pt")}
+            "/tmp/run": str(tmp_path / "run"), "path/to/sae.pt": str(ROOT / "tests" / "fixtures" / "saev_sae.pt"),
+            "ILSVRC/imagenet-1k": str(tmp_path / "hf"), "/data/birds_saved": str(tmp_path / "hf"),
+            "/data/shards/*.parquet": str(tmp_path / "shards" / "*.parquet")}
 
 
 def test_the_python_examples_run(world):

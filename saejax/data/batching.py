@@ -25,6 +25,7 @@ positions count examples, a run can also be resumed with another batch size.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import itertools
 import os
@@ -140,9 +141,7 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, start: 
         raise ValueError(f"prefetch must be >= 0, got {prefetch}")
     global_batch = batch_size * process_count
     if streaming:
-        from saejax.data.huggingface import stream_batches  # noqa: PLC0415
-
-        return stream_batches(source, int(batch_size), seed=None if seed is None else int(seed), start=int(start),
+        return _stream_batches(source, int(batch_size), seed=None if seed is None else int(seed), start=int(start),
                               shuffle=shuffle, drop_remainder=drop_remainder, process_index=int(process_index),
                               process_count=int(process_count), epochs=epochs, refill_skipped=bool(refill_skipped))
     if drop_remainder and global_batch > n:
@@ -300,6 +299,60 @@ def _iterate(source, n, batch_size, process_index, process_count, seed, start, s
                     .to_iter_dataset(read))
     for _, lo, hi, after in plan(start):
         yield _assemble(source, [next(examples) for _ in range(hi - lo)], after)
+
+
+def _stream_batches(source, batch_size: int, *, seed, start, shuffle, drop_remainder, process_index, process_count,
+                    epochs, refill_skipped) -> Iterator[Batch]:
+    """`batches` of a streaming source (`HfDatasetSource(streaming=True)`: it has no length, and
+    gives `stream(seed=, start=, shuffle=, epochs=)`, `(id, row, position after)` with
+    `(None, None, next epoch's start)` at each epoch's end, and `example(row, id)`): the same
+    `Batch`es and the same split of each global batch across processes as for a map-style source.
+    Each process decodes its own rows, in threads."""
+    global_batch = batch_size * process_count
+    threads = getattr(source, "decode_threads", None) or (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="saejax-stream-decode")
+    try:
+        pending, made = [], False
+        for example_id, row, after in source.stream(seed=seed, start=start, shuffle=shuffle, epochs=epochs):
+            if example_id is not None:
+                pending.append((example_id, row))
+                if len(pending) < global_batch:
+                    continue
+            elif not pending or drop_remainder:  # an epoch ended: its incomplete last batch
+                if not made and drop_remainder:
+                    raise ValueError(f"an epoch of {source!r} holds {len(pending)} examples, fewer than one global "
+                                     f"batch (batch_size * process_count = {global_batch}): with drop_remainder=True "
+                                     "no batch can be made")
+                pending, made = [], False
+                continue
+            made = example_id is not None
+            lo, hi = _process_rows(len(pending), global_batch, batch_size, process_index, process_count)
+            rows = pending
+            loaded = list(pool.map(lambda slot: _fetch_row(source, rows, slot, refill_skipped), range(lo, hi)))
+            yield _assemble(source, loaded, after)
+            pending = []
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _fetch_row(source, rows, slot: int, refill: bool) -> tuple[int, Example | None]:
+    """Row `slot` of a streamed global batch as `(id, Example)`; an unreadable one, if the source
+    skips them, is replaced by the next readable row of the batch (wrapping around; `refill`) or
+    by None."""
+    for t in range(len(rows) if refill else 1):
+        example_id, row = rows[(slot + t) % len(rows)]
+        if example_id in source.skipped:
+            continue
+        try:
+            return example_id, source.example(row, example_id)
+        except UnreadableImageError as e:
+            if not source.skip_unreadable:
+                raise
+            source._record_skip(example_id, e)  # pylint: disable=protected-access
+    if not refill:
+        return rows[slot][0], None
+    raise UnreadableImageError(f"no readable image in a batch of {source!r}: all {len(rows)} were skipped")
 
 
 def process_share(source, batch_size: int, limit: int | None = None) -> Iterator[Batch]:

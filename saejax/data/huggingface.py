@@ -24,7 +24,6 @@ rows as `batches` gives a map-style source).
 
 from __future__ import annotations
 
-import concurrent.futures
 import glob
 import io
 import itertools
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from saejax.data.batching import permutation
 from saejax.data.images import Resizing, UnreadableImageError, _pil, _pil_rgb, _read_oriented, _rgb
 from saejax.data.sources import Example, Source
 
@@ -136,9 +136,10 @@ class HfDatasetSource(Source):
         return f"{self.path}/{self.split}[{index}]"
 
     def _load(self, index: int) -> Example:
-        return self._example(self.dataset[index], index)
+        return self.example(self.dataset[index], index)
 
-    def _example(self, row, index: int) -> Example:
+    def example(self, row, index: int) -> Example:
+        """The `Example` of a data set row (a dict of its columns) whose id is `index`."""
         image = decode_image(row[self.image_column], self.describe(index))
         if self.resizing is not None:
             image = self.resizing.apply(image)
@@ -160,8 +161,6 @@ class HfDatasetSource(Source):
                epochs: int | None = None) -> Iterator[tuple[int, Any, int]]:
         """`(id, row, position after it)` of every example from position `start` on; after the
         last example of each epoch, `(None, None, the next epoch's start)`."""
-        from saejax.data.batching import permutation  # noqa: PLC0415
-
         n = self.n_shards
         position, offset = divmod(start, STRIDE)
         epoch, slot = divmod(position, n)
@@ -175,58 +174,6 @@ class HfDatasetSource(Source):
                 offset = 0
             epoch, slot = epoch + 1, 0
             yield None, None, epoch * n * STRIDE
-
-
-def stream_batches(source: HfDatasetSource, batch_size: int, *, seed, start, shuffle, drop_remainder, process_index,
-                   process_count, epochs, refill_skipped):
-    """`saejax.data.batches` of a streaming `HfDatasetSource` (the same `Batch`es and the same
-    split of each global batch across processes as for a map-style source)."""
-    from saejax.data.batching import _assemble, _process_rows  # noqa: PLC0415
-
-    global_batch = batch_size * process_count
-    threads = source.decode_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                        else os.cpu_count() or 1)
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="saejax-hf-decode")
-    examples = source.stream(seed=seed, start=start, shuffle=shuffle, epochs=epochs)
-    try:
-        pending, made = [], False
-        for example_id, row, after in examples:
-            if example_id is not None:
-                pending.append((example_id, row))
-                if len(pending) < global_batch:
-                    continue
-            elif not pending or drop_remainder:  # an epoch ended: its incomplete last batch
-                if not made and drop_remainder:
-                    raise ValueError(f"an epoch of {source!r} holds {len(pending)} examples, fewer than one global "
-                                     f"batch (batch_size * process_count = {global_batch}): with drop_remainder=True "
-                                     "no batch can be made")
-                pending, made = [], False
-                continue
-            made = example_id is not None
-            lo, hi = _process_rows(len(pending), global_batch, batch_size, process_index, process_count)
-            loaded = list(pool.map(lambda slot: _fetch(source, pending, slot, refill_skipped), range(lo, hi)))
-            yield _assemble(source, loaded, after)
-            pending = []
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _fetch(source, rows, slot, refill):
-    """Row `slot` of a global batch as `(id, Example)`; an unreadable one, if the source skips
-    them, is replaced by the next readable row of the batch (wrapping around; `refill`) or None."""
-    for t in range(len(rows) if refill else 1):
-        example_id, row = rows[(slot + t) % len(rows)]
-        if example_id in source.skipped:
-            continue
-        try:
-            return example_id, source._example(row, example_id)  # pylint: disable=protected-access
-        except UnreadableImageError as e:
-            if not source.skip_unreadable:
-                raise
-            source._record_skip(example_id, e)  # pylint: disable=protected-access
-    if not refill:
-        return rows[slot][0], None
-    raise UnreadableImageError(f"no readable image in a batch of {source!r}: all {len(rows)} were skipped")
 
 
 def decode_image(value, what: str) -> np.ndarray:
