@@ -7,6 +7,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from saejax import sae, train
@@ -132,17 +133,24 @@ def test_load_sae_refuses_non_finite_weights_integer_tensors_and_a_bad_normalisa
         load_sae(path)
 
 
-def _trainer():
+def _trainer(tx=None):
     ae = sae.topk(16, 48, k=4)
     return train.make_trainer(ae, objective=Objective(sparsity="none", auxk_coeff=1 / 32), warmup_steps=3,
-                              dead_after_tokens=32, resample_every=4)
+                              dead_after_tokens=32, resample_every=4, tx=tx)
 
 
 @pytest.mark.parametrize("sweep", [False, True])
-def test_crash_and_resume_is_bitwise_identical(tmp_path, sweep):
+@pytest.mark.parametrize("own_tx", [False, True], ids=["recipe", "own_tx"])
+def test_crash_and_resume_is_bitwise_identical(tmp_path, sweep, own_tx):
+    """With the recipe's optimizer or one of the user's own (clipping and AdamW; a function of
+    the rate for a sweep), resampling included."""
     x, _ = sparse_data(jax.random.key(0), 8 * 32)
     batches = x.reshape(8, 32, 16)
-    trainer = _trainer()
+    tx = None
+    if own_tx:
+        own = lambda lr: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr))  # noqa: E731
+        tx = own if sweep else own(1e-3)
+    trainer = _trainer(tx)
     key, hparams = jax.random.key(1), Hparams.of(3e-3, 0.0, 4)
 
     def fresh():

@@ -4,6 +4,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from saejax import sae, train
@@ -114,6 +115,41 @@ def test_sweep_member_equals_training_alone(architecture):
         np.testing.assert_allclose(sweep_metrics["loss"][i], metrics["loss"], rtol=2e-5)
     if architecture == "topk":  # members really ran with their own k
         np.testing.assert_allclose(sweep_metrics["l0"], [8.0, 4.0, 6.0])
+
+
+def test_an_optax_transformation_of_ones_own_replaces_the_recipe():
+    """`Trainer(tx=optax.sgd(lr), unit_norm_decoder=False)` takes exactly the SGD step on the
+    objective's gradient; with the unit-norm decoder the rows stay on the sphere; a function of
+    the learning rate gives each sweep member its own rate."""
+    ae, objective = sae.relu(16, 64), Objective(sparsity="l1")
+    x, _ = sparse_data(jax.random.key(0), 64)
+    sgd = train.make_trainer(ae, objective=objective, tx=optax.sgd(0.1), unit_norm_decoder=False)
+    state = sgd.init(jax.random.key(1), Hparams.of(0.0, 1e-2))
+    grads = jax.grad(lambda p: objective(ae, p, x, sparsity_coeff=jnp.float32(1e-2), k=None,
+                                         dead_F=jnp.zeros(64, bool))[0])(state.params)
+    stepped, metrics = jax.jit(sgd.step)(state, x)
+    for got, before, grad in zip(jax.tree.leaves(stepped.params), jax.tree.leaves(state.params), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(got, before - 0.1 * grad, rtol=1e-5, atol=1e-7)
+    assert "learning_rate" not in metrics and float(metrics["sparsity_coeff"]) == pytest.approx(1e-2)
+
+    clipped = train.make_trainer(ae, objective=objective, tx=optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)))
+    state, _ = run(clipped, clipped.init(jax.random.key(1), Hparams.of(1e-3, 1e-2)), [x] * 5)
+    np.testing.assert_allclose(jnp.linalg.norm(state.params.w_dec, axis=1), 1.0, rtol=1e-5)
+
+    per_rate = train.make_trainer(ae, objective=objective, tx=lambda lr: optax.adamw(lr, weight_decay=0.1))
+    states = per_rate.init_sweep(jax.random.key(2), Hparams.grid([1e-3, 1e-2], [1e-2]))
+    states, _ = jax.jit(per_rate.sweep_step)(states, x)
+    for i, rate in enumerate([1e-3, 1e-2]):
+        alone = train.make_trainer(ae, objective=objective, tx=optax.adamw(rate, weight_decay=0.1))
+        alone_state, _ = run(alone, alone.init(jax.random.split(jax.random.key(2), 2)[i], Hparams.of(rate, 1e-2)), [x])
+        np.testing.assert_allclose(train.member(states, i).params.w_enc, alone_state.params.w_enc, rtol=1e-5, atol=1e-7)
+
+    with pytest.raises(ValueError, match="this sweep varies learning_rate, but Trainer\\(tx=...\\) was given one optax "
+                                         "transformation"):
+        clipped.init_sweep(jax.random.key(0), Hparams.grid([1e-3, 1e-2]))
+    with pytest.raises(TypeError, match="Trainer\\(tx=...\\) takes an optax.GradientTransformation or a function "
+                                        "learning_rate -> GradientTransformation, not float"):
+        train.make_trainer(ae, tx=1e-3)
 
 
 def test_hparams_grid_order():

@@ -6,8 +6,10 @@ row is removed before Adam, and rows are renormalised after the update:
 >>> tx = optax.chain(remove_parallel_decoder_grad(), optax.scale_by_adam(),
 ...                  optax.scale_by_learning_rate(schedule), renormalize_decoder_rows())
 
-`make_optimizer` builds exactly that. Both transforms act on the `w_dec` field of an
-`SAEParams`-shaped tree and need `params` passed to `update`.
+`make_optimizer` builds exactly that, and `with_unit_norm_decoder(tx)` puts the two decoder
+transforms around any other optax transformation (clipping, weight decay, a schedule of your
+own). Both transforms act on the `w_dec` field of an `SAEParams`-shaped tree and need `params`
+passed to `update`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def renormalize_decoder_rows() -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def with_unit_norm_decoder(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` between `remove_parallel_decoder_grad` and `renormalize_decoder_rows`: whatever
+    `tx` does to the gradient, decoder rows move along their sphere and stay at unit norm."""
+    return optax.chain(remove_parallel_decoder_grad(), tx, renormalize_decoder_rows())
+
+
 def learning_rate_schedule(learning_rate, *, warmup_steps: int = 500, decay_steps: int | None = None,
                            final_fraction: float = 0.0) -> optax.Schedule:
     """Linear warmup from 0 (the reference: `lr * step / warmup_steps`), then constant, or a
@@ -91,4 +99,5 @@ def make_optimizer(learning_rate, *, warmup_steps: int = 500, decay_steps: int |
     adam = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.scale_by_learning_rate(schedule)]
     if not unit_norm_decoder:
         return optax.chain(*adam)
+    # Flat, not `with_unit_norm_decoder(chain(*adam))`: checkpoints store this state layout.
     return optax.chain(remove_parallel_decoder_grad(), *adam, renormalize_decoder_rows())

@@ -6,6 +6,11 @@
 >>> step = jax.jit(trainer.step, donate_argnums=0)
 >>> state, metrics = step(state, x_ND)          # metrics: dict of device scalars
 
+Any optax transformation can stand in for the recipe's Adam and schedule (the unit-norm decoder
+transforms still wrap it, see `Trainer.tx`):
+
+>>> trainer = make_trainer(ae, tx=optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)))
+
 A sweep stacks members on a leading axis and trains them on the same batch:
 
 >>> states = trainer.init_sweep(jax.random.key(0), Hparams.grid(learning_rate=[3e-4, 1e-3],
@@ -28,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from saejax import sharding as shd
 from saejax.core.losses import Objective
-from saejax.core.optim import learning_rate_schedule, make_optimizer
+from saejax.core.optim import learning_rate_schedule, make_optimizer, with_unit_norm_decoder
 from saejax.core.resample import resample_dead
 from saejax.core.sae import SAE, SAEParams
 
@@ -104,6 +109,13 @@ class Trainer:
             resampled latents have time to settle.
         resample_encoder_scale: resampled encoder directions get this times the mean norm of
             the live encoder directions (Anthropic: 0.2).
+        tx: your own optax transformation in place of the recipe's Adam and learning-rate
+            schedule (then `warmup_steps` ... `eps` are unused): clipping, weight decay, a
+            schedule of your own. Either a transformation, which carries its own learning rate
+            (`Hparams.learning_rate` is then only recorded, and a sweep may not vary it), or a
+            function `learning_rate -> transformation`, called with each member's
+            `Hparams.learning_rate` (a traced scalar in a sweep). With `unit_norm_decoder` it is
+            wrapped by `saejax.optim.with_unit_norm_decoder`. None: the recipe (`make_optimizer`).
     """
 
     ae: SAE
@@ -119,9 +131,13 @@ class Trainer:
     resample_every: int = 0
     resample_until: int | None = None
     resample_encoder_scale: float = 0.2
+    tx: optax.GradientTransformation | Callable[[jax.Array], optax.GradientTransformation] | None = None
 
     def __post_init__(self):
         self.objective.check(self.ae)
+        if self.tx is not None and not (isinstance(self.tx, optax.GradientTransformation) or callable(self.tx)):
+            raise TypeError(f"Trainer(tx=...) takes an optax.GradientTransformation or a function "
+                            f"learning_rate -> GradientTransformation, not {type(self.tx).__name__}")
 
     def schedule(self, learning_rate) -> optax.Schedule:
         """Step -> learning rate for a member whose peak rate is `learning_rate`."""
@@ -130,6 +146,9 @@ class Trainer:
 
     def optimizer(self, learning_rate) -> optax.GradientTransformation:
         """The optax transformation for one member (its learning rate may be traced)."""
+        if self.tx is not None:
+            tx = self.tx if isinstance(self.tx, optax.GradientTransformation) else self.tx(learning_rate)
+            return with_unit_norm_decoder(tx) if self.unit_norm_decoder else tx
         return make_optimizer(learning_rate, warmup_steps=self.warmup_steps, decay_steps=self.decay_steps,
                               final_fraction=self.final_fraction, b1=self.b1, b2=self.b2, eps=self.eps,
                               unit_norm_decoder=self.unit_norm_decoder)
@@ -153,6 +172,10 @@ class Trainer:
         """Stacked states, one per leading entry of `hparams`; member i is seeded with
         `jax.random.split(key, M)[i]`, so it equals `init(split(key, M)[i], hparams[i])`."""
         members = hparams.learning_rate.shape[0]
+        if isinstance(self.tx, optax.GradientTransformation) and len(set(jax.device_get(hparams.learning_rate).tolist())) > 1:
+            raise ValueError("this sweep varies learning_rate, but Trainer(tx=...) was given one optax "
+                             "transformation, which has its own rate; pass tx as a function "
+                             "learning_rate -> transformation to give each member its rate")
         keys = jax.random.split(key, members)
         return jax.vmap(lambda k, h: self.init(k, h, b_dec=b_dec))(keys, hparams)
 
@@ -164,8 +187,8 @@ class Trainer:
         """One optimisation step on a batch `x_ND` of (normalised) activations.
 
         Returns the new state and a dict of scalar device-array metrics: loss, mse, nmse,
-        reconstruction, sparsity, penalty, auxk, l0, dead_fraction, learning_rate,
-        sparsity_coeff.
+        reconstruction, sparsity, penalty, auxk, l0, dead_fraction, sparsity_coeff, and
+        learning_rate (the recipe's schedule; not with a `tx` of your own).
         """
         hp = state.hparams
         coeff = self.objective.sparsity_schedule(hp.sparsity_coeff, state.step)
@@ -190,9 +213,10 @@ class Trainer:
         metrics.update(
             nmse=terms.mse / variance,
             dead_fraction=jnp.mean(tokens_since_fired >= self.dead_after_tokens),
-            learning_rate=self.schedule(hp.learning_rate)(state.step),
             sparsity_coeff=coeff,
         )
+        if self.tx is None:  # a transformation of the user's own has no schedule to read
+            metrics["learning_rate"] = self.schedule(hp.learning_rate)(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   tokens_since_fired=tokens_since_fired)
         return new_state, metrics
