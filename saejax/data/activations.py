@@ -4,7 +4,7 @@ shuffle buffer that mixes tokens from many images into SAE batches.
 >>> mesh = saejax.sharding.make_mesh()
 >>> harvest = make_harvest(bb, layers=(10,), tokens="patches", mesh=mesh)
 >>> out = harvest(bb_params, images, image_ids)         # out.acts[10]: [B * 196, 768]
->>> buf = ShuffleBuffer.create(capacity=2**16, d_model=768, mesh=mesh)
+>>> buf = ShuffleBuffer.create(capacity=2**16, row_shape=768, mesh=mesh)
 >>> buf = push(buf, out.acts[10], out.image_ids, out.token_ids)   # ... until full
 >>> buf = shuffle(buf, key)
 >>> buf, batch = take(buf, 4096)     # batch.acts[0]: [4096, 768]; every row once per fill

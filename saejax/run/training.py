@@ -6,9 +6,9 @@ evaluation, export and the report.
 >>> trained = run_training(spec, "/tmp/run")     # rerun the same call to resume
 >>> trained.evaluation["members"][0]["nmse"]
 
-`experiments.train_sae` builds a `RunSpec` from a config file and calls `run_training`; a
-notebook or another program can do the same with its own objects. The workdir layout is
-described in `experiments/train_sae.py`.
+`saejax train` (`saejax.cli.train_sae`) builds a `RunSpec` from a config file and calls
+`run_training`; a notebook or another program can do the same with its own objects. The
+workdir layout is described in `saejax.cli.train_sae`.
 """
 
 from __future__ import annotations

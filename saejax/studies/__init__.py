@@ -9,5 +9,5 @@ files there and returns what it wrote, so a notebook can run it as the binaries 
 - `planted.run_planted`: an SAE sweep on synthetic activations with planted features;
 - `shapes_demo`: the demo's concept table, edits and page on the shapes world.
 
-`experiments/` turns configs into these arguments (`experiments/builders.py`).
+The `saejax` commands turn configs into these arguments (`saejax.cli.builders`).
 """
