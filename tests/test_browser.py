@@ -1,10 +1,9 @@
 """The feature browser: the streamed statistics equal a direct computation, and the site works
-the way a person uses it, in headless Chromium (Debian's `chromium`, driven by Playwright)."""
+the way a person uses it, in headless Chromium (driven by Playwright; `conftest.chromium_path` finds it)."""
 
 import json
 import os
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -14,8 +13,8 @@ from saejax.configs import browse as browse_config
 from saejax.cli.builders import build_backbone, build_sae
 from saejax import browser, data, site
 from saejax.datasets import shapes
+from conftest import chromium_path
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +63,7 @@ def test_the_site_in_headless_chromium(small, tmp_path):
     *_, site = small
     errors = []
     with sync_playwright() as p:
-        chrome = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        chrome = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
         page = chrome.new_page(viewport={"width": 1200, "height": 1400})
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))

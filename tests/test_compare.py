@@ -3,7 +3,6 @@ permuted copy, the errors, and, on a small shapes world, colour shared and textu
 between the factorised and the conjunction ViT."""
 
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +17,8 @@ from saejax.analysis.site import Site
 from saejax.datasets import shapes
 
 import shapes_world
+from conftest import chromium_path
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def _sparse(rng, n, f, offset):
@@ -171,7 +170,7 @@ def test_the_small_binary_writes_json_browsers_and_a_page_whose_links_work(tmp_p
             assert u["score"] < 0.5
     errors = []
     with sync_playwright() as p:
-        chrome = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        chrome = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
         page = chrome.new_page(viewport={"width": 1200, "height": 1400})
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(f"file://{tmp_path}/index.html")

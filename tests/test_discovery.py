@@ -3,7 +3,6 @@ the statistics of verification, and, on a small shapes world, the colour latents
 verified without being told which they are."""
 
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +19,8 @@ from saejax.core.normalization import Normalization
 from saejax.datasets import shapes
 
 import shapes_world
+from conftest import chromium_path
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +217,7 @@ def _check_page_in_chromium(directory, result):
 
     errors, verified = [], sum(len(c["verified"]) for c in result["classes"])
     with sync_playwright() as p:
-        chrome = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        chrome = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
         page = chrome.new_page(viewport={"width": 1200, "height": 1600})
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(f"file://{directory}/index.html")

@@ -1,4 +1,4 @@
-"""The docs' resolver for single-backtick saejax names (docs/_ext/saejax_refs.py): a name
+"""The docs' resolver for single-backtick saejax names (docs/_ext/saejax_names.py, used by the Sphinx extension saejax_refs.py): a name
 resolves, by import, to the name the API reference documents it under, and a name that does not
 exist is an error naming it, which is what makes the strict docs build fail on a renamed function."""
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "docs" / "_ext"))
-from saejax_refs import UnresolvedName, resolve  # noqa: E402
+from saejax_names import UnresolvedName, resolve  # noqa: E402
 
 
 @pytest.mark.parametrize(("written", "canonical"), [

@@ -19,6 +19,7 @@ import saejax
 from saejax.configs import clip_vit_b16
 from saejax.cli.builders import build_trainer
 from saejax.checkpoint import TrainCheckpointer, load_sae
+from conftest import chromium_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "clip_vit_b16:small"
@@ -101,7 +102,7 @@ def test_the_sweep_report_in_headless_chromium(uninterrupted, tmp_path):
     members = json.load(open(workdir / "eval.json"))["members"]
     errors = []
     with sync_playwright() as p:
-        chrome = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+        chrome = p.chromium.launch(executable_path=chromium_path(),
                                    args=["--no-sandbox"])
         page = chrome.new_page(viewport={"width": 1200, "height": 1400})
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
