@@ -46,7 +46,7 @@ def blocks(language):
 SMALL_RUN = [("steps=2_000", "steps=3"), ("ProgressBar(2_000", "ProgressBar(3"), ("batch_size=4096", "batch_size=64"),
              ("image_batch_size=64", "image_batch_size=8"), ("buffer_tokens=2**18", "buffer_tokens=2**9")]
 SETUP = {
-    "import jax, saejax\nfrom saejax.core.train import Hparams": (
+    "import jax, optax, saejax\nfrom saejax.core.train import Hparams": (
         "x = jax.random.normal(jax.random.key(1), (16, 32)); sample = jax.random.normal(jax.random.key(2), (64, 32))\n"
         "x_batch = jax.random.normal(jax.random.key(3), (64, 32))", [("768", "32")]),
     'bb, bb_params = saejax.backbones.load("openai/clip-vit-base-patch16")': (

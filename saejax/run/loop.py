@@ -4,7 +4,7 @@ logs) live here, at the edge; the step itself is `saejax.train`'s pure function.
 
 >>> mesh = saejax.sharding.make_mesh()
 >>> states = {10: trainer.init_sweep_sharded(jax.random.key(0), hparams, mesh)}
->>> states = fit(trainer, states, stream, steps=1000, mesh=mesh, hooks=[ProgressBar(1000)])
+>>> states = fit(trainer, states, stream, steps=1000, mesh=mesh, hooks=[ProgressBar(1000, batch_size=4096)])
 
 `fit` dispatches step t+1 before it reads step t's metrics, so the host never stalls the
 device; a NaN or Inf loss stops it (`NonFiniteLossError`), and SIGTERM or SIGINT saves a
