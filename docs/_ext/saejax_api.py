@@ -14,7 +14,7 @@ import re
 
 from sphinx.pycode import ModuleAnalyzer
 
-from saejax_refs import assigned_names
+from saejax_names import assigned_names
 
 UPPER_CASE = re.compile(r"[A-Z][A-Z0-9_]*")
 MAX_VALUE_CHARS = 60
