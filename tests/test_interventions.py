@@ -20,7 +20,7 @@ def setup(ae=None):
 @pytest.mark.parametrize("ae", [sae.relu(16, 64), sae.topk(16, 64, k=8)], ids=["relu", "topk"])
 def test_noop_edits_return_the_residual_exactly(ae):
     ae, params, resid = setup(ae)
-    for edit in (iv.scale([3, 4], 1.0), iv.add(7, 0.0), iv.chain(), iv.set(3, 1.0, mask=jnp.zeros((2, 5), bool))):
+    for edit in (iv.scale([3, 4], 1.0), iv.add(7, 0.0), iv.chain(), iv.set_to(3, 1.0, mask=jnp.zeros((2, 5), bool))):
         np.testing.assert_array_equal(iv.sae_edit(ae, params, edit)(resid), resid)
     np.testing.assert_array_equal(jax.jit(iv.sae_edit(ae, params, iv.scale(0, 1.0)).__call__)(resid), resid)
 
@@ -29,27 +29,27 @@ def test_set_changes_masked_tokens_by_exactly_v_minus_f_times_the_decoder_row():
     ae, params, resid = setup()
     latent, value = 11, 3.5
     mask = jnp.array([[True, False, True, False, False], [False, False, False, False, True]])
-    edited = iv.sae_edit(ae, params, iv.set(latent, value, mask=mask))(resid)
+    edited = iv.sae_edit(ae, params, iv.set_to(latent, value, mask=mask))(resid)
     f = ae.encode(params, resid.reshape(-1, 16)).reshape(2, 5, -1)[..., latent]
     expected_change = (value - f)[..., None] * params.w_dec[latent]
     np.testing.assert_allclose(edited - resid, jnp.where(mask[..., None], expected_change, 0.0), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(edited[~mask], resid[~mask])
     # Without a mask every token is edited; the result is the paper's x + sum_i (v_i - f_i) W_dec[i].
-    edited_all = iv.sae_edit(ae, params, iv.set([latent, 3], [value, 0.0]))(resid)
+    edited_all = iv.sae_edit(ae, params, iv.set_to([latent, 3], [value, 0.0]))(resid)
     f3 = ae.encode(params, resid.reshape(-1, 16)).reshape(2, 5, -1)[..., 3]
     np.testing.assert_allclose(edited_all, resid + expected_change - f3[..., None] * params.w_dec[3], rtol=1e-5, atol=1e-5)
 
 
 def test_set_where_active_leaves_silent_tokens_alone():
     z = jnp.array([[0.0, 2.0, 0.0], [1.5, 0.0, 3.0], [0.0, 0.0, 0.0]])
-    edited = iv.set([0, 2], -4.0, where_active=True)(z)
+    edited = iv.set_to([0, 2], -4.0, where_active=True)(z)
     np.testing.assert_array_equal(edited, [[0.0, 2.0, 0.0], [-4.0, 0.0, -4.0], [0.0, 0.0, 0.0]])
-    masked = iv.set(0, -4.0, mask=jnp.array([True, False, True]), where_active=True)(z)
+    masked = iv.set_to(0, -4.0, mask=jnp.array([True, False, True]), where_active=True)(z)
     np.testing.assert_array_equal(masked, z)  # the only active token is masked out
     ae, params, resid = setup(sae.topk(16, 64, k=8))
     latent = int(jnp.argmax(jnp.sum(ae.encode(params, resid.reshape(-1, 16)) > 0, axis=0)))
     f = ae.encode(params, resid.reshape(-1, 16)).reshape(2, 5, -1)[..., latent]
-    edited = iv.sae_edit(ae, params, iv.set(latent, -1.0, where_active=True))(resid)
+    edited = iv.sae_edit(ae, params, iv.set_to(latent, -1.0, where_active=True))(resid)
     expected = jnp.where((f > 0)[..., None], (-1.0 - f)[..., None] * params.w_dec[latent], 0.0)
     assert 0 < int(jnp.sum(f > 0)) < f.size
     np.testing.assert_allclose(edited - resid, expected, rtol=1e-5, atol=1e-5)
@@ -60,7 +60,7 @@ def test_edit_kinds_and_chain():
     np.testing.assert_array_equal(iv.scale([1, 2], [2.0, 0.5])(z)[0, :3], [0.0, 2.0, 1.0])
     np.testing.assert_array_equal(iv.add(5, 10.0)(z)[:, 5], [15.0, 21.0])
     np.testing.assert_array_equal(iv.ablate([0, 4])(z)[:, [0, 4]], 0.0)
-    chained = iv.chain(iv.set(1, 5.0), iv.scale(1, 2.0), iv.add(1, 1.0, mask=jnp.array([True, False])))
+    chained = iv.chain(iv.set_to(1, 5.0), iv.scale(1, 2.0), iv.add(1, 1.0, mask=jnp.array([True, False])))
     np.testing.assert_array_equal(chained(z)[:, 1], [11.0, 10.0])
 
 
@@ -68,7 +68,7 @@ def test_normalised_sae_maps_the_change_back_to_raw_space():
     ae, params, _ = setup()
     raw = 3.0 + 4.0 * jax.random.normal(jax.random.key(5), (2, 5, 16))
     norm = estimate_normalization(raw.reshape(-1, 16))
-    edited = iv.sae_edit(ae, params, iv.set(11, 2.0), norm=norm)(raw)
+    edited = iv.sae_edit(ae, params, iv.set_to(11, 2.0), norm=norm)(raw)
     f = ae.encode(params, norm.apply(raw.reshape(-1, 16)))[:, 11].reshape(2, 5)
     expected = raw + norm.scalar * (2.0 - f)[..., None] * params.w_dec[11]
     np.testing.assert_allclose(edited, expected, rtol=1e-5, atol=1e-4)
@@ -81,9 +81,9 @@ def test_new_values_and_latents_do_not_recompile():
     def run(edit, resid):
         return edit(resid)
 
-    outs = [run(iv.sae_edit(ae, params, iv.set(latent, value)), resid) for latent, value in ((1, 0.0), (7, 2.0), (30, -4.0))]
-    outs.append(run(iv.sae_edit(ae, params, iv.set(2, 1.0, mask=jnp.ones((2, 5), bool))), resid))
-    outs.append(run(iv.sae_edit(ae, params, iv.set(3, 1.0, mask=jnp.zeros((2, 5), bool))), resid))
+    outs = [run(iv.sae_edit(ae, params, iv.set_to(latent, value)), resid) for latent, value in ((1, 0.0), (7, 2.0), (30, -4.0))]
+    outs.append(run(iv.sae_edit(ae, params, iv.set_to(2, 1.0, mask=jnp.ones((2, 5), bool))), resid))
+    outs.append(run(iv.sae_edit(ae, params, iv.set_to(3, 1.0, mask=jnp.zeros((2, 5), bool))), resid))
     assert run._cache_size() == 2  # one without a mask, one with
     assert not np.array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[-1], resid)
@@ -92,11 +92,11 @@ def test_new_values_and_latents_do_not_recompile():
 def test_vmap_over_latents_and_values():
     ae, params, resid = setup()
     latents, values = jnp.array([1, 7, 30]), jnp.array([0.0, 2.0, -4.0])
-    batched = jax.vmap(lambda i, v: iv.sae_edit(ae, params, iv.set(i, v))(resid))(latents, values)
+    batched = jax.vmap(lambda i, v: iv.sae_edit(ae, params, iv.set_to(i, v))(resid))(latents, values)
     for j in range(3):
-        np.testing.assert_allclose(batched[j], iv.sae_edit(ae, params, iv.set(int(latents[j]), float(values[j])))(resid),
+        np.testing.assert_allclose(batched[j], iv.sae_edit(ae, params, iv.set_to(int(latents[j]), float(values[j])))(resid),
                                    rtol=1e-6, atol=1e-6)
-    grid = jax.vmap(lambda v: iv.sae_edit(ae, params, iv.set(11, v))(resid))(jnp.linspace(-2, 2, 5))
+    grid = jax.vmap(lambda v: iv.sae_edit(ae, params, iv.set_to(11, v))(resid))(jnp.linspace(-2, 2, 5))
     assert grid.shape == (5, 2, 5, 16)
 
 
@@ -130,21 +130,21 @@ def test_edits_compose_with_the_backbone_forward_under_jit():
     plain = bb.forward(bb_params, images)
     np.testing.assert_array_equal(logits_with(iv.sae_edit(ae, params, iv.scale(3, 1.0)), images),
                                   jax.jit(lambda x: bb.forward(bb_params, x).logits)(images))
-    edit = iv.sae_edit(ae, params, iv.set(3, 5.0, mask=patches))
+    edit = iv.sae_edit(ae, params, iv.set_to(3, 5.0, mask=patches))
     resid = bb.forward(bb_params, images, capture=(1,)).captured[1]
     by_hand = bb.readout(bb_params, bb.run_blocks(bb_params, edit(resid), 2, bb.n_layers))[2]
     np.testing.assert_allclose(logits_with(edit, images), by_hand, rtol=1e-5, atol=1e-5)
     assert not np.allclose(by_hand, plain.logits)
-    logits_with(iv.sae_edit(ae, params, iv.set(9, -2.0, mask=patches)), images)
+    logits_with(iv.sae_edit(ae, params, iv.set_to(9, -2.0, mask=patches)), images)
     assert logits_with._cache_size() == 2  # one per mask structure, none per value
 
     # A dose-response curve in one call: vmap over the value.
-    curve = jax.jit(jax.vmap(lambda v: logits_with(iv.sae_edit(ae, params, iv.set(3, v, mask=patches)), images)))(
+    curve = jax.jit(jax.vmap(lambda v: logits_with(iv.sae_edit(ae, params, iv.set_to(3, v, mask=patches)), images)))(
         jnp.array([0.0, 5.0]))
     np.testing.assert_allclose(curve[1], by_hand, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [lambda i: iv.set(i, -2.0), lambda i: iv.set(i, 0.0, where_active=True),
+@pytest.mark.parametrize("make", [lambda i: iv.set_to(i, -2.0), lambda i: iv.set_to(i, 0.0, where_active=True),
                                   lambda i: iv.scale(i, 0.0), lambda i: iv.add(i, 5.0), lambda i: iv.ablate(i),
                                   lambda i: iv.chain(iv.scale(3, 2.0), iv.ablate(i))],
                          ids=["set", "where_active", "scale", "add", "ablate", "chain"])
@@ -168,7 +168,7 @@ def test_traced_out_of_range_ids_edit_nothing_and_are_flagged_by_checkify():
     ae, params, resid = setup()
 
     def run(latent):
-        return iv.sae_edit(ae, params, iv.set(latent, 5.0))(resid)
+        return iv.sae_edit(ae, params, iv.set_to(latent, 5.0))(resid)
 
     checked = checkify.checkify(jax.jit(run), errors=checkify.user_checks)
     err, out = checked(jnp.int32(7))
@@ -178,3 +178,11 @@ def test_traced_out_of_range_ids_edit_nothing_and_are_flagged_by_checkify():
         err, out = checked(jnp.int32(latent))
         with pytest.raises(checkify.JaxRuntimeError, match="latent id out of range for d_sae=64"):
             err.throw()
+
+
+def test_the_old_name_set_still_works_for_one_release_and_says_so():
+    with pytest.warns(DeprecationWarning, match="saejax.interventions.set is deprecated .*: use set_to"):
+        old = iv.set
+    assert old is iv.set_to
+    with pytest.raises(AttributeError, match="has no attribute 'sett'"):
+        iv.sett  # noqa: B018

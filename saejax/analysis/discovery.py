@@ -347,7 +347,7 @@ class _Edits:
     def latent(self, latent: int, kind: str, scale: float | None = None):
         s = self.settings
         value = (scale if scale is not None else s.suppress_scale if kind == "suppress" else s.amplify_scale)
-        return interventions.sae_edit(self.site.ae, self.site.sae_params, interventions.set(
+        return interventions.sae_edit(self.site.ae, self.site.sae_params, interventions.set_to(
             latent, value * float(self.maxes[latent]), self.patch_mask, where_active=kind == "suppress"),
             norm=self.site.norm)
 
@@ -417,7 +417,7 @@ def verify(site: Site, head: Callable, source: data.Source, candidates: Mapping[
     for c, latents in candidates.items():
         for latent in latents:
             latent = int(latent)
-            interventions.check_latent_ids(interventions.set(latent, 0.0), site.ae.d_sae)
+            interventions.check_latent_ids(interventions.set_to(latent, 0.0), site.ae.d_sae)
             for kind in ("suppress", "amplify"):
                 others = _matched_latents(latent, edits.frequency, {int(x) for x in latents}, settings.draws,
                                           settings.max_frequency, rng)

@@ -3,7 +3,7 @@
 A latent edit maps codes `z [..., F] -> z'`; its numbers (latent ids, values, token mask) are
 pytree leaves, so a new value does not recompile and `vmap` over values or latents works:
 
->>> edit = sae_edit(ae, params, set(latents=[1234], values=[-2.0 * max_1234], mask=patch_mask))
+>>> edit = sae_edit(ae, params, set_to(latents=[1234], values=[-2.0 * max_1234], mask=patch_mask))
 >>> out = bb.forward(bb_params, images, edits={10: edit})          # the model finishes its pass
 
 `sae_edit` keeps the SAE's reconstruction error: it returns
@@ -28,6 +28,7 @@ traced id edits nothing, and flags an error under
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import flax.struct
@@ -139,7 +140,7 @@ def _ids(latents) -> jax.Array | np.ndarray:
 
 
 def check_latent_ids(latent_edit, d_sae: int) -> None:
-    """Raise ValueError if a concrete latent id of `latent_edit` (a `set`/`scale`/`add`/`ablate`
+    """Raise ValueError if a concrete latent id of `latent_edit` (a `set_to`/`scale`/`add`/`ablate`
     edit or a `chain` of them) is outside `[0, d_sae)`. Traced ids are left to the edit."""
     if isinstance(latent_edit, Chain):
         for edit in latent_edit.edits:
@@ -153,7 +154,7 @@ def _numbers(values, latents) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(values, jnp.float32), latents.shape)
 
 
-def set(latents, values, mask=None, *, where_active: bool = False) -> SetLatents:  # noqa: A001 - the paper's name
+def set_to(latents, values, mask=None, *, where_active: bool = False) -> SetLatents:
     """Set each latent in `latents` to the matching value of `values` (a scalar broadcasts).
 
     `where_active=True` edits a latent only on the tokens where it fires, so tokens where it
@@ -178,7 +179,7 @@ def add(latents, amounts, mask=None) -> AddLatents:
 
 def ablate(latents, mask=None) -> SetLatents:
     """Set the latents to zero."""
-    return set(latents, 0.0, mask)
+    return set_to(latents, 0.0, mask)
 
 
 def chain(*edits) -> Chain:
@@ -217,7 +218,7 @@ def sae_edit(ae: SAE, params: SAEParams, latent_edit, norm: Normalization | None
     Args:
         ae: the SAE architecture.
         params: its parameters (in normalised space when `norm` is given).
-        latent_edit: a latent edit (`set`, `scale`, `add`, `ablate`, `chain`), or any
+        latent_edit: a latent edit (`set_to`, `scale`, `add`, `ablate`, `chain`), or any
             `z -> z` callable (a pytree, if its numbers should stay traced).
         norm: the statistics the SAE was trained with, or None for raw activations.
 
@@ -265,5 +266,14 @@ def direction_edit(direction, scale=1.0, mask=None) -> DirectionEdit:
     return DirectionEdit(jnp.asarray(direction, jnp.float32), jnp.asarray(scale, jnp.float32), mask)
 
 
-__all__ = ["set", "scale", "add", "ablate", "chain", "sae_edit", "check_latent_ids", "direction_edit", "SetLatents", "ScaleLatents",
+__all__ = ["set_to", "scale", "add", "ablate", "chain", "sae_edit", "check_latent_ids", "direction_edit", "SetLatents", "ScaleLatents",
            "AddLatents", "Chain", "SAEEdit", "DirectionEdit", "DirectionWhereFiring"]
+
+
+def __getattr__(name):
+    # `set` until saejax 0.3: the old name shadowed the builtin.
+    if name == "set":
+        warnings.warn("saejax.interventions.set is deprecated (it shadowed the builtin): use set_to, with the same "
+                      "arguments; set goes away in saejax 0.3", DeprecationWarning, stacklevel=2)
+        return set_to
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -61,7 +61,7 @@ def slider_curve(site: Site, probe: LinearProbe, *, read: str = "pooled") -> Cal
     bb, bb_params, layer = site.bb, site.bb_params, site.layer
 
     def probabilities(slider, pixels, token_mask, latents, max_values):
-        edit = iv.sae_edit(site.ae, site.sae_params, iv.set(latents, slider * max_values, mask=token_mask), site.norm)
+        edit = iv.sae_edit(site.ae, site.sae_params, iv.set_to(latents, slider * max_values, mask=token_mask), site.norm)
         out = bb.forward(bb_params, pixels, edits={layer: edit})
         features = out.pooled[0] if read == "pooled" else out.tokens[0]
         return jax.nn.softmax(probe.logits(features), axis=-1)
@@ -77,7 +77,7 @@ def slider_curve(site: Site, probe: LinearProbe, *, read: str = "pooled") -> Cal
 
 def check_choice(ae, latents) -> None:
     """Concrete latent ids must be valid before they go into a traced curve."""
-    iv.check_latent_ids(iv.set(np.asarray(latents), 0.0), ae.d_sae)
+    iv.check_latent_ids(iv.set_to(np.asarray(latents), 0.0), ae.d_sae)
 
 
 

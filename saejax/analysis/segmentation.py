@@ -138,8 +138,8 @@ def quantitative_test(predict: Callable, labels_N, stats: ConceptF1, resid_ND, s
 
     def latent_rates(latent, c):
         value = value_scale * maxima[latent]
-        every = iv.sae_edit(ae, sae_params, iv.set(int(latent), value), norm)
-        active = iv.sae_edit(ae, sae_params, iv.set(int(latent), value, where_active=True), norm)
+        every = iv.sae_edit(ae, sae_params, iv.set_to(int(latent), value), norm)
+        active = iv.sae_edit(ae, sae_params, iv.set_to(int(latent), value, where_active=True), norm)
         return every, {"all_tokens": rates(every, c), "where_active": rates(active, c)}
 
     for c in classes:

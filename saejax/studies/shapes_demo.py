@@ -20,7 +20,7 @@ What `analyse` measures, on validation images of the world drawn at `world_size`
    change rate (patches of that concept) and other change rate (all other patches).
    Baselines, each the mean of 3 draws: a random live latent (same protocol) and a random unit
    direction added with the same mean norm as the concept edit. Also measured: the same edit
-   only where the latent fires (`interventions.set(..., where_active=True)`), with its own
+   only where the latent fires (`interventions.set_to(..., where_active=True)`), with its own
    matched random direction.
 """
 
@@ -174,8 +174,8 @@ def analyse(site: Site, *, world_size: int, n_val: int = 1_000, edit_images: int
         size = int(np.argmax(union_f1)) + 1
         fired_where = firing_breakdown(flat_codes[:, latent] > 0, val_concepts[:, c], coverage[:, c],
                                        labels["colour"] > 0)
-        edit = interventions.sae_edit(ae, sae_params, interventions.set(latent, value), norm=norm)
-        active_edit = interventions.sae_edit(ae, sae_params, interventions.set(latent, value, where_active=True),
+        edit = interventions.sae_edit(ae, sae_params, interventions.set_to(latent, value), norm=norm)
+        active_edit = interventions.sae_edit(ae, sae_params, interventions.set_to(latent, value, where_active=True),
                                              norm=norm)
         result = {"name": name, "factor": family, "latent": latent, "f1": float(best_f1[c]),
                   "max_activation": float(max_act[latent]), "frequency": float(frequency[latent]),
@@ -187,7 +187,7 @@ def analyse(site: Site, *, world_size: int, n_val: int = 1_000, edit_images: int
         # Baselines, averaged over BASELINE_DRAWS draws (one random latent may be a near-duplicate of the concept's).
         others = rng.choice(alive[alive != latent], BASELINE_DRAWS, replace=False)
         result["random_latent"] = {"latents": others.tolist(), **mean_rates([change_rates(interventions.sae_edit(
-            ae, sae_params, interventions.set(o, -2.0 * float(max_act[o])), norm=norm), family, cls) for o in others])}
+            ae, sae_params, interventions.set_to(o, -2.0 * float(max_act[o])), norm=norm), family, cls) for o in others])}
         # The concept edit moves a token by |v - f| * ||w_dec|| * scalar; match its mean norm.
         f_latent = edit_codes[:, latent]
         decoder_norm = np.linalg.norm(np.asarray(sae_params.w_dec[latent])) * float(norm.scalar)
