@@ -59,6 +59,18 @@ def test_tied_init_and_b_dec_seed():
     assert not sae.relu(8, 32).tied_init
 
 
+@pytest.mark.parametrize("architecture", ["relu", "topk", "batchtopk", "jumprelu", "gated"])
+def test_the_class_the_factory_and_create_build_the_same_sae(architecture):
+    """One default per architecture (`Architecture.tied_init`), whichever way the SAE is built."""
+    k = {"k": 4} if architecture in ("topk", "batchtopk") else {}
+    by_class, by_name = sae.SAE(architecture, 8, 32, **k), sae.create(architecture, 8, 32, **k)
+    by_factory = getattr(sae, architecture)(8, 32, **k)
+    assert by_class == by_name == by_factory
+    assert by_class.tied_init == (architecture in ("topk", "batchtopk", "jumprelu"))
+    assert sae.SAE(architecture, 8, 32, tied_init=False, **k).tied_init is False
+    assert sae.SAE.from_config(by_class.to_config()) == by_class
+
+
 def test_topk_keeps_k_largest_and_sparse_decode_equals_dense():
     ae = sae.topk(16, 64, k=5)
     params = random_params(ae, jax.random.key(0))

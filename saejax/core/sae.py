@@ -295,6 +295,7 @@ class Architecture:
     extra_params: ClassVar[tuple[str, ...]] = ()  # SAEParams fields beyond w_enc, b_enc, w_dec, b_dec
     resampled_params: ClassVar[tuple[str, ...]] = ()  # extra params reset to 0 for a resampled latent
     trains_threshold: ClassVar[bool] = False  # a learned threshold: the L0 penalty applies
+    tied_init: ClassVar[bool] = False  # `SAE.tied_init`'s default for this architecture
 
     def check(self, ae: SAE) -> None:
         """Raises ValueError when `ae`'s config does not fit this architecture."""
@@ -353,6 +354,7 @@ class TopKArchitecture(Architecture):
 
     name: ClassVar[str] = "topk"
     uses: ClassVar[tuple[str, ...]] = ("k",)
+    tied_init: ClassVar[bool] = True
 
     def check(self, ae):
         _needs_k(ae)
@@ -378,6 +380,7 @@ class BatchTopKArchitecture(Architecture):
     name: ClassVar[str] = "batchtopk"
     uses: ClassVar[tuple[str, ...]] = ("k", "threshold_decay")
     extra_params: ClassVar[tuple[str, ...]] = ("threshold",)
+    tied_init: ClassVar[bool] = True
 
     def check(self, ae):
         _needs_k(ae)
@@ -416,6 +419,7 @@ class JumpReluArchitecture(Architecture):
     uses: ClassVar[tuple[str, ...]] = ("threshold_init", "bandwidth")
     extra_params: ClassVar[tuple[str, ...]] = ("threshold",)
     trains_threshold: ClassVar[bool] = True
+    tied_init: ClassVar[bool] = True
 
     def init_extra(self, ae, dtype):
         return {"threshold": jnp.full((ae.d_sae,), ae.threshold_init, dtype)}
@@ -494,7 +498,9 @@ class SAE:
         k: TopK/BatchTopK: latents kept per input (the static maximum; a smaller dynamic k can
             be passed to `encode`, which is how a `vmap` sweep varies k).
         tied_init: initialise `w_enc = w_dec.T` (Gao et al.) instead of independent
-            kaiming-uniform matrices (the paper).
+            kaiming-uniform matrices (the paper). None: the architecture's default
+            (`Architecture.tied_init`: True for TopK, BatchTopK and JumpReLU), so `SAE("topk",
+            ...)` and `topk(...)` build the same SAE.
         threshold_init: JumpReLU initial threshold.
         bandwidth: JumpReLU straight-through kernel width.
         threshold_decay: BatchTopK: the inference threshold is an exponential moving average
@@ -514,7 +520,7 @@ class SAE:
     d_model: int
     d_sae: int
     k: int | None = None
-    tied_init: bool = False
+    tied_init: bool | None = None
     threshold_init: float = 1e-3
     bandwidth: float = 1e-3
     threshold_decay: float = 0.99
@@ -530,6 +536,8 @@ class SAE:
         if self.d_model <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_model and d_sae must be positive, got d_model={self.d_model}, d_sae={self.d_sae}")
         self.arch.check(self)
+        if self.tied_init is None:
+            object.__setattr__(self, "tied_init", self.arch.tied_init)
         if self.compute_dtype is not None:
             dtype = jnp.dtype(self.compute_dtype)
             if not jnp.issubdtype(dtype, jnp.floating):
@@ -658,17 +666,17 @@ class SAE:
         return cls(**config)
 
 
-def relu(d_model: int, d_sae: int, *, tied_init: bool = False, compute_dtype=None) -> SAE:
+def relu(d_model: int, d_sae: int, *, tied_init: bool | None = None, compute_dtype=None) -> SAE:
     """The paper's SAE: `z = relu((x - b_dec) @ w_enc + b_enc)`, trained with an L1 penalty."""
     return SAE("relu", d_model, d_sae, tied_init=tied_init, compute_dtype=compute_dtype)
 
 
-def topk(d_model: int, d_sae: int, k: int, *, tied_init: bool = True, compute_dtype=None) -> SAE:
+def topk(d_model: int, d_sae: int, k: int, *, tied_init: bool | None = None, compute_dtype=None) -> SAE:
     """TopK SAE (Gao et al. 2024): keep the k largest pre-activations (then ReLU)."""
     return SAE("topk", d_model, d_sae, k=k, tied_init=tied_init, compute_dtype=compute_dtype)
 
 
-def batchtopk(d_model: int, d_sae: int, k: int, *, tied_init: bool = True, threshold_decay: float = 0.99,
+def batchtopk(d_model: int, d_sae: int, k: int, *, tied_init: bool | None = None, threshold_decay: float = 0.99,
               compute_dtype=None) -> SAE:
     """BatchTopK SAE (Bussmann et al. 2024): top k*N activations over the batch in training;
     at inference a threshold estimated during training (`SAEParams.threshold`)."""
@@ -676,7 +684,7 @@ def batchtopk(d_model: int, d_sae: int, k: int, *, tied_init: bool = True, thres
                compute_dtype=compute_dtype)
 
 
-def gated(d_model: int, d_sae: int, *, tied_init: bool = False, aux_decoder_grad: bool = False,
+def gated(d_model: int, d_sae: int, *, tied_init: bool | None = None, aux_decoder_grad: bool = False,
           compute_dtype=None) -> SAE:
     """Gated SAE (Rajamanoharan et al. 2024; see `GatedArchitecture`); train with the "l1" (or
     "l1_decoder_norm", SAELens') penalty, which then reads the gate's activations."""
@@ -685,7 +693,7 @@ def gated(d_model: int, d_sae: int, *, tied_init: bool = False, aux_decoder_grad
 
 
 def jumprelu(d_model: int, d_sae: int, *, threshold_init: float = 1e-3, bandwidth: float = 1e-3,
-             tied_init: bool = True, compute_dtype=None) -> SAE:
+             tied_init: bool | None = None, compute_dtype=None) -> SAE:
     """JumpReLU SAE (Rajamanoharan et al. 2024): `z = pre * (pre > threshold)` with a trained,
     directly stored threshold and straight-through gradients; pair with the L0 penalty."""
     return SAE("jumprelu", d_model, d_sae, tied_init=tied_init, threshold_init=threshold_init, bandwidth=bandwidth,
@@ -694,8 +702,8 @@ def jumprelu(d_model: int, d_sae: int, *, threshold_init: float = 1e-3, bandwidt
 
 def create(architecture: str, d_model: int, d_sae: int, **kwargs) -> SAE:
     """An SAE of any registered architecture by name: a built-in one through its constructor
-    above (with its defaults, e.g. `tied_init=True` for TopK), one registered elsewhere as
-    `SAE(architecture, d_model, d_sae, **kwargs)`."""
+    above, one registered elsewhere as `SAE(architecture, d_model, d_sae, **kwargs)` (the
+    defaults, `tied_init` among them, are the architecture's either way)."""
     constructor = {"relu": relu, "topk": topk, "batchtopk": batchtopk, "gated": gated, "jumprelu": jumprelu}.get(
         architecture)
     if constructor is None:
