@@ -23,5 +23,9 @@ def check_edit_equals_running_the_remaining_blocks_by_hand(bb, params, x, *, at=
     np.testing.assert_allclose(out.pooled, pooled, atol=1e-6)
     if logits is not None:
         np.testing.assert_allclose(out.logits, logits, atol=1e-6)
+    finished = bb.finish(params, edit(out.captured[at]), at)  # the one continuation the analyses use
+    for got, want in zip(finished, (out.tokens, out.pooled, out.logits)):
+        if want is not None:
+            np.testing.assert_allclose(got, want, atol=1e-6)
     plain = bb.forward(params, x)
     assert np.abs(np.asarray(out.pooled) - np.asarray(plain.pooled)).max() > 1e-3  # the edit changed the output

@@ -482,6 +482,8 @@ def test_bad_layer_indices_and_edits(loaded):
         bb.run_blocks(params, bb.embed(params, x), 2, 4)
     with pytest.raises(ValueError, match=r"expected \[B, 17, 32\]"):
         bb.run_blocks(params, jnp.zeros((2, 16, 32)), 0, 1)
+    with pytest.raises(ValueError, match=r"finish: block index 3 out of range; valid hook indices are 0 .. 2"):
+        bb.finish(params, bb.embed(params, x), 3)
 
 
 def test_unknown_name_lists_families():

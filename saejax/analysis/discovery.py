@@ -117,8 +117,7 @@ def latent_attribution(bb, bb_params, ae, sae_params, pixels: jax.Array, targets
         recon = ae.decode(sae_params, codes) + error
         raw = recon if norm is None else norm.invert(recon)
         resid = at_layer.at[:, patches].set(raw.reshape(b, p, d).astype(at_layer.dtype))
-        tokens, pooled, logits = bb.readout(bb_params, bb.run_blocks(bb_params, resid, layer + 1, bb.n_layers))
-        return head(tokens, pooled, logits).astype(jnp.float32)
+        return head(*bb.finish(bb_params, resid, layer)).astype(jnp.float32)
 
     logits, pullback = jax.vjp(class_logits, z)
     predicted = jnp.argmax(logits, axis=-1)
@@ -371,8 +370,7 @@ def _edited_logits(site: Site, head: Callable, edits: Sequence, source: data.Sou
 
     @jax.jit
     def finish(edit, at_layer):
-        h = site.bb.run_blocks(site.bb_params, edit(at_layer), site.layer + 1, site.bb.n_layers)
-        return head(*site.bb.readout(site.bb_params, h)).astype(jnp.float32)
+        return head(*site.bb.finish(site.bb_params, edit(at_layer), site.layer)).astype(jnp.float32)
 
     identity = interventions.direction_edit(np.zeros(site.bb.d_model, np.float32), 0.0)
     ids, clean, edited = [], [], []

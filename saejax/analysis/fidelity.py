@@ -128,7 +128,7 @@ def fidelity_sums(bb, bb_params, ae: SAE, sae_params: SAEParams, images: jax.Arr
 
     def finish(new_tokens):
         edited = resid.at[:, index].set(new_tokens.astype(resid.dtype))
-        tokens, pooled, logits = bb.readout(bb_params, bb.run_blocks(bb_params, edited, layer + 1, bb.n_layers))
+        tokens, pooled, logits = bb.finish(bb_params, edited, layer)
         return (None if head is None else head(tokens, pooled, logits)), pooled
 
     def reconstruct(p):

@@ -57,8 +57,7 @@ class Site:
 
         @jax.jit
         def finish(edit, at_layer):
-            h = bb.run_blocks(bb_params, edit(at_layer), layer + 1, bb.n_layers)
-            tokens, pooled = bb.readout(bb_params, h)[:2]
+            tokens, pooled, _ = bb.finish(bb_params, edit(at_layer), layer)
             return {"tokens": tokens[:, patches], "pooled": pooled}
 
         self._encode, self._edited, self._finish = encode, edited, finish

@@ -151,6 +151,22 @@ class Backbone:
         with self._matmuls():
             return self._impl.readout(params, resid, self.layout)
 
+    def finish(self, params, resid: jax.Array, layer: int):
+        """The model's outputs from the residual after block `layer` (edited or not): the
+        blocks after it, then the readout. The one continuation of a forward pass that the
+        analyses (`Site.finish`, attribution, fidelity's splice) use.
+
+        Args:
+            params: The params pytree from `load`.
+            resid: [B, T, D] residual after block `layer`.
+            layer: a hook index, 0 .. n_layers - 1.
+
+        Returns:
+            `(tokens [B, T, D], pooled [B, D], logits [B, n_classes] or None)`, as `readout`.
+        """
+        (layer,) = self._check_layers((layer,), "finish")
+        return self.readout(params, self.run_blocks(params, resid, layer + 1, self.n_layers))
+
     def forward(self, params, images: jax.Array, *, capture=(), edits: Mapping[int, Edit] | None = None,
                 full: bool = True) -> ForwardOutput:
         """The model's forward pass with residual capture and residual edits.
