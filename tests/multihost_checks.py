@@ -92,12 +92,12 @@ def _peer_left_behind():
 
     from saejax.run import peers
 
-    with peers.PeerWatchdog(timeout_s=3):
+    with peers.PeerWatchdog(timeout_s=3) as watchdog:
         if process_id == 1:
-            peers.progress(1)
+            watchdog.progress(1)
             print("stuck", flush=True)
             time.sleep(600)
-        peers.progress(2)
+        watchdog.progress(2)
         multihost_utils.sync_global_devices("step 2")
 
 

@@ -42,16 +42,18 @@ def test_fit_equals_the_hand_written_loop_and_hooks_see_every_logged_step(tmp_pa
         want, _ = trainer.sweep_step(want, x)
         if trainer.resample_due(t + 1):
             want, _ = trainer.sweep_resample(want, x)
-    seen, evaluated = [], []
+    seen, evaluated, stepped = [], [], []
     ckpt = TrainCheckpointer(tmp_path)
     got = loop.fit(trainer, {3: states}, Stream(xs), steps=10, log_every=4, checkpointer=ckpt, checkpoint_every=5,
                    hooks=[lambda step, m: seen.append((step, sorted(m[3]), m[3]["loss"].shape))],
+                   step_hooks=[stepped.append],
                    state_hooks=[(5, lambda step, s: evaluated.append((step, int(s[3].step[0]))))])
     for a, b in zip(jax.tree.leaves(got[3].params), jax.tree.leaves(want.params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert [s for s, _, _ in seen] == [4, 8, 10] and all(shape == (2,) for _, _, shape in seen)
     assert {"loss", "l0", "nmse", "dead_fraction"} <= set(seen[0][1])
     assert evaluated == [(5, 5), (10, 10)]
+    assert stepped == list(range(1, 11))  # every step, as a host int (the watchdog's progress)
     assert ckpt.all_steps() == [5, 10] and ckpt.restore({"3": states}).extra == {"stream": {"t": 10}}
     ckpt.close()
 
@@ -189,3 +191,13 @@ def test_metrics_log_writes_each_step_once_across_restarts(tmp_path):
         assert tensorboard_steps(str(tmp_path)) == {"layer_1/member_0/loss": list(range(1, 11))}
         for name in os.listdir(tmp_path):
             shutil.rmtree(tmp_path / name) if os.path.isdir(tmp_path / name) else os.remove(tmp_path / name)
+
+
+def test_the_old_module_level_progress_still_reaches_the_watchdog_and_says_so():
+    from saejax.run import peers
+
+    with peers.PeerWatchdog(timeout_s=3) as watchdog:
+        with pytest.warns(DeprecationWarning, match=r"peers.progress is deprecated: pass the watchdog's own progress"):
+            peers.progress(7)
+        assert watchdog._step == 7  # pylint: disable=protected-access
+    assert peers._ENTERED == []  # pylint: disable=protected-access

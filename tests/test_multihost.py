@@ -11,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from saejax import backbones, data, stream
 
@@ -256,3 +257,31 @@ def test_a_dead_peer_ends_the_others_naming_it(tmp_path):
     assert code == PEER_LOST_EXIT, err[-3000:]
     assert "saejax: process 1 of 2 stopped answering (no sign of life for" in err, err[-3000:]
     assert 3 <= waited < 30
+
+
+
+_COMMAND = """
+import sys
+from saejax.cli import entry
+
+def trains(config, workdir, *, step_hooks=()):
+    (hook,) = step_hooks
+    print("trains:", type(hook.__self__).__name__, hook.__name__)
+
+def browses(config, workdir):
+    print("browses:", workdir)
+
+entry.run_binary(sys.argv[1], {"trains": trains, "browses": browses}[sys.argv[1]], "synthetic.py",
+                 argv=["saejax", "--workdir=" + sys.argv[2]])
+"""
+
+
+@pytest.mark.parametrize(("command", "printed"), [("trains", "trains: PeerWatchdog progress"),
+                                                  ("browses", "browses: {workdir}")])
+def test_the_training_command_gives_its_loop_the_watchdogs_progress(tmp_path, command, printed):
+    """`run_binary` hands a command that trains (its `run` takes `step_hooks`) the watchdog's
+    `progress`, so a stuck peer is seen by its steps; other commands' `run` is called as before."""
+    done = subprocess.run([sys.executable, "-c", _COMMAND, command, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == printed.format(workdir=tmp_path)

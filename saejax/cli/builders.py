@@ -6,6 +6,7 @@ then one call into the library (`saejax.run.run_training`, `saejax.studies.*`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -166,9 +167,9 @@ def build_run(config: ml_collections.ConfigDict) -> RunSpec:
         normalization_identity=normalization_identity(config))
 
 
-def train_sae(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=()) -> TrainedRun:
+def train_sae(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change=(), step_hooks=()) -> TrainedRun:
     """Run (or resume) the training run `config` describes in `workdir`; see
-    `saejax train` and `saejax.run.run_training`.
+    `saejax train` and `saejax.run.run_training` (`step_hooks`: `RunSpec.step_hooks`).
 
     Raises:
         ValueError: a bad config (before any work starts).
@@ -176,7 +177,8 @@ def train_sae(config: ml_collections.ConfigDict, workdir: str, *, allow_config_c
         ConfigChangedError: resuming with a config that differs in keys other than
             `RESUMABLE_KEYS` and `allow_config_change`.
     """
-    return run_training(build_run(config), workdir, allow_changes=tuple(allow_config_change))
+    spec = dataclasses.replace(build_run(config), step_hooks=tuple(step_hooks))
+    return run_training(spec, workdir, allow_changes=tuple(allow_config_change))
 
 
 def fidelity_head(bb, bb_params, name: str, prompts=()):

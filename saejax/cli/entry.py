@@ -21,6 +21,7 @@ code 75 (`saejax.run.peers`); rerun the same command on every host to resume.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import traceback
@@ -75,7 +76,8 @@ def run_binary(name: str, run: Callable[[Any, str], Any], config_file: str, *, a
 
     Args:
         name: the command's name in its error line (`NAME failed: ...`).
-        run: `run(config, workdir)`, the command's work.
+        run: `run(config, workdir)`, the command's work; a `run` that takes `step_hooks`
+            (training) gets `(PeerWatchdog.progress,)`, how the multi-host watchdog sees steps.
         config_file: its default config, a file in `saejax.configs`.
         argv: the program name and arguments (default `sys.argv`).
         workdir_help: `--workdir`'s help text.
@@ -132,8 +134,10 @@ def run_binary(name: str, run: Callable[[Any, str], Any], config_file: str, *, a
         from saejax.run.peers import PEER_LOST_EXIT, PeerWatchdog  # noqa: PLC0415
 
         with PeerWatchdog(FLAGS.peer_timeout_s) as watchdog:
+            # A command that trains takes the watchdog's progress as a step hook of its loop.
+            progress = {"step_hooks": (watchdog.progress,)} if "step_hooks" in inspect.signature(run).parameters else {}
             try:
-                run(FLAGS.config, os.path.expanduser(FLAGS.workdir))
+                run(FLAGS.config, os.path.expanduser(FLAGS.workdir), **progress)
                 if distributed:  # its barrier under the watchdog: a peer lost at the very end is named too
                     jax.distributed.shutdown()
             except Preempted as e:

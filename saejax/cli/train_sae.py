@@ -52,11 +52,12 @@ from absl import flags
 from saejax.cli.entry import run_binary
 
 
-def run(config, workdir: str):
-    """Train the config's sweeps in `workdir`, resuming it if it holds a run (`builders.train_sae`)."""
+def run(config, workdir: str, *, step_hooks=()):
+    """Train the config's sweeps in `workdir`, resuming it if it holds a run (`builders.train_sae`);
+    `step_hooks` are the multi-host watchdog's (`run_binary` passes them)."""
     from saejax.cli.builders import train_sae  # noqa: PLC0415
 
-    return train_sae(config, workdir, allow_config_change=flags.FLAGS.allow_config_change)
+    return train_sae(config, workdir, allow_config_change=flags.FLAGS.allow_config_change, step_hooks=step_hooks)
 
 
 

@@ -32,7 +32,6 @@ from saejax.core.metrics import FiringStats
 from saejax.core.normalization import Normalization
 from saejax.core.sae import SAE
 from saejax.run.logs import Metrics, MetricsHook, MetricsLog, ProgressBar, read_metrics  # noqa: F401 - the loop's hooks
-from saejax.run import peers
 
 __all__ = ["MetricsLog", "NonFiniteLossError", "Preempted", "ProgressBar", "evaluate", "fit", "read_metrics"]
 
@@ -95,7 +94,7 @@ def _host(metrics: Mapping[int, Mapping[str, jax.Array]]) -> Metrics:
 
 def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: Iterator[Mapping[int, jax.Array]],
         *, steps: int, mesh: Mesh | None = None, start_step: int = 0, log_every: int = 1,
-        hooks: Sequence[MetricsHook] = (), state_hooks: Sequence[tuple[int, Callable[[int, Any], None]]] = (),
+        hooks: Sequence[MetricsHook] = (), step_hooks: Sequence[Callable[[int], None]] = (), state_hooks: Sequence[tuple[int, Callable[[int, Any], None]]] = (),
         checkpointer: TrainCheckpointer | None = None, checkpoint_every: int = 0,
         checkpoint_config: Mapping[str, Any] | None = None, handle_signals: bool = True,
         on_nonfinite: str = "stop", frozen: Mapping[int, Sequence[int]] | None = None) -> dict[int, train.TrainState]:
@@ -113,6 +112,8 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
         log_every: hooks get the metrics of every this many steps (and of the last).
         hooks: `hook(step, {layer: {name: [members]}})`, called with host metrics one step
             late (`MetricsLog`, `ProgressBar`, or your own).
+        step_hooks: `fn(step)` after every step is dispatched, with the host step number (no
+            device values, so it must not block: `PeerWatchdog.progress`, a heartbeat).
         state_hooks: `(every, fn)` pairs; `fn(step, states)` runs after every `every` steps
             with the current states (an evaluation, a custom export). It may block.
         checkpointer: where checkpoints go (None: no checkpoints).
@@ -194,7 +195,8 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
                     else:
                         states[layer], metrics[layer] = step_fn(states[layer], batch[layer])
                 step += 1
-                peers.progress(step)
+                for hook in step_hooks:
+                    hook(step)
                 if trainer.resample_due(step):
                     for layer, (_, resample_fn) in jitted.items():
                         if freeze:

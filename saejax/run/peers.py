@@ -6,7 +6,7 @@ JAX's coordination service already ends every process when one stops sending hea
 dies, the others end at once), but with a C++ abort and a stack dump, and not at all when a
 process is alive but stuck (a hung reader, a deadlock) while the others wait for it inside a
 collective. `PeerWatchdog` runs a thread in each process that writes a tick and the process's
-progress (the training step, `progress(step)`) to the coordination service's key-value store
+progress (the training step, `watchdog.progress(step)`) to the coordination service's key-value store
 every `timeout_s / 10` seconds, and reads the others':
 
 - a peer whose tick has not changed for `timeout_s` is gone (killed, stopped, cut off);
@@ -18,8 +18,8 @@ the process with exit code `PEER_LOST_EXIT`, through `os._exit`: the main thread
 inside a collective and cannot be interrupted. Checkpoints are renamed into place when
 complete, so the newest one stays usable; rerunning the same command on every host resumes.
 
->>> with PeerWatchdog(timeout_s=180):      # after jax.distributed.initialize
-...     run(config, workdir)                 # saejax.loop.fit calls progress(step)
+>>> with PeerWatchdog(timeout_s=180) as watchdog:      # after jax.distributed.initialize
+...     loop.fit(..., step_hooks=[watchdog.progress])    # or RunSpec(..., step_hooks=...)
 """
 
 from __future__ import annotations
@@ -28,19 +28,24 @@ import os
 import sys
 import threading
 import time
+import warnings
 
 import jax
 
-__all__ = ["PEER_LOST_EXIT", "PeerWatchdog", "progress"]
+__all__ = ["PEER_LOST_EXIT", "PeerWatchdog"]
 
 PEER_LOST_EXIT = 75  # EX_TEMPFAIL: rerun to resume
 _KEY = "saejax/peer/{}"
-_progress = {"step": 0}
+_ENTERED: list = []  # only for the deprecated module-level `progress`
 
 
 def progress(step: int) -> None:
-    """Record this process's progress for the watchdog (a host integer; a no-op without one)."""
-    _progress["step"] = int(step)
+    """Deprecated (until saejax 0.3): pass `watchdog.progress` to `loop.fit(step_hooks=...)`."""
+    warnings.warn("saejax.run.peers.progress is deprecated: pass the watchdog's own progress as a step hook, "
+                  "loop.fit(..., step_hooks=[watchdog.progress]); progress goes away in saejax 0.3",
+                  DeprecationWarning, stacklevel=2)
+    for watchdog in _ENTERED:
+        watchdog.progress(step)
 
 
 class PeerWatchdog:
@@ -60,19 +65,26 @@ class PeerWatchdog:
         self.interval_s = max(0.5, self.timeout_s / 10)
         self._stop = threading.Event()
         self._thread = None
+        self._step = 0
+
+    def progress(self, step: int) -> None:
+        """Record this process's progress (a host integer, e.g. the training step): a step
+        hook for `saejax.loop.fit` (`step_hooks=[watchdog.progress]`)."""
+        self._step = int(step)
 
     def __enter__(self) -> "PeerWatchdog":
-        _progress["step"] = 0  # this run's steps, not an earlier run's in the same process
+        _ENTERED.append(self)
         if jax.process_count() > 1:
             from jax._src import distributed  # noqa: PLC0415 - the coordination service's client has no public handle
 
             self._client = distributed.global_state.client
-            self._client.key_value_set(_KEY.format(jax.process_index()), f"0 {_progress['step']}", allow_overwrite=True)
+            self._client.key_value_set(_KEY.format(jax.process_index()), f"0 {self._step}", allow_overwrite=True)
             self._thread = threading.Thread(target=self._watch, name="saejax-peer-watchdog", daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        _ENTERED.remove(self)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -81,11 +93,11 @@ class PeerWatchdog:
         me, count = jax.process_index(), jax.process_count()
         peers = [i for i in range(count) if i != me]
         seen = {}  # peer -> (its tick, its step, when each last changed, in this process's clock)
-        my_step, my_step_at, tick = _progress["step"], time.monotonic(), 0
+        my_step, my_step_at, tick = self._step, time.monotonic(), 0
         while not self._stop.wait(self.interval_s):
             tick, now = tick + 1, time.monotonic()
-            if _progress["step"] != my_step:
-                my_step, my_step_at = _progress["step"], now
+            if self._step != my_step:
+                my_step, my_step_at = self._step, now
             try:
                 self._client.key_value_set(_KEY.format(me), f"{tick} {my_step}", allow_overwrite=True)
             except Exception:  # noqa: BLE001 - the coordinator is gone: JAX ends this process itself

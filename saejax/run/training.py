@@ -74,6 +74,8 @@ class RunSpec:
         normalization_identity: what the cached normalisation depends on besides the layers
             (default: the backbone's name and the token set); a cache made for another is refused.
         resumable_keys: provenance keys a resume may change (see `RESUMABLE_KEYS`).
+        step_hooks: `fn(step)` after every step (`loop.fit`'s; `saejax train` passes its
+            `PeerWatchdog.progress`).
     """
 
     backbone: Any
@@ -104,6 +106,7 @@ class RunSpec:
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     normalization_identity: Mapping[str, Any] | None = None
     resumable_keys: tuple[str, ...] = RESUMABLE_KEYS
+    step_hooks: tuple[Callable[[int], None], ...] = ()
 
     @property
     def total_steps(self) -> int:
@@ -191,7 +194,8 @@ def _run(spec: RunSpec, workdir: str, allowed_changes: tuple[str, ...]) -> Train
 
     try:
         states = loop.fit(spec.trainer, states, batches, steps=spec.total_steps, mesh=mesh, start_step=step,
-                          log_every=spec.log_every, hooks=[log, bar, record_frozen], checkpointer=ckpt,
+                          log_every=spec.log_every, hooks=[log, bar, record_frozen], step_hooks=spec.step_hooks,
+                          checkpointer=ckpt,
                           checkpoint_every=spec.checkpoint_every, checkpoint_config=provenance,
                           on_nonfinite=spec.on_nonfinite, frozen=frozen)
     finally:
