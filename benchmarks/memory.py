@@ -2,7 +2,7 @@
 
     python -m benchmarks.memory            # about 1 min on 2 CPU cores (compiles only; nothing runs)
 
-Each step is `Trainer.jit_sweep` (the step `train_sae` runs: state donated, batch split over
+Each step is `saejax.core.sweep_step.jit_sweep_step` (the step `train_sae` runs: state donated, batch split over
 `data`) compiled for abstract inputs, and `compiled.memory_analysis()` read per device:
 peak = arguments + outputs - aliased (donated) + temporaries. Three layouts of 8 devices
 (fake CPU devices here, `--xla_force_host_platform_device_count=8`):
@@ -54,6 +54,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from saejax.core.sweep_step import jit_sweep_step  # noqa: E402
 from saejax import sae as sae_lib  # noqa: E402
 from saejax import sharding, train  # noqa: E402
 from saejax.core.losses import Objective  # noqa: E402
@@ -76,7 +77,7 @@ def cases(d):
 
 def peak_bytes(trainer, hparams, mesh, d, b):
     states = jax.eval_shape(lambda: trainer.init_sweep(jax.random.key(0), train.Hparams.stack([hparams])))
-    step, _ = trainer.jit_sweep(states, mesh)
+    step, _ = jit_sweep_step(trainer, states, mesh)
     x = jax.ShapeDtypeStruct((b, d), jnp.float32)
     m = step.lower(states, x).compile().memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes

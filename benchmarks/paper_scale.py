@@ -50,6 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks import peak  # noqa: E402
+from saejax.core.sweep_step import jit_sweep_step  # noqa: E402
 from saejax import backbones, fidelity, sae, sharding, train  # noqa: E402
 from saejax.core.losses import Objective  # noqa: E402
 from saejax.core.normalization import Normalization  # noqa: E402
@@ -127,7 +128,7 @@ def sae_step(d_model: int, d_sae: int, batch: int, members: int, name: str, call
 
     def build(mesh):
         states = jax.eval_shape(lambda: trainer.init_sweep(jax.random.key(0), hparams))
-        step, _ = trainer.jit_sweep(states, mesh)
+        step, _ = jit_sweep_step(trainer, states, mesh)
         return step, (states, jax.ShapeDtypeStruct((batch, d_model), jnp.float32))
 
     return Program(name, build, calls)

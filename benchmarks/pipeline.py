@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saejax.core.sweep_step import jit_sweep_step
 from saejax import activations, backbones, data, loop, sae, sharding, stream, train
 from saejax.core.losses import Objective
 
@@ -168,7 +169,7 @@ def main():
     rate_harvest = passes * args.image_batch_size * bb.layout.n_patches / (time.perf_counter() - start)
 
     states = trainer.init_sweep_sharded(jax.random.key(1), hparams, mesh)
-    step, _ = trainer.jit_sweep(states, mesh)
+    step, _ = jit_sweep_step(trainer, states, mesh)
     x = jax.device_put(jax.random.normal(jax.random.key(2), (args.batch_size, bb.d_model)),
                        sharding.batch_sharding(mesh, 2))
     states, _ = step(states, x)

@@ -2,8 +2,8 @@
 
 The layers, each importing only those below it:
 
-- `saejax.core`: the SAE (`sae`, `losses`, `optim`, `train`, `resample`, `normalization`,
-  `metrics`), pure JAX; `saejax.sharding` (mesh + logical axes) beside it.
+- `saejax.core`: the SAE (`sae`, `losses`, `optim`, `train`, `sweep_step`, `resample`,
+  `normalization`, `metrics`), pure JAX; `saejax.sharding` (mesh + logical axes) beside it.
 - `saejax.backbones` (Flax ViTs), `saejax.checkpoint` (orbax, portable files, saev / SAELens).
 - `saejax.data`: image sources and batches, the sharded harvest (`activations`), activation
   streams (`stream`), saev's shards (`shards`).
@@ -24,7 +24,7 @@ Each module is also reachable by its short name, `saejax.sae`, `saejax.train`, `
 from saejax import backbones, checkpoint, data, sharding
 from saejax.analysis import (compare, concept_metrics, discovery, features, fidelity, interventions, probe_edits,
                              probes, segmentation, semprobe, site)
-from saejax.core import losses, metrics, normalization, optim, resample, sae, train
+from saejax.core import losses, metrics, normalization, optim, resample, sae, sweep_step, train
 from saejax.data import activations, shards, stream
 from saejax.pages import browser, findings, viz
 from saejax.run import logs, loop, report

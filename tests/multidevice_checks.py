@@ -13,6 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from saejax.core.sweep_step import jit_sweep_step  # noqa: E402
 from saejax import activations as acts  # noqa: E402
 from saejax import sharding as shd  # noqa: E402
 
@@ -139,7 +140,7 @@ def check_sae_step_is_data_parallel():
         trainer = _trainer(architecture)
         states = trainer.init_sweep_sharded(jax.random.key(0), train.Hparams.grid([1e-3, 3e-3], [1e-3]), mesh)
         assert states.params.w_enc.sharding.is_fully_replicated  # data-parallel: parameters on every device
-        step, _ = trainer.jit_sweep(states, mesh)
+        step, _ = jit_sweep_step(trainer, states, mesh)
         compiled = step.lower(states, jax.ShapeDtypeStruct((96, 16), jnp.float32)).compile()
         # Each device is handed 96 / 8 = 12 rows of the batch ...
         batch_sharding = compiled.input_shardings[0][1]
@@ -169,7 +170,7 @@ def check_training_equals_one_device():
                 if model == 4:  # 4 members spread over `model`; a single SAE splits its latents there
                     expected = ("model", None, None) if members == 4 else (None, None, "model")
                     assert tuple(states.params.w_enc.sharding.spec) == expected, states.params.w_enc.sharding
-                step, resample = trainer.jit_sweep(states, mesh)
+                step, resample = jit_sweep_step(trainer, states, mesh)
                 if model == 4 and members == 1 and architecture == "topk":
                     # Distributed top-k: only the k candidates per latent shard cross devices, never [N, F].
                     gathered = [shape for shape, kind in collectives(step.lower(states, xs[0]).compile().as_text())

@@ -185,3 +185,15 @@ def test_relu_step_has_five_big_matmuls_not_six():
     assert len(big) == 5, sorted(macs)
     assert sum(macs) - 5 * n * d * f <= 4 * d * f  # the rest is vector-matrix work
 
+
+
+def test_the_old_trainer_jit_sweep_still_works_for_one_release_and_says_so():
+    from saejax.core.sweep_step import jit_sweep_step
+    from saejax import sharding
+
+    trainer = train.make_trainer(sae.relu(16, 64), objective=Objective(sparsity="l1"))
+    states = trainer.init_sweep(jax.random.key(0), Hparams.grid([1e-3]))
+    mesh = sharding.make_mesh()
+    with pytest.warns(DeprecationWarning, match=r"Trainer.jit_sweep is deprecated: use saejax.core.sweep_step"):
+        old = trainer.jit_sweep(states, mesh)
+    assert old == jit_sweep_step(trainer, states, mesh)  # the same cached, compiled functions

@@ -31,6 +31,7 @@ from saejax.core import metrics
 from saejax.core.metrics import FiringStats
 from saejax.core.normalization import Normalization
 from saejax.core.sae import SAE
+from saejax.core.sweep_step import jit_sweep_step
 from saejax.run.logs import Metrics, MetricsHook, MetricsLog, ProgressBar, read_metrics  # noqa: F401 - the loop's hooks
 
 __all__ = ["MetricsLog", "NonFiniteLossError", "Preempted", "ProgressBar", "evaluate", "fit", "read_metrics"]
@@ -149,7 +150,7 @@ def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: 
     mesh = shd.make_mesh() if mesh is None else mesh
     states = dict(states)
     freeze = on_nonfinite == "freeze"
-    jitted = {layer: trainer.jit_sweep(s, mesh, freeze_nonfinite=freeze) for layer, s in states.items()}
+    jitted = {layer: jit_sweep_step(trainer, s, mesh, freeze_nonfinite=freeze) for layer, s in states.items()}
     masks = {layer: _member_mask(mesh, int(s.step.shape[0]), (frozen or {}).get(layer, ())) for layer, s in states.items()}
     step, pending = start_step, None
 
