@@ -71,3 +71,29 @@ def test_log10_frequency_histogram_by_hand():
     expected[edges.index(-0.5)] += 1     # 0.5 = 10^-0.30: [-0.5, -0.25)
     expected[-1] += 1                    # 1.0 = 10^0: the last bin
     np.testing.assert_array_equal(counts, expected)
+
+
+def test_reconstruction_sums_over_batches_equal_the_batch_metrics_on_all_rows():
+    """Streamed over three uneven batches (and merged from two windows), `result` is each batch
+    function on the concatenated rows: sums, not a mean of per-batch values."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 1.5, (70, 6)).astype(np.float32)
+    x_hat = (0.8 * x + rng.normal(0, 0.3, x.shape) + 0.1).astype(np.float32)
+    pieces = [slice(0, 10), slice(10, 45), slice(45, 70)]
+    sums = metrics.ReconstructionSums.zeros(6)
+    for piece in pieces:
+        sums = jax.jit(metrics.ReconstructionSums.update)(sums, x[piece], x_hat[piece])
+    want = {"mse": metrics.mse, "nmse": metrics.normalized_mse, "explained_variance": metrics.explained_variance,
+            "cosine": metrics.cosine_similarity, "l2_ratio": metrics.l2_ratio,
+            "relative_reconstruction_bias": metrics.relative_reconstruction_bias}
+    got = sums.result()
+    assert sorted(got) == sorted(want) and float(sums.n) == 70
+    for name, fn in want.items():
+        np.testing.assert_allclose(got[name], fn(x, x_hat), rtol=2e-5, err_msg=name)
+    first = metrics.ReconstructionSums.zeros(6).update(x[:45], x_hat[:45])
+    merged = first.merge(metrics.ReconstructionSums.zeros(6).update(x[45:], x_hat[45:]))
+    for name in want:
+        np.testing.assert_allclose(merged.result()[name], got[name], rtol=2e-5, err_msg=name)
+    # A mean of the three batches' NMSEs is not the NMSE of all rows: the test can tell them apart.
+    per_batch = np.mean([metrics.normalized_mse(x[p], x_hat[p]) for p in pieces])
+    assert abs(per_batch - float(got["nmse"])) > 1e-3

@@ -2,7 +2,8 @@
 
 Per batch: `l0`, `mse`, `normalized_mse`, `explained_variance`, `cosine_similarity`,
 `l2_ratio`, `relative_reconstruction_bias`. Over an evaluation window, accumulate
-`FiringStats` batch by batch (`update`), then read per-latent firing frequency, mean
+`ReconstructionSums` batch by batch (`update`), then read the same metrics as if computed on
+all the rows at once (`result`); and `FiringStats`, then read per-latent firing frequency, mean
 activation when firing, the dead and dense fractions, and `log10_frequency_histogram`. Of the
 dictionary itself: `encoder_decoder_cosine` and `max_decoder_cosine` (near-duplicate latents).
 """
@@ -93,6 +94,62 @@ def log10_frequency_histogram(frequency_F: jax.Array, edges=LOG10_FREQUENCY_BINS
     index = jnp.clip(jnp.searchsorted(edges, log_f, side="right") - 1, 0, len(edges) - 2)
     counts = jnp.zeros((len(edges) - 1,), jnp.int32).at[index].add(alive.astype(jnp.int32))
     return counts, jnp.sum(~alive)
+
+
+@flax.struct.dataclass
+class ReconstructionSums:
+    """Running sums over an evaluation window, from which `result` reads the per-batch
+    reconstruction metrics above as they would be on all the rows at once (variances and
+    ratios of sums, not means of per-batch values). A pytree; `merge` adds two windows.
+
+    Attributes:
+        n: rows seen. squared_error: sum of ||x - x_hat||^2. x_sum, x_sq, residual_sum,
+        residual_sq: [D] sums of x, x^2, (x - x_hat), (x - x_hat)^2. cosine_sum, ratio_sum: sums
+        of cos(x, x_hat) and ||x_hat|| / ||x||. hat_sq, hat_dot_x: sums of ||x_hat||^2, x_hat . x.
+    """
+
+    n: jax.Array
+    squared_error: jax.Array
+    x_sum: jax.Array
+    x_sq: jax.Array
+    residual_sum: jax.Array
+    residual_sq: jax.Array
+    cosine_sum: jax.Array
+    ratio_sum: jax.Array
+    hat_sq: jax.Array
+    hat_dot_x: jax.Array
+
+    @classmethod
+    def zeros(cls, d_model: int) -> ReconstructionSums:
+        scalar, vector = jnp.zeros((), jnp.float32), jnp.zeros((d_model,), jnp.float32)
+        return cls(scalar, scalar, vector, vector, vector, vector, scalar, scalar, scalar, scalar)
+
+    def update(self, x_ND: jax.Array, x_hat_ND: jax.Array, eps: float = 1e-8) -> ReconstructionSums:
+        """Add a batch of inputs and their reconstructions [N, D]."""
+        residual = x_ND - x_hat_ND
+        norm_x, norm_hat = jnp.linalg.norm(x_ND, axis=-1), jnp.linalg.norm(x_hat_ND, axis=-1)
+        return self.merge(ReconstructionSums(
+            n=jnp.asarray(x_ND.shape[0], jnp.float32), squared_error=jnp.sum(residual**2),
+            x_sum=jnp.sum(x_ND, 0), x_sq=jnp.sum(x_ND**2, 0), residual_sum=jnp.sum(residual, 0),
+            residual_sq=jnp.sum(residual**2, 0),
+            cosine_sum=jnp.sum(jnp.sum(x_ND * x_hat_ND, -1) / jnp.maximum(norm_x * norm_hat, eps)),
+            ratio_sum=jnp.sum(norm_hat / jnp.maximum(norm_x, eps)), hat_sq=jnp.sum(x_hat_ND**2),
+            hat_dot_x=jnp.sum(x_hat_ND * x_ND)))
+
+    def merge(self, other: ReconstructionSums) -> ReconstructionSums:
+        """The sums of both windows (other rows, devices or processes)."""
+        return jax.tree.map(jnp.add, self, other)
+
+    def result(self) -> dict[str, jax.Array]:
+        """`mse`, `nmse` (`normalized_mse`), `explained_variance`, `cosine` (`cosine_similarity`),
+        `l2_ratio` and `relative_reconstruction_bias` of every row seen."""
+        n, d = self.n, self.x_sum.shape[-1]
+        var_x = jnp.sum(self.x_sq / n - (self.x_sum / n) ** 2, axis=-1)
+        var_residual = jnp.sum(self.residual_sq / n - (self.residual_sum / n) ** 2, axis=-1)
+        mse_ = self.squared_error / (n * d)
+        return {"mse": mse_, "nmse": mse_ * d / var_x, "explained_variance": 1 - var_residual / var_x,
+                "cosine": self.cosine_sum / n, "l2_ratio": self.ratio_sum / n,
+                "relative_reconstruction_bias": self.hat_sq / self.hat_dot_x}
 
 
 @flax.struct.dataclass

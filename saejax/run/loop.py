@@ -280,15 +280,7 @@ def evaluate(ae: SAE, states: train.TrainState, batches: Iterable[jax.Array], *,
 
     def one(stats, sums, params, x):
         z = ae.encode(params, x)
-        x_hat = ae.decode(params, z)
-        resid = x - x_hat
-        norm_x, norm_hat = jnp.linalg.norm(x, axis=-1), jnp.linalg.norm(x_hat, axis=-1)
-        add = {"n": x.shape[0], "sq_err": jnp.sum(resid**2), "x": jnp.sum(x, 0), "x2": jnp.sum(x**2, 0),
-               "r": jnp.sum(resid, 0), "r2": jnp.sum(resid**2, 0),
-               "cos": jnp.sum(jnp.sum(x * x_hat, -1) / jnp.maximum(norm_x * norm_hat, 1e-8)),
-               "ratio": jnp.sum(norm_hat / jnp.maximum(norm_x, 1e-8)), "hat2": jnp.sum(x_hat**2),
-               "hat_x": jnp.sum(x_hat * x)}
-        return stats.update(z), jax.tree.map(jnp.add, sums, add)
+        return stats.update(z), sums.update(x, ae.decode(params, z))
 
     @jax.jit
     def update(stats, sums, params, raw):
@@ -300,41 +292,33 @@ def evaluate(ae: SAE, states: train.TrainState, batches: Iterable[jax.Array], *,
         return jax.vmap(lambda p: (metrics.encoder_decoder_cosine(p.w_enc, p.w_dec),
                                    metrics.max_decoder_cosine(p.w_dec)))(params)
 
-    d = ae.d_model
     stats = jax.vmap(lambda _: FiringStats.zeros(ae.d_sae))(jnp.arange(members))
-    zeros = lambda *shape: jnp.zeros((members, *shape))  # noqa: E731
-    sums = {"n": zeros(), "sq_err": zeros(), "x": zeros(d), "x2": zeros(d), "r": zeros(d), "r2": zeros(d),
-            "cos": zeros(), "ratio": zeros(), "hat2": zeros(), "hat_x": zeros()}
+    sums = jax.vmap(lambda _: metrics.ReconstructionSums.zeros(ae.d_model))(jnp.arange(members))
     for raw in batches:
         stats, sums = update(stats, sums, states.params, raw)
-        if max_rows is not None and float(sums["n"][0]) >= max_rows:
+        if max_rows is not None and float(sums.n[0]) >= max_rows:
             break
     stats, sums = jax.device_get((stats, sums))
-    if float(sums["n"][0]) == 0:
+    if float(sums.n[0]) == 0:
         raise ValueError("evaluate: the batches held no rows")
     enc_dec, max_dec = jax.device_get(dictionary(states.params))
     hparams = jax.device_get(states.hparams)
+    reconstruction = jax.device_get(jax.vmap(metrics.ReconstructionSums.result)(sums))
     results = []
     for i in range(members):
-        n = sums["n"][i]
-        var_x = np.sum(sums["x2"][i] / n - (sums["x"][i] / n) ** 2)
-        var_r = np.sum(sums["r2"][i] / n - (sums["r"][i] / n) ** 2)
-        mse = sums["sq_err"][i] / (n * d)
         member = jax.tree.map(lambda a: a[i], stats)  # noqa: B023
         frequency = member.frequency()
         counts, dead = metrics.log10_frequency_histogram(frequency)
         results.append({
             "learning_rate": float(hparams.learning_rate[i]), "sparsity_coeff": float(hparams.sparsity_coeff[i]),
-            "k": int(hparams.k[i]), "l0": float(np.sum(member.counts) / member.n_inputs), "mse": float(mse),
-            "nmse": float(mse * d / var_x), "explained_variance": float(1 - var_r / var_x),
-            "cosine": float(sums["cos"][i] / n), "l2_ratio": float(sums["ratio"][i] / n),
-            "relative_reconstruction_bias": float(sums["hat2"][i] / sums["hat_x"][i]),
+            "k": int(hparams.k[i]), "l0": float(np.sum(member.counts) / member.n_inputs),
+            **{name: float(value[i]) for name, value in reconstruction.items()},
             "dead_fraction": float(member.dead_fraction()), "dense_fraction": float(member.dense_fraction()),
             "mean_encoder_decoder_cosine": float(np.mean(enc_dec[i])),
             "near_duplicate_fraction": float(np.mean(max_dec[i] > NEAR_DUPLICATE_COSINE)),
             "log10_frequency_histogram": {"edges": list(metrics.LOG10_FREQUENCY_BINS),
                                           "counts": np.asarray(counts).tolist(), "dead": int(dead)},
-            "tokens": int(n), "frequency": np.asarray(frequency).tolist(),
+            "tokens": int(sums.n[i]), "frequency": np.asarray(frequency).tolist(),
             "mean_when_firing": np.asarray(member.mean_when_firing()).tolist(),
             "encoder_decoder_cosine": np.asarray(enc_dec[i]).tolist(),
             "max_decoder_cosine": np.asarray(max_dec[i]).tolist(),
