@@ -40,6 +40,19 @@ def tiny(tmp_path_factory):
     return site, images
 
 
+
+def test_the_sites_edit_is_the_sae_edit_in_its_normalised_space_and_finish_equals_edited(tiny):
+    """`site.edit(latent_edit)` is `sae_edit(ae, params, latent_edit, norm)`; finishing the
+    captured residual equals the whole edited forward."""
+    site, images = tiny
+    out = site.encode(images[:4])
+    edit = site.edit(interventions.set_to(5, 3.0))
+    by_hand = interventions.sae_edit(site.ae, site.sae_params, interventions.set_to(5, 3.0), site.norm)
+    np.testing.assert_array_equal(edit(out["at_layer"]), by_hand(out["at_layer"]))
+    finished, edited = site.finish(edit, out["at_layer"]), site.edited(edit, images[:4])
+    np.testing.assert_allclose(finished["pooled"], edited["pooled"], atol=1e-5)
+    assert np.abs(np.asarray(finished["pooled"]) - np.asarray(out["pooled"])).max() > 1e-4  # the edit did something
+
 def _attribute(site, images, targets=None, objective="centred_logit"):
     return discovery.site_attribution(site, fidelity.classifier_head, images, targets, objective=objective)
 

@@ -346,9 +346,8 @@ class _Edits:
     def latent(self, latent: int, kind: str, scale: float | None = None):
         s = self.settings
         value = (scale if scale is not None else s.suppress_scale if kind == "suppress" else s.amplify_scale)
-        return interventions.sae_edit(self.site.ae, self.site.sae_params, interventions.set_to(
-            latent, value * float(self.maxes[latent]), self.patch_mask, where_active=kind == "suppress"),
-            norm=self.site.norm)
+        return self.site.edit(interventions.set_to(latent, value * float(self.maxes[latent]), self.patch_mask,
+                                                   where_active=kind == "suppress"))
 
     def direction(self, latent: int, kind: str, direction: np.ndarray):
         """A unit `direction` moved as far as the latent's edit moves a token, on the same tokens."""

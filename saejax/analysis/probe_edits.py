@@ -61,7 +61,7 @@ def slider_curve(site: Site, probe: LinearProbe, *, read: str = "pooled") -> Cal
     bb, bb_params, layer = site.bb, site.bb_params, site.layer
 
     def probabilities(slider, pixels, token_mask, latents, max_values):
-        edit = iv.sae_edit(site.ae, site.sae_params, iv.set_to(latents, slider * max_values, mask=token_mask), site.norm)
+        edit = site.edit(iv.set_to(latents, slider * max_values, mask=token_mask))
         out = bb.forward(bb_params, pixels, edits={layer: edit})
         features = out.pooled[0] if read == "pooled" else out.tokens[0]
         return jax.nn.softmax(probe.logits(features), axis=-1)

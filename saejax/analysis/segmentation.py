@@ -124,7 +124,6 @@ def quantitative_test(predict: Callable, labels_N, stats: ConceptF1, resid_ND, s
     """
     from saejax.analysis import interventions as iv  # noqa: PLC0415 - interventions imports nothing from here
 
-    ae, sae_params, norm = site.ae, site.sae_params, site.norm
     labels = np.asarray(labels_N)
     before = np.asarray(predict(None))
     maxima = np.asarray(stats.max)
@@ -138,8 +137,8 @@ def quantitative_test(predict: Callable, labels_N, stats: ConceptF1, resid_ND, s
 
     def latent_rates(latent, c):
         value = value_scale * maxima[latent]
-        every = iv.sae_edit(ae, sae_params, iv.set_to(int(latent), value), norm)
-        active = iv.sae_edit(ae, sae_params, iv.set_to(int(latent), value, where_active=True), norm)
+        every = site.edit(iv.set_to(int(latent), value))
+        active = site.edit(iv.set_to(int(latent), value, where_active=True))
         return every, {"all_tokens": rates(every, c), "where_active": rates(active, c)}
 
     for c in classes:

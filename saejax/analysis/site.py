@@ -2,6 +2,7 @@
 
 >>> site = Site(bb, bb_params, layer=10, ae=ae, sae_params=params, norm=norm)
 >>> out = site.encode(images_uint8)           # codes [B, P, F], resid, tokens, pooled, at_layer
+>>> edit = site.edit(interventions.set_to(1234, 0.0))   # a latent edit as a residual edit
 >>> edited = site.edited(edit, images_uint8)  # the forward finished after `edit` at the layer
 >>> again = site.finish(edit, out["at_layer"])  # the same from the captured residual (later blocks only)
 
@@ -16,6 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from saejax.analysis import interventions
 from saejax.core.normalization import Normalization
 
 
@@ -61,6 +63,11 @@ class Site:
             return {"tokens": tokens[:, patches], "pooled": pooled}
 
         self._encode, self._edited, self._finish = encode, edited, finish
+
+    def edit(self, latent_edit) -> interventions.SAEEdit:
+        """The residual edit (`interventions.sae_edit`) that applies `latent_edit` (`set_to`,
+        `scale`, ...) to this site's SAE codes, in the SAE's normalised space."""
+        return interventions.sae_edit(self.ae, self.sae_params, latent_edit, self.norm)
 
     def pixels(self, images) -> jax.Array:
         return jnp.asarray(self.processing(images))
