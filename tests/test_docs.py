@@ -1,6 +1,7 @@
-"""The docs' resolver for single-backtick saejax names (docs/_ext/saejax_names.py, used by the Sphinx extension saejax_refs.py): a name
-resolves, by import, to the name the API reference documents it under, and a name that does not
-exist is an error naming it, which is what makes the strict docs build fail on a renamed function."""
+"""The docs' resolver for single-backtick saejax names (docs/_ext/saejax_names.py, used by the
+Sphinx extension saejax_refs.py): a name resolves, by import, to the name the API reference
+documents it under, and a name that does not exist is an error naming it, which is what makes
+the strict docs build fail on a renamed function."""
 
 import pathlib
 import sys

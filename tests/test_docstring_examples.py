@@ -4,10 +4,11 @@ signature (argument count, keyword names), as Python would bind it.
 
 The examples run on the real sizes of the paper (a ViT-B, 24,576 latents, a hub checkpoint), so
 they are checked, not executed: a call reaches its callable through the module's own names, a
-dotted `saejax.` path, saejax's short names (`discovery.discover`), or a variable the example (or an earlier one in the same docstring)
-assigned from a saejax call whose class or return annotation is known (`trainer =
-make_trainer(...)`, then `trainer.init(...)`). A call on anything else (a variable of unknown
-type, jax, numpy) is not checked. README's and the guide's code blocks are executed by
+dotted `saejax.` path, saejax's short names (`discovery.discover`), or a variable the example
+(or an earlier one in the same docstring) assigned from a saejax call whose class or return
+annotation is known (`trainer = make_trainer(...)`, then `trainer.init(...)`). A call on
+anything else (a variable of unknown type, jax, numpy) is not checked: about two thirds of the
+calls in the examples are checked. README's and the guide's code blocks are executed by
 tests/test_readme.py.
 """
 

@@ -132,7 +132,8 @@ def test_an_optax_transformation_of_ones_own_replaces_the_recipe():
         np.testing.assert_allclose(got, before - 0.1 * grad, rtol=1e-5, atol=1e-7)
     assert "learning_rate" not in metrics and float(metrics["sparsity_coeff"]) == pytest.approx(1e-2)
 
-    clipped = train.make_trainer(ae, objective=objective, tx=optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)))
+    clipped = train.make_trainer(ae, objective=objective,
+                                 tx=optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)))
     state, _ = run(clipped, clipped.init(jax.random.key(1), Hparams.of(1e-3, 1e-2)), [x] * 5)
     np.testing.assert_allclose(jnp.linalg.norm(state.params.w_dec, axis=1), 1.0, rtol=1e-5)
 

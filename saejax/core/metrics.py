@@ -103,9 +103,13 @@ class ReconstructionSums:
     ratios of sums, not means of per-batch values). A pytree; `merge` adds two windows.
 
     Attributes:
-        n: rows seen. squared_error: sum of ||x - x_hat||^2. x_sum, x_sq, residual_sum,
-        residual_sq: [D] sums of x, x^2, (x - x_hat), (x - x_hat)^2. cosine_sum, ratio_sum: sums
-        of cos(x, x_hat) and ||x_hat|| / ||x||. hat_sq, hat_dot_x: sums of ||x_hat||^2, x_hat . x.
+        n: rows seen.
+        squared_error: sum of ||x - x_hat||^2.
+        x_sum, x_sq: [D] sums of x and x^2.
+        residual_sum, residual_sq: [D] sums of x - x_hat and (x - x_hat)^2.
+        cosine_sum: sum of cos(x, x_hat).
+        ratio_sum: sum of ||x_hat|| / ||x||.
+        hat_sq, hat_dot_x: sums of ||x_hat||^2 and x_hat . x.
     """
 
     n: jax.Array

@@ -513,7 +513,8 @@ class SAE:
         mesh: the mesh a jitted training step runs on, with inputs split over its `data` axis:
             top-k selections then run per device (`distributed_top_k`, the same results).
         shard_latents: the latents are split over the mesh's `model` axis.
-            `saejax.core.sweep_step.jit_sweep_step` sets both; they are layout, so `to_config` leaves them out.
+            `saejax.core.sweep_step.jit_sweep_step` sets both; they are layout, so `to_config`
+            leaves them out.
     """
 
     architecture: str

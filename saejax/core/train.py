@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -172,7 +173,7 @@ class Trainer:
         """Stacked states, one per leading entry of `hparams`; member i is seeded with
         `jax.random.split(key, M)[i]`, so it equals `init(split(key, M)[i], hparams[i])`."""
         members = hparams.learning_rate.shape[0]
-        if isinstance(self.tx, optax.GradientTransformation) and len(set(jax.device_get(hparams.learning_rate).tolist())) > 1:
+        if isinstance(self.tx, optax.GradientTransformation) and _distinct(hparams.learning_rate) > 1:
             raise ValueError("this sweep varies learning_rate, but Trainer(tx=...) was given one optax "
                              "transformation, which has its own rate; pass tx as a function "
                              "learning_rate -> transformation to give each member its rate")
@@ -286,6 +287,14 @@ class Trainer:
         from saejax.core.sweep_step import jit_sweep_step  # noqa: PLC0415 - sweep_step builds on this module
 
         return jit_sweep_step(self, states, mesh, freeze_nonfinite=freeze_nonfinite)
+
+
+def _distinct(values: jax.Array) -> int:
+    """How many different values a concrete array holds (1 for a traced one: not knowable)."""
+    try:
+        return len(set(np.asarray(values).ravel().tolist()))
+    except jax.errors.TracerArrayConversionError:
+        return 1
 
 
 def make_trainer(ae: SAE, **kwargs) -> Trainer:

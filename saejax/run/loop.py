@@ -95,7 +95,8 @@ def _host(metrics: Mapping[int, Mapping[str, jax.Array]]) -> Metrics:
 
 def fit(trainer: train.Trainer, states: Mapping[int, train.TrainState], stream: Iterator[Mapping[int, jax.Array]],
         *, steps: int, mesh: Mesh | None = None, start_step: int = 0, log_every: int = 1,
-        hooks: Sequence[MetricsHook] = (), step_hooks: Sequence[Callable[[int], None]] = (), state_hooks: Sequence[tuple[int, Callable[[int, Any], None]]] = (),
+        hooks: Sequence[MetricsHook] = (), step_hooks: Sequence[Callable[[int], None]] = (),
+        state_hooks: Sequence[tuple[int, Callable[[int, Any], None]]] = (),
         checkpointer: TrainCheckpointer | None = None, checkpoint_every: int = 0,
         checkpoint_config: Mapping[str, Any] | None = None, handle_signals: bool = True,
         on_nonfinite: str = "stop", frozen: Mapping[int, Sequence[int]] | None = None) -> dict[int, train.TrainState]:
