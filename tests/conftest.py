@@ -14,11 +14,12 @@ def sparse_data(key, n, d_model=16, n_features=48, p_fire=0.06, noise=0.01):
 def chromium_path() -> str:
     """The Chromium the browser tests drive: the system's (Debian's `chromium`, or Chrome), else
     Playwright's own, which is installed (`python -m playwright install chromium`) on first use.
-    None of these is a failure that says what to install, not a skip."""
+    Neither: a failure that says what to install, not a skip."""
     import os
     import shutil
     import subprocess
     import sys
+    import tempfile
 
     import filelock
     import pytest
@@ -29,7 +30,8 @@ def chromium_path() -> str:
             return shutil.which(name)
     with sync_playwright() as p:
         managed = p.chromium.executable_path
-    with filelock.FileLock(os.path.join(os.path.dirname(os.path.dirname(managed)) + ".saejax-install.lock")):
+    # One install for all the test workers.
+    with filelock.FileLock(os.path.join(tempfile.gettempdir(), "saejax-playwright-install.lock")):
         if not os.path.exists(managed):
             install = subprocess.run([sys.executable, "-m", "playwright", "install", "chromium"],
                                      capture_output=True, text=True, timeout=900)
