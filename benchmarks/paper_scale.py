@@ -53,7 +53,7 @@ from benchmarks import peak  # noqa: E402
 from saejax.core.sweep_step import jit_sweep_step  # noqa: E402
 from saejax import backbones, fidelity, sae, sharding, train  # noqa: E402
 from saejax.core.losses import Objective  # noqa: E402
-from saejax.core.normalization import Normalization  # noqa: E402
+from saejax.analysis.site import Site  # noqa: E402
 from saejax.data import activations  # noqa: E402
 
 GIB = 1024**3
@@ -168,11 +168,10 @@ def spliced(bb, params, d_sae: int, members: int, images: int, layer: int, name:
     ae = sae.relu(bb.d_model, d_sae, compute_dtype=jnp.bfloat16)
     sweep = jax.eval_shape(lambda: jax.vmap(ae.init)(jax.random.split(jax.random.key(0), members)))
     token_index = tuple(int(i) for i in activations.token_indices(bb.layout, "patches"))
-    norm = Normalization.identity(bb.d_model)
 
     def sums(bp, sp, pixels):
-        return fidelity.fidelity_sums(bb, bp, ae, sp, pixels, None, layer=layer, token_index=token_index, head=None,
-                                      normalization=norm, ablation_mean=jnp.zeros(bb.d_model))
+        return fidelity.fidelity_sums(Site(bb, bp, layer=layer, ae=ae, sae_params=sp), pixels, None,
+                                      token_index=token_index, head=None, ablation_mean=jnp.zeros(bb.d_model))
 
     def build(mesh):
         fn = jax.jit(sums, in_shardings=(sharding.replicated(mesh), sharding.replicated(mesh),

@@ -235,7 +235,7 @@ def check_fidelity_sharded_equals_one_device():
     batch, the sums are all-reduced, and the numbers are one device's (10 images in batches of
     8: the last one is padded, and padding counts for nothing)."""
     from saejax import backbones, data, fidelity, sae
-    from saejax.core.normalization import Normalization
+    from saejax.analysis.site import Site
 
     bb, params = backbones.load(os.path.join(os.path.dirname(__file__), "fixtures", "backbones", "clip_vision"),
                                 cache_dir=False)
@@ -244,21 +244,20 @@ def check_fidelity_sharded_equals_one_device():
     ae = sae.relu(bb.d_model, 64)
     sweep = jax.vmap(ae.init)(jax.random.split(jax.random.key(0), 2))
     head = fidelity.linear_probe_head(jax.random.normal(jax.random.key(1), (bb.d_model, 3)), jnp.zeros(3))
-    kwargs = dict(layer=1, head=head, batch_size=8)
-    one = fidelity.spliced_fidelity(bb, params, ae, sweep, source, mesh=shd.make_mesh(1, 1, jax.devices()[:1]), **kwargs)
+    site = Site(bb, params, layer=1, ae=ae, sae_params=sweep)
+    one = fidelity.spliced_fidelity(site, source, head=head, batch_size=8, mesh=shd.make_mesh(1, 1, jax.devices()[:1]))
     mesh = shd.make_mesh(8)
-    eight = fidelity.spliced_fidelity(bb, params, ae, sweep, source, mesh=mesh, **kwargs)
+    eight = fidelity.spliced_fidelity(site, source, head=head, batch_size=8, mesh=mesh)
     for a, b in zip(one, eight):
         assert a["n_images"] == b["n_images"] == 10
         for key, value in a.items():
             if isinstance(value, float):
                 np.testing.assert_allclose(b[key], value, rtol=2e-5, atol=1e-6, err_msg=key)
     token_index = tuple(range(*bb.layout.patches))
-    step = fidelity.sharded_fidelity_sums(bb, ae, layer=1, token_index=token_index, head=head,
-                                          normalization=Normalization.identity(bb.d_model), mesh=mesh)
+    step = fidelity.sharded_fidelity_sums(token_index=token_index, head=head, mesh=mesh)
     images = jax.ShapeDtypeStruct((8, bb.image_size, bb.image_size, 3), jnp.float32)
     rows = jax.ShapeDtypeStruct((8,), jnp.float32)
-    text = step.lower(params, sweep, images, jax.ShapeDtypeStruct((8,), jnp.int32), jnp.zeros(bb.d_model),
+    text = step.lower(site, images, jax.ShapeDtypeStruct((8,), jnp.int32), jnp.zeros(bb.d_model),
                       rows).compile().as_text()
     assert f"f32[1,{bb.image_size},{bb.image_size},3]" in text  # one image per device
     assert any(kind == "all-reduce" for _, kind in collectives(text))  # the sums, reduced over devices

@@ -49,10 +49,10 @@ def check_fidelity():
     from saejax import fidelity, sharding
     from test_multihost import fidelity_args
 
-    bb, params, ae, sweep, images, labels, kwargs = fidelity_args()
+    site, images, labels, kwargs = fidelity_args()
     source = RecordingSource(images)
     source.labels = labels
-    results = fidelity.spliced_fidelity(bb, params, ae, sweep, source, mesh=sharding.make_mesh(), **kwargs)
+    results = fidelity.spliced_fidelity(site, source, mesh=sharding.make_mesh(), **kwargs)
     np.savez(os.path.join(out_dir, f"fidelity_{process_id}.npz"), read=np.asarray(source.read),
              values=np.asarray([[r[k] for k in sorted(r) if isinstance(r[k], float)] for r in results]),
              n_images=[r["n_images"] for r in results])

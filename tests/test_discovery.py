@@ -89,6 +89,29 @@ def test_attribution_is_the_derivative_of_scaling_the_latent_on_the_patches(tiny
     np.testing.assert_array_equal(targets, np.argmax(clean, -1))
 
 
+def test_a_site_is_a_pytree_that_jit_and_vmap_take_as_an_argument(tiny):
+    """The parameters are leaves and the rest static: a Site with other parameters reuses the
+    compiled attribution, a vmap over stacked SAEs gives each member's own codes, and the old
+    loose-argument spelling gives the same attribution (with a DeprecationWarning)."""
+    site, images = tiny
+    pixels = site.pixels(images[:3])
+    attribution = jax.jit(discovery.latent_attribution, static_argnames=("head", "objective"))
+    want = attribution(site, pixels, head=fidelity.classifier_head)
+    compiled = attribution._cache_size()  # pylint: disable=protected-access
+    other = site.replace(sae_params=jax.tree.map(lambda a: 2 * a, site.sae_params))
+    got = attribution(other, pixels, head=fidelity.classifier_head)
+    assert attribution._cache_size() == compiled  # pylint: disable=protected-access
+    assert not np.allclose(got["attribution"], want["attribution"])
+    assert len(jax.tree.leaves(site)) == len(jax.tree.leaves((site.bb_params, site.sae_params, site.norm)))
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), site.sae_params, other.sae_params)
+    codes = jax.vmap(lambda p: site.replace(sae_params=p).encode_pixels(pixels)["codes"])(stacked)
+    np.testing.assert_allclose(codes[1], other.encode(images[:3])["codes"], rtol=1e-5, atol=1e-6)
+    with pytest.warns(DeprecationWarning, match="pass a Site"):
+        old = discovery.latent_attribution(site.bb, site.bb_params, site.ae, site.sae_params, pixels, layer=site.layer,
+                                           norm=site.norm, head=fidelity.classifier_head)
+    np.testing.assert_allclose(old["attribution"], want["attribution"], rtol=1e-5, atol=1e-6)
+
+
 def test_targets_default_to_the_prediction_and_labels_override_them(tiny):
     site, images = tiny
     predicted = np.asarray(_attribute(site, images[:4])["targets"])

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saejax import backbones, data, fidelity, sae
+from saejax import backbones, data, fidelity, interventions, sae
+from saejax.analysis.site import Site
 from saejax.core.normalization import Normalization
 from saejax.core.sae import SAEParams
 
@@ -37,7 +38,8 @@ def setting():
 
 def test_exact_zero_and_mean_saes_score_1_and_the_ablations(setting):
     bb, params, source, ae, sweep, mean = setting
-    results = fidelity.spliced_fidelity(bb, params, ae, sweep, source, layer=LAYER, ablation_mean=mean, batch_size=4)
+    sweep_site = Site(bb, params, layer=LAYER, ae=ae, sae_params=sweep)  # a Site over a stacked sweep
+    results = fidelity.spliced_fidelity(sweep_site, source, ablation_mean=mean, batch_size=4)
     exact, zero, writes_mean = results
     assert exact["n_images"] == 10 and exact["targets"] == "labels"
     assert exact["kl_spliced"] == pytest.approx(0.0, abs=1e-7)
@@ -69,8 +71,8 @@ def test_matches_a_hand_computation_with_forward_edits(setting):
     kl = float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
     ce = float(-jnp.mean(q[jnp.arange(10), labels]))
     accuracy = float(np.mean(np.argmax(zero_out.logits, -1) == labels))
-    (r,) = fidelity.spliced_fidelity(bb, params, ae, jax.tree.map(lambda a: a[1], sweep), source, layer=LAYER,
-                                     ablation_mean=mean, batch_size=3)  # one SAE (unstacked); uneven batches
+    zero_site = Site(bb, params, layer=LAYER, ae=ae, sae_params=jax.tree.map(lambda a: a[1], sweep))
+    (r,) = fidelity.spliced_fidelity(zero_site, source, ablation_mean=mean, batch_size=3)  # one SAE; uneven batches
     assert r["kl_zero_ablated"] == pytest.approx(kl, rel=1e-4)  # a KL of ~5e-3 from float32 log-softmaxes of batches of 3 and of 10
     assert r["ce_zero_ablated"] == pytest.approx(ce, rel=1e-5)
     assert r["accuracy_zero_ablated"] == pytest.approx(accuracy)
@@ -86,22 +88,45 @@ def test_normalization_probe_head_and_no_head(setting):
     exact = jax.tree.map(lambda a: a[0], sweep)  # exact in any normalised space too
     probe = fidelity.linear_probe_head(jax.random.normal(jax.random.key(0), (bb.d_model, 4)), jnp.zeros(4))
     unlabelled = data.ArraySource(np.stack([source[i].image for i in range(len(source))]))
-    (r,) = fidelity.spliced_fidelity(bb, params, ae, exact, unlabelled, layer=LAYER, head=probe, normalization=norm)
+    (r,) = fidelity.spliced_fidelity(Site(bb, params, layer=LAYER, ae=ae, sae_params=exact, norm=norm), unlabelled,
+                                     head=probe)
     assert r["targets"] == "clean predictions" and r["accuracy_clean"] == 1.0
     assert r["kl_spliced"] == pytest.approx(0.0, abs=1e-7) and r["fidelity"] == pytest.approx(1.0, abs=1e-6)
-    (r,) = fidelity.spliced_fidelity(bb, params, ae, exact, source, layer=LAYER, head=None, max_images=4,
-                                     batch_size=4)
+    (r,) = fidelity.spliced_fidelity(Site(bb, params, layer=LAYER, ae=ae, sae_params=exact), source, head=None,
+                                     max_images=4, batch_size=4)
     assert r["n_images"] == 4 and "kl_spliced" not in r and r["pooled_cosine"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_errors_name_the_problem(setting):
     bb, params, source, ae, sweep, _ = setting
     with pytest.raises(ValueError, match="block index 3 out of range"):
-        fidelity.spliced_fidelity(bb, params, ae, sweep, source, layer=3)
+        Site(bb, params, layer=3, ae=ae, sae_params=sweep)
     clip, clip_params = backbones.load(os.path.join(FIXTURES, "clip_vision"), cache_dir=False)
+    clip_site = Site(clip, clip_params, layer=1, ae=sae.relu(32, 64), sae_params=sae.relu(32, 64).init(jax.random.key(0)))
     with pytest.raises(ValueError, match="this backbone has no classification head"):
-        fidelity.spliced_fidelity(clip, clip_params, sae.relu(32, 64), sae.relu(32, 64).init(jax.random.key(0)),
-                                  data.ArraySource(np.zeros((2, 32, 32, 3), np.uint8)), layer=1)
+        fidelity.spliced_fidelity(clip_site, data.ArraySource(np.zeros((2, 32, 32, 3), np.uint8)))
+
+
+def test_the_splice_and_the_ablations_are_residual_edits(setting):
+    """`interventions.splice` and `replace_tokens` change only the tokens named, as the hand
+    computation does, and the old loose-argument spelling still gives the same numbers (with a
+    DeprecationWarning)."""
+    bb, params, source, ae, sweep, mean = setting
+    resid = jax.random.normal(jax.random.key(0), (2, bb.layout.n_tokens, bb.d_model))
+    patches = range(*bb.layout.patches)
+    exact = jax.tree.map(lambda a: a[0], sweep)
+    np.testing.assert_allclose(interventions.splice(ae, exact, tokens=patches)(resid), resid, atol=1e-6)
+    writes_mean = interventions.splice(ae, jax.tree.map(lambda a: a[2], sweep), tokens=patches)(resid)
+    ablated = interventions.replace_tokens(mean, patches)(resid)
+    np.testing.assert_allclose(writes_mean, ablated, atol=1e-6)
+    np.testing.assert_array_equal(ablated[:, 0], resid[:, 0])  # CLS untouched
+    np.testing.assert_array_equal(ablated[:, 1:], jnp.broadcast_to(mean, ablated[:, 1:].shape))
+    np.testing.assert_array_equal(interventions.replace_tokens(0.0)(resid), jnp.zeros_like(resid))
+    want = fidelity.spliced_fidelity(Site(bb, params, layer=LAYER, ae=ae, sae_params=sweep), source,
+                                     ablation_mean=mean, batch_size=4)
+    with pytest.warns(DeprecationWarning, match="pass a Site"):
+        old = fidelity.spliced_fidelity(bb, params, ae, sweep, source, layer=LAYER, ablation_mean=mean, batch_size=4)
+    assert old == want
 
 
 def _clip_with_tokenizer(directory):
@@ -145,10 +170,9 @@ def test_zero_shot_head_from_prompts(tmp_path):
                                        backbones.clip_logit_scale(params))(out.tokens, out.pooled, out.logits)
     np.testing.assert_allclose(head(out.tokens, out.pooled, out.logits), expected, rtol=1e-6)
     ae = sae.relu(bb.d_model, 2 * bb.d_model)
-    (r,) = fidelity.spliced_fidelity(bb, params, ae, ae.init(jax.random.key(0)),
+    (r,) = fidelity.spliced_fidelity(Site(bb, params, layer=1, ae=ae, sae_params=ae.init(jax.random.key(0))),
                                      data.ArraySource(np.random.default_rng(0).integers(0, 256, (4, 40, 40, 3),
-                                                                                        dtype=np.uint8)),
-                                     layer=1, head=head)
+                                                                                        dtype=np.uint8)), head=head)
     assert r["targets"] == "clean predictions" and r["kl_spliced"] >= 0 and np.isfinite(r["fidelity"])
     with pytest.raises(ValueError, match="needs fidelity.prompts"):
         fidelity_head(bb, params, "zero_shot")

@@ -31,6 +31,7 @@ def fidelity_args():
     """The spliced-fidelity run both processes share (10 images in global batches of 8: the
     last one is padded), and that one process runs here for comparison."""
     from saejax import fidelity, sae
+    from saejax.analysis.site import Site
 
     bb, params = backbones.load(os.path.join(HERE, "fixtures", "backbones", "clip_vision"), cache_dir=False)
     rng = np.random.default_rng(0)
@@ -38,7 +39,7 @@ def fidelity_args():
     ae = sae.relu(bb.d_model, 64)
     sweep = jax.vmap(ae.init)(jax.random.split(jax.random.key(0), 2))
     head = fidelity.linear_probe_head(jax.random.normal(jax.random.key(1), (bb.d_model, 3)), jax.numpy.zeros(3))
-    return bb, params, ae, sweep, images, labels, dict(layer=1, head=head, batch_size=8)
+    return Site(bb, params, layer=1, ae=ae, sae_params=sweep), images, labels, dict(head=head, batch_size=8)
 
 
 def collect_args():
@@ -121,8 +122,8 @@ def test_spliced_fidelity_on_two_processes_reads_each_share_once_and_equals_one_
     codes, outs = finish_pair(procs)
     assert codes == [0, 0], [err[-3000:] for _, err in outs]
     results = [np.load(tmp_path / f"fidelity_{i}.npz") for i in range(2)]
-    bb, params, ae, sweep, images, labels, kwargs = fidelity_args()
-    want = fidelity.spliced_fidelity(bb, params, ae, sweep, data.ArraySource(images, labels=labels), **kwargs)
+    site, images, labels, kwargs = fidelity_args()
+    want = fidelity.spliced_fidelity(site, data.ArraySource(images, labels=labels), **kwargs)
     values = np.asarray([[r[k] for k in sorted(r) if isinstance(r[k], float)] for r in want])
     for r in results:  # both processes hold the whole result, one process's numbers
         assert list(r["n_images"]) == [10, 10]

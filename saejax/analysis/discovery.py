@@ -39,7 +39,6 @@ baselines, the permutation test, Holm) are only meaningful together.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -50,7 +49,7 @@ import numpy as np
 
 from saejax import data
 from saejax.analysis import interventions, segmentation
-from saejax.analysis.site import Site
+from saejax.analysis.site import Site, accepts_loose_arguments
 from saejax.core.metrics import DENSE_FREQUENCY
 from saejax.data.batching import gather_over_processes
 from saejax.provenance import written_by
@@ -80,20 +79,20 @@ def _target_score(logits_BC: jax.Array, targets_B: jax.Array, objective: str) ->
     return jnp.take_along_axis(scores, targets_B[:, None], axis=1)[:, 0]
 
 
-def latent_attribution(bb, bb_params, ae, sae_params, pixels: jax.Array, targets_B: jax.Array | None = None, *,
-                       layer: int, head: Callable, norm=None, objective: str = "centred_logit") -> dict[str, jax.Array]:
-    """Activation x gradient of each image's target score, per latent (pure; jit it with the
-    static arguments closed over).
+@accepts_loose_arguments
+def latent_attribution(site: Site, pixels: jax.Array, targets_B: jax.Array | None = None, *, head: Callable,
+                       objective: str = "centred_logit") -> dict[str, jax.Array]:
+    """Activation x gradient of each image's target score, per latent (pure; `site` passes
+    through `jit` as an argument, `head` and `objective` are static).
 
-    The patch residual at `layer` is replaced by `decode(z) + error`, where `error` is the SAE's
-    reconstruction error held constant, so the forward pass is exactly the clean one; the
-    gradient of the target score with respect to `z` flows through the blocks after `layer` and
-    the head. Images do not interact in a ViT, so one backward pass of the summed scores gives
-    every image's own gradient.
+    The patch residual at the site's layer is replaced by `decode(z) + error`, where `error` is
+    the SAE's reconstruction error held constant, so the forward pass is exactly the clean one;
+    the gradient of the target score with respect to `z` flows through the blocks after the
+    layer and the head. Images do not interact in a ViT, so one backward pass of the summed
+    scores gives every image's own gradient.
 
     Args:
-        bb, bb_params: the backbone; layer: the SAE's block.
-        ae, sae_params, norm: the SAE (and its `Normalization`, or None for raw activations).
+        site: the backbone and the SAE at its block (`Site`).
         pixels: float [B, S, S, 3] from the backbone's preprocessing.
         targets_B: int [B] class of each image to explain; None (or -1 entries): the head's
             prediction.
@@ -105,27 +104,24 @@ def latent_attribution(bb, bb_params, ae, sae_params, pixels: jax.Array, targets
         `attribution` [B, F] (summed over patch tokens), `codes` [B, P, F], `logits` [B, C] of
         the clean forward pass, `targets` [B].
     """
-    at_layer = bb.forward(bb_params, pixels, capture=(layer,), full=False).captured[layer]
-    patches = slice(*bb.layout.patches)
-    x = at_layer[:, patches].astype(jnp.float32)
-    b, p, d = x.shape
-    x_in = x.reshape(-1, d) if norm is None else norm.apply(x.reshape(-1, d))
-    z = ae.encode(sae_params, x_in).astype(jnp.float32)
+    ae, sae_params, norm = site.ae, site.sae_params, site.norm
+    encoded = site.encode_pixels(pixels)
+    x_in, z = encoded["normalized"], encoded["codes"].astype(jnp.float32)  # [B, P, D], [B, P, F]
     error = x_in - ae.decode(sae_params, z)
+    patches = range(*site.bb.layout.patches)
 
     def class_logits(codes):
         recon = ae.decode(sae_params, codes) + error
         raw = recon if norm is None else norm.invert(recon)
-        resid = at_layer.at[:, patches].set(raw.reshape(b, p, d).astype(at_layer.dtype))
-        return head(*bb.finish(bb_params, resid, layer)).astype(jnp.float32)
+        out = site.finish(interventions.replace_tokens(raw, patches), encoded["at_layer"])
+        return head(out["tokens"], out["pooled"], out["logits"]).astype(jnp.float32)
 
     logits, pullback = jax.vjp(class_logits, z)
     predicted = jnp.argmax(logits, axis=-1)
     targets = predicted if targets_B is None else jnp.where(targets_B < 0, predicted, targets_B.astype(jnp.int32))
     cotangent = jax.grad(lambda lg: jnp.sum(_target_score(lg, targets, objective)))(logits)
     (dz,) = pullback(cotangent)
-    return {"attribution": (z * dz).reshape(b, p, -1).sum(1), "codes": z.reshape(b, p, -1), "logits": logits,
-            "targets": targets}
+    return {"attribution": (z * dz).sum(1), "codes": z, "logits": logits, "targets": targets}
 
 
 @flax.struct.dataclass
@@ -198,11 +194,8 @@ def _merge_over_processes(scores: AttributionScores) -> AttributionScores:
                                np.asarray(every.maxes).max(0), np.asarray(every.patches).sum(0)))
 
 
-@functools.partial(jax.jit, static_argnames=("bb", "ae", "layer", "head", "objective"))
-def _jitted_attribution(bb, bb_params, ae, sae_params, norm, pixels, targets, *, layer, head, objective):
-    # One compiled pass per (model, SAE, head, objective, shape), however many calls.
-    return latent_attribution(bb, bb_params, ae, sae_params, pixels, targets, layer=layer, head=head, norm=norm,
-                              objective=objective)
+# One compiled pass per (site structure, head, objective, shape), however many calls.
+_jitted_attribution = jax.jit(latent_attribution, static_argnames=("head", "objective"))
 
 
 def site_attribution(site: Site, head: Callable, images, targets_B=None, *,
@@ -210,8 +203,7 @@ def site_attribution(site: Site, head: Callable, images, targets_B=None, *,
     """`latent_attribution` of uint8 `images` at `site` (jitted; `targets_B` None or -1: the
     head's prediction)."""
     targets = np.full(len(images), -1, np.int32) if targets_B is None else np.asarray(targets_B, np.int32)
-    return _jitted_attribution(site.bb, site.bb_params, site.ae, site.sae_params, site.norm, site.pixels(images),
-                               jnp.asarray(targets), layer=site.layer, head=head, objective=objective)
+    return _jitted_attribution(site, site.pixels(images), jnp.asarray(targets), head=head, objective=objective)
 
 
 def _targets_of(batch, targets: str | Callable) -> np.ndarray:

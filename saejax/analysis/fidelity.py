@@ -28,12 +28,15 @@ Reported per sweep member (`spliced_fidelity`):
 * `pooled_cosine`: mean cosine of the final pooled embedding, clean against spliced.
 
 `fidelity_sums` is the pure, jittable core over one batch; `spliced_fidelity` streams it over
-a `saejax.data.Source`.
+a `saejax.data.Source`. Both take a `Site` (`site.sae_params` may be a sweep's, stacked); the
+splice and the ablations are residual edits (`interventions.splice`,
+`interventions.replace_tokens`) that `Site.finish` continues from.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -44,11 +47,12 @@ import numpy as np
 
 from saejax import backbones, data
 from saejax import sharding as shd
+from saejax.analysis import interventions
+from saejax.analysis.site import Site, accepts_loose_arguments
 from saejax.data import activations
-from saejax.core.normalization import Normalization
-from saejax.core.sae import SAE, SAEParams
 
-Head = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]  # (tokens, pooled, logits) -> [B, C]
+# (final patch tokens [B, P, D], pooled [B, D], logits [B, C] or None) -> class logits [B, C]
+Head = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 ABLATIONS = ("mean_ablated", "zero_ablated")
 
 
@@ -97,18 +101,18 @@ def _stats(logits, clean_logp, targets, valid):
     return {"kl": kl, "ce": ce, "correct": correct}
 
 
-def fidelity_sums(bb, bb_params, ae: SAE, sae_params: SAEParams, images: jax.Array, labels: jax.Array | None, *,
-                  layer: int, token_index, head: Head | None, normalization: Normalization,
+@accepts_loose_arguments
+def fidelity_sums(site: Site, images: jax.Array, labels: jax.Array | None, *, token_index, head: Head | None,
                   ablation_mean: jax.Array, valid: jax.Array | None = None) -> dict[str, Any]:
-    """Sums over one batch of images for `spliced_fidelity` (pure, jittable; close over the
-    static arguments `bb`, `ae`, `layer`, `token_index` and `head`).
+    """Sums over one batch of images for `spliced_fidelity` (pure, jittable; `token_index` and
+    `head` are static).
 
     Args:
-        sae_params: one SAE's params, or a sweep's stacked along a leading member axis [M].
+        site: the backbone and the SAE at its block; `site.sae_params` is one SAE's params or a
+            sweep's stacked along a leading member axis [M] (with one normalisation for all).
         images: float [B, S, S, 3] from `bb.preprocess`.
         labels: int [B], or None to score against the clean model's predictions.
         token_index: the token positions the SAE reads (`activations.token_indices`).
-        normalization: maps raw activations to the SAE's input space and back.
         ablation_mean: [D] raw activation that mean ablation writes.
         valid: [B] 1 for an image, 0 for padding (a last batch filled up to the mesh's size);
             all ones when None.
@@ -119,27 +123,21 @@ def fidelity_sums(bb, bb_params, ae: SAE, sae_params: SAEParams, images: jax.Arr
         `pooled_sq` (squared distance of the pooled embedding to clean), and "spliced" also
         `pooled_cos`.
     """
-    stacked = sae_params.b_dec.ndim == 2
-    params = sae_params if stacked else jax.tree.map(lambda a: a[None], sae_params)
-    out = bb.forward(bb_params, images, capture=(layer,))
-    resid = out.captured[layer]
-    index = jnp.asarray(token_index)
-    x = resid[:, index]
+    stacked = site.sae_params.b_dec.ndim == 2
+    params = site.sae_params if stacked else jax.tree.map(lambda a: a[None], site.sae_params)
+    forward = site.bb.forward(site.bb_params, images, capture=(site.layer,))  # the clean run: no SAE
+    clean = {"at_layer": forward.captured[site.layer], "tokens": forward.tokens[:, slice(*site.bb.layout.patches)],
+             "pooled": forward.pooled, "logits": forward.logits}
 
-    def finish(new_tokens):
-        edited = resid.at[:, index].set(new_tokens.astype(resid.dtype))
-        tokens, pooled, logits = bb.finish(bb_params, edited, layer)
-        return (None if head is None else head(tokens, pooled, logits)), pooled
+    def run(edit):  # the splice and the ablations are residual edits, finished from the clean residual
+        out = site.finish(edit, clean["at_layer"])
+        return (None if head is None else head(out["tokens"], out["pooled"], out["logits"])), out["pooled"]
 
-    def reconstruct(p):
-        x_hat = ae(p, normalization.apply(x.reshape(-1, x.shape[-1])))
-        return normalization.invert(x_hat).reshape(x.shape)
-
-    clean_logits = None if head is None else head(out.tokens, out.pooled, out.logits)
-    runs = {"clean": (clean_logits, out.pooled),
-            "spliced": jax.vmap(lambda p: finish(reconstruct(p)))(params),
-            "mean_ablated": finish(jnp.broadcast_to(ablation_mean, x.shape)),
-            "zero_ablated": finish(jnp.zeros_like(x))}
+    clean_logits = None if head is None else head(clean["tokens"], clean["pooled"], clean["logits"])
+    runs = {"clean": (clean_logits, clean["pooled"]),
+            "spliced": jax.vmap(lambda p: run(interventions.splice(site.ae, p, site.norm, token_index)))(params),
+            "mean_ablated": run(interventions.replace_tokens(ablation_mean, token_index)),
+            "zero_ablated": run(interventions.replace_tokens(0.0, token_index))}
     valid = jnp.ones(images.shape[0], jnp.float32) if valid is None else valid.astype(jnp.float32)
     sums = {"n": jnp.sum(valid)}
     clean_logp = None
@@ -147,7 +145,7 @@ def fidelity_sums(bb, bb_params, ae: SAE, sae_params: SAEParams, images: jax.Arr
         clean_logp = jax.nn.log_softmax(clean_logits.astype(jnp.float32))
         targets = jnp.argmax(clean_logits, axis=-1) if labels is None else labels
     for name, (logits, pooled) in runs.items():
-        sq = lambda pl: jnp.sum(valid[:, None] * (pl - out.pooled) ** 2)  # noqa: E731
+        sq = lambda pl: jnp.sum(valid[:, None] * (pl - clean["pooled"]) ** 2)  # noqa: E731
         entry = {"pooled_sq": jax.vmap(sq)(pooled) if name == "spliced" else sq(pooled)}
         if head is not None:
             stats = (jax.vmap(lambda lg: _stats(lg, clean_logp, targets, valid))(logits) if name == "spliced"
@@ -155,41 +153,51 @@ def fidelity_sums(bb, bb_params, ae: SAE, sae_params: SAEParams, images: jax.Arr
             entry.update(stats)
         if name == "spliced":
             unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-8)  # noqa: E731
-            entry["pooled_cos"] = jnp.sum(valid[:, None] * unit(pooled) * unit(out.pooled)[None], axis=(-2, -1))
+            entry["pooled_cos"] = jnp.sum(valid[:, None] * unit(pooled) * unit(clean["pooled"])[None], axis=(-2, -1))
         sums[name] = entry
     return sums
 
 
-def sharded_fidelity_sums(bb, ae: SAE, *, layer: int, token_index, head: Head | None, normalization: Normalization,
-                          mesh: Mesh) -> Callable:
-    """`fidelity_sums` jitted for `mesh`: `step(bb_params, sae_params, images, labels,
-    ablation_mean, valid)` with the images, labels and `valid` split over `data` (each device
-    runs the forward passes of its rows) and the params replicated; the sums come out reduced
-    over every device (and process), replicated."""
+def sharded_fidelity_sums(*args, token_index, head: Head | None, mesh: Mesh, **deprecated) -> Callable:
+    """`fidelity_sums` jitted for `mesh`: `step(site, images, labels, ablation_mean, valid)`
+    with the images, labels and `valid` split over `data` (each device runs the forward passes
+    of its rows) and the site's parameters replicated; the sums come out reduced over every
+    device (and process), replicated. (Until saejax 0.3 also the old
+    `sharded_fidelity_sums(bb, ae, layer=, normalization=, ...)`, whose step takes
+    `(bb_params, sae_params, images, labels, ablation_mean, valid)`.)"""
     replicated, images_sh, rows_sh = shd.replicated(mesh), shd.batch_sharding(mesh, 4), shd.batch_sharding(mesh, 1)
-    return jax.jit(lambda bp, sp, im, lb, mean, valid: fidelity_sums(
-        bb, bp, ae, sp, im, lb, layer=layer, token_index=token_index, head=head, normalization=normalization,
-        ablation_mean=mean, valid=valid),
-        in_shardings=(replicated, replicated, images_sh, rows_sh, replicated, rows_sh), out_shardings=replicated)
+    token_index = tuple(int(i) for i in token_index)
+
+    def sums(site, images, labels, ablation_mean, valid):
+        return fidelity_sums(site, images, labels, token_index=token_index, head=head, ablation_mean=ablation_mean,
+                             valid=valid)
+
+    step = jax.jit(sums, in_shardings=(replicated, images_sh, rows_sh, replicated, rows_sh), out_shardings=replicated)
+    if not args:
+        return step
+    bb, ae = args
+    layer, norm = deprecated.pop("layer"), deprecated.pop("normalization", None)
+    warnings.warn("sharded_fidelity_sums(bb, ae, layer=, normalization=, ...) is deprecated and goes in saejax 0.3; "
+                  "call sharded_fidelity_sums(token_index=, head=, mesh=) and pass its step a Site",
+                  DeprecationWarning, stacklevel=2)
+    return lambda bp, sp, im, lb, mean, valid: step(Site(bb, bp, layer=layer, ae=ae, sae_params=sp, norm=norm), im, lb,
+                                                    mean, valid)
 
 
-def spliced_fidelity(bb, bb_params, ae: SAE, sae_params: SAEParams, source: data.Source, *, layer: int,
-                     tokens: str = "patches", head: Head | None = classifier_head,
-                     normalization: Normalization | None = None, ablation_mean: jax.Array | None = None,
-                     batch_size: int = 32, max_images: int | None = None, mesh: Mesh | None = None
-                     ) -> list[dict[str, Any]]:
+@accepts_loose_arguments
+def spliced_fidelity(site: Site, source: data.Source, *, tokens: str = "patches", head: Head | None = classifier_head,
+                     ablation_mean: jax.Array | None = None, batch_size: int = 32, max_images: int | None = None,
+                     mesh: Mesh | None = None) -> list[dict[str, Any]]:
     """Spliced-in fidelity of an SAE (or each member of a stacked sweep) over a source's images.
 
     Args:
-        bb, bb_params: the backbone and its params.
-        ae, sae_params: the SAE and its params (one SAE, or a sweep stacked along axis 0).
+        site: the backbone and the SAE at its block (`site.sae_params`: one SAE's, or a sweep's
+            stacked along axis 0; `site.norm`: the SAE's input normalisation, or None).
         source: images (and labels, if it has them; otherwise the clean predictions are the
             targets).
-        layer: the hook the SAE reads.
         tokens: the token set it was trained on ("patches", "cls", "registers", "all").
         head: `classifier_head`, `linear_probe_head(...)`, `zero_shot_head(...)`, or None (pooled
             embedding only: no KL, accuracy or CE).
-        normalization: the SAE's input normalisation (identity when None).
         ablation_mean: [D] the raw activation mean ablation writes; default the
             normalisation's mean, or without one the mean over the first batch's tokens.
         batch_size: images per jitted call, over all devices and processes (a multiple of
@@ -202,11 +210,10 @@ def spliced_fidelity(bb, bb_params, ae: SAE, sae_params: SAEParams, source: data
     Returns:
         One dict per member; see the module docstring for the keys.
     """
-    bb._check_layers((layer,), "layer")  # pylint: disable=protected-access
+    bb, layer = site.bb, site.layer
     token_index = tuple(int(i) for i in activations.token_indices(bb.layout, tokens))
-    if ablation_mean is None and normalization is not None:
-        ablation_mean = normalization.mean
-    normalization = normalization or Normalization.identity(bb.d_model)
+    if ablation_mean is None and site.norm is not None:
+        ablation_mean = site.norm.mean
     mesh = mesh if mesh is not None else shd.make_mesh(1, 1, jax.local_devices()[:1])
     processes = jax.process_count() if len(mesh.devices.flat) > len(jax.local_devices()) else 1
     if batch_size % shd.data_size(mesh) or batch_size % processes:
@@ -214,8 +221,7 @@ def spliced_fidelity(bb, bb_params, ae: SAE, sae_params: SAEParams, source: data
                          f"({shd.data_size(mesh)} devices) and of the number of processes ({processes})")
     per_process, side = batch_size // processes, bb.image_size
     replicated, images_sh, rows_sh = shd.replicated(mesh), shd.batch_sharding(mesh, 4), shd.batch_sharding(mesh, 1)
-    step = sharded_fidelity_sums(bb, ae, layer=layer, token_index=token_index, head=head, normalization=normalization,
-                                 mesh=mesh)
+    step = sharded_fidelity_sums(token_index=token_index, head=head, mesh=mesh)
 
     @functools.partial(jax.jit, in_shardings=(replicated, images_sh, rows_sh), out_shardings=replicated)
     def first_batch_mean(bp, im, valid):
@@ -242,8 +248,8 @@ def spliced_fidelity(bb, bb_params, ae: SAE, sae_params: SAEParams, source: data
             local[:n] = batch.labels
             labels = global_rows(rows_sh, local)
         if ablation_mean is None:
-            ablation_mean = first_batch_mean(bb_params, images, valid)
-        sums = step(bb_params, sae_params, images, labels, ablation_mean, valid)
+            ablation_mean = first_batch_mean(site.bb_params, images, valid)
+        sums = step(site, images, labels, ablation_mean, valid)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         if max_images is not None and float(total["n"]) >= max_images:
             break

@@ -12,6 +12,10 @@ the residual exactly and setting latent i to v moves each edited token by exactl
 `(v - f_i) * w_dec[i]`. When the SAE was trained on normalised activations, pass its
 `Normalization`: encoding happens in normalised space and the change is mapped back to raw space.
 
+Edits that replace the residual outright: `splice(ae, params, norm, tokens)` (the SAE's
+reconstruction, error dropped: spliced-in fidelity) and `replace_tokens(values, tokens)` (mean or
+zero ablation), at token positions.
+
 Token masks broadcast against the code's leading axes (`[T]` for all images, `[B, T]` per
 image); None edits every token.
 
@@ -229,6 +233,62 @@ def sae_edit(ae: SAE, params: SAEParams, latent_edit, norm: Normalization | None
     return SAEEdit(ae, params, latent_edit, norm)
 
 
+def _positions(tokens) -> tuple[int, ...] | None:
+    return None if tokens is None else tuple(int(t) for t in np.asarray(tokens).reshape(-1))
+
+
+def _at_tokens(resid: jax.Array, tokens: tuple[int, ...] | None, fn) -> jax.Array:
+    """`resid` with `fn` applied to the rows at `tokens` (positions on the token axis, -2; all when None)."""
+    if tokens is None:
+        return fn(resid).astype(resid.dtype)
+    index = jnp.asarray(tokens)
+    return resid.at[..., index, :].set(fn(resid[..., index, :]).astype(resid.dtype))
+
+
+@flax.struct.dataclass
+class Splice:
+    """The SAE's reconstruction, its error dropped, in place of the residual at `tokens`; build
+    it with `splice`."""
+
+    ae: SAE = flax.struct.field(pytree_node=False)
+    params: SAEParams
+    norm: Normalization | None = None
+    tokens: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
+
+    def __call__(self, resid: jax.Array) -> jax.Array:
+        def reconstruct(x):
+            x_ND = x.reshape(-1, x.shape[-1])
+            x_ND = x_ND if self.norm is None else self.norm.apply(x_ND)
+            x_hat = self.ae(self.params, x_ND)
+            return (x_hat if self.norm is None else self.norm.invert(x_hat)).reshape(x.shape)
+
+        return _at_tokens(resid, self.tokens, reconstruct)
+
+
+def splice(ae: SAE, params: SAEParams, norm: Normalization | None = None, tokens=None) -> Splice:
+    """`resid -> decode(encode(resid))` at the token positions `tokens` (all when None; e.g.
+    `activations.token_indices(bb.layout, "patches")`): the SAE spliced into the model, as
+    spliced-in fidelity (`saejax.fidelity`) runs it. Only those tokens go through the SAE."""
+    return Splice(ae, params, norm, _positions(tokens))
+
+
+@flax.struct.dataclass
+class ReplaceTokens:
+    """The residual at `tokens` set to `values`; build it with `replace_tokens`."""
+
+    values: jax.Array
+    tokens: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
+
+    def __call__(self, resid: jax.Array) -> jax.Array:
+        return _at_tokens(resid, self.tokens, lambda x: jnp.broadcast_to(self.values, x.shape))
+
+
+def replace_tokens(values, tokens=None) -> ReplaceTokens:
+    """Set the residual at the token positions `tokens` (all when None) to `values`, broadcast
+    against `[..., D]`: a [D] mean activation for mean ablation, 0 for zero ablation."""
+    return ReplaceTokens(jnp.asarray(values, jnp.float32), _positions(tokens))
+
+
 @flax.struct.dataclass
 class DirectionEdit:
     """`resid + scale * direction` on the masked tokens: steering without an SAE."""
@@ -266,8 +326,9 @@ def direction_edit(direction, scale=1.0, mask=None) -> DirectionEdit:
     return DirectionEdit(jnp.asarray(direction, jnp.float32), jnp.asarray(scale, jnp.float32), mask)
 
 
-__all__ = ["set_to", "scale", "add", "ablate", "chain", "sae_edit", "check_latent_ids", "direction_edit", "SetLatents", "ScaleLatents",
-           "AddLatents", "Chain", "SAEEdit", "DirectionEdit", "DirectionWhereFiring"]
+__all__ = ["set_to", "scale", "add", "ablate", "chain", "sae_edit", "check_latent_ids", "splice", "replace_tokens",
+           "direction_edit", "SetLatents", "ScaleLatents", "AddLatents", "Chain", "SAEEdit", "Splice", "ReplaceTokens",
+           "DirectionEdit", "DirectionWhereFiring"]
 
 
 def __getattr__(name):

@@ -6,13 +6,21 @@
 >>> edited = site.edited(edit, images_uint8)  # the forward finished after `edit` at the layer
 >>> again = site.finish(edit, out["at_layer"])  # the same from the captured residual (later blocks only)
 
-Every pass is jitted once per site. The browser (`browser.collect`), semprobe, the probe edits
-(E2), segmentation (E3), the paper binaries and the demo read the SAE through it.
+A Site is a pytree: the backbone, the layer, the SAE's architecture and the preprocessing are
+static, the parameters and the normalisation are leaves. So it passes through `jax.jit` and
+`jax.vmap` as an argument (`jax.vmap(f, in_axes=(site.replace(bb_params=None, ...),))` over a
+stacked sweep's `sae_params`), and every Site over the same backbone object, layer and SAE
+shares one compiled program per pass. The browser (`browser.collect`), semprobe, the probe
+edits (E2), segmentation (E3), discovery's attribution, the paper binaries and the demo read
+the SAE through it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +29,15 @@ from saejax.analysis import interventions
 from saejax.core.normalization import Normalization
 
 
+def _static(**kwargs):
+    return dataclasses.field(metadata={"static": True}, **kwargs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
 class Site:
-    """Jitted forward passes of a backbone through an SAE at one block: the codes of every
-    patch, and the final tokens and pooled CLS with or without a residual edit.
+    """A backbone with an SAE at one block: the codes of every patch, and the final tokens and
+    pooled CLS with or without a residual edit (each pass jitted).
 
     Args:
         bb, bb_params: the backbone.
@@ -34,35 +48,21 @@ class Site:
             `cropped_processing(bb, size)` for images a source already resized and cropped).
     """
 
-    def __init__(self, bb, bb_params, *, layer: int, ae, sae_params, norm: Normalization | None = None,
-                 processing=None):
-        bb._check_layers((layer,), "layer")  # pylint: disable=protected-access
-        self.bb, self.bb_params, self.layer, self.ae, self.sae_params, self.norm = bb, bb_params, layer, ae, sae_params, norm
-        self.processing = processing or bb.preprocess
-        patches = slice(*bb.layout.patches)
+    bb: Any = _static()
+    bb_params: Any
+    _: dataclasses.KW_ONLY
+    layer: int = _static()
+    ae: Any = _static()
+    sae_params: Any
+    norm: Normalization | None = None
+    processing: Any = _static(default=None)
 
-        @jax.jit
-        def encode(pixels):
-            out = bb.forward(bb_params, pixels, capture=(layer,))
-            at_layer = out.captured[layer]
-            resid = at_layer[:, patches]
-            x = resid.reshape(-1, bb.d_model)
-            x = x if norm is None else norm.apply(x)
-            codes = ae.encode(sae_params, x).reshape(*resid.shape[:2], -1)
-            return {"resid": resid, "normalized": x.reshape(resid.shape), "codes": codes,
-                    "tokens": out.tokens[:, patches], "pooled": out.pooled, "at_layer": at_layer}
+    def __post_init__(self):
+        self.bb._check_layers((self.layer,), "layer")  # pylint: disable=protected-access
 
-        @jax.jit
-        def edited(edit, pixels):
-            out = bb.forward(bb_params, pixels, edits={layer: edit})
-            return {"tokens": out.tokens[:, patches], "pooled": out.pooled}
-
-        @jax.jit
-        def finish(edit, at_layer):
-            tokens, pooled, _ = bb.finish(bb_params, edit(at_layer), layer)
-            return {"tokens": tokens[:, patches], "pooled": pooled}
-
-        self._encode, self._edited, self._finish = encode, edited, finish
+    def replace(self, **changes) -> Site:
+        """This site with some fields changed (`site.replace(sae_params=other)`)."""
+        return dataclasses.replace(self, **changes)
 
     def edit(self, latent_edit) -> interventions.SAEEdit:
         """The residual edit (`interventions.sae_edit`) that applies `latent_edit` (`set_to`,
@@ -70,22 +70,77 @@ class Site:
         return interventions.sae_edit(self.ae, self.sae_params, latent_edit, self.norm)
 
     def pixels(self, images) -> jax.Array:
-        return jnp.asarray(self.processing(images))
+        return jnp.asarray((self.processing or self.bb.preprocess)(images))
 
     def encode(self, images) -> dict[str, jax.Array]:
         """uint8 images -> at the layer: `resid` (raw) and `normalized` patch residuals [B, P, D],
-        `codes` [B, P, F] and the whole residual `at_layer` [B, T, D]; the final patch `tokens`
-        and `pooled`."""
-        return self._encode(self.pixels(images))
+        `codes` [B, P, F] and the whole residual `at_layer` [B, T, D]; the final patch `tokens`,
+        `pooled` and `logits` (None without a classifier)."""
+        return _encode(self, self.pixels(images))
 
     def edited(self, edit, images) -> dict[str, jax.Array]:
-        """Final patch `tokens` and `pooled` with `edit` applied at the layer."""
-        return self._edited(edit, self.pixels(images))
+        """Final patch `tokens`, `pooled` and `logits` (None without a classifier) with `edit`
+        applied at the layer."""
+        return _edited(self, edit, self.pixels(images))
 
     def finish(self, edit, at_layer: jax.Array) -> dict[str, jax.Array]:
         """The same as `edited`, from a residual `at_layer` [B, T, D] already captured by
-        `encode`: only the blocks after the layer run."""
-        return self._finish(edit, at_layer)
+        `encode`: only the blocks after the layer run. The one place a forward pass continues
+        from a site (`Backbone.finish` at its layer); pure, so it also runs inside your `jit`
+        or `vmap`. `edit` is any `resid -> resid` ([B, T, D]): an `interventions` edit, a
+        `splice`, a `replace_tokens`."""
+        return _finish(self, edit, at_layer)
+
+    def encode_pixels(self, pixels: jax.Array) -> dict[str, jax.Array]:
+        """`encode` of preprocessed pixels (pure: call it inside your own `jit`; `encode` is
+        this, jitted)."""
+        bb, layer, patches = self.bb, self.layer, slice(*self.bb.layout.patches)
+        out = bb.forward(self.bb_params, pixels, capture=(layer,))
+        at_layer = out.captured[layer]
+        resid = at_layer[:, patches]
+        x = resid.reshape(-1, bb.d_model).astype(jnp.float32)  # the SAE reads float32, as it was trained
+        x = x if self.norm is None else self.norm.apply(x)
+        codes = self.ae.encode(self.sae_params, x).reshape(*resid.shape[:2], -1)
+        return {"resid": resid, "normalized": x.reshape(resid.shape), "codes": codes,
+                "tokens": out.tokens[:, patches], "pooled": out.pooled, "logits": out.logits, "at_layer": at_layer}
+
+@jax.jit
+def _encode(site, pixels):
+    return site.encode_pixels(pixels)
+
+
+@jax.jit
+def _edited(site, edit, pixels):
+    out = site.bb.forward(site.bb_params, pixels, edits={site.layer: edit})
+    patches = slice(*site.bb.layout.patches)
+    return {"tokens": out.tokens[:, patches], "pooled": out.pooled, "logits": out.logits}
+
+
+@jax.jit
+def _finish(site, edit, at_layer):
+    tokens, pooled, logits = site.bb.finish(site.bb_params, edit(at_layer), site.layer)
+    patches = slice(*site.bb.layout.patches)
+    return {"tokens": tokens[:, patches], "pooled": pooled, "logits": logits}
+
+
+def accepts_loose_arguments(fn):
+    """Until saejax 0.3, `fn` also takes the old spelling `fn(bb, bb_params, ae, sae_params, ...,
+    layer=, normalization=|norm=)` in place of a Site, with a DeprecationWarning."""
+
+    @functools.wraps(fn)
+    def wrapper(site, *args, **kwargs):
+        if isinstance(site, Site):
+            return fn(site, *args, **kwargs)
+        bb_params, ae, sae_params, *rest = args
+        norm = kwargs.pop("normalization", None)
+        norm = kwargs.pop("norm", norm)
+        warnings.warn(f"{fn.__name__}(bb, bb_params, ae, sae_params, ..., layer=, normalization=) is deprecated and "
+                      f"goes in saejax 0.3; pass a Site: {fn.__name__}(Site(bb, bb_params, layer=..., ae=..., "
+                      "sae_params=..., norm=...), ...)", DeprecationWarning, stacklevel=2)
+        return fn(Site(site, bb_params, layer=kwargs.pop("layer"), ae=ae, sae_params=sae_params, norm=norm), *rest,
+                  **kwargs)
+
+    return wrapper
 
 
 def cropped_processing(bb, size: int):

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from saejax import sharding
 from saejax.analysis import fidelity
+from saejax.analysis.site import Site
 from saejax.checkpoint import CheckpointError, TrainCheckpointer, save_sae
 from saejax.checkpoint.staging import write_atomically
 from saejax.checkpoint.workdir import WorkdirLock, check_resume, config_changes
@@ -299,10 +300,10 @@ def evaluate_and_export(spec: RunSpec, workdir: str, states: Mapping[int, train.
         results = loop.evaluate(ae, layer_states, batches, normalization=norms[layer],
                                 max_rows=spec.eval_images * tokens_per_image)
         if spec.fidelity_images:
+            sweep_site = Site(bb, bb_params, layer=layer, ae=ae, sae_params=sweep_params, norm=norms[layer])
             spliced = fidelity.spliced_fidelity(
-                bb, bb_params, ae, sweep_params, source, layer=layer, tokens=spec.tokens, head=spec.fidelity_head,
-                normalization=norms[layer], batch_size=spec.image_batch_size, max_images=spec.fidelity_images,
-                mesh=mesh)
+                sweep_site, source, tokens=spec.tokens, head=spec.fidelity_head, batch_size=spec.image_batch_size,
+                max_images=spec.fidelity_images, mesh=mesh)
             for result, extra in zip(results, spliced, strict=True):
                 result.update(extra)
         for i, result in enumerate(results):
