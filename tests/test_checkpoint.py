@@ -232,6 +232,21 @@ def test_a_broken_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, how
         TrainCheckpointer(tmp_path / "ckpt").restore(jax.eval_shape(lambda: states[0]))
 
 
+def test_a_step_metadata_file_that_is_not_an_object_is_named_on_opening(tmp_path):
+    """Orbax reads every step's `_CHECKPOINT_METADATA` when it opens the folder; JSON that is not
+    an object (found by tests/fuzz_readers.py) is one CheckpointError naming the file and the way
+    out, and the files are left as they are."""
+    state = _trainer().init(jax.random.key(0), Hparams.of(1e-3))
+    with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        for step in (10, 20):
+            ckpt.save(step, state)
+    metadata = tmp_path / "ckpt" / "20" / "_CHECKPOINT_METADATA"
+    metadata.write_text("5")
+    with pytest.raises(CheckpointError, match=re.escape(f"{metadata}: not a JSON object") + ".*move .*20 aside"):
+        TrainCheckpointer(tmp_path / "ckpt")
+    assert metadata.read_text() == "5" and sorted(os.listdir(tmp_path / "ckpt")) == ["10", "20"]
+
+
 def test_a_flipped_bit_is_caught_by_the_checksums(tmp_path):
     """One bit flipped in opt_state's saved values (which orbax restores without a murmur)
     fails the checksum stored beside them."""

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CASES = 150  # per file (a fifth for backbone and orbax files); `python tests/fuzz_readers.py OUT N` for more
+CASES = 100  # per file (a fifth for backbone and orbax files); `python tests/fuzz_readers.py OUT N` for more
 
 
 def test_broken_files_give_one_error_type_naming_the_file_in_bounded_memory(tmp_path):

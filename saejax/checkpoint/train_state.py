@@ -93,6 +93,22 @@ def _check_fits(saved_metadata, target, where: str) -> None:
                               + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
 
 
+def _open_failure(directory: str, error: Exception) -> str:
+    """Why orbax could not open `directory`: the step metadata file that is not a JSON object
+    when there is one (orbax reads them all on opening), else orbax's own error."""
+    for entry in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        path = os.path.join(directory, entry, "_CHECKPOINT_METADATA")
+        try:
+            with open(path) as f:
+                value = json.load(f)
+        except (OSError, ValueError):
+            continue  # missing or unparsable: orbax falls back by itself
+        if not isinstance(value, dict):
+            return (f"{path}: not a JSON object, so the checkpoints cannot be opened; step {entry} is corrupt "
+                    f"(move {os.path.join(directory, entry)} aside to resume from the step before it)")
+    return f"{directory}: cannot open the checkpoints: {type(error).__name__}: {error}"
+
+
 class TrainCheckpointer:
     """Saves and restores training runs in `directory` (one sub-directory per step).
 
@@ -104,12 +120,15 @@ class TrainCheckpointer:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3):
         self.directory = os.path.abspath(os.fspath(directory))
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                           "extra": ocp.JsonCheckpointHandler(), "checksums": ocp.JsonCheckpointHandler()},
-        )
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+                item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                               "extra": ocp.JsonCheckpointHandler(), "checksums": ocp.JsonCheckpointHandler()},
+            )
+        except Exception as e:  # noqa: BLE001 - orbax reads every step's metadata file when it opens
+            raise CheckpointError(_open_failure(self.directory, e)) from e
 
     def save(self, step: int, state: Any, *, config: dict | None = None, extra: dict | None = None,
              wait: bool = True) -> None:
