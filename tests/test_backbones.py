@@ -414,6 +414,18 @@ def test_preprocess_matches_hf_image_processors(family):
     np.testing.assert_allclose(parsed(np.stack(same_size)), parsed(same_size), atol=0)
 
 
+@pytest.mark.parametrize("family,size", [("clip", (224, 224)), ("dinov2", (256, 300)), ("dinov2", (310, 256)),
+                                         ("vit", (224, 224))])
+def test_a_batch_the_resize_leaves_alone_is_preprocessed_in_one_pass_to_the_same_bits(family, size):
+    """A uint8 [N, H, W, 3] batch whose resize is the identity skips the per-image PIL round trip
+    (and is only cropped, rescaled and normalised): the same bits as image by image."""
+    processing = backbones.default_processing(family, 224)
+    images = np.stack(_random_images(3, [size] * 4))
+    assert processing._batch_is_resized(images)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(processing(images), processing(list(images)))
+    assert not processing._batch_is_resized(np.stack(_random_images(4, [(199, 257)] * 2)))  # pylint: disable=protected-access
+
+
 def test_old_style_preprocessor_config_with_int_sizes():
     import transformers
 

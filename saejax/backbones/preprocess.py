@@ -153,12 +153,30 @@ class ImageProcessing:
         Raises:
             ValueError: On a wrong dtype, rank or channel layout (with the expected shape).
         """
+        if self._batch_is_resized(images):  # one vectorised pass: no per-image PIL round trip
+            top, left = (images.shape[1] - self.output_size[0]) // 2, (images.shape[2] - self.output_size[1]) // 2
+            cropped = images[:, top:top + self.output_size[0], left:left + self.output_size[1]]
+            return self._values(cropped)
         batch = _as_image_list(images)
         h, w = self.output_size
         out = np.empty((len(batch), h, w, 3), np.float32)
         for n, image in enumerate(batch):
             out[n] = self._one(image)
         return out
+
+    def _batch_is_resized(self, images) -> bool:
+        """`images` is a uint8 [N, H, W, 3] array that the resize leaves as it is (PIL's
+        same-size resize is an exact copy) and that the crop fits without padding."""
+        if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
+                and images.shape[-1] == 3):
+            return False
+        height, width = images.shape[1:3]
+        if self.resize_to is not None and tuple(self.resize_to) != (height, width):
+            return False
+        if self.resize_to is None and self.resize_shortest is not None and self.resize_shortest != min(height, width):
+            return False
+        crop = self.crop or (height, width)
+        return crop[0] <= height and crop[1] <= width
 
     def _one(self, image: np.ndarray) -> np.ndarray:
         from PIL import Image  # noqa: PLC0415
@@ -175,7 +193,10 @@ class ImageProcessing:
             image = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample=self.resample))
         if self.crop is not None:
             image = _center_crop(image, self.crop)
-        x = image
+        return self._values(image)
+
+    def _values(self, x: np.ndarray) -> np.ndarray:
+        """Rescale and normalise uint8 pixels (one image or a batch)."""
         if self.rescale is not None:
             x = (x.astype(np.float64) * self.rescale).astype(np.float32)
         if self.mean is not None:
