@@ -7,12 +7,12 @@
 >>> again = site.finish(edit, out["at_layer"])  # the same from the captured residual (later blocks only)
 
 A Site is a pytree: the backbone, the layer, the SAE's architecture and the preprocessing are
-static, the parameters and the normalisation are leaves. So it passes through `jax.jit` and
-`jax.vmap` as an argument (`jax.vmap(f, in_axes=(site.replace(bb_params=None, ...),))` over a
-stacked sweep's `sae_params`), and every Site over the same backbone object, layer and SAE
-shares one compiled program per pass. The browser (`browser.collect`), semprobe, the probe
-edits (E2), segmentation (E3), discovery's attribution, the paper binaries and the demo read
-the SAE through it.
+static, the parameters and the normalisation are leaves. So it passes through `jax.jit` as an
+argument, a `vmap` over a sweep's stacked parameters reads
+`jax.vmap(lambda p: f(site.replace(sae_params=p)))(stacked)`, and every Site over the same
+backbone object, layer and SAE shares one compiled program per pass. The browser
+(`browser.collect`), semprobe, the probe edits (E2), segmentation (E3), discovery's
+attribution, fidelity, the paper binaries and the demo read the SAE through it.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ class Site:
         codes = self.ae.encode(self.sae_params, x).reshape(*resid.shape[:2], -1)
         return {"resid": resid, "normalized": x.reshape(resid.shape), "codes": codes,
                 "tokens": out.tokens[:, patches], "pooled": out.pooled, "logits": out.logits, "at_layer": at_layer}
+
 
 @jax.jit
 def _encode(site, pixels):
