@@ -163,7 +163,7 @@ def check_training_equals_one_device():
             sweeps.append(train.Hparams.grid([3e-3], [1e-3]))
         for hparams in sweeps:
             results = {}
-            for data, model in ((1, 1), (2, 1), (8, 1), (2, 4)):
+            for data, model in ((1, 1), (8, 1), (2, 4)):  # one device, data parallel, data x model
                 mesh = shd.make_mesh(data=data, model=model)
                 states = trainer.init_sweep_sharded(jax.random.key(0), hparams, mesh)
                 members = hparams.learning_rate.shape[0]
