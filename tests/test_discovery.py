@@ -12,7 +12,7 @@ import pytest
 from saejax.cli import discover
 from saejax.configs import discover as discover_config
 import saejax
-from saejax import backbones, data, fidelity, interventions, sae
+from saejax import backbones, data, fidelity, interventions, metrics, sae
 from saejax.analysis import discovery
 from saejax.analysis.site import Site
 from saejax.core.normalization import Normalization
@@ -146,8 +146,9 @@ def test_candidates_skip_dead_dense_and_negative_latents():
     d = 6
     scores = discovery.AttributionScores(
         sums=jnp.asarray([[5.0, 9.0, 4.0, 3.0, -1.0, 0.0], [-2.0, 0.0, 0.0, 0.0, 0.0, 0.0]]),
-        images=jnp.asarray([2.0, 1.0]), fires=jnp.asarray([10.0, 60.0, 0.0, 1.0, 5.0, 5.0]),
-        activation_sums=jnp.ones(d), maxes=jnp.ones(d), patches=jnp.asarray(100.0))
+        images=jnp.asarray([2.0, 1.0]),
+        firing=metrics.FiringStats(n_inputs=jnp.asarray(100.0), counts=jnp.asarray([10.0, 60.0, 0.0, 1.0, 5.0, 5.0]),
+                                   sums=jnp.ones(d), maxes=jnp.ones(d)))
     ids, values = scores.candidates(3, max_frequency=0.5)
     # Latent 1 is dense (60%), 2 never fired, 4 works against class 0, 5 does nothing.
     np.testing.assert_array_equal(ids, [[0, 3, -1], [-1, -1, -1]])

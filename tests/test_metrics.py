@@ -39,6 +39,23 @@ def test_firing_stats_accumulate_over_batches():
     assert set(stats.summary()) == {"dead_fraction", "dense_fraction", "frequency", "mean_when_firing", "max"}
 
 
+def test_weighted_firing_stats_skip_padding_and_stacked_ones_reduce_to_one():
+    """Rows of weight 0 (a padded batch) count for nothing, even the largest value; stats
+    stacked along an axis (devices, processes) reduce to the stats of all their rows."""
+    z = jnp.abs(jax.random.normal(jax.random.key(2), (40, 6))) * (jax.random.uniform(jax.random.key(3), (40, 6)) < 0.4)
+    padded = z.at[30:].set(100.0)
+    weights = (jnp.arange(40) < 30).astype(jnp.float32)
+    got = metrics.FiringStats.zeros(6).update(padded, weights)
+    want = metrics.FiringStats.zeros(6).update(z[:30])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert float(got.n_inputs) == 30 and float(jnp.max(got.maxes)) < 100
+    parts = [metrics.FiringStats.zeros(6).update(chunk) for chunk in jnp.split(z, 4)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *parts).reduce()
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(metrics.FiringStats.zeros(6).update(z))):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_reconstruction_ratios_by_hand():
     x = jnp.array([[3.0, 4.0], [1.0, 0.0]])
     x_hat = jnp.array([[3.0, 4.0], [0.0, 2.0]])  # exact, then orthogonal and twice as long

@@ -50,7 +50,7 @@ import numpy as np
 from saejax import data
 from saejax.analysis import interventions, segmentation
 from saejax.analysis.site import Site, accepts_loose_arguments
-from saejax.core.metrics import DENSE_FREQUENCY
+from saejax.core.metrics import DENSE_FREQUENCY, FiringStats
 from saejax.data.batching import gather_over_processes
 from saejax.provenance import written_by
 
@@ -131,33 +131,32 @@ class AttributionScores:
     Attributes:
         sums: [C, F] attribution summed over the images whose target is each class.
         images: [C] images per class.
-        fires: [F] patches where each latent fired; activation_sums: [F] its summed activation;
-        maxes: [F] its largest activation; patches: patches seen (float32 scalar).
+        firing: the latents' `saejax.metrics.FiringStats` over the patches seen (`fires`,
+            `activation_sums`, `maxes` and `patches` read its fields).
     """
 
     sums: jax.Array
     images: jax.Array
-    fires: jax.Array
-    activation_sums: jax.Array
-    maxes: jax.Array
-    patches: jax.Array
+    firing: FiringStats
 
     @classmethod
     def zeros(cls, n_classes: int, d_sae: int) -> AttributionScores:
-        f = jnp.zeros((d_sae,), jnp.float32)
-        return cls(jnp.zeros((n_classes, d_sae), jnp.float32), jnp.zeros((n_classes,), jnp.float32), f, f, f,
-                   jnp.zeros((), jnp.float32))
+        return cls(jnp.zeros((n_classes, d_sae), jnp.float32), jnp.zeros((n_classes,), jnp.float32),
+                   FiringStats.zeros(d_sae))
 
     def update(self, attribution_BF: jax.Array, targets_B: jax.Array, codes_BPF: jax.Array,
                valid_B: jax.Array | None = None) -> AttributionScores:
         """Add a batch (`valid_B`: 1 for a real image, 0 for padding)."""
         valid = jnp.ones(targets_B.shape, jnp.float32) if valid_B is None else valid_B.astype(jnp.float32)
         onehot = jax.nn.one_hot(targets_B, self.sums.shape[0], dtype=jnp.float32) * valid[:, None]  # [B, C]
-        codes = codes_BPF * valid[:, None, None]
-        return AttributionScores(self.sums + onehot.T @ attribution_BF, self.images + onehot.sum(0),
-                                 self.fires + jnp.sum(codes > 0, axis=(0, 1)), self.activation_sums + codes.sum((0, 1)),
-                                 jnp.maximum(self.maxes, codes.max((0, 1))),
-                                 self.patches + valid.sum() * codes_BPF.shape[1])
+        b, p, f = codes_BPF.shape
+        firing = self.firing.update(codes_BPF.reshape(b * p, f), jnp.repeat(valid, p))
+        return AttributionScores(self.sums + onehot.T @ attribution_BF, self.images + onehot.sum(0), firing)
+
+    fires = property(lambda self: self.firing.counts)  # [F] patches where each latent fired
+    activation_sums = property(lambda self: self.firing.sums)  # [F] its summed activation
+    maxes = property(lambda self: self.firing.maxes)  # [F] its largest activation
+    patches = property(lambda self: self.firing.n_inputs)  # patches seen
 
     def mean(self) -> jax.Array:
         """[C, F] mean attribution per image of each class (0 for a class with no images)."""
@@ -165,7 +164,7 @@ class AttributionScores:
 
     def frequency(self) -> jax.Array:
         """[F] share of patches where each latent fired."""
-        return self.fires / jnp.maximum(self.patches, 1)
+        return self.firing.frequency()
 
     def candidates(self, n: int, *, max_frequency: float = DENSE_FREQUENCY) -> tuple[np.ndarray, np.ndarray]:
         """The `n` latents with the largest positive mean attribution per class, among those that
@@ -188,10 +187,8 @@ def _merge_over_processes(scores: AttributionScores) -> AttributionScores:
         return scores
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
-    every = multihost_utils.process_allgather(scores)  # leading axis: processes
-    return AttributionScores(*(np.asarray(every.sums).sum(0), np.asarray(every.images).sum(0),
-                               np.asarray(every.fires).sum(0), np.asarray(every.activation_sums).sum(0),
-                               np.asarray(every.maxes).max(0), np.asarray(every.patches).sum(0)))
+    every = jax.tree.map(np.asarray, multihost_utils.process_allgather(scores))  # leading axis: processes
+    return AttributionScores(every.sums.sum(0), every.images.sum(0), every.firing.reduce())
 
 
 # One compiled pass per (site structure, head, objective, shape), however many calls.

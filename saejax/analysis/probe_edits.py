@@ -16,13 +16,13 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from saejax.analysis import interventions as iv
 from saejax.analysis.features import propose_latents
 from saejax.analysis.probes import LinearProbe
 from saejax.analysis.site import Site
+from saejax.core.metrics import FiringStats
 
 __all__ = ["check_choice", "latent_stats", "patch_token_mask", "propose_latents", "slider_curve"]
 
@@ -83,19 +83,16 @@ def check_choice(ae, latents) -> None:
 
 def latent_stats(readout: Site, image_batches) -> dict[str, np.ndarray]:
     """Each latent's firing frequency over patches and its max value, streamed over image
-    batches (bounded memory: [F] accumulators). The max sets edit values (`slider x max`)."""
-    fired = maxima = None
-    patches = 0
-
-    @jax.jit
-    def reduce(codes):
-        return jnp.sum(codes > 0, axis=(0, 1)), jnp.max(codes, axis=(0, 1))
-
+    batches (bounded memory: `saejax.metrics.FiringStats`). The max sets edit values
+    (`slider x max`)."""
+    stats = FiringStats.zeros(readout.ae.d_sae)
     for images in image_batches:
-        count, peak = reduce(readout.encode(images)["codes"])
-        fired = count if fired is None else fired + count
-        maxima = peak if maxima is None else jnp.maximum(maxima, peak)
-        patches += images.shape[0] * readout.bb.layout.n_patches
-    if fired is None:
+        stats = _add_codes(stats, readout.encode(images)["codes"])
+    if not stats.n_inputs:
         raise ValueError("latent_stats: no images")
-    return {"frequency": np.asarray(fired) / patches, "max": np.asarray(maxima), "patches": patches}
+    return {"frequency": np.asarray(stats.frequency()), "max": np.asarray(stats.maxes), "patches": int(stats.n_inputs)}
+
+
+@jax.jit
+def _add_codes(stats: FiringStats, codes_BPF: jax.Array) -> FiringStats:
+    return stats.update(codes_BPF.reshape(-1, codes_BPF.shape[-1]))

@@ -158,7 +158,8 @@ class ReconstructionSums:
 
 @flax.struct.dataclass
 class FiringStats:
-    """Running per-latent statistics over an evaluation window.
+    """Running per-latent statistics over an evaluation window: the one firing accumulator
+    (evaluation, discovery's attribution scores, the probe edits' latent statistics).
 
     Attributes:
         n_inputs: scalar, inputs seen.
@@ -177,14 +178,29 @@ class FiringStats:
         return cls(jnp.zeros((), jnp.float32), jnp.zeros((d_sae,), jnp.float32), jnp.zeros((d_sae,), jnp.float32),
                    jnp.zeros((d_sae,), jnp.float32))
 
-    def update(self, z_NF: jax.Array) -> FiringStats:
-        """Add a batch of codes [N, F]."""
+    def update(self, z_NF: jax.Array, weights_N: jax.Array | None = None) -> FiringStats:
+        """Add a batch of codes [N, F] (`weights_N`: 1 for an input, 0 for padding; all ones
+        when None)."""
+        if weights_N is None:
+            return FiringStats(
+                n_inputs=self.n_inputs + z_NF.shape[0],
+                counts=self.counts + jnp.sum(z_NF > 0, axis=0),
+                sums=self.sums + jnp.sum(z_NF, axis=0),
+                maxes=jnp.maximum(self.maxes, jnp.max(z_NF, axis=0)),
+            )
+        w = weights_N.astype(jnp.float32)[:, None]
         return FiringStats(
-            n_inputs=self.n_inputs + z_NF.shape[0],
-            counts=self.counts + jnp.sum(z_NF > 0, axis=0),
-            sums=self.sums + jnp.sum(z_NF, axis=0),
-            maxes=jnp.maximum(self.maxes, jnp.max(z_NF, axis=0)),
+            n_inputs=self.n_inputs + jnp.sum(w),
+            counts=self.counts + jnp.sum((z_NF > 0) * w, axis=0),
+            sums=self.sums + jnp.sum(z_NF * w, axis=0),
+            maxes=jnp.maximum(self.maxes, jnp.max(jnp.where(w > 0, z_NF, 0), axis=0)),
         )
+
+    def reduce(self) -> FiringStats:
+        """Statistics stacked along a leading axis (devices, processes, members of a window)
+        merged into one."""
+        return FiringStats(jnp.sum(self.n_inputs, 0), jnp.sum(self.counts, 0), jnp.sum(self.sums, 0),
+                           jnp.max(self.maxes, 0))
 
     def frequency(self) -> jax.Array:
         """[F] fraction of inputs on which each latent fired."""
